@@ -1,0 +1,45 @@
+"""``sslcook``: the user's entry point. Each subcommand lives in its own module with ``main(argv)``.
+
+Subcommand modules are imported only when used, so ``sslcook --help`` stays fast.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("flows.pipeline", "run the whole pipeline (dvc.yaml stages as Prefect tasks), in-process"),
+    "data": ("flows.data", "bring a data source into data/raw and version it with DVC (data ingest SOURCE)"),
+    "sweep": ("flows.sweep", "run a list of params overrides as DVC experiments and rank them"),
+    "serve": ("flows.deploy", "serve the pipeline, data and sweep deployments (nightly cron) locally"),
+    "trace": ("flows.trace", "print the lineage chain of an artifact back to its data version and commit"),
+}
+
+USAGE = "usage: sslcook {" + ",".join(COMMANDS) + "} [options]\n\ncommands:\n" + "\n".join(
+    f"  {name:<7} {doc}" for name, (_, doc) in COMMANDS.items()) + "\n\n`sslcook COMMAND --help` for its options."
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"error: unknown command {name!r}\n{USAGE}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    from stages.common import SslcookError
+
+    try:
+        return int(module.main(rest) or 0)
+    except SslcookError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

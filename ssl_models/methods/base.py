@@ -1,0 +1,42 @@
+"""The interface every SSL method implements (the training engine relies on nothing else)."""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+class SSLMethod(nn.Module):
+    """A self-supervised method: a backbone plus heads plus a loss.
+
+    Class attributes (recipe defaults, overridable from params):
+      name, family   set by :func:`ssl_models.registry.register`
+      augment        name of the view recipe in :mod:`ssl_models.augment` ("simclr", "byol", "multicrop", "mim")
+      optimizer      default optimizer recipe, e.g. {"name": "lars", "base_lr": 0.3, "weight_decay": 1e-6}
+
+    ``forward(views)`` takes the list of view batches (each B x C x H x W, same order the augment recipe returns)
+    and returns a dict with at least ``loss`` (scalar, differentiable) and ``embedding`` (B x D, detached: the
+    projector/backbone output the collapse monitors watch), plus any diagnostics (scalars) it knows.
+    """
+
+    name: ClassVar[str] = ""
+    family: ClassVar[str] = ""
+    augment: ClassVar[str] = "simclr"
+    optimizer: ClassVar[dict[str, Any]] = {"name": "lars", "base_lr": 0.3, "weight_decay": 1e-6}
+
+    backbone: nn.Module
+
+    def on_train_start(self, total_steps: int) -> None:
+        """Called once before training with the planned number of optimisation steps."""
+
+    def before_step(self, step: int, total_steps: int) -> None:
+        """Schedules that change per step (teacher temperature, ...), before forward."""
+
+    @torch.no_grad()
+    def after_step(self, step: int, total_steps: int) -> None:
+        """Per-step updates after optimizer.step(): EMA teachers, queues, ..."""
+
+    def teacher_modules(self) -> dict[str, nn.Module]:
+        """Modules trained without gradients (EMA teachers): saved in checkpoints, dropped at export."""
+        return {}

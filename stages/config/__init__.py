@@ -1,0 +1,85 @@
+"""Typed schema of params.yaml, validated before any stage does work.
+
+``load_params()`` returns a :class:`Params` or raises :class:`~stages.common.ConfigError` with one line naming
+the key and the problem (exit code 2 through :func:`stages.common.run_main`). Each stage's section lives in
+its own module here; this module assembles the root.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError, field_validator
+
+from ..common import ConfigError, workspace
+from .base import Section
+from .evaluate import EvaluateConfig, ReportConfig
+from .flow import FlowConfig
+from .sections import DataConfig, ShardConfig
+from .pretrain import PretrainConfig, validate_methods
+
+PARAMS_FILE = "params.yaml"
+
+
+class Params(Section):
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    shard: ShardConfig = ShardConfig()
+    methods: list[str] = ["simclr", "byol", "vicreg", "mae"]
+    pretrain: PretrainConfig = PretrainConfig()
+    method: dict[str, dict[str, Any]] = {}
+    evaluate: EvaluateConfig = EvaluateConfig()
+    report: ReportConfig = ReportConfig()
+    flow: FlowConfig = FlowConfig()
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_non_negative(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError("must be >= 0")
+        return v
+
+
+def _format_error(path: Path, err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "<root>"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif "input" in first and first["type"] not in ("missing",) and not isinstance(first["input"], dict):
+        msg = f"{msg} (got {first['input']!r})"
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{path.name}: {loc}: {msg}{more}"
+
+
+def parse_params(raw: Any, path: Path | str = PARAMS_FILE) -> Params:
+    """Validate an already-loaded params mapping."""
+    path = Path(path)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path.name}: top level must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        params = Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(path, err)) from None
+    validate_methods(params, path.name)
+    return params
+
+
+def load_params(path: str | Path | None = None) -> Params:
+    """Read and validate params.yaml (default: the workspace's)."""
+    path = Path(path) if path else workspace() / PARAMS_FILE
+    if not path.exists():
+        raise ConfigError(f"{path}: file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path.name}:{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    return parse_params(raw, path)
+
+
+__all__ = ["Params", "load_params", "parse_params", "PARAMS_FILE"]

@@ -1,0 +1,99 @@
+"""Shared test setup: offline, sandboxed tool state, and small real image sets from ../shared/data."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DIR = (PROJECT_ROOT.parent / "shared").resolve()
+CIFAR_ARCHIVE = SHARED_DIR / "data" / "cifar10-images.tar.gz"
+
+# Tool state goes to a temp dir: no network, no writes to the user's home.
+_STATE = Path(tempfile.mkdtemp(prefix="sslcook-test-state-"))
+for _name, _sub in [("WANDB_DIR", "wandb"), ("WANDB_CACHE_DIR", "wandb/cache"), ("WANDB_CONFIG_DIR", "wandb/config"),
+                    ("WANDB_DATA_DIR", "wandb/data"), ("PREFECT_HOME", "prefect")]:
+    (_STATE / _sub).mkdir(parents=True, exist_ok=True)
+    os.environ[_name] = str(_STATE / _sub)
+os.environ["WANDB_MODE"] = "offline"
+os.environ["WANDB_SILENT"] = "true"
+os.environ["DVC_NO_ANALYTICS"] = "1"
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.pop("PREFECT_API_URL", None)
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+# Subprocesses (dvc stages: `python -m stages.X`) must find this interpreter first.
+os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
+
+
+@pytest.fixture(scope="session")
+def cifar_archive() -> Path:
+    if not CIFAR_ARCHIVE.exists():
+        pytest.skip(f"{CIFAR_ARCHIVE} not present")
+    return CIFAR_ARCHIVE
+
+
+def extract_cifar_subset(archive: Path, dest: Path, per_class: dict[str, int]) -> Path:
+    """Extract the first N images per class (sorted names) of each split: dest/<split>/<class>/*.jpg."""
+    wanted: dict[tuple[str, str], list[tarfile.TarInfo]] = {}
+    with tarfile.open(archive, "r:gz") as tf:
+        members = [m for m in tf.getmembers() if m.isfile() and m.name.endswith(".jpg")]
+        for m in members:
+            parts = Path(m.name).parts[-3:]
+            if len(parts) == 3 and parts[0] in per_class:
+                wanted.setdefault((parts[0], parts[1]), []).append(m)
+        for (split, cls), ms in sorted(wanted.items()):
+            for m in sorted(ms, key=lambda m: m.name)[: per_class[split]]:
+                out = dest / split / cls / Path(m.name).name
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_bytes(tf.extractfile(m).read())
+    return dest
+
+
+@pytest.fixture(scope="session")
+def cifar_small(tmp_path_factory, cifar_archive) -> Path:
+    """A labelled folder of real CIFAR-10 images: train/<class>/ (30 each) and test/<class>/ (10 each)."""
+    return extract_cifar_subset(cifar_archive, tmp_path_factory.mktemp("cifar_small"), {"train": 30, "test": 10})
+
+
+@pytest.fixture(scope="session")
+def cifar_tensors(cifar_small):
+    """(images float 300x3x32x32 in [0,1], labels) from cifar_small's train split, for model tests."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    files = sorted((cifar_small / "train").glob("*/*.jpg"))
+    classes = sorted({f.parent.name for f in files})
+    x = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+    y = torch.tensor([classes.index(f.parent.name) for f in files])
+    return torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255.0, y
+
+
+def run(cmd, cwd, check=True, env=None, timeout=600) -> subprocess.CompletedProcess:
+    """Run a command, returning the completed process (stdout/stderr as text)."""
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture
+def workspace(tmp_path) -> Path:
+    """A fresh pipeline workspace: git + dvc initialised, the project's params.yaml and dvc.yaml copied in."""
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    for name in ("params.yaml", "dvc.yaml"):
+        if (PROJECT_ROOT / name).exists():
+            shutil.copy(PROJECT_ROOT / name, ws / name)
+    run(["git", "init", "-q"], ws)
+    run(["git", "config", "user.email", "test@example.com"], ws)
+    run(["git", "config", "user.name", "sslcook tests"], ws)
+    run([sys.executable, "-m", "dvc", "init", "-q"], ws)
+    run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], ws)
+    return ws
