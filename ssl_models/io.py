@@ -1,0 +1,210 @@
+"""Portable backbone files: safetensors weights whose header says how to rebuild the network.
+
+An exported backbone is one ``.safetensors`` file (no pickle: tensors plus a string-to-string header).
+The header holds, as JSON strings:
+
+- ``backbone_config``: the keyword arguments of :func:`ssl_models.backbones.build_backbone`
+  (``build_backbone(**config)`` rebuilds the architecture the weights belong to);
+- ``feature_dim``: the width of ``forward(x)``;
+- anything the exporter adds, e.g. ``input`` (channels, image size, normalisation), ``method``, ``family``
+  and ``lineage`` (the record that lets ``sslcook trace`` follow a copied file back to its data).
+
+So ``load_backbone(path)`` needs nothing but the file. A ``model_card.json`` beside the file, when present, must
+agree with the header and the weights (same architecture, feature dim and file digest); a card describing other
+weights is an error rather than a silent surprise.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+FORMAT = "sslcook.backbone/1"
+MODEL_CARD = "model_card.json"
+# header keys whose values are JSON (everything the exporter writes is JSON-encoded; these are the required ones)
+RESERVED_KEYS = ("format", "backbone_config", "feature_dim")
+
+
+class BackboneFileError(ValueError):
+    """A backbone file (or its model card) that cannot be used; the message is one line naming the file."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _json_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, TypeError):
+        return text
+
+
+def save_backbone(path: str | os.PathLike, backbone: nn.Module, metadata: Mapping[str, Any] | None = None) -> str:
+    """Write ``backbone``'s weights and rebuild recipe to ``path`` (atomically); return the file's sha256.
+
+    ``backbone`` must carry ``.config`` (the ``build_backbone`` kwargs) and ``.feature_dim``. Each ``metadata``
+    value is stored JSON-encoded in the header (safetensors headers hold strings only).
+    """
+    path = Path(path)
+    config = getattr(backbone, "config", None)
+    feature_dim = getattr(backbone, "feature_dim", None)
+    if not isinstance(config, Mapping) or not isinstance(feature_dim, int):
+        raise BackboneFileError(f"{path}: the backbone has no .config dict or no integer .feature_dim to export")
+    header = {"format": FORMAT, "backbone_config": json.dumps(dict(config), sort_keys=True),
+              "feature_dim": json.dumps(feature_dim)}
+    for key, value in (metadata or {}).items():
+        if key in RESERVED_KEYS:
+            raise BackboneFileError(f"{path}: metadata key {key!r} is written from the backbone itself")
+        header[key] = json.dumps(value, sort_keys=True, default=str)
+    # safetensors refuses views and shared storage: give every tensor its own contiguous CPU copy
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in backbone.state_dict().items()}
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=header)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return _sha256(path)
+
+
+def read_header(path: str | os.PathLike) -> dict[str, Any]:
+    """The decoded header metadata of a backbone file (reads the header only, not the weights)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BackboneFileError(f"{path}: backbone file not found")
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            raw = fh.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BackboneFileError(f"{path}: not a readable safetensors file ({reason})") from None
+    header = {k: _json_value(v) for k, v in raw.items()}
+    if not isinstance(header.get("backbone_config"), dict):
+        raise BackboneFileError(f"{path}: no backbone_config in the safetensors header (not an sslcook backbone?)")
+    if not isinstance(header.get("feature_dim"), int):
+        raise BackboneFileError(f"{path}: no integer feature_dim in the safetensors header")
+    return header
+
+
+def _describe(config: Mapping[str, Any]) -> str:
+    return f"{config.get('name', '?')}(" + ", ".join(f"{k}={v}" for k, v in sorted(config.items()) if k != "name") + ")"
+
+
+def _check_weights(path: Path, model: nn.Module, state: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
+    if not (missing or unexpected or wrong_shape):
+        return
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+    if wrong_shape:
+        k = wrong_shape[0]
+        parts.append(f"{len(wrong_shape)} with another shape (e.g. {k}: file {tuple(state[k].shape)}, "
+                     f"architecture {tuple(expected[k].shape)})")
+    raise BackboneFileError(f"{path}: weights do not match backbone_config {_describe(config)}: "
+                            + "; ".join(parts))
+
+
+def check_model_card(card_path: str | os.PathLike, header: Mapping[str, Any], weights_path: str | os.PathLike) -> dict:
+    """Raise unless the model card describes these weights: same architecture, feature dim and file digest."""
+    card_path, weights_path = Path(card_path), Path(weights_path)
+    try:
+        card = json.loads(card_path.read_text())
+    except FileNotFoundError:
+        raise BackboneFileError(f"{card_path}: model card not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BackboneFileError(f"{card_path}: not valid JSON ({exc})") from None
+    if not isinstance(card, dict):
+        raise BackboneFileError(f"{card_path}: a model card must be a JSON object")
+    if card.get("backbone_config") != header["backbone_config"]:
+        raise BackboneFileError(
+            f"{card_path}: backbone_config {_describe(card.get('backbone_config') or {})} does not match the "
+            f"weights in {weights_path.name} ({_describe(header['backbone_config'])})")
+    if card.get("feature_dim") != header["feature_dim"]:
+        raise BackboneFileError(f"{card_path}: feature_dim {card.get('feature_dim')} does not match the weights in "
+                                f"{weights_path.name} ({header['feature_dim']})")
+    recorded = (card.get("weights") or {}).get("sha256")
+    if recorded and recorded != _sha256(weights_path):
+        raise BackboneFileError(f"{card_path}: weights.sha256 {recorded[:12]}... is not the digest of "
+                                f"{weights_path.name} (card and weights come from different exports)")
+    return card
+
+
+def load_backbone(path: str | os.PathLike, *, device: str | torch.device = "cpu", card: str | os.PathLike | None
+                  | bool = True, expected_feature_dim: int | None = None) -> nn.Module:
+    """Rebuild the backbone stored at ``path`` from its header and load its weights strictly; eval mode.
+
+    ``card``: True checks ``model_card.json`` beside the file when there is one, a path checks that card,
+    False skips the check. ``expected_feature_dim`` guards callers that were built for a given width.
+    The returned module carries the decoded header as ``.export_header``.
+    """
+    path = Path(path)
+    header = read_header(path)
+    config = header["backbone_config"]
+    if card is True:
+        card_path = path.parent / MODEL_CARD
+        if card_path.exists():
+            check_model_card(card_path, header, path)
+    elif card:
+        check_model_card(card, header, path)
+
+    from .backbones import build_backbone
+
+    try:
+        model = build_backbone(**config)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise BackboneFileError(f"{path}: backbone_config {_describe(config)} cannot be built ({exc})") from None
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BackboneFileError(f"{path}: weights cannot be read ({reason})") from None
+    _check_weights(path, model, state, config)
+    model.load_state_dict(state, strict=True)
+
+    if model.feature_dim != header["feature_dim"]:
+        raise BackboneFileError(f"{path}: header feature_dim {header['feature_dim']} but {_describe(config)} "
+                                f"gives {model.feature_dim}")
+    if expected_feature_dim is not None and model.feature_dim != expected_feature_dim:
+        raise BackboneFileError(f"{path}: feature dim {model.feature_dim}, expected {expected_feature_dim}")
+    input_spec = header.get("input") if isinstance(header.get("input"), dict) else {}
+    model.eval()
+    if input_spec.get("channels") and input_spec.get("image_size"):
+        size = int(input_spec["image_size"])
+        with torch.no_grad():
+            out = model(torch.zeros(1, int(input_spec["channels"]), size, size))
+        if tuple(out.shape) != (1, model.feature_dim):
+            raise BackboneFileError(f"{path}: forward gives shape {tuple(out.shape)[1:]} per image, header says "
+                                    f"feature_dim {model.feature_dim}")
+    model.export_header = header
+    return model.to(device)
+
+
+__all__ = ["BackboneFileError", "FORMAT", "MODEL_CARD", "check_model_card", "load_backbone", "read_header",
+           "save_backbone"]
