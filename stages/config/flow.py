@@ -1,13 +1,78 @@
-"""Schema of the flow section of params.yaml (Prefect flows, deployments, sweeps)."""
+"""Schema of the flow section of params.yaml: how Prefect runs the DVC pipeline, on which schedule, and sweeps.
+
+The flows read only this section (``FlowConfig.from_workspace``), so a flow can start even when a stage's own
+section is wrong: that stage then fails with its own one-line error, named by the flow.
+"""
 from __future__ import annotations
 
-from pydantic import Field
+from pathlib import Path
+from typing import Any, Literal
 
+import yaml
+from pydantic import Field, ValidationError, field_validator
+
+from ..common import ConfigError
 from .base import Section
 
 
+def _check_cron(value: str) -> str:
+    fields = value.split()
+    if len(fields) != 5:
+        raise ValueError("a cron expression has 5 fields: minute hour day-of-month month day-of-week")
+    return value
+
+
+class SweepConfig(Section):
+    """``sslcook sweep``: every combination of the grid's values runs as one DVC experiment."""
+
+    # dotted params.yaml key -> the values to try; the cartesian product gives the experiments
+    grid: dict[str, list[Any]] = {"methods": [["simclr"], ["byol"]], "pretrain.base_lr": [0.1, 0.3]}
+    max_parallel: int = Field(1, ge=1)
+    metric: str = "knn_top1"
+    order: Literal["max", "min"] = "max"
+    timeout_minutes: float = Field(720.0, gt=0)
+
+    @field_validator("grid")
+    @classmethod
+    def _grid_values(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for key, values in grid.items():
+            if not values:
+                raise ValueError(f"{key}: needs at least one value")
+        return grid
+
+
 class FlowConfig(Section):
-    """Prefect flows: retries, schedules, sweeps."""
+    """Prefect flows: retries, DVC remote sync, the nightly schedule, sweeps."""
 
     retries: int = Field(1, ge=0)
     retry_delay_seconds: float = Field(5.0, ge=0)
+    dvc_pull: bool = True
+    dvc_push: bool = True
+    log_tail_lines: int = Field(30, ge=1)
+    schedule_cron: str = "0 2 * * *"
+    timezone: str = "UTC"
+    sweep: SweepConfig = SweepConfig()
+
+    @field_validator("schedule_cron")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        return _check_cron(value)
+
+    @classmethod
+    def from_workspace(cls, root: Path) -> "FlowConfig":
+        """Validate only the ``flow`` section of ``root/params.yaml`` (defaults when absent)."""
+        path = Path(root) / "params.yaml"
+        raw: Any = {}
+        if path.exists():
+            try:
+                raw = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{path.name}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        section = raw.get("flow", {}) if isinstance(raw, dict) else {}
+        try:
+            return cls.model_validate(section or {})
+        except ValidationError as err:
+            first = err.errors()[0]
+            loc = ".".join(str(p) for p in first["loc"])
+            msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+            raise ConfigError(f"{path.name}: flow.{loc}: {msg}") from None
