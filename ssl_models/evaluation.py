@@ -12,7 +12,7 @@ judged on exactly the same numbers by every protocol.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,26 +35,23 @@ def _progress(iterable, *, total: int, desc: str, enabled: bool):
     return tqdm(iterable, total=total, desc=desc, unit="batch", leave=False)
 
 
-def prepare_images(images: torch.Tensor, *, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                   image_size: int | None = None) -> torch.Tensor:
-    """uint8 (or [0, 1] float) B x C x H x W -> the float input the backbone was trained on."""
-    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-    if image_size and tuple(x.shape[-2:]) != (image_size, image_size):
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
-    if mean is not None and std is not None:
-        m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        x = (x - m) / s
-    return x
+def to_unit_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float in [0, 1] (float input is passed through)."""
+    return images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
 
 
 @torch.no_grad()
-def extract_features(model: nn.Module, images: torch.Tensor, *, batch_size: int = 512,
-                     mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                     image_size: int | None = None, device: torch.device | str | None = None,
-                     desc: str = "features", progress: bool = True) -> torch.Tensor:
-    """Frozen features of ``images`` (N x C x H x W), in batches, eval mode, no grad -> float32 N x D on CPU."""
+def extract_features(model: nn.Module, images: torch.Tensor, *,
+                     transform: Callable[[torch.Tensor], torch.Tensor] | None = None, batch_size: int = 512,
+                     device: torch.device | str | None = None, desc: str = "features",
+                     progress: bool = True) -> torch.Tensor:
+    """Frozen features of ``images`` (N x C x H x W), in batches, eval mode, no grad -> float32 N x D on CPU.
+
+    ``transform`` maps a uint8 batch to the float input the backbone was trained on (resize, normalise: e.g.
+    :func:`ssl_models.augment.build_eval_transform`); without one, pixels are scaled to [0, 1].
+    """
     device = torch.device(device) if device is not None else default_device()
+    transform = transform or to_unit_float
     was_training = model.training
     model.eval().to(device)
     feature_dim = getattr(model, "feature_dim", None)
@@ -62,8 +59,8 @@ def extract_features(model: nn.Module, images: torch.Tensor, *, batch_size: int 
     n_batches = math.ceil(len(images) / batch_size)
     try:
         for i in _progress(range(n_batches), total=n_batches, desc=desc, enabled=progress):
-            batch = images[i * batch_size:(i + 1) * batch_size].to(device, non_blocking=True)
-            out = model(prepare_images(batch, mean=mean, std=std, image_size=image_size))
+            batch = transform(images[i * batch_size:(i + 1) * batch_size]).to(device, non_blocking=True)
+            out = model(batch)
             if out.ndim != 2 or (feature_dim is not None and out.shape[1] != feature_dim):
                 raise EvaluationError(f"backbone output has shape {tuple(out.shape)}, expected (batch, "
                                       f"{feature_dim if feature_dim is not None else 'D'})")
@@ -77,7 +74,7 @@ def extract_features(model: nn.Module, images: torch.Tensor, *, batch_size: int 
 
 def raw_pixel_features(images: torch.Tensor, *, max_side: int | None = 32) -> torch.Tensor:
     """The raw-pixel baseline: images scaled to [0, 1], shrunk to at most ``max_side`` pixels, flattened."""
-    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    x = to_unit_float(images)
     h, w = x.shape[-2:]
     if max_side and max(h, w) > max_side:
         scale = max_side / max(h, w)
@@ -233,4 +230,4 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
 
 
 __all__ = ["EvaluationError", "check_label_sets", "default_device", "extract_features", "knn_evaluate", "knn_scores",
-           "linear_probe", "prepare_images", "raw_pixel_features", "stratified_split", "topk_accuracy"]
+           "linear_probe", "raw_pixel_features", "stratified_split", "to_unit_float", "topk_accuracy"]

@@ -103,8 +103,8 @@ def test_extract_features_batches_without_grad_and_restores_mode():
     model.feature_dim = 5
     model.train()
     images = torch.randint(0, 256, (7, 3, 2, 2), dtype=torch.uint8)
-    feats = extract_features(model, images, batch_size=3, mean=[0.5] * 3, std=[0.25] * 3, device="cpu",
-                             progress=False)
+    feats = extract_features(model, images, batch_size=3, transform=lambda b: (b.float() / 255 - 0.5) / 0.25,
+                             device="cpu", progress=False)
     assert feats.shape == (7, 5) and not feats.requires_grad
     assert model.training
     # eval mode (dropout off) and the same normalisation give the same features as one big batch
