@@ -96,12 +96,18 @@ def all_reduce_sum(value: Tensor) -> Tensor:
     return value
 
 
-def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
-    """Replace BatchNorm layers by SyncBatchNorm when a process group with several ranks is running.
+def convert_sync_batchnorm(module: nn.Module, device: torch.device | str | None = None) -> nn.Module:
+    """Replace BatchNorm layers by SyncBatchNorm when several ranks train on accelerators.
 
-    In one process (or world size 1) the module is returned unchanged: plain BatchNorm is the same thing there
-    and SyncBatchNorm would refuse to run on CPU without a process group.
+    Unchanged in one process (plain BatchNorm is the same thing there) and on CPU: PyTorch's SyncBatchNorm only
+    runs on GPU-like devices, so CPU (gloo) ranks keep per-rank batch statistics. ``device`` defaults to the
+    device of the module's first parameter.
     """
-    if is_distributed() and get_world_size() > 1:
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    return module
+    if not is_distributed() or get_world_size() == 1:
+        return module
+    if device is None:
+        first = next(module.parameters(), None)
+        device = first.device if first is not None else torch.device("cpu")
+    if torch.device(device).type == "cpu":
+        return module
+    return nn.SyncBatchNorm.convert_sync_batchnorm(module)
