@@ -217,60 +217,34 @@ def detect_collapse(metrics: Mapping[str, float], monitor: MonitorConfig, *, dim
     return reasons
 
 
-@torch.no_grad()
-def knn_top1(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, query_labels: torch.Tensor,
-             *, k: int = 20, temperature: float = 0.1, num_classes: int | None = None) -> float:
-    """Weighted kNN accuracy (InstDisc/DINO protocol): cosine similarity of l2-normalised features,
-    the k nearest bank items vote for their class with weight exp(sim / T)."""
-    # the online monitor's own small copy; the evaluation stage has the full protocol (top-5, several k)
-    bank = nn.functional.normalize(bank.float(), dim=1)
-    queries = nn.functional.normalize(queries.float(), dim=1)
-    num_classes = num_classes or int(max(bank_labels.max(), query_labels.max())) + 1
-    k = min(k, bank.shape[0])
-    correct = 0
-    for start in range(0, queries.shape[0], 512):
-        sim = queries[start:start + 512] @ bank.T
-        top_sim, top_idx = sim.topk(k, dim=1)
-        votes = torch.zeros(sim.shape[0], num_classes)
-        votes.scatter_add_(1, bank_labels[top_idx], (top_sim / temperature).exp())
-        correct += int((votes.argmax(1) == query_labels[start:start + 512]).sum())
-    return correct / max(queries.shape[0], 1)
-
-
 @dataclass
 class KnnMonitor:
-    """An online kNN on a labelled split, every ``every_epochs`` epochs (inputs already normalised)."""
+    """An online kNN top-1 on a labelled split every ``every_epochs`` epochs (and after the last one).
+
+    Images are uint8 (N x C x H x W); ``transform`` maps a uint8 batch to the backbone's input (the eval
+    transform). The protocol is :mod:`ssl_models.evaluation`'s (cosine, weighted vote exp(sim / T)).
+    """
 
     bank_images: torch.Tensor
     bank_labels: torch.Tensor
     query_images: torch.Tensor
     query_labels: torch.Tensor
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None
     every_epochs: int = 1
     k: int = 20
     temperature: float = 0.1
     batch_size: int = 512
 
-    @torch.no_grad()
-    def features(self, backbone: nn.Module, images: torch.Tensor, device: torch.device,
-                 autocast: Callable[[], contextlib.AbstractContextManager]) -> torch.Tensor:
-        out = []
-        for start in range(0, images.shape[0], self.batch_size):
-            x = images[start:start + self.batch_size].to(device, non_blocking=True)
-            with autocast():
-                out.append(backbone(x).float().cpu())
-        return torch.cat(out)
+    def __call__(self, backbone: nn.Module, device: torch.device) -> dict[str, float]:
+        from .evaluation import extract_features, knn_evaluate
 
-    def __call__(self, backbone: nn.Module, device: torch.device,
-                 autocast: Callable[[], contextlib.AbstractContextManager]) -> dict[str, float]:
-        was_training = backbone.training
-        backbone.eval()
-        try:
-            bank = self.features(backbone, self.bank_images, device, autocast)
-            queries = self.features(backbone, self.query_images, device, autocast)
-        finally:
-            backbone.train(was_training)
-        return {"knn_top1": knn_top1(bank, self.bank_labels, queries, self.query_labels, k=self.k,
-                                     temperature=self.temperature)}
+        def features(images: torch.Tensor) -> torch.Tensor:
+            return extract_features(backbone, images, transform=self.transform, batch_size=self.batch_size,
+                                    device=device, progress=False)
+
+        result = knn_evaluate(features(self.bank_images), self.bank_labels, features(self.query_images),
+                              self.query_labels, ks=(self.k,), temperature=self.temperature)
+        return {"knn_top1": result[f"knn_top1_k{self.k}"]}
 
 
 # --------------------------------------------------------------------------------------------- checkpoints
@@ -602,7 +576,7 @@ class Trainer:
                 record = self._epoch_metrics(epoch, acc)
                 if self.knn is not None and ((epoch + 1) % self.knn.every_epochs == 0 or epoch + 1 == cfg.epochs):
                     if rt.is_main:
-                        record.update(self.knn(self.method.backbone, self.device, self._autocast))
+                        record.update(self.knn(self.method.backbone, self.device))
                 dim_hint = int(record.get("emb_dim", 0))
                 reasons = detect_collapse(record, cfg.monitor, dim=dim_hint,
                                           loss_level=getattr(self.method, "collapse_loss_level", None))
@@ -744,4 +718,4 @@ def _progress(total: int, initial: int, desc: str, disable: bool) -> Any:
 __all__ = ["Trainer", "TrainConfig", "TrainResult", "MonitorConfig", "KnnMonitor", "Runtime", "DataStream",
            "TrainingError", "NonFiniteLossError", "CollapseError", "setup_runtime", "teardown_runtime",
            "select_device", "seed_everything", "capture_rng_state", "restore_rng_state", "save_state", "load_state",
-           "detect_collapse", "knn_top1"]
+           "detect_collapse"]

@@ -10,7 +10,7 @@ import torch
 
 from ssl_models import engine
 from ssl_models.engine import (CollapseError, DataStream, KnnMonitor, MonitorConfig, NonFiniteLossError, Runtime,
-                               TrainConfig, Trainer, knn_top1, load_state)
+                               TrainConfig, Trainer, load_state)
 from tiny_ssl import CollapsingMethod, SyntheticLoader, TinyBackbone, TinyMethod, toy_images
 
 CPU = Runtime(device=torch.device("cpu"))
@@ -167,21 +167,9 @@ def detect(monitor, loss, level):
     return engine.detect_collapse({"loss": loss, "emb_std": 0.3, "rankme": 10.0}, monitor, dim=8, loss_level=level)
 
 
-def test_knn_top1_weighted_vote_by_hand():
-    # query [0,1]; cosine to the bank: a 0.999 (class 1), c 0.573 and b 0.514 (class 0), d -0.707 (class 2)
-    bank = torch.tensor([[0.05, 1.0], [1.0, 0.6], [1.0, 0.7], [-1.0, -1.0]])
-    bank_y = torch.tensor([1, 0, 0, 2])
-    q, q_y = torch.tensor([[0.0, 1.0]]), torch.tensor([1])
-    # k=3 neighbours a, c, b: with T=0.1, exp(9.99) outweighs exp(5.73) + exp(5.14) -> class 1
-    assert knn_top1(bank, bank_y, q, q_y, k=3, temperature=0.1) == 1.0
-    # with T=10 the weights are nearly equal and the two class-0 neighbours win
-    assert knn_top1(bank, bank_y, q, q_y, k=3, temperature=10.0) == 0.0
-    assert knn_top1(bank, bank_y, q, q_y, k=1) == 1.0
-
-
 def test_online_knn_every_k_epochs(tmp_path):
     images, labels = toy_images(64)
-    knn = KnnMonitor(images[:48], labels[:48], images[48:], labels[48:], every_epochs=2, k=5)
+    knn = KnnMonitor(images[:48], labels[:48], images[48:], labels[48:], transform=lambda x: x, every_epochs=2, k=5)
     method, opt, sched = build()
     cfg = TrainConfig(epochs=3, steps_per_epoch=6, progress=False)
     trainer = Trainer(method, opt, scheduler=sched, config=cfg, make_loader=loader_factory(images[:48], labels[:48]),
