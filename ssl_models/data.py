@@ -1,0 +1,429 @@
+"""Streaming WebDataset shards into training: split by rank and worker, shuffled, decoded, viewed, batched.
+
+Knows nothing of the pipeline: it reads tar shards whose samples hold an image (``png`` or ``jpg``), an integer
+``cls`` (-1 when unlabelled) and optionally ``json``, plus (when there is one) the ``manifest.json`` written
+beside them: ``{"splits": {split: {"shards": [{"name", "sha256", "count", "bytes"}]}}, "image_mode": ...}``.
+
+How an epoch is cut (:func:`make_loader`):
+
+- Units of work. Each shard is one unit, or, when there are fewer shards than ``world_size * num_workers``
+  readers (or they would not divide evenly across ranks), ``parts`` interleaved units (sample ``i`` of a shard
+  belongs to part ``i % parts``). Every sample is in exactly one unit, so more workers than shards still
+  read each sample once.
+- The unit list is shuffled with ``(seed, epoch)`` (the same on every rank), unit ``j`` goes to rank
+  ``j % world_size`` and, there, to worker ``(j // world_size) % num_workers``. Within a worker a buffer of
+  ``shuffle_buffer`` samples is shuffled with ``(seed, epoch, rank, worker)``. Order is thus a function of
+  ``seed`` and ``epoch`` (and of world_size/num_workers), never of timing: DataLoader delivers its workers'
+  batches in a fixed round-robin order.
+- Workers decode and apply ``transform`` per sample, and batch; the main process merges the workers' partial
+  batches. ``drop_last=True`` (training): every rank yields the same number of full batches,
+  ``len(loader)``, fixed for all epochs: what the rank that receives the fewest samples can fill, so no sample
+  is repeated and ranks never wait on each other. ``drop_last=False`` (evaluation, coverage checks): every
+  sample of the rank's units exactly once, the last batch partial; batch counts can then differ by one
+  between ranks.
+
+Nothing is resampled: an epoch sees each sample at most once. Shard integrity is checked before use:
+:func:`verify_shards` compares sha256 and size against the manifest (:class:`DataError` naming the shard), and
+:func:`make_loader` does it for the local shards it is given (once per file version); a shard that breaks while
+being read is also named.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import tarfile
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from urllib.parse import urlparse
+
+import torch
+import webdataset as wds
+from torch import Tensor
+from torchvision.io import ImageReadMode, decode_image
+
+MANIFEST = "manifest.json"
+IMAGE_KEYS = ("png", "jpg", "jpeg")
+
+
+class DataError(ValueError):
+    """A shard or manifest is missing, corrupted or inconsistent; the message is one line naming it."""
+
+
+# ------------------------------------------------------------------------------------------- shards on disk
+def read_manifest(shards_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(shards_dir) / MANIFEST
+    if not path.is_file():
+        raise DataError(f"{path}: manifest not found (shard the data first)")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from None
+
+
+def _split_entry(manifest: Mapping[str, Any], split: str, where: str) -> Mapping[str, Any]:
+    splits = manifest.get("splits") or {}
+    if split not in splits:
+        raise DataError(f"{where}: no {split!r} split (has: {', '.join(splits) or 'none'})")
+    return splits[split]
+
+
+def shard_urls(shards_dir: str | os.PathLike, split: str) -> list[str]:
+    """Paths of a split's shards, in manifest order (or ``{split}-*.tar`` sorted when there is no manifest)."""
+    shards_dir = Path(shards_dir)
+    if (shards_dir / MANIFEST).is_file():
+        entry = _split_entry(read_manifest(shards_dir), split, str(shards_dir / MANIFEST))
+        urls = [str(shards_dir / s["name"]) for s in entry["shards"]]
+    else:
+        urls = [str(p) for p in sorted(shards_dir.glob(f"{split}-*.tar"))]
+    if not urls:
+        raise DataError(f"{shards_dir}: no {split!r} shards")
+    return urls
+
+
+_VERIFIED: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256 already checked
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _verify_file(path: Path, expected: Mapping[str, Any]) -> None:
+    if not path.is_file():
+        raise DataError(f"{path}: shard missing")
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if _VERIFIED.get(key) == expected["sha256"]:
+        return
+    if "bytes" in expected and stat.st_size != expected["bytes"]:
+        raise DataError(f"{path}: shard truncated or modified ({stat.st_size} bytes, manifest says "
+                        f"{expected['bytes']}); rebuild the shards")
+    actual = _sha256(path)
+    if actual != expected["sha256"]:
+        raise DataError(f"{path}: shard corrupted (sha256 {actual[:12]}... != manifest {expected['sha256'][:12]}...); "
+                        f"rebuild the shards")
+    _VERIFIED[key] = actual
+
+
+def verify_shards(shards_dir: str | os.PathLike, splits: Sequence[str] | None = None) -> dict[str, Any]:
+    """Check every shard listed in the manifest (sha256 and size); returns the manifest."""
+    shards_dir = Path(shards_dir)
+    manifest = read_manifest(shards_dir)
+    for split, entry in (manifest.get("splits") or {}).items():
+        if splits is None or split in splits:
+            for shard in entry["shards"]:
+                _verify_file(shards_dir / shard["name"], shard)
+    return manifest
+
+
+def _is_local(url: str) -> bool:
+    scheme = urlparse(url).scheme
+    return scheme in ("", "file") or (len(scheme) == 1 and os.name == "nt")
+
+
+def _local_path(url: str) -> Path:
+    return Path(urlparse(url).path if url.startswith("file:") else url)
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+def decode_image_bytes(data: bytes, channels: int | None = None) -> Tensor:
+    """PNG/JPEG bytes -> uint8 tensor C x H x W (``channels`` 1 or 3 converts, None keeps the file's)."""
+    mode = {None: ImageReadMode.UNCHANGED, 1: ImageReadMode.GRAY, 3: ImageReadMode.RGB}[channels]
+    return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
+
+
+def _image_entry(sample: Mapping[str, Any]) -> bytes:
+    for key in IMAGE_KEYS:
+        if key in sample:
+            return sample[key]
+    raise DataError(f"{sample.get('__url__')}: sample {sample.get('__key__')!r} has no png/jpg image")
+
+
+def _label(sample: Mapping[str, Any]) -> int:
+    raw = sample.get("cls")
+    return -1 if raw is None else int(raw)
+
+
+# -------------------------------------------------------------------------------------------- the loader
+def _derive_seed(*parts: Any) -> int:
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
+
+
+class _Unit:
+    """One reader's share of a shard: samples ``part, part + parts, ...`` of ``url``."""
+
+    __slots__ = ("url", "count", "part", "parts")
+
+    def __init__(self, url: str, count: int, part: int, parts: int):
+        self.url, self.count, self.part, self.parts = url, count, part, parts
+
+    @property
+    def size(self) -> int:
+        return len(range(self.part, self.count, self.parts))
+
+
+def _plan_units(urls: Sequence[str], counts: Sequence[int], world_size: int, workers: int) -> list[_Unit]:
+    readers = world_size * workers
+    parts = max(1, math.ceil(readers / len(urls)))
+    while (len(urls) * parts) % world_size:  # let every rank get the same number of units
+        parts += 1
+    return [_Unit(url, count, part, parts) for url, count in zip(urls, counts) for part in range(parts)]
+
+
+def _read_units(units: Iterable[_Unit]) -> Iterator[dict[str, Any]]:
+    for unit in units:
+        try:
+            for index, sample in enumerate(wds.tarfile_samples([{"url": unit.url}])):
+                if index % unit.parts == unit.part:
+                    yield sample
+        except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
+            if isinstance(exc, DataError):
+                raise
+            raise DataError(f"{unit.url}: unreadable shard ({str(exc).splitlines()[0] if str(exc) else exc!r}); "
+                            f"rebuild the shards") from None
+
+
+class _WorkerStream(torch.utils.data.IterableDataset):
+    """What one DataLoader worker (or the main process) yields: decoded, viewed, batched samples."""
+
+    def __init__(self, loader: "ShardLoader"):
+        super().__init__()
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[tuple]:
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info else 0
+        ld = self.loader
+        mine = [u for j, u in enumerate(ld.epoch_units())
+                if j % ld.world_size == ld.rank and (j // ld.world_size) % ld.workers == worker]
+        stages: list[Any] = [lambda: iter(mine), _read_units]  # (a bare list would be spliced into the stages)
+        if ld.shuffle_buffer > 1:
+            rng = random.Random(_derive_seed("samples", ld.seed, ld.epoch, ld.rank, worker))
+            stages.append(wds.shuffle(ld.shuffle_buffer, min(ld.shuffle_buffer, 100), rng=rng))
+        stages.append(wds.map(ld.prepare))
+        stages.append(wds.batched(ld.batch_size, collation_fn=ld.collate, partial=True))
+        return iter(wds.DataPipeline(*stages))
+
+
+class ShardLoader:
+    """The iterable :func:`make_loader` returns; ``len()`` is the number of batches this rank yields per epoch."""
+
+    def __init__(self, urls: Sequence[str], counts: Sequence[int], *, batch_size: int,
+                 transform: Callable[[Tensor], list[Tensor]] | None, shuffle_buffer: int, seed: int, epoch: int,
+                 rank: int, world_size: int, num_workers: int, drop_last: bool, channels: int | None,
+                 return_keys: bool, pin_memory: bool):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        self.urls, self.counts = list(urls), list(counts)
+        self.batch_size, self.transform = batch_size, transform
+        self.shuffle_buffer, self.seed, self.epoch = shuffle_buffer, seed, epoch
+        self.rank, self.world_size = rank, world_size
+        self.num_workers, self.workers = num_workers, max(1, num_workers)
+        self.drop_last, self.channels, self.return_keys, self.pin_memory = drop_last, channels, return_keys, pin_memory
+        self.units = _plan_units(self.urls, self.counts, world_size, self.workers)
+        # The fewest samples any rank can receive, whatever the epoch's shuffle: the floor(units/world) smallest.
+        per_rank = len(self.units) // world_size
+        self.min_rank_samples = sum(sorted(u.size for u in self.units)[:per_rank])
+
+    # -- epoch plan
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def epoch_units(self) -> list[_Unit]:
+        units = list(self.units)
+        if self.shuffle_buffer > 1:
+            random.Random(_derive_seed("units", self.seed, self.epoch)).shuffle(units)
+        return units
+
+    def rank_samples(self) -> int:
+        """Samples this rank reads this epoch (all of them are yielded when drop_last=False)."""
+        return sum(u.size for j, u in enumerate(self.epoch_units()) if j % self.world_size == self.rank)
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return self.min_rank_samples // self.batch_size
+        return math.ceil(self.rank_samples() / self.batch_size)
+
+    # -- per sample / per batch (run in the workers)
+    def prepare(self, sample: Mapping[str, Any]) -> tuple:
+        try:
+            image = decode_image_bytes(_image_entry(sample), self.channels)
+        except RuntimeError as exc:
+            raise DataError(f"{sample.get('__url__')}: sample {sample.get('__key__')!r}: undecodable image "
+                            f"({exc})") from None
+        views = self.transform(image) if self.transform is not None else [image]
+        return views, _label(sample), sample["__key__"]
+
+    @staticmethod
+    def collate(samples: list[tuple]) -> tuple:
+        views = [torch.stack([s[0][v] for s in samples]) for v in range(len(samples[0][0]))]
+        return views, torch.tensor([s[1] for s in samples], dtype=torch.long), [s[2] for s in samples]
+
+    # -- main process
+    def _worker_batches(self) -> Iterator[tuple]:
+        stream = _WorkerStream(self)
+        if self.num_workers == 0:
+            yield from stream
+            return
+        # Worker seeds (hence the transforms' random draws) follow from (seed, epoch, rank), not the global RNG.
+        generator = torch.Generator().manual_seed(_derive_seed("workers", self.seed, self.epoch, self.rank))
+        yield from torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.num_workers,
+                                               generator=generator, pin_memory=self.pin_memory,
+                                               prefetch_factor=4)
+
+    def __iter__(self) -> Iterator[tuple]:
+        limit = len(self) if self.drop_last else None
+        produced = 0
+        pending: list[tuple] = []
+        pending_size = 0
+        bs = self.batch_size
+
+        def emit(batch: tuple) -> tuple:
+            return batch if self.return_keys else batch[:2]
+
+        if limit == 0:
+            return
+        for batch in self._worker_batches():
+            n = len(batch[1])
+            if n == bs and not pending:
+                produced += 1
+                yield emit(batch)
+            else:
+                pending.append(batch)
+                pending_size += n
+                while pending_size >= bs and produced != limit:
+                    merged = _concat(pending)
+                    head, tail = _take(merged, bs), _drop(merged, bs)
+                    pending, pending_size = ([tail] if len(tail[1]) else []), len(tail[1])
+                    produced += 1
+                    yield emit(head)
+            if produced == limit:
+                return  # leaving the DataLoader iterator shuts its workers down
+        if limit is None and pending_size:
+            produced += 1
+            yield emit(_concat(pending))
+        if limit is not None and produced < limit:
+            raise DataError(f"rank {self.rank} got {produced} of {limit} batches: the shards hold fewer samples "
+                            f"than their manifest counts")
+
+
+def _concat(batches: list[tuple]) -> tuple:
+    if len(batches) == 1:
+        return batches[0]
+    views = [torch.cat([b[0][v] for b in batches]) for v in range(len(batches[0][0]))]
+    return views, torch.cat([b[1] for b in batches]), [k for b in batches for k in b[2]]
+
+
+def _take(batch: tuple, n: int) -> tuple:
+    return [v[:n] for v in batch[0]], batch[1][:n], batch[2][:n]
+
+
+def _drop(batch: tuple, n: int) -> tuple:
+    return [v[n:] for v in batch[0]], batch[1][n:], batch[2][n:]
+
+
+def _shard_counts(urls: Sequence[str], manifest: Mapping[str, Any] | None, verify: bool) -> list[int]:
+    """Samples per shard, from the manifest (verifying local shards against it) or by reading tar headers."""
+    by_name: dict[str, Mapping[str, Any]] = {}
+    if manifest is not None:
+        for entry in (manifest.get("splits") or {}).values():
+            for shard in entry["shards"]:
+                by_name[shard["name"]] = shard
+    counts = []
+    for url in urls:
+        name = os.path.basename(urlparse(url).path if not _is_local(url) else url)
+        if name in by_name:
+            if verify and _is_local(url):
+                _verify_file(_local_path(url), by_name[name])
+            counts.append(int(by_name[name]["count"]))
+        elif manifest is not None:
+            raise DataError(f"{url}: shard not listed in the manifest")
+        elif _is_local(url):
+            counts.append(_count_local(_local_path(url)))
+        else:
+            raise DataError(f"{url}: remote shard without a manifest (pass manifest= so sample counts are known)")
+    return counts
+
+
+def _count_local(path: Path) -> int:
+    try:
+        with tarfile.open(path) as tf:
+            return len({m.name.split("/")[-1].split(".", 1)[0] for m in tf.getmembers() if m.isfile()})
+    except (tarfile.TarError, OSError) as exc:
+        raise DataError(f"{path}: unreadable shard ({exc})") from None
+
+
+def make_loader(urls: str | Sequence[str], *, batch_size: int, transform: Callable[[Tensor], list[Tensor]] | None,
+                shuffle_buffer: int = 2000, seed: int = 0, epoch: int = 0, rank: int = 0, world_size: int = 1,
+                num_workers: int = 0, manifest: Mapping[str, Any] | str | os.PathLike | None = None,
+                drop_last: bool = True, return_keys: bool = False, pin_memory: bool = False,
+                verify: bool = True) -> ShardLoader:
+    """Iterable of ``(views, labels)`` batches over WebDataset shards (see the module docstring).
+
+    ``urls``: shard paths or URLs (a list, or a brace pattern such as ``train-{000000..000003}.tar``).
+    ``transform``: uint8 C x H x W tensor -> list of view tensors (None: the image itself as the only view).
+    ``manifest``: the shards' manifest (dict or path); by default the ``manifest.json`` beside local shards.
+    It gives the sample counts and the checksums verified before use (``verify``). ``shuffle_buffer`` 0 or 1:
+    no shuffling at all (units in order, samples in shard order). ``return_keys``: batches are
+    ``(views, labels, keys)``. The image is decoded to the manifest's ``image_mode`` channels.
+    """
+    urls = wds.shardlists.expand_urls(urls) if isinstance(urls, str) else list(urls)
+    if not urls:
+        raise DataError("no shards given")
+    if manifest is None and _is_local(urls[0]):
+        beside = _local_path(urls[0]).parent / MANIFEST
+        manifest = read_manifest(beside.parent) if beside.is_file() else None
+    elif isinstance(manifest, (str, os.PathLike)):
+        path = Path(manifest)
+        manifest = read_manifest(path.parent if path.name == MANIFEST else path)
+    counts = _shard_counts(urls, manifest, verify)
+    mode = (manifest or {}).get("image_mode")
+    channels = {"L": 1, "RGB": 3}.get(mode) if mode else None
+    return ShardLoader(urls, counts, batch_size=batch_size, transform=transform, shuffle_buffer=shuffle_buffer,
+                       seed=seed, epoch=epoch, rank=rank, world_size=world_size, num_workers=num_workers,
+                       drop_last=drop_last, channels=channels, return_keys=return_keys, pin_memory=pin_memory)
+
+
+# ---------------------------------------------------------------------------------------- whole splits
+def load_split(shards_dir: str | os.PathLike, split: str, *, labelled_only: bool = True,
+               verify: bool = True) -> tuple[Tensor, Tensor, list[str]]:
+    """A whole split in memory: (uint8 N x C x H x W, labels, class names), in shard order.
+
+    For evaluation and baselines on small datasets. Unlabelled samples (label -1) are left out unless
+    ``labelled_only`` is False. Every image must have the same size (shard with ``image_size`` otherwise).
+    """
+    shards_dir = Path(shards_dir)
+    manifest = read_manifest(shards_dir)
+    entry = _split_entry(manifest, split, str(shards_dir / MANIFEST))
+    channels = {"L": 1, "RGB": 3}.get(manifest.get("image_mode"))
+    images: list[Tensor] = []
+    labels: list[int] = []
+    for shard in entry["shards"]:
+        path = shards_dir / shard["name"]
+        if verify:
+            _verify_file(path, shard)
+        for sample in _read_units([_Unit(str(path), int(shard["count"]), 0, 1)]):
+            label = _label(sample)
+            if labelled_only and label < 0:
+                continue
+            image = decode_image_bytes(_image_entry(sample), channels)
+            if images and image.shape != images[0].shape:
+                raise DataError(f"{path}: sample {sample['__key__']!r} is {tuple(image.shape)}, others "
+                                f"{tuple(images[0].shape)}; shard with shard.image_size set to load a split at once")
+            images.append(image)
+            labels.append(label)
+    if not images:
+        raise DataError(f"{shards_dir / MANIFEST}: split {split!r} has no {'labelled ' if labelled_only else ''}images")
+    return torch.stack(images), torch.tensor(labels, dtype=torch.long), list(manifest.get("classes") or [])
+
+
+__all__ = ["DataError", "MANIFEST", "ShardLoader", "decode_image_bytes", "load_split", "make_loader",
+           "read_manifest", "shard_urls", "verify_shards"]

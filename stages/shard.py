@@ -1,0 +1,240 @@
+"""Stage ``shard``: data/raw -> data/shards/{split}-NNNNNN.tar (WebDataset) + manifest.json.
+
+    python -m stages.shard          (dvc.yaml runs it; params: seed, data, shard)
+
+Each split found in data/raw (train, val, test) is listed in sorted path order, shuffled with ``seed`` (so every
+shard mixes classes and the order is reproducible) and cut into shards of ``shard.shard_size`` samples. Every image is
+decoded and checked again (users can drop files into data/raw by hand) with the same checks as ingest, converted to
+``data.image_mode`` and stored as ``shard.image_format``; a file already in that format and mode, which the loader's
+decoder reads, keeps its original bytes. A sample is ``__key__`` (``{split}-{index:07d}``), the image (``png``/``jpg``),
+``cls`` (class index, -1 for ``_unlabelled``) and ``json`` (``{"path": path under data/raw, "class": name}``).
+
+The manifest holds per split the counts (total and per class) and every shard's name, sha256, sample count and size;
+the class names; image mode, format and size statistics; the skipped files with their reasons (and those skipped at
+ingest); the conversions made; the data version, i.e. DVC's md5 of data/raw as read here (with whether it matches
+data.dvc); and the lineage record. Everything is written into a temporary folder that replaces data/shards only when
+complete, so no partial shard is ever visible under its final name.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from . import images
+from .common import DataError, atomic_path, read_json, run_main, workspace, write_json
+from .config import load_params
+from .ingest import RAW_DIR, SOURCE_FILE, SPLITS, UNLABELLED, dvc_dir_md5
+from .lineage import data_version as dvc_file_version
+from .lineage import make_record, sha256_file
+
+SHARDS_DIR = Path("data") / "shards"
+MANIFEST = "manifest.json"
+
+
+def scan_raw(raw: Path) -> tuple[dict[str, list[tuple[str, str]]], list[str], list[str]]:
+    """({split: [(path under raw, class)]} for image files, other files (hashed, not sharded), ignored names)."""
+    if not raw.is_dir():
+        raise DataError(f"{RAW_DIR.as_posix()}: not found (run `sslcook data ingest`, or `dvc pull`)")
+    splits: dict[str, list[tuple[str, str]]] = {}
+    others: list[str] = []
+    ignored: list[str] = []
+    for top in sorted(raw.iterdir()):
+        rel_top = top.relative_to(raw).as_posix()
+        if top.is_file():
+            others.append(rel_top)
+            continue
+        if top.name not in SPLITS:
+            raise DataError(f"{RAW_DIR.as_posix()}/{rel_top}: unexpected folder (data/raw holds "
+                            f"{', '.join(s + '/' for s in SPLITS)} with one folder per class)")
+        files: list[tuple[str, str]] = []
+        for entry in sorted(top.iterdir()):
+            if entry.is_file():
+                raise DataError(f"{RAW_DIR.as_posix()}/{entry.relative_to(raw).as_posix()}: file outside a class "
+                                f"folder (expected {top.name}/<class>/<file>)")
+            for path in sorted(p for p in entry.rglob("*") if p.is_file()):
+                rel = path.relative_to(raw).as_posix()
+                parts = path.relative_to(entry).parts
+                if any(p.startswith(".") for p in parts) or not images.is_image_name(path.name):
+                    others.append(rel)
+                    ignored.append(rel)
+                else:
+                    files.append((rel, entry.name))
+        splits[top.name] = files
+    if not any(splits.values()):
+        raise DataError(f"{RAW_DIR.as_posix()}: no images (expected <split>/<class>/<file>)")
+    return splits, others, ignored
+
+
+class ShardWriter:
+    """Writes ``{split}-NNNNNN.tar`` files of ``size`` samples into ``folder`` (reproducible tar headers)."""
+
+    def __init__(self, folder: Path, split: str, size: int):
+        import webdataset as wds
+
+        self._wds = wds
+        self.folder, self.split, self.size = folder, split, size
+        self.shards: list[dict[str, Any]] = []
+        self._writer = None
+        self._count = 0
+
+    def write(self, sample: dict[str, Any]) -> None:
+        if self._writer is None or self._count == self.size:
+            self._close()
+            name = f"{self.split}-{len(self.shards):06d}.tar"
+            self.shards.append({"name": name})
+            self._writer = self._wds.TarWriter(str(self.folder / name), encoder=False, mtime=0, user="sslcook",
+                                               group="sslcook")
+            self._count = 0
+        self._writer.write(sample)
+        self._count += 1
+
+    def _close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            path = self.folder / self.shards[-1]["name"]
+            self.shards[-1].update(sha256=sha256_file(path), count=self._count, bytes=path.stat().st_size)
+            self._writer = None
+
+    def close(self) -> list[dict[str, Any]]:
+        self._close()
+        return self.shards
+
+
+def _loader_reads(data: bytes, channels: int, size: tuple[int, int]) -> bool:
+    """Whether the training loader's decoder reads these bytes as the expected image (else we re-encode)."""
+    from ssl_models.data import decode_image_bytes
+
+    try:
+        tensor = decode_image_bytes(data, None)
+    except RuntimeError:
+        return False
+    return tuple(tensor.shape) == (channels, size[1], size[0])
+
+
+def _size_stats(sizes: Counter) -> dict[str, Any]:
+    """Width/height statistics of a Counter of (width, height)."""
+    if not sizes:
+        return {}
+    n = sum(sizes.values())
+    return {
+        "min": [min(w for w, _ in sizes), min(h for _, h in sizes)],
+        "max": [max(w for w, _ in sizes), max(h for _, h in sizes)],
+        "mean": [round(sum(w * c for (w, _), c in sizes.items()) / n, 2),
+                 round(sum(h * c for (_, h), c in sizes.items()) / n, 2)],
+        "distinct": len(sizes),
+        "most_common": [[w, h, c] for (w, h), c in sizes.most_common(3)],
+    }
+
+
+def shard(root: Path | None = None) -> dict[str, Any]:
+    """Run the stage in workspace ``root``; returns the manifest."""
+    root = root or workspace()
+    params = load_params(root / "params.yaml")  # every check on params happens before any work
+    data_cfg, shard_cfg = params.data, params.shard
+    raw = root / RAW_DIR
+    splits, others, ignored = scan_raw(raw)
+    classes = sorted({cls for files in splits.values() for _, cls in files if cls != UNLABELLED})
+    label_of = {cls: i for i, cls in enumerate(classes)}
+    channels = 1 if data_cfg.image_mode == "L" else 3
+    fmt = shard_cfg.image_format
+    policy = images.BadImagePolicy(data_cfg.on_bad_image)
+    file_md5: list[tuple[str, str]] = [(rel, hashlib.md5((raw / rel).read_bytes()).hexdigest()) for rel in others]
+    source_sizes: Counter = Counter()
+    stored_sizes: Counter = Counter()
+    conversions: Counter = Counter()
+    kept_bytes = 0
+    manifest_splits: dict[str, Any] = {}
+    total = sum(len(files) for files in splits.values())
+
+    with atomic_path(root / SHARDS_DIR) as out, tqdm(total=total, desc="shard", unit="img", file=sys.stderr,
+                                                      mininterval=0.5) as bar:
+        out.mkdir()
+        for split in (s for s in SPLITS if s in splits):
+            files = list(splits[split])
+            random.Random(f"sslcook-shard:{params.seed}:{split}").shuffle(files)
+            writer = ShardWriter(out, split, shard_cfg.shard_size)
+            per_class: Counter = Counter()
+            for rel, cls in files:
+                data = (raw / rel).read_bytes()
+                file_md5.append((rel, hashlib.md5(data).hexdigest()))
+                bar.update()
+                try:
+                    decoded = images.decode(data, mode=data_cfg.image_mode, max_pixels=data_cfg.max_image_pixels,
+                                            resize=shard_cfg.image_size)
+                except images.BadImage as bad:
+                    policy.bad(f"{RAW_DIR.as_posix()}/{rel}", str(bad))
+                    continue
+                image = decoded.image
+                if decoded.conversion is None and decoded.source_format == images.SHARD_FORMATS[fmt] \
+                        and _loader_reads(data, channels, image.size):
+                    payload = data  # already what the loader wants: keep the original bytes (no JPEG re-encoding loss)
+                    kept_bytes += 1
+                else:
+                    payload = images.encode(image, fmt, shard_cfg.jpeg_quality)
+                    if decoded.conversion:
+                        conversions[decoded.conversion] += 1
+                source_sizes[decoded.source_size] += 1
+                stored_sizes[image.size] += 1
+                index = sum(per_class.values())
+                writer.write({
+                    "__key__": f"{split}-{index:07d}",
+                    fmt: payload,
+                    "cls": str(label_of.get(cls, -1)).encode(),
+                    "json": json.dumps({"path": rel, "class": cls}, ensure_ascii=False).encode("utf-8"),
+                })
+                per_class[cls] += 1
+            manifest_splits[split] = {"count": sum(per_class.values()), "per_class": dict(sorted(per_class.items())),
+                                      "shards": writer.close()}
+        if not manifest_splits.get("train", {}).get("count"):
+            raise DataError(f"{RAW_DIR.as_posix()}: no usable training images (all skipped: "
+                            f"{len(policy.skipped)})")
+
+        version = dvc_dir_md5(file_md5)
+        recorded = dvc_file_version(root)
+        if recorded != version:
+            print(f"warning: data/raw (md5 {version}) differs from data.dvc ({recorded}); run `sslcook data ingest` "
+                  f"or `dvc add data/raw` to version what you shard", file=sys.stderr)
+        source = read_json(raw / SOURCE_FILE) if (raw / SOURCE_FILE).is_file() else {}
+        lineage_params = {"seed": params.seed, "data": data_cfg.model_dump(), "shard": shard_cfg.model_dump()}
+        manifest = {
+            "splits": manifest_splits,
+            "classes": classes,
+            "image_mode": data_cfg.image_mode,
+            "channels": channels,
+            "image_format": fmt,
+            "image_size": {"source": _size_stats(source_sizes), "stored": _size_stats(stored_sizes),
+                           "uniform": list(next(iter(stored_sizes))) if len(stored_sizes) == 1 else None},
+            "original_bytes_kept": kept_bytes,
+            "conversions": dict(sorted(conversions.items())),
+            "skipped": policy.skipped,
+            "skipped_count": len(policy.skipped),
+            "skipped_at_ingest": source.get("skipped", []),
+            "ignored": ignored,
+            "source": source.get("name"),
+            "data_version": version,
+            "data_dvc": {"md5": recorded, "matches": recorded == version},
+            "seed": params.seed,
+            "lineage": make_record("shard", params=lineage_params, parents={"raw": RAW_DIR.as_posix()},
+                                   seed=params.seed, root=root,
+                                   extra={"data_version": version, "data_dvc_md5": recorded}),
+        }
+        write_json(out / MANIFEST, manifest)
+    counts = ", ".join(f"{s} {e['count']} in {len(e['shards'])} shards" for s, e in manifest_splits.items())
+    print(f"{SHARDS_DIR.as_posix()}: {counts}; {len(policy.skipped)} skipped; data version {version}",
+          file=sys.stderr)
+    return manifest
+
+
+def main() -> None:
+    shard()
+
+
+if __name__ == "__main__":
+    run_main(main)
