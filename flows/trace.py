@@ -1,0 +1,308 @@
+"""``sslcook trace PATH``: the chain behind an artifact, back to its raw data version and git commit.
+
+PATH is a metrics file, an exported backbone (or its model folder / card), a checkpoint or a shard manifest.
+The chain follows each record's ``parents`` (result -> backbone -> checkpoint -> shards), printing every step's
+stage, params, commit and data version, and ends at the raw data version (the md5 of data/raw in data.dvc) and the
+commit. An artifact is **stale** when what it was made from has changed on disk since: a parent whose sha256 is no
+longer the recorded one, or a data version that is no longer the one in data.dvc. ``dvc status`` is asked too
+(for the stages that made the chain), so the two verdicts can be read side by side.
+
+A backbone copied out of the repository still traces: its safetensors header embeds the records of its ancestors.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from stages.common import DataError
+from stages.lineage import DATA_DVC, data_version, sha256_file
+from stages.provenance import Artifact, parent_order, read_artifact, resolve_artifact_path
+
+
+def find_workspace(path: Path) -> Path | None:
+    """The pipeline workspace holding ``path`` (a folder with dvc.yaml), else the current one, else None."""
+    for folder in [path.parent, *path.parent.parents]:
+        if (folder / "dvc.yaml").is_file() and (folder / ".dvc").is_dir():
+            return folder
+    cwd = Path(os.environ.get("SSLCOOK_WORKSPACE", os.getcwd())).resolve()
+    if (cwd / "dvc.yaml").is_file() and (cwd / ".dvc").is_dir():
+        return cwd
+    return None
+
+
+def _git(root: Path, *args: str) -> str | None:
+    try:
+        proc = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def commit_exists(root: Path, commit: str | None) -> bool | None:
+    if not commit:
+        return None
+    return _git(root, "cat-file", "-e", f"{commit}^{{commit}}") is not None
+
+
+def committed_in(root: Path, rel: str, file: Path, limit: int = 200) -> str | None:
+    """The newest commit whose version of ``rel`` has exactly the bytes of ``file`` (None if never committed)."""
+    blob = _git(root, "hash-object", str(file))
+    log = _git(root, "log", f"-n{limit}", "--format=%H", "--", rel)
+    if not blob or not log:
+        return None
+    for commit in log.split():
+        if _git(root, "rev-parse", f"{commit}:{rel}") == blob:
+            return commit
+    return None
+
+
+def data_version_commit(root: Path, version: str | None, limit: int = 200) -> str | None:
+    """The newest commit whose data.dvc records ``version``."""
+    log = _git(root, "log", f"-n{limit}", "--format=%H", "--", DATA_DVC) if version else None
+    for commit in (log or "").split():
+        text = _git(root, "show", f"{commit}:{DATA_DVC}")
+        try:
+            if text and str(yaml.safe_load(text)["outs"][0]["md5"]) == version:
+                return commit
+        except (KeyError, IndexError, TypeError, yaml.YAMLError):
+            continue
+    return None
+
+
+def lock_stages(root: Path) -> dict[str, list[str]]:
+    """Stage name -> output paths, from dvc.lock (what DVC last ran)."""
+    lock = root / "dvc.lock"
+    if not lock.is_file():
+        return {}
+    try:
+        doc = yaml.safe_load(lock.read_text()) or {}
+    except yaml.YAMLError:
+        return {}
+    return {name: [o["path"] for o in (st.get("outs") or []) if isinstance(o, dict) and "path" in o]
+            for name, st in (doc.get("stages") or {}).items()}
+
+
+def stage_of(rel: str, stages: dict[str, list[str]]) -> str | None:
+    for name, outs in stages.items():
+        for out in outs:
+            if rel == out or rel.startswith(out.rstrip("/") + "/"):
+                return name
+    return None
+
+
+def dvc_status(root: Path, targets: list[str]) -> dict[str, Any] | None:
+    """``dvc status --json`` for the given stages (and data.dvc); None when DVC cannot answer."""
+    if not targets:
+        return {}
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "dvc", "status", "--json", *targets], cwd=root,
+                              capture_output=True, text=True, timeout=300, env=env)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if proc.returncode != 0:
+        return None
+    try:
+        return json.loads(proc.stdout or "{}")
+    except json.JSONDecodeError:
+        return None
+
+
+# ----------------------------------------------------------------------------------------------- the chain
+def _rel(root: Path | None, path: Path) -> str:
+    if root is not None:
+        try:
+            return str(path.resolve().relative_to(root))
+        except ValueError:
+            pass
+    return str(path)
+
+
+def build_chain(artifact: Artifact, root: Path | None) -> list[dict[str, Any]]:
+    """The steps from ``artifact`` back through its parents (depth-first, main line first, each path once)."""
+    steps: list[dict[str, Any]] = []
+    seen: set[str] = set()
+
+    def visit(record: dict[str, Any], *, kind: str, path: str, on_disk: Path | None, info: dict, depth: int,
+              via: str | None, recorded_sha: str | None) -> bool:
+        """Add a step; return True when it (or anything upstream of it) is stale."""
+        step = {"kind": kind, "path": path, "via": via, "depth": depth, "record": record, "info": info,
+                "stale": [], "source": "file" if on_disk is not None else "embedded"}
+        steps.append(step)
+        seen.add(path)
+        if root is not None and record.get("data_version"):
+            now = data_version(root)
+            if now and now != record["data_version"]:
+                step["stale"].append(f"made from data version {record['data_version']}, data.dvc now {now}")
+        upstream_stale = False
+        parents = record.get("parents") or {}
+        ancestors = record.get("ancestors") or {}
+        for name in parent_order(parents):
+            entry = parents[name] if isinstance(parents[name], dict) else {"path": str(parents[name])}
+            ppath = entry.get("path")
+            if not ppath or ppath in seen:
+                continue
+            sha = entry.get("sha256")
+            parent_file = (root / ppath) if root is not None else None
+            parent_record, parent_kind, parent_info, parent_disk = None, name, {}, None
+            changed = None
+            if parent_file is not None and parent_file.exists():
+                resolved = resolve_artifact_path(parent_file)
+                if sha and resolved.is_file():
+                    changed = sha256_file(resolved) != sha
+                if changed:
+                    step["stale"].append(f"{name} {ppath} changed since (recorded sha256 {sha[:12]})")
+                try:
+                    parent = read_artifact(resolved)
+                    parent_kind, parent_info = parent.kind, parent.info
+                    if not changed:
+                        parent_record, parent_disk = parent.record, resolved
+                    elif name not in ancestors:  # only the new version is there: show it, marked as changed
+                        parent_record, parent_disk = parent.record, resolved
+                except DataError:
+                    pass
+            elif root is not None:
+                step["stale"].append(f"{name} {ppath} is missing")
+            if parent_record is None and isinstance(ancestors.get(name), dict):
+                parent_record = ancestors[name]  # as it was when this artifact was made (from the header)
+                parent_disk = None
+            if parent_record is None:
+                steps.append({"kind": parent_kind, "path": ppath, "via": name, "depth": depth + 1, "record": {},
+                              "info": parent_info, "stale": [], "source": "missing"})
+                continue
+            if visit(parent_record, kind=parent_kind, path=ppath, on_disk=parent_disk, info=parent_info,
+                     depth=depth + 1, via=name, recorded_sha=sha):
+                upstream_stale = True
+        step["upstream_stale"] = upstream_stale
+        return bool(step["stale"]) or upstream_stale
+
+    visit(artifact.record, kind=artifact.kind, path=_rel(root, artifact.path), on_disk=artifact.path,
+          info=artifact.info, depth=0, via=None, recorded_sha=None)
+    return steps
+
+
+def trace(path: str | os.PathLike, *, use_dvc: bool = True) -> dict[str, Any]:
+    """Everything ``sslcook trace`` prints, as a dict (``--json`` prints it as is)."""
+    artifact = read_artifact(Path(path).expanduser().resolve())
+    root = find_workspace(artifact.path)
+    inside = root is not None and str(artifact.path.resolve()).startswith(str(root) + os.sep)
+    steps = build_chain(artifact, root)
+    records = [s["record"] for s in steps if s["record"]]
+    # the raw data version: from the deepest record that knows it (the shards), else any
+    versions = [r.get("data_version") for r in reversed(records) if r.get("data_version")]
+    raw_version = versions[0] if versions else (artifact.info.get("data_version"))
+    commit = (artifact.record.get("git") or {}).get("commit")
+    out: dict[str, Any] = {
+        "artifact": str(artifact.path), "kind": artifact.kind, "workspace": str(root) if root else None,
+        "inside_workspace": inside, "steps": steps, "data_version": raw_version,
+        "data_version_now": data_version(root) if root else None,
+        "commit": commit, "dirty": (artifact.record.get("git") or {}).get("dirty"),
+    }
+    if root is not None:
+        out["commit_exists"] = commit_exists(root, commit)
+        out["data_version_commit"] = data_version_commit(root, raw_version)
+        out["committed_in"] = committed_in(root, _rel(root, artifact.path), artifact.path) if inside else None
+    out["stale"] = any(s["stale"] for s in steps)
+    if use_dvc and root is not None:
+        stages = lock_stages(root)
+        names = []
+        for s in steps:
+            st = stage_of(s["path"], stages)
+            s["dvc_stage"] = st
+            if st and st not in names:
+                names.append(st)
+        targets = names + ([DATA_DVC] if (root / DATA_DVC).is_file() else [])
+        status = dvc_status(root, targets)
+        out["dvc_status"] = status
+        out["dvc_stale"] = None if status is None else bool(status)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- printing
+def _params_line(params: Any, width: int = 160) -> str:
+    text = json.dumps(params, sort_keys=True, separators=(", ", ": "), default=str)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def render(result: dict[str, Any]) -> str:
+    lines = [f"{result['kind']} {result['artifact']}"]
+    if not result["workspace"]:
+        lines.append("  (not inside a pipeline workspace: chain read from the file's embedded records; "
+                     "staleness not checked)")
+    elif not result["inside_workspace"]:
+        lines.append(f"  (outside the workspace; compared with {result['workspace']})")
+    for s in result["steps"]:
+        pad = "  " * s["depth"]
+        rec = s["record"]
+        head = f"{pad}{'<- ' + s['via'] + ': ' if s['via'] else ''}{s['kind']} {s['path']}"
+        if s.get("dvc_stage"):
+            head += f"  [dvc stage {s['dvc_stage']}]"
+        if s["source"] == "embedded":
+            head += "  (record embedded in the child)"
+        if s["source"] == "missing":
+            head += "  (no record available)"
+        lines.append(head)
+        if rec:
+            git = rec.get("git") or {}
+            lines.append(f"{pad}   stage {rec.get('stage')}, made {rec.get('created_at')}, commit "
+                         f"{str(git.get('commit'))[:12]}{' (dirty)' if git.get('dirty') else ''}, data version "
+                         f"{rec.get('data_version')}, seed {rec.get('seed')}")
+            if rec.get("params"):
+                lines.append(f"{pad}   params {_params_line(rec['params'])}")
+        for key in ("value",):
+            if key in s["info"]:
+                lines.append(f"{pad}   {s['info'].get('primary_metric', key)} = {s['info'][key]}")
+        for reason in s["stale"]:
+            lines.append(f"{pad}   STALE: {reason}")
+    lines.append(f"raw data version (data.dvc md5): {result['data_version']}"
+                 + (f"  [data.dvc now: {result['data_version_now']}]" if result.get("data_version_now") else ""))
+    if result.get("data_version_commit"):
+        lines.append(f"  committed in {result['data_version_commit']}")
+    exists = result.get("commit_exists")
+    lines.append(f"git commit: {result['commit']}{' (tree had uncommitted changes)' if result.get('dirty') else ''}"
+                 + ("" if exists is None else ("  [in this repository]" if exists else "  [NOT in this repository]")))
+    if result.get("committed_in"):
+        lines.append(f"this file is committed in {result['committed_in']}")
+    if result["workspace"]:
+        restore = result.get("committed_in") or result.get("data_version_commit") or result["commit"]
+        if restore:
+            lines.append(f"restore its inputs: git checkout {restore} && dvc checkout")
+        lines.append("verdict: " + ("STALE (inputs changed since it was made)" if result["stale"] else "up to date"))
+    if "dvc_status" in result:
+        status = result["dvc_status"]
+        if status is None:
+            lines.append("dvc status: could not be run")
+        elif not status:
+            lines.append("dvc status: up to date")
+        else:
+            for name, changes in status.items():
+                lines.append(f"dvc status: {name}: {json.dumps(changes, sort_keys=True)}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sslcook trace", description=__doc__.splitlines()[0])
+    parser.add_argument("path", help="metrics/<m>.json, models/<m>[/backbone.safetensors], runs/<m>/checkpoint.pt, "
+                                     "data/shards[/manifest.json], or a backbone file anywhere")
+    parser.add_argument("--json", action="store_true", help="print the chain as JSON")
+    parser.add_argument("--no-dvc", action="store_true", help="do not ask `dvc status` (faster)")
+    args = parser.parse_args(argv)
+    result = trace(args.path, use_dvc=not args.no_dvc)
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True, default=str))
+    else:
+        print(render(result))
+    return 0
+
+
+if __name__ == "__main__":
+    from flows.cli import main as cli_main
+
+    sys.exit(cli_main(["trace", *sys.argv[1:]]))

@@ -1,0 +1,263 @@
+"""evaluate@<method>: exported backbone + labelled shards -> metrics/<method>.json (+ a 2-D PCA of test embeddings).
+
+Frozen features of the train and test splits are computed once and shared by every protocol:
+weighted kNN (top-1/top-5 at each k of params), a linear probe (early stopping on a validation split cut from
+train), RankMe and the embedding std of the test features. Two baselines put the numbers in context: a randomly
+initialised backbone of the same architecture and raw pixels (kNN and linear probe). They depend only on the
+data, the architecture and the evaluation params, so they are computed once per (data, architecture, params) and
+cached in ``.cache/baselines/`` under a digest of exactly those inputs: the four methods of a run share them,
+and a new data version or architecture gets fresh ones. (A separate DVC stage cannot do this: which
+architectures exist is decided per method by params, not known to dvc.yaml.)
+
+Masked image modeling methods are judged by the linear probe (kNN is structurally low for MAE features);
+the others by kNN top-1 at the largest k: ``primary_metric`` names which.
+
+    python -m stages.evaluate --method simclr
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from .common import ConfigError, DataError, atomic_path, read_json, run_main, workspace, write_json
+from .config import load_params
+from .lineage import data_version as current_data_version
+from .lineage import digest, make_record
+
+SHARDS_DIR = Path("data") / "shards"
+BASELINE_CACHE = Path(".cache") / "baselines"
+MIM_FAMILY = "masked_image_modeling"
+
+
+def backbone_path(method: str) -> Path:
+    return Path("models") / method / "backbone.safetensors"
+
+
+def metrics_path(method: str) -> Path:
+    return Path("metrics") / f"{method}.json"
+
+
+def projection_path(method: str) -> Path:
+    return Path("metrics") / f"{method}_pca.csv"
+
+
+def primary_metric(family: str, ks: list[int]) -> str:
+    return "linear_probe_top1" if family == MIM_FAMILY else f"knn_top1_k{max(ks)}"
+
+
+def pick_device(choice: str):
+    import torch
+
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("params.yaml: evaluate.device: cuda requested but no CUDA device is available")
+    if choice == "auto":
+        from ssl_models.evaluation import default_device
+
+        return default_device()
+    return torch.device(choice)
+
+
+def load_labelled_splits(root: Path):
+    """(train images, train labels, test images, test labels, class names, manifest) from verified shards."""
+    from ssl_models import data as shard_data
+
+    shards = root / SHARDS_DIR
+    if not (shards / "manifest.json").is_file():
+        raise DataError(f"{SHARDS_DIR / 'manifest.json'}: not found (run the shard stage first)")
+    manifest = read_json(shards / "manifest.json")
+    for split in ("train", "test"):
+        if split not in (manifest.get("splits") or {}):
+            raise DataError(f"{SHARDS_DIR / 'manifest.json'}: no {split!r} split (evaluation needs labelled train "
+                            f"and test splits)")
+    try:
+        shard_data.verify_shards(shards)
+        train_x, train_y, classes = shard_data.load_split(shards, "train")
+        test_x, test_y, _ = shard_data.load_split(shards, "test")
+    except (OSError, ValueError) as exc:  # the loader's errors are ValueErrors with one line naming the shard
+        raise DataError(str(exc).splitlines()[0]) from None
+    return train_x, train_y, test_x, test_y, list(classes), manifest
+
+
+def evaluate_features(train_f, train_y, test_f, test_y, *, num_classes: int, cfg, seed: int, device) -> dict[str, Any]:
+    """kNN at every k and the linear probe on one set of cached features."""
+    from ssl_models.evaluation import knn_evaluate, linear_probe
+
+    out: dict[str, Any] = dict(knn_evaluate(train_f, train_y, test_f, test_y, ks=cfg.knn_k,
+                                            temperature=cfg.knn_temperature, num_classes=num_classes))
+    lp = cfg.linear_probe
+    probe = linear_probe(train_f, train_y, test_f, test_y, num_classes=num_classes, epochs=lp.epochs, lr=lp.lr,
+                         weight_decay=lp.weight_decay, batch_size=lp.batch_size, val_fraction=lp.val_fraction,
+                         patience=lp.patience, seed=seed, device=device)
+    out["linear_probe_top1"] = probe["top1"]
+    out["linear_probe_top5"] = probe["top5"]
+    out["linear_probe"] = {k: probe[k] for k in ("val_top1", "train_top1", "best_epoch", "epochs_run")}
+    return out
+
+
+def cached(root: Path, kind: str, key: dict[str, Any], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Return the cached result for ``key`` or compute and store it (atomically; concurrent writers are harmless)."""
+    path = root / BASELINE_CACHE / f"{kind}-{digest(key)[:20]}.json"
+    if path.is_file():
+        try:
+            doc = read_json(path)
+            if doc.get("key") == key and isinstance(doc.get("metrics"), dict):
+                print(f"evaluate: {kind} baseline from {path.relative_to(root)}", file=sys.stderr)
+                return doc["metrics"]
+        except DataError:
+            pass  # a damaged cache entry is recomputed
+    result = compute()
+    write_json(path, {"key": key, "metrics": result})
+    return result
+
+
+def pca_2d(features, labels, n_points: int, seed: int):
+    """A deterministic sample of at most ``n_points`` rows projected on their first two principal components."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(features), generator=gen)[:n_points].sort().values
+    x = features[idx].double()
+    x = x - x.mean(0, keepdim=True)
+    _, _, vh = torch.linalg.svd(x, full_matrices=False)
+    proj = x @ vh[:2].T if vh.shape[0] >= 2 else torch.cat([x @ vh[:1].T, torch.zeros(len(x), 1)], 1)
+    # fix the sign of each component so reruns and methods are comparable at a glance
+    signs = torch.sign(proj.sum(0) + 1e-12)
+    return (proj * signs).float(), labels[idx]
+
+
+def evaluate(method: str, root: Path | None = None) -> dict[str, Any]:
+    import torch
+
+    from ssl_models.augment import build_eval_transform
+    from ssl_models.evaluation import EvaluationError, check_label_sets, extract_features, raw_pixel_features
+    from ssl_models.io import BackboneFileError, load_backbone
+    from ssl_models.monitors import embedding_std, healthy_std, rankme
+
+    started = time.time()
+    root = root or workspace()
+    params = load_params(root / "params.yaml")
+    cfg = params.evaluate
+    if method not in params.methods:
+        raise ConfigError(f"params.yaml: methods: {method!r} is not listed (listed: {', '.join(params.methods)})")
+    device = pick_device(cfg.device)
+
+    weights = backbone_path(method)
+    try:
+        model = load_backbone(root / weights)
+    except BackboneFileError as exc:
+        raise DataError(str(exc)) from None
+    header = model.export_header
+    spec = header.get("input") or {}
+    if not spec.get("image_size"):
+        raise DataError(f"{weights}: the header has no input.image_size (re-export the backbone)")
+    family = header.get("family") or "unknown"
+
+    train_x, train_y, test_x, test_y, classes, manifest = load_labelled_splits(root)
+    try:
+        check_label_sets(train_y, test_y, classes, split="test")
+    except EvaluationError as exc:
+        raise DataError(f"{SHARDS_DIR}: {exc}") from None
+    test_keep = test_y >= 0
+    test_x, test_y = test_x[test_keep], test_y[test_keep]
+    num_classes = len(classes)
+    try:
+        transform = build_eval_transform(image_size=int(spec["image_size"]), channels=int(train_x.shape[1]),
+                                         grey=spec.get("grey", "skip"), mean=spec.get("mean"), std=spec.get("std"))
+    except ValueError as exc:
+        raise DataError(f"{weights}: input spec does not fit the data ({exc})") from None
+    if transform.out_channels != model.config.get("in_chans", transform.out_channels):
+        raise DataError(f"{SHARDS_DIR}: images give {transform.out_channels} channel(s), the backbone in {weights} "
+                        f"expects {model.config.get('in_chans')}")
+
+    def features_of(net, name: str):
+        try:
+            return (extract_features(net, train_x, transform=transform, batch_size=cfg.batch_size, device=device,
+                                     desc=f"{name} train features"),
+                    extract_features(net, test_x, transform=transform, batch_size=cfg.batch_size, device=device,
+                                     desc=f"{name} test features"))
+        except EvaluationError as exc:
+            raise DataError(f"{weights}: {exc}") from None
+
+    train_f, test_f = features_of(model, method)
+    result: dict[str, Any] = {"method": method, "family": family, "architecture": model.config.get("name"),
+                              "feature_dim": model.feature_dim}
+    result.update(evaluate_features(train_f, train_y, test_f, test_y, num_classes=num_classes, cfg=cfg,
+                                    seed=params.seed, device=device))
+    result["knn_temperature"] = cfg.knn_temperature
+    result["rankme"] = rankme(test_f)
+    result["emb_std"] = embedding_std(test_f)
+    result["emb_std_healthy"] = healthy_std(model.feature_dim)
+    result["primary_metric"] = primary_metric(family, cfg.knn_k)
+    result["num_classes"] = num_classes
+    result["n_train"] = int((train_y >= 0).sum())
+    result["n_test"] = len(test_y)
+    result["data_version"] = manifest.get("data_version") or current_data_version(root)
+    card = read_json(root / weights.parent / "model_card.json") if (root / weights.parent / "model_card.json").is_file() \
+        else {}
+    summary = ((card.get("training") or {}).get("summary") or {})
+    result["pretraining"] = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+    if cfg.baselines:
+        eval_key = cfg.model_dump(exclude={"device", "projection_points", "baselines", "batch_size"})
+        data_key = {"data_version": result["data_version"], "splits": digest(manifest.get("splits"))}
+
+        def random_init() -> dict[str, Any]:
+            from ssl_models.backbones import build_backbone
+
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(params.seed)
+                net = build_backbone(**model.config)
+            f_train, f_test = features_of(net, "random-init")
+            return evaluate_features(f_train, train_y, f_test, test_y, num_classes=num_classes, cfg=cfg,
+                                     seed=params.seed, device=device)
+
+        def raw_pixels() -> dict[str, Any]:
+            f_train = raw_pixel_features(train_x, max_side=cfg.raw_pixels_max_side)
+            f_test = raw_pixel_features(test_x, max_side=cfg.raw_pixels_max_side)
+            return evaluate_features(f_train, train_y, f_test, test_y, num_classes=num_classes, cfg=cfg,
+                                     seed=params.seed, device=device)
+
+        result["baselines"] = {
+            "random_init": cached(root, "random_init", {**data_key, "eval": eval_key, "seed": params.seed,
+                                                        "backbone_config": model.config, "input": spec}, random_init),
+            "raw_pixels": cached(root, "raw_pixels", {**data_key, "eval": eval_key, "seed": params.seed},
+                                 raw_pixels),
+        }
+
+    projection = pca_2d(test_f, test_y, cfg.projection_points, params.seed) if cfg.projection_points else None
+    result["eval_seconds"] = round(time.time() - started, 2)
+    eval_params = {"seed": params.seed, "evaluate": cfg.model_dump()}
+    result["lineage"] = make_record("evaluate", params=eval_params, root=root, seed=params.seed,
+                                    parents={"backbone": weights, "shards": SHARDS_DIR / "manifest.json"},
+                                    extra={"method": method, "family": family})
+    for key, value in result.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise DataError(f"{weights}: {key} is {value} (non-finite features?)")
+    if projection is not None:
+        with atomic_path(root / projection_path(method)) as tmp:
+            with open(tmp, "w", newline="") as fh:
+                writer = csv.writer(fh)
+                writer.writerow(["pc1", "pc2", "label", "class"])
+                for (a, b), y in zip(projection[0].tolist(), projection[1].tolist()):
+                    writer.writerow([f"{a:.6g}", f"{b:.6g}", y, classes[y]])
+    write_json(root / metrics_path(method), result)
+    shown = result[result["primary_metric"]]
+    print(f"evaluate {method}: {result['primary_metric']} {shown:.4f}, linear probe {result['linear_probe_top1']:.4f}, "
+          f"rankme {result['rankme']:.1f}", file=sys.stderr)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m stages.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("--method", required=True, help="a method listed in params.yaml methods")
+    args = parser.parse_args(argv)
+    evaluate(args.method)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,493 @@
+"""report: metrics/*.json (+ training curves, embeddings, views) -> reports/.
+
+Writes
+- ``reports/summary.md`` and ``reports/summary.html`` (self-contained: inline CSS, figures embedded as base64, so it
+  opens offline): one table of every method grouped by Cookbook family (kNN, linear probe, RankMe, pretraining
+  time and images/s), the baselines, the data version and the commit, and the figures;
+- ``reports/summary.json``: the headline numbers, declared as DVC metrics (``dvc metrics show/diff``);
+- ``reports/figures/*.png`` (matplotlib, Agg): loss and RankMe curves per method, accuracy by method and family,
+  a 2-D PCA of test embeddings coloured by class, the augmented views each method trains on;
+- ``reports/curves/{loss,rankme}.tsv``: the curves, one column per method, for DVC's top-level plots;
+- ``reports/model_cards/<method>.json``: the exported model card with its downstream metrics filled in.
+
+    python -m stages.report
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import html
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from .common import DataError, atomic_path, read_json, run_main, workspace, write_json
+from .config import load_params
+from .lineage import data_version as current_data_version
+from .lineage import git_info, make_record
+
+REPORTS = Path("reports")
+FAMILY_ORDER = ("deep_metric_learning", "self_distillation", "canonical_correlation_analysis",
+                "masked_image_modeling")
+FAMILY_TITLE = {"deep_metric_learning": "deep metric learning", "self_distillation": "self-distillation",
+                "canonical_correlation_analysis": "canonical correlation analysis",
+                "masked_image_modeling": "masked image modeling"}
+FAMILY_COLOUR = {"deep_metric_learning": "#1f77b4", "self_distillation": "#ff7f0e",
+                 "canonical_correlation_analysis": "#2ca02c", "masked_image_modeling": "#d62728"}
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+def read_history(path: Path) -> list[dict[str, float]]:
+    """runs/<method>/history.tsv as rows of floats (non-numeric cells dropped); [] when absent."""
+    if not path.is_file():
+        return []
+    rows = []
+    with open(path, newline="") as fh:
+        for row in csv.DictReader(fh, delimiter="\t"):
+            parsed = {}
+            for key, value in row.items():
+                try:
+                    parsed[key] = float(value)
+                except (TypeError, ValueError):
+                    pass
+            rows.append(parsed)
+    return rows
+
+
+def read_projection(path: Path) -> tuple[list[float], list[float], list[int], list[str]]:
+    xs, ys, labels, names = [], [], [], []
+    if path.is_file():
+        with open(path, newline="") as fh:
+            for row in csv.DictReader(fh):
+                xs.append(float(row["pc1"]))
+                ys.append(float(row["pc2"]))
+                labels.append(int(row["label"]))
+                names.append(row["class"])
+    return xs, ys, labels, names
+
+
+def family_sorted(methods: list[str], metrics: dict[str, dict]) -> list[str]:
+    def key(m: str):
+        fam = metrics[m].get("family")
+        return (FAMILY_ORDER.index(fam) if fam in FAMILY_ORDER else len(FAMILY_ORDER), m)
+
+    return sorted(methods, key=key)
+
+
+# ----------------------------------------------------------------------------------------------- figures
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(histories: dict[str, list[dict]], column: str, ylabel: str, path: Path, dpi: int,
+                families: dict[str, str]) -> bool:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    drawn = False
+    for method, rows in histories.items():
+        pts = [(r["epoch"], r[column]) for r in rows if "epoch" in r and column in r and math.isfinite(r[column])]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", ms=3, label=method, color=FAMILY_COLOUR.get(families.get(method)),
+                    linestyle=["-", "--", ":", "-."][sorted(histories).index(method) % 4])
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return False
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return True
+
+
+def write_curve_table(histories: dict[str, list[dict]], column: str, path: Path) -> None:
+    """One column per method (empty where a method has no such epoch): the table DVC's top-level plots read."""
+    epochs = sorted({int(r["epoch"]) for rows in histories.values() for r in rows if "epoch" in r})
+    by_method = {m: {int(r["epoch"]): r.get(column) for r in rows if "epoch" in r} for m, rows in histories.items()}
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh, delimiter="\t")
+        writer.writerow(["epoch", *histories])
+        for e in epochs:
+            writer.writerow([e, *("" if by_method[m].get(e) is None else f"{by_method[m][e]:.6g}" for m in histories)])
+
+
+def plot_accuracy(order: list[str], metrics: dict[str, dict], path: Path, dpi: int) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(order) + 2), 4.0))
+    width = 0.38
+    for i, method in enumerate(order):
+        m = metrics[method]
+        colour = FAMILY_COLOUR.get(m.get("family"), "grey")
+        knn = m.get(knn_key(m))
+        probe_primary = m.get("primary_metric") == "linear_probe_top1"
+        # hatched: kNN; solid: linear probe; the thick edge marks the protocol the method is judged by
+        ax.bar(i - width / 2, knn or 0, width, color=colour, alpha=0.55, edgecolor="black", hatch="//",
+               linewidth=0.8 if probe_primary else 2.2)
+        ax.bar(i + width / 2, m.get("linear_probe_top1") or 0, width, color=colour, edgecolor="black",
+               linewidth=2.2 if probe_primary else 0.8)
+    baselines = collect_baselines(metrics)
+    styles = {"raw pixels": ":", "random init": "--"}
+    for (name, arch), b in baselines.items():
+        for value, what in ((b.get("linear_probe_top1"), "probe"), (b.get(b.get("knn_key", ""), None), "kNN")):
+            if value is not None:
+                ax.axhline(value, color="black" if what == "probe" else "grey", linestyle=styles[name], linewidth=1,
+                           label=f"{name}{f' ({arch})' if arch else ''} {what} {value:.3f}")
+    ax.set_xticks(range(len(order)), [f"{m}\n{FAMILY_TITLE.get(metrics[m].get('family'), '')}".replace(" ", "\n", 1)
+                                      for m in order], fontsize=7)
+    ax.set_ylabel("test top-1 (left: kNN, right: linear probe)")
+    ax.set_ylim(0, 1)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
+def plot_projections(order: list[str], projections: dict[str, tuple], path: Path, dpi: int) -> bool:
+    shown = [m for m in order if projections.get(m) and projections[m][0]]
+    if not shown:
+        return False
+    plt = _plt()
+    cols = min(4, len(shown))
+    rows = math.ceil(len(shown) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for ax, method in zip(axes.flat, shown):
+        xs, ys, labels, names = projections[method]
+        ax.set_axis_on()
+        sc = ax.scatter(xs, ys, c=labels, cmap="tab10", s=5, vmin=0, vmax=max(9, max(labels)))
+        ax.set_title(method, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    names_by_label = {}
+    for xs, ys, labels, names in (projections[m] for m in shown):
+        names_by_label.update(zip(labels, names))
+    handles = [plt.Line2D([], [], marker="o", linestyle="", color=sc.cmap(sc.norm(lab)), label=name)
+               for lab, name in sorted(names_by_label.items())[:20]]
+    fig.legend(handles=handles, loc="lower center", ncol=min(10, len(handles)), fontsize=7, frameon=False)
+    fig.suptitle("test embeddings, first two principal components", fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.95))
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return True
+
+
+def _displayable(view, mean, std):
+    import torch
+
+    m = torch.as_tensor(mean, dtype=view.dtype).view(-1, 1, 1)
+    s = torch.as_tensor(std, dtype=view.dtype).view(-1, 1, 1)
+    img = (view * s + m).clamp(0, 1)
+    return img[0].numpy() if img.shape[0] == 1 else img.permute(1, 2, 0).numpy()
+
+
+def plot_views(method: str, card: dict, images, path: Path, dpi: int, seed: int) -> bool:
+    """One row per image: the original, then each view the method's recipe makes of it."""
+    import torch
+
+    from ssl_models.augment import build_views
+
+    augment = dict(card.get("augment") or {})
+    spec = card.get("input") or {}
+    recipe = augment.pop("recipe", None) or spec.get("recipe")
+    if not recipe:
+        from ssl_models import registry
+
+        recipe = registry.get(method).cls.augment
+    image_size = augment.pop("image_size", None) or spec.get("image_size")
+    channels = augment.pop("channels", None) or int(images.shape[1])
+    grey = augment.pop("grey", spec.get("grey", "skip"))
+    try:
+        views_of = build_views(recipe, image_size=int(image_size), channels=int(channels), grey=grey, **augment)
+    except (TypeError, ValueError) as exc:
+        print(f"report: no view grid for {method} ({exc})", file=sys.stderr)
+        return False
+    mean = augment.get("mean") or spec.get("mean")
+    std = augment.get("std") or spec.get("std")
+    plt = _plt()
+    n_cols = 1 + views_of.num_views
+    fig, axes = plt.subplots(len(images), n_cols, figsize=(1.3 * n_cols, 1.3 * len(images)), squeeze=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for r, img in enumerate(images):
+            views = views_of(img)
+            original = img.float() / 255
+            cells = [original[0].numpy() if original.shape[0] == 1 else original.permute(1, 2, 0).numpy()]
+            for v in views:
+                vm = mean if mean and len(mean) == v.shape[0] else [0.0] * v.shape[0]
+                vs = std if std and len(std) == v.shape[0] else [1.0] * v.shape[0]
+                cells.append(_displayable(v, vm, vs))
+            for c, cell in enumerate(cells):
+                ax = axes[r][c]
+                ax.imshow(cell, cmap="gray" if cell.ndim == 2 else None, vmin=0, vmax=1)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if r == 0:
+                    ax.set_title("image" if c == 0 else f"view {c}", fontsize=7)
+    fig.suptitle(f"{method}: {recipe} views", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return True
+
+
+# ----------------------------------------------------------------------------------------------- tables
+def knn_key(m: dict) -> str:
+    keys = sorted((k for k in m if k.startswith("knn_top1_k")), key=lambda k: int(k.rsplit("k", 1)[1]))
+    return keys[-1] if keys else "knn_top1"
+
+
+def collect_baselines(metrics: dict[str, dict]) -> dict[tuple[str, str], dict]:
+    """One row per (baseline, architecture): raw pixels once, random init per architecture."""
+    out: dict[tuple[str, str], dict] = {}
+    for m in metrics.values():
+        b = m.get("baselines") or {}
+        if "raw_pixels" in b:
+            out.setdefault(("raw pixels", ""), {**b["raw_pixels"], "knn_key": knn_key(b["raw_pixels"])})
+        if "random_init" in b:
+            out.setdefault(("random init", str(m.get("architecture"))),
+                           {**b["random_init"], "knn_key": knn_key(b["random_init"])})
+    return out
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _duration(seconds: Any) -> str:
+    if not isinstance(seconds, (int, float)):
+        return "–"
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def method_rows(order: list[str], metrics: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
+    ks = sorted({int(k.rsplit("k", 1)[1]) for m in metrics.values() for k in m if k.startswith("knn_top1_k")})
+    header = (["family", "method", "backbone"] + [f"kNN top-1 k={k}" for k in ks]
+              + ([f"kNN top-5 k={ks[-1]}"] if ks else []) + ["linear probe top-1", "RankMe", "emb std",
+                                                              "pretrain time", "images/s", "judged by"])
+    rows = []
+    for method in order:
+        m = metrics[method]
+        pre = m.get("pretraining") or {}
+        rows.append([FAMILY_TITLE.get(m.get("family"), str(m.get("family"))), method, str(m.get("architecture"))]
+                    + [_fmt(m.get(f"knn_top1_k{k}")) for k in ks]
+                    + ([_fmt(m.get(f"knn_top5_k{ks[-1]}"))] if ks else [])
+                    + [_fmt(m.get("linear_probe_top1")), _fmt(m.get("rankme"), 1), _fmt(m.get("emb_std"), 4),
+                       _duration(pre.get("train_seconds")), _fmt(pre.get("images_per_s"), 0),
+                       "linear probe" if m.get("primary_metric") == "linear_probe_top1" else "kNN"])
+    return header, rows
+
+
+def baseline_rows(metrics: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
+    header = ["baseline", "backbone", "kNN top-1", "kNN top-5", "linear probe top-1"]
+    rows = []
+    for (name, arch), b in sorted(collect_baselines(metrics).items()):
+        k = b["knn_key"]
+        rows.append([name, arch or "–", _fmt(b.get(k)), _fmt(b.get(k.replace("top1", "top5"))),
+                     _fmt(b.get("linear_probe_top1"))])
+    return header, rows
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def html_table(header: list[str], rows: list[list[str]], group_col: int | None = None) -> str:
+    out = ["<table>", "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"]
+    previous = None
+    for r in rows:
+        cls = ""
+        if group_col is not None and r[group_col] != previous:
+            cls = ' class="group"'
+            previous = r[group_col]
+        out.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>")
+    out.append("</table>")
+    return "\n".join(out)
+
+
+CSS = """body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;
+padding:0 1em;color:#222}h1{font-size:1.6em}h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;font-size:.9em;margin:.5em 0}th,td{border:1px solid #ccc;padding:.3em .6em;
+text-align:right}th{background:#f3f3f3}td:nth-child(-n+3){text-align:left}tr.group td{border-top:2px solid #888}
+code{background:#f5f5f5;padding:0 .25em}img{max-width:100%;border:1px solid #eee;margin:.4em 0}
+.meta{color:#555;font-size:.9em}"""
+
+
+# ----------------------------------------------------------------------------------------------- stage
+def report(root: Path | None = None) -> dict[str, Any]:
+    root = root or workspace()
+    params = load_params(root / "params.yaml")
+    cfg = params.report
+    metrics: dict[str, dict] = {}
+    for method in params.methods:
+        path = root / "metrics" / f"{method}.json"
+        if not path.is_file():
+            raise DataError(f"metrics/{method}.json: not found (run evaluate@{method} first)")
+        doc = read_json(path)
+        if not isinstance(doc, dict) or "lineage" not in doc:
+            raise DataError(f"metrics/{method}.json: not an evaluate output (no lineage)")
+        metrics[method] = doc
+    order = family_sorted(list(metrics), metrics)
+    versions = sorted({str(m.get("data_version")) for m in metrics.values()})
+    data_ver = versions[0] if len(versions) == 1 else None
+    git = git_info(root)
+    commits = sorted({str(((m.get("lineage") or {}).get("git") or {}).get("commit")) for m in metrics.values()})
+
+    cards = {}
+    for method in order:
+        card_path = root / "models" / method / "model_card.json"
+        cards[method] = read_json(card_path) if card_path.is_file() else {}
+    histories = {m: read_history(root / "runs" / m / "history.tsv") for m in order}
+    projections = {m: read_projection(root / "metrics" / f"{m}_pca.csv") for m in order}
+    families = {m: metrics[m].get("family") for m in order}
+
+    sample_images = None
+    manifest = root / "data" / "shards" / "manifest.json"
+    if manifest.is_file():
+        try:
+            from ssl_models import data as shard_data
+
+            images, _, _ = shard_data.load_split(root / "data" / "shards", "test")
+            step = max(1, len(images) // cfg.view_grid_images)
+            sample_images = images[::step][: cfg.view_grid_images]
+        except (ImportError, OSError, ValueError) as exc:
+            print(f"report: no view grids ({str(exc).splitlines()[0] if str(exc) else exc})", file=sys.stderr)
+
+    out_dir = root / REPORTS
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figures: list[tuple[str, str]] = []  # (file name, caption)
+    with atomic_path(out_dir / "figures") as fig_dir:
+        fig_dir.mkdir()
+        if plot_curves(histories, "loss", "training loss", fig_dir / "loss_curves.png", cfg.plot_dpi, families):
+            figures.append(("loss_curves.png", "Training loss per epoch"))
+        if plot_curves(histories, "rankme", "RankMe (effective rank)", fig_dir / "rankme_curves.png", cfg.plot_dpi,
+                       families):
+            figures.append(("rankme_curves.png", "RankMe of the embedding per epoch (collapse: towards 1)"))
+        plot_accuracy(order, metrics, fig_dir / "accuracy.png", cfg.plot_dpi)
+        figures.append(("accuracy.png", "Test top-1 by method, coloured by family (hatched: kNN, solid: linear "
+                                        "probe; thick edge: the protocol it is judged by), baselines as lines"))
+        if plot_projections(order, projections, fig_dir / "embeddings_pca.png", cfg.plot_dpi):
+            figures.append(("embeddings_pca.png", "Test embeddings, 2-D PCA, coloured by class"))
+        if sample_images is not None:
+            for method in order:
+                if plot_views(method, cards[method], sample_images, fig_dir / f"views_{method}.png", cfg.plot_dpi,
+                              params.seed):
+                    figures.append((f"views_{method}.png", f"Augmented views {method} trains on"))
+
+    with atomic_path(out_dir / "curves") as curves_dir:
+        curves_dir.mkdir()
+        # methods in params order: dvc.yaml's top-level plots name the columns with ${methods}
+        ordered = {m: histories[m] for m in params.methods}
+        write_curve_table(ordered, "loss", curves_dir / "loss.tsv")
+        write_curve_table(ordered, "rankme", curves_dir / "rankme.tsv")
+
+    mh, mrows = method_rows(order, metrics)
+    bh, brows = baseline_rows(metrics)
+    data_line = data_ver if data_ver else "MIXED: " + ", ".join(versions)
+    now_version = current_data_version(root)
+    stale_note = ""
+    if data_ver and now_version and now_version != data_ver:
+        stale_note = f" (data.dvc now points to {now_version}: these results are stale, run `dvc repro`)"
+    commit_line = f"{git.get('commit')}{' (uncommitted changes)' if git.get('dirty') else ''}"
+    eval_commits = ", ".join(c[:12] for c in commits)
+
+    md = [f"# {cfg.title}", "",
+          f"- data version (md5 of data/raw in data.dvc): `{data_line}`{stale_note}",
+          f"- code commit at report time: `{commit_line}`; evaluations ran at: `{eval_commits}`",
+          f"- methods: {', '.join(order)}", "",
+          "## Results by family", "", md_table(mh, mrows), "",
+          "kNN: cosine on l2-normalised frozen features, weighted vote exp(sim/T), "
+          f"T={_fmt(next(iter(metrics.values())).get('knn_temperature'), 2)}; linear probe on frozen features "
+          "with early stopping on a validation split of train. Masked image modeling is judged by the linear probe.",
+          "", "## Baselines", "", md_table(bh, brows), "",
+          "## Figures", ""]
+    for name, caption in figures:
+        md += [f"![{caption}](figures/{name})", "", f"*{caption}*", ""]
+    md += ["## Lineage", "",
+           "Every number above comes from `metrics/<method>.json`; `sslcook trace metrics/<method>.json` prints its "
+           "chain (backbone -> checkpoint -> shards -> data version -> commit). To get back the exact inputs of a "
+           "past report: `git checkout <commit> && dvc checkout`.", ""]
+    for method in order:
+        lin = metrics[method].get("lineage") or {}
+        parents = lin.get("parents") or {}
+        sha = (parents.get("backbone") or {}).get("sha256", "")
+        md.append(f"- {method}: backbone `{(parents.get('backbone') or {}).get('path', '?')}` sha256 `{sha[:16]}`, "
+                  f"data version `{metrics[method].get('data_version')}`, commit "
+                  f"`{str((lin.get('git') or {}).get('commit'))[:12]}`")
+    md_text = "\n".join(md) + "\n"
+
+    body = [f"<h1>{html.escape(cfg.title)}</h1>",
+            f"<p class='meta'>data version (md5 of data/raw in data.dvc): <code>{html.escape(data_line)}</code>"
+            f"{html.escape(stale_note)}<br>code commit at report time: <code>{html.escape(commit_line)}</code>; "
+            f"evaluations ran at: <code>{html.escape(eval_commits)}</code></p>",
+            "<h2>Results by family</h2>", html_table(mh, mrows, group_col=0),
+            "<h2>Baselines</h2>", html_table(bh, brows), "<h2>Figures</h2>"]
+    for name, caption in figures:
+        encoded = base64.b64encode((out_dir / "figures" / name).read_bytes()).decode()
+        body.append(f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{encoded}'>"
+                    f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    body.append("<h2>Lineage</h2><p>Trace any number: <code>sslcook trace metrics/&lt;method&gt;.json</code>; "
+                "restore its inputs: <code>git checkout &lt;commit&gt; &amp;&amp; dvc checkout</code>.</p>")
+    page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>" + html.escape(cfg.title) + "</title><style>"
+            + CSS + "</style></head><body>" + "\n".join(body) + "</body></html>\n")
+
+    summary = {
+        "data_version": data_line,
+        "commit": git.get("commit"),
+        "methods": {m: {k: metrics[m].get(k) for k in ("family", knn_key(metrics[m]), "linear_probe_top1", "rankme",
+                                                         "emb_std", "primary_metric")}
+                    for m in order},
+        "baselines": {f"{name}{'_' + arch if arch else ''}".replace(" ", "_"):
+                      {k: b.get(k) for k in (b["knn_key"], "linear_probe_top1")}
+                      for (name, arch), b in collect_baselines(metrics).items()},
+    }
+    for m in order:
+        summary["methods"][m]["pretrain_seconds"] = (metrics[m].get("pretraining") or {}).get("train_seconds")
+        summary["methods"][m]["images_per_s"] = (metrics[m].get("pretraining") or {}).get("images_per_s")
+
+    with atomic_path(out_dir / "model_cards") as cards_dir:
+        cards_dir.mkdir()
+        for method in order:
+            if cards[method]:
+                card = dict(cards[method])
+                card["metrics"] = {**(card.get("metrics") or {}),
+                                   "downstream": {k: v for k, v in metrics[method].items() if k != "lineage"}}
+                (cards_dir / f"{method}.json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+    with atomic_path(out_dir / "summary.md") as tmp:
+        tmp.write_text(md_text)
+    with atomic_path(out_dir / "summary.html") as tmp:
+        tmp.write_text(page)
+    summary["lineage"] = make_record("report", params={"report": cfg.model_dump(), "methods": params.methods},
+                                     parents={f"metrics_{m}": Path("metrics") / f"{m}.json" for m in order},
+                                     root=root, seed=params.seed)
+    write_json(out_dir / "summary.json", summary)
+    print(f"report: {REPORTS / 'summary.md'}, {REPORTS / 'summary.html'} ({len(figures)} figures)", file=sys.stderr)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m stages.report", description=__doc__.splitlines()[0])
+    parser.parse_args(argv)
+    report()
+
+
+if __name__ == "__main__":
+    run_main(main)
