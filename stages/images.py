@@ -145,7 +145,7 @@ def decode(data: bytes, *, mode: str, max_pixels: int, resize: int | None = None
     except UnidentifiedImageError:
         raise BadImage("not an image (unrecognised format)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise BadImage(f"decompression bomb: {exc}") from None
+        raise BadImage(f"decompression bomb: more pixels than data.max_image_pixels = {max_pixels} ({exc})") from None
     except Exception as exc:  # Pillow's decoders raise many types (OSError, SyntaxError, ValueError, ...)
         text = str(exc) or type(exc).__name__
         if "truncated" in text.lower() or isinstance(exc, (EOFError, struct.error)):

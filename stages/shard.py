@@ -17,13 +17,17 @@ complete, so no partial shard is ever visible under its final name.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import multiprocessing
+import os
 import random
 import sys
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from tqdm import tqdm
 
@@ -133,6 +137,46 @@ def _size_stats(sizes: Counter) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class _Prepare:
+    """Read, check and encode one raw image (runs in the worker processes); picklable settings only."""
+
+    raw: str
+    mode: str
+    channels: int
+    max_pixels: int
+    resize: int | None
+    fmt: str
+    jpeg_quality: int
+
+    def __call__(self, rel: str) -> dict[str, Any]:
+        data = (Path(self.raw) / rel).read_bytes()
+        out: dict[str, Any] = {"md5": hashlib.md5(data).hexdigest()}
+        try:
+            decoded = images.decode(data, mode=self.mode, max_pixels=self.max_pixels, resize=self.resize)
+        except images.BadImage as bad:
+            out["bad"] = str(bad)
+            return out
+        image = decoded.image
+        out.update(source_size=decoded.source_size, size=image.size, conversion=decoded.conversion)
+        if decoded.conversion is None and decoded.source_format == images.SHARD_FORMATS[self.fmt] \
+                and _loader_reads(data, self.channels, image.size):
+            out["payload"], out["kept"] = data, True  # already what the loader reads: no JPEG re-encoding loss
+        else:
+            out["payload"], out["kept"] = images.encode(image, self.fmt, self.jpeg_quality), False
+        return out
+
+
+@contextlib.contextmanager
+def _mapper(workers: int) -> Iterator[Callable]:
+    """An ordered map over ``workers`` processes (the builtin map when 1)."""
+    if workers <= 1:
+        yield map
+        return
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        yield lambda fn, items: pool.imap(fn, items, chunksize=64)
+
+
 def shard(root: Path | None = None) -> dict[str, Any]:
     """Run the stage in workspace ``root``; returns the manifest."""
     root = root or workspace()
@@ -144,57 +188,53 @@ def shard(root: Path | None = None) -> dict[str, Any]:
     label_of = {cls: i for i, cls in enumerate(classes)}
     channels = 1 if data_cfg.image_mode == "L" else 3
     fmt = shard_cfg.image_format
+    prepare = _Prepare(str(raw), data_cfg.image_mode, channels, data_cfg.max_image_pixels, shard_cfg.image_size, fmt,
+                       shard_cfg.jpeg_quality)
     policy = images.BadImagePolicy(data_cfg.on_bad_image)
     file_md5: list[tuple[str, str]] = [(rel, hashlib.md5((raw / rel).read_bytes()).hexdigest()) for rel in others]
     source_sizes: Counter = Counter()
     stored_sizes: Counter = Counter()
     conversions: Counter = Counter()
     kept_bytes = 0
-    manifest_splits: dict[str, Any] = {}
-    total = sum(len(files) for files in splits.values())
+    jobs: list[tuple[str, str, str]] = []  # (split, path under raw, class) in shard order
+    for split in (s for s in SPLITS if s in splits):
+        files = list(splits[split])
+        random.Random(f"sslcook-shard:{params.seed}:{split}").shuffle(files)  # shards mix classes, reproducibly
+        jobs += [(split, rel, cls) for rel, cls in files]
+    workers = shard_cfg.workers or os.cpu_count() or 1
+    per_split: dict[str, Counter] = {split: Counter() for split in splits}
+    writers: dict[str, ShardWriter] = {}
 
-    with atomic_path(root / SHARDS_DIR) as out, tqdm(total=total, desc="shard", unit="img", file=sys.stderr,
-                                                      mininterval=0.5) as bar:
+    with atomic_path(root / SHARDS_DIR) as out, _mapper(workers) as mapper:
         out.mkdir()
-        for split in (s for s in SPLITS if s in splits):
-            files = list(splits[split])
-            random.Random(f"sslcook-shard:{params.seed}:{split}").shuffle(files)
-            writer = ShardWriter(out, split, shard_cfg.shard_size)
-            per_class: Counter = Counter()
-            for rel, cls in files:
-                data = (raw / rel).read_bytes()
-                file_md5.append((rel, hashlib.md5(data).hexdigest()))
-                bar.update()
-                try:
-                    decoded = images.decode(data, mode=data_cfg.image_mode, max_pixels=data_cfg.max_image_pixels,
-                                            resize=shard_cfg.image_size)
-                except images.BadImage as bad:
-                    policy.bad(f"{RAW_DIR.as_posix()}/{rel}", str(bad))
-                    continue
-                image = decoded.image
-                if decoded.conversion is None and decoded.source_format == images.SHARD_FORMATS[fmt] \
-                        and _loader_reads(data, channels, image.size):
-                    payload = data  # already what the loader wants: keep the original bytes (no JPEG re-encoding loss)
-                    kept_bytes += 1
-                else:
-                    payload = images.encode(image, fmt, shard_cfg.jpeg_quality)
-                    if decoded.conversion:
-                        conversions[decoded.conversion] += 1
-                source_sizes[decoded.source_size] += 1
-                stored_sizes[image.size] += 1
-                index = sum(per_class.values())
-                writer.write({
-                    "__key__": f"{split}-{index:07d}",
-                    fmt: payload,
-                    "cls": str(label_of.get(cls, -1)).encode(),
-                    "json": json.dumps({"path": rel, "class": cls}, ensure_ascii=False).encode("utf-8"),
-                })
-                per_class[cls] += 1
-            manifest_splits[split] = {"count": sum(per_class.values()), "per_class": dict(sorted(per_class.items())),
-                                      "shards": writer.close()}
+        results = mapper(prepare, [rel for _, rel, _ in jobs])
+        for (split, rel, cls), res in tqdm(zip(jobs, results), total=len(jobs), desc="shard", unit="img",
+                                           file=sys.stderr, mininterval=0.5):
+            file_md5.append((rel, res["md5"]))
+            if "bad" in res:
+                policy.bad(f"{RAW_DIR.as_posix()}/{rel}", res["bad"])
+                continue
+            if split not in writers:
+                writers[split] = ShardWriter(out, split, shard_cfg.shard_size)
+            per_class = per_split[split]
+            writers[split].write({
+                "__key__": f"{split}-{sum(per_class.values()):07d}",
+                fmt: res["payload"],
+                "cls": str(label_of.get(cls, -1)).encode(),
+                "json": json.dumps({"path": rel, "class": cls}, ensure_ascii=False).encode("utf-8"),
+            })
+            per_class[cls] += 1
+            kept_bytes += res["kept"]
+            source_sizes[res["source_size"]] += 1
+            stored_sizes[res["size"]] += 1
+            if res["conversion"]:
+                conversions[res["conversion"]] += 1
+        manifest_splits = {split: {"count": sum(per_split[split].values()),
+                                   "per_class": dict(sorted(per_split[split].items())),
+                                   "shards": writers[split].close() if split in writers else []}
+                           for split in SPLITS if split in splits}
         if not manifest_splits.get("train", {}).get("count"):
-            raise DataError(f"{RAW_DIR.as_posix()}: no usable training images (all skipped: "
-                            f"{len(policy.skipped)})")
+            raise DataError(f"{RAW_DIR.as_posix()}: no usable training images ({len(policy.skipped)} skipped)")
 
         version = dvc_dir_md5(file_md5)
         recorded = dvc_file_version(root)

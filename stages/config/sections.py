@@ -38,3 +38,4 @@ class ShardConfig(Section):
     image_format: Literal["png", "jpg"] = "png"
     jpeg_quality: int = Field(95, ge=1, le=100)
     image_size: Optional[int] = Field(None, ge=1)
+    workers: int = Field(0, ge=0)
