@@ -1,0 +1,274 @@
+"""The Prefect flows on a tiny DVC pipeline of their own (seconds per run; the real stages have their own tests).
+
+The toy pipeline has what the real one has: a params-driven first stage, foreach stages over a method list,
+metrics files, a report directory; the tests add a stage that fails once, one that always fails, a slow one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import PROJECT_ROOT, extract_cifar_subset, run
+
+DVC = [sys.executable, "-m", "dvc"]
+
+
+def py(code: str) -> str:
+    """A stage command running inline Python (single quotes only inside)."""
+    return f'python -c "{code}"'
+
+
+def toy_stages(methods_key: str = "${methods}") -> dict:
+    lineage = (f"import json,sys; sys.path.insert(0,'{PROJECT_ROOT}'); from stages.lineage import make_record; "
+               "json.dump(make_record('make', params={}), open('.lineage_seen.json','w'))")
+    return {
+        "make": {"cmd": [py("import yaml,os; p=yaml.safe_load(open('params.yaml')); os.makedirs('data',exist_ok=True); "
+                            "open('data/x.txt','w').write(str(p['seed']))"), py(lineage)],
+                 "params": ["seed"], "outs": ["data/x.txt"]},
+        "train": {"foreach": methods_key, "do": {
+            "cmd": py("import os; os.makedirs('runs',exist_ok=True); "
+                      "open('runs/${item}.txt','w').write(open('data/x.txt').read()+'${item}')"),
+            "deps": ["data/x.txt"], "params": ["method.${item}"], "outs": ["runs/${item}.txt"]}},
+        "evaluate": {"foreach": methods_key, "do": {
+            "cmd": py("import json,os,yaml; p=yaml.safe_load(open('params.yaml')); os.makedirs('metrics',exist_ok=True); "
+                      "json.dump(dict(method='${item}',family='toy',primary_metric='score',"
+                      "score=round(p['method']['${item}']['lr']*10,6)),open('metrics/${item}.json','w'))"),
+            "deps": ["runs/${item}.txt"], "params": ["method.${item}"],
+            "metrics": [{"metrics/${item}.json": {"cache": False}}]}},
+        "report": {"cmd": py("import os,glob; os.makedirs('reports',exist_ok=True); "
+                             "open('reports/summary.md','w').write(str(sorted(glob.glob('metrics/*'))))"),
+                   "deps": ["metrics"], "outs": ["reports"]},
+    }
+
+
+def make_toy(ws: Path, *, methods=("alpha", "beta"), extra_stages: dict | None = None, flow: dict | None = None,
+             params: dict | None = None, commit: bool = True) -> Path:
+    """A git + DVC workspace with the toy pipeline, committed."""
+    ws.mkdir(parents=True, exist_ok=True)
+    doc = {"seed": 3, "methods": list(methods),
+           "method": {m: {"lr": round(0.1 * (i + 1), 6)} for i, m in enumerate(methods)},
+           "flow": {"retries": 1, "retry_delay_seconds": 0, **(flow or {})}}
+    doc.update(params or {})
+    (ws / "params.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    (ws / "dvc.yaml").write_text(yaml.safe_dump({"stages": {**toy_stages(), **(extra_stages or {})}},
+                                                sort_keys=False, width=1000))
+    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@example.com"],
+                ["git", "config", "user.name", "sslcook tests"], [*DVC, "init", "-q"],
+                [*DVC, "config", "core.analytics", "false"]):
+        run(cmd, ws)
+    if commit:
+        run(["git", "add", "-A"], ws)
+        run(["git", "commit", "-q", "-m", "toy pipeline"], ws)
+    return ws
+
+
+def flow_artifacts(flow_run_id: str) -> dict[str, object]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return {a.key: a for a in found}
+
+
+TOY_ORDER = ["make", "train@alpha", "train@beta", "evaluate@alpha", "evaluate@beta", "report"]
+
+
+def test_pipeline_flow_matches_dvc_repro_and_skips_everything_on_rerun(tmp_path):
+    from flows.pipeline import pipeline_flow
+
+    flow_ws = make_toy(tmp_path / "flow")
+    repro_ws = make_toy(tmp_path / "repro")
+
+    summary = pipeline_flow(workspace=str(flow_ws))
+    assert [s["stage"] for s in summary["stages"]] == TOY_ORDER   # DVC's own order, foreach expanded
+    assert {s["outcome"] for s in summary["stages"]} == {"ran"}
+    run([*DVC, "repro"], repro_ws)
+    lock = (flow_ws / "dvc.lock").read_text()
+    assert lock == (repro_ws / "dvc.lock").read_text()
+
+    # the flow run id reaches the stages, so every artifact's lineage names it
+    assert json.loads((flow_ws / ".lineage_seen.json").read_text())["prefect_flow_run_id"] == summary["flow_run_id"]
+    assert json.loads((repro_ws / ".lineage_seen.json").read_text())["prefect_flow_run_id"] is None
+
+    head = run(["git", "rev-parse", "HEAD"], flow_ws).stdout.strip()
+    assert summary["git_commit"] == head and summary["report"] == "reports/summary.md"
+    markdown = summary["markdown"]
+    assert "| alpha | toy | 1 (score) | 1 |" in markdown and "| beta | toy | 2 (score) | 2 |" in markdown
+    assert head in markdown and summary["flow_run_id"] in markdown
+    artifacts = flow_artifacts(summary["flow_run_id"])
+    assert {"sslcook-results", "sslcook-stages", "sslcook-report"} <= set(artifacts)
+    assert "| alpha | toy |" in artifacts["sslcook-results"].data
+    assert f"]({(flow_ws / 'reports/summary.md').as_uri()})" in artifacts["sslcook-report"].data
+
+    again = pipeline_flow(workspace=str(flow_ws))
+    assert [(s["stage"], s["outcome"]) for s in again["stages"]] == [(name, "skipped") for name in TOY_ORDER]
+    assert (flow_ws / "dvc.lock").read_text() == lock
+    assert "up to date" in run([*DVC, "status"], flow_ws).stdout
+
+
+def test_retry_rescues_a_stage_that_fails_once_and_a_stage_that_keeps_failing_fails_the_flow(tmp_path):
+    from flows.dvcops import StageFailed
+    from flows.pipeline import pipeline_flow
+
+    # fails on its first attempt (leaving a marker outside its outputs), succeeds on the retry
+    flaky = {"cmd": py("import os,sys; m='.flaky-tried'; first=not os.path.exists(m); open(m,'a').close(); "
+                       "print('flaky attempt, first' if first else 'flaky attempt, again'); "
+                       "sys.exit(1) if first else open('flaky.txt','w').write(open('data/x.txt').read())"),
+             "deps": ["data/x.txt"], "outs": ["flaky.txt"]}
+    ws = make_toy(tmp_path / "ws", extra_stages={"flaky": flaky})
+    summary = pipeline_flow(workspace=str(ws))
+    by_stage = {s["stage"]: s for s in summary["stages"]}
+    assert by_stage["flaky"]["outcome"] == "ran" and by_stage["flaky"]["attempts"] == 2
+    log = (ws / by_stage["flaky"]["log"]).read_text()
+    assert "flaky attempt, first" in log and "flaky attempt, again" in log
+    assert (ws / "flaky.txt").read_text() == "3"
+
+    # a stage that fails every time: the flow fails naming it and quoting its log; the workspace stays coherent
+    dvc_yaml = yaml.safe_load((ws / "dvc.yaml").read_text())
+    dvc_yaml["stages"]["broken"] = {"cmd": py("import sys; print('boom: the broken stage cannot work'); sys.exit(3)"),
+                                    "deps": ["flaky.txt"], "outs": ["broken.txt"]}
+    dvc_yaml["stages"]["after"] = {"cmd": py("open('after.txt','w').write(open('broken.txt').read())"),
+                                   "deps": ["broken.txt"], "outs": ["after.txt"]}
+    (ws / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False, width=1000))
+    lock_before = yaml.safe_load((ws / "dvc.lock").read_text())
+    with pytest.raises(StageFailed) as failure:
+        pipeline_flow(workspace=str(ws))
+    message = str(failure.value)
+    assert "stage 'broken' failed after 2 attempts" in message
+    assert "boom: the broken stage cannot work" in message       # the tail of its log
+    lock_after = yaml.safe_load((ws / "dvc.lock").read_text())
+    assert lock_after == lock_before                              # the good stages stay recorded, nothing else
+    status = run([*DVC, "status"], ws).stdout
+    assert "broken:" in status and "after:" in status and "flaky:" not in status
+    assert not (ws / "after.txt").exists()
+
+
+def _lock_holder(ws: Path) -> str:
+    return (ws / ".dvc" / "tmp" / "sslcook-workspace.lock").read_text() if \
+        (ws / ".dvc" / "tmp" / "sslcook-workspace.lock").exists() else ""
+
+
+def test_two_runs_on_one_workspace_do_not_corrupt_it(tmp_path):
+    from flows.dvcops import WorkspaceBusy
+    from flows.pipeline import pipeline_flow
+
+    slow = {"cmd": py("import time; time.sleep(4); open('slow.txt','w').write('done')"),
+            "deps": ["data/x.txt"], "outs": ["slow.txt"]}
+    ws = make_toy(tmp_path / "ws", methods=("alpha",), extra_stages={"slow": slow})
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    cmd = [sys.executable, "-m", "flows.cli", "run", "--no-prefect", "-q", "-w", str(ws)]
+    first = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not _lock_holder(ws) and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert '"pid": %d' % first.pid in _lock_holder(ws)
+        second = run(cmd, PROJECT_ROOT, check=False, env=env)
+        assert second.returncode == 1
+        assert "workspace busy" in second.stderr and f"pid {first.pid}" in second.stderr
+        # the Prefect flow meets the same lock
+        with pytest.raises(WorkspaceBusy, match=f"pid {first.pid}"):
+            pipeline_flow(workspace=str(ws))
+        out, err = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0, err
+    assert _lock_holder(ws) == ""   # released
+    assert "up to date" in run([*DVC, "status"], ws).stdout
+    assert (ws / "slow.txt").read_text() == "done"
+
+
+def test_sweep_runs_experiments_in_dvc_and_ranks_them(tmp_path):
+    from flows.sweep import sweep_flow
+
+    ws = make_toy(tmp_path / "ws")
+    params_before = (ws / "params.yaml").read_text()
+    summary = sweep_flow(workspace=str(ws), grid={"methods": [["alpha"]], "method.alpha.lr": [0.5, 0.7]},
+                         metric="score", max_parallel=2, name_prefix="toy")
+    assert [e["name"] for e in summary["experiments"]] == ["toy-1", "toy-2"]
+    assert [e["state"] for e in summary["experiments"]] == ["success", "success"]
+    assert summary["experiments"][0]["args"] == ["methods=[alpha]", "method.alpha.lr=0.5"]
+    ranking = [(r["rank"], r["experiment"], r["method"], r["score"]) for r in summary["ranking"]]
+    assert ranking == [(1, "toy-2", "alpha", 7.0), (2, "toy-1", "alpha", 5.0)]   # methods=[alpha]: no beta rows
+    shown = run([*DVC, "exp", "show", "--json"], ws).stdout
+    assert "toy-1" in shown and "toy-2" in shown
+    # experiments ran in DVC's temporary copies: the workspace is as it was
+    assert (ws / "params.yaml").read_text() == params_before
+    assert run(["git", "status", "--porcelain", "--untracked-files=no"], ws).stdout == ""
+    assert "| 1 | toy-2 | methods=[alpha] method.alpha.lr=0.7 | alpha | 7 |" in summary["markdown"]
+
+
+def test_fresh_clone_gets_its_raw_data_back_before_the_run(tmp_path, cifar_archive):
+    """data.dvc without data/raw: restored from the DVC cache, else ingested again from params' source."""
+    from flows.pipeline import ensure_raw_data
+    from stages.lineage import data_version
+
+    images = extract_cifar_subset(cifar_archive, tmp_path / "images", {"train": 2, "test": 1})
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    params["data"].update({"source": "folder", "path": str(images)})
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (ws / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"count": {
+        "cmd": py("import pathlib; open('count.txt','w').write(str(len(list(pathlib.Path('data/raw').rglob('*.*')))))"),
+        "deps": ["data/raw"], "outs": ["count.txt"]}}}))
+    for cmd in (["git", "init", "-q"], [*DVC, "init", "-q"]):
+        run(cmd, ws)
+    from stages.ingest import ingest
+
+    ingest(root=ws)
+    recorded = data_version(ws)
+    assert recorded and (ws / "data" / "raw").is_dir()
+
+    shutil.rmtree(ws / "data" / "raw")
+    assert ensure_raw_data(ws) == f"restored data version {recorded} from the DVC cache"
+    assert ensure_raw_data(ws) is None   # nothing missing: nothing done
+
+    shutil.rmtree(ws / "data" / "raw")
+    shutil.rmtree(ws / ".dvc" / "cache")   # a fresh clone: no cache, no remote
+    message = ensure_raw_data(ws)
+    assert message == f"ingested folder into data/raw (data version {recorded})"
+    assert data_version(ws) == recorded
+    run([sys.executable, "-m", "flows.cli", "run", "--no-prefect", "-q", "-w", str(ws)], PROJECT_ROOT,
+        env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
+    assert int((ws / "count.txt").read_text()) == 10 * 3 + 1     # 30 images + SOURCE.json
+
+
+def test_stage_selection_and_user_errors(tmp_path):
+    from flows.dvcops import plan_stages, resolve_root
+    from flows.pipeline import main as run_main
+    from flows.sweep import parse_grid_args, sweep_flow
+    from stages.common import ConfigError
+    from stages.config.flow import FlowConfig
+
+    ws = make_toy(tmp_path / "ws")
+    assert plan_stages(ws, ["evaluate@beta"]) == (["make", "train@beta", "evaluate@beta"], ["evaluate@beta"])
+    assert plan_stages(ws, ["train"]) == (["make", "train@alpha", "train@beta"], ["train@alpha", "train@beta"])
+    with pytest.raises(ConfigError, match="'nope' not found"):
+        plan_stages(ws, ["nope"])
+    with pytest.raises(ConfigError, match="dvc.yaml: file not found"):
+        resolve_root(tmp_path)
+    with pytest.raises(ConfigError, match="--grid 'lr=0.1'"):
+        parse_grid_args(["lr=0.1"])
+    assert parse_grid_args(["methods=[[simclr], [byol]]"]) == {"methods": [["simclr"], ["byol"]]}
+    with pytest.raises(ConfigError, match="no such key"):
+        sweep_flow(workspace=str(ws), grid={"method.gamma.lr": [1]})
+
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params["flow"]["retries"] = -1
+    (ws / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ConfigError, match=r"params.yaml: flow.retries: Input should be greater than or equal to 0"):
+        FlowConfig.from_workspace(ws)
+    with pytest.raises(ConfigError, match="flow.retries"):
+        run_main(["-w", str(ws), "--no-prefect"])
