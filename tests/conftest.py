@@ -47,11 +47,13 @@ def extract_cifar_subset(archive: Path, dest: Path, per_class: dict[str, int]) -
             parts = Path(m.name).parts[-3:]
             if len(parts) == 3 and parts[0] in per_class:
                 wanted.setdefault((parts[0], parts[1]), []).append(m)
-        for (split, cls), ms in sorted(wanted.items()):
-            for m in sorted(ms, key=lambda m: m.name)[: per_class[split]]:
-                out = dest / split / cls / Path(m.name).name
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_bytes(tf.extractfile(m).read())
+        chosen = [(split, cls, m) for (split, cls), ms in sorted(wanted.items())
+                  for m in sorted(ms, key=lambda m: m.name)[: per_class[split]]]
+        # in archive order: a backward seek in a .tar.gz decompresses it again from the start
+        for split, cls, m in sorted(chosen, key=lambda c: c[2].offset):
+            out = dest / split / cls / Path(m.name).name
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_bytes(tf.extractfile(m).read())
     return dest
 
 
