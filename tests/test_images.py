@@ -18,6 +18,9 @@ from stages.common import DataError
 from stages.ingest import ingest
 from stages.shard import shard
 
+# torchvision 0.29 (pinned) warns that its image codecs will move to TorchCodec; the loader copes without them
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
+
 MAX_PIXELS = 1_000_000
 
 
