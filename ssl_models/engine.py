@@ -107,9 +107,11 @@ def setup_runtime(device: str = "auto") -> Runtime:
     return Runtime(device=dev, rank=rank, world_size=world_size, local_rank=local_rank)
 
 
-def teardown_runtime(runtime: Runtime) -> None:
+def teardown_runtime(runtime: Runtime, barrier: bool = True) -> None:
+    """Leave the process group (after waiting for every rank, unless this rank is failing)."""
     if runtime.distributed and dist.is_initialized():
-        dist.barrier()
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
 
 

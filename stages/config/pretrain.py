@@ -1,9 +1,21 @@
-"""Schema of the pretrain section (common block) and the per-method blocks of params.yaml."""
+"""Schema of the pretrain section (common block), the ``methods`` list and the ``method.<name>`` blocks.
+
+A method's run is configured in three layers, later ones winning key by key:
+
+1. the method's own recipe (its class: ``optimizer``, ``augment``, ``default_backbone``, constructor defaults);
+2. ``pretrain``: the common block (engine knobs; optimizer/backbone/augment keys left null keep the recipe);
+3. ``method.<name>``: keys of the common block (overrides for this method) or the method's constructor
+   hyperparameters (``registry.get(name).defaults()``).
+
+Nested blocks (augment, monitor, wandb) merge key by key; ``backbone`` is replaced whole when the override names
+another architecture. :func:`resolve_method` returns the merged result.
+"""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import copy
+from typing import TYPE_CHECKING, Any, Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from ..common import ConfigError
 from .base import Section
@@ -12,22 +24,159 @@ if TYPE_CHECKING:
     from . import Params
 
 
+class OnlineKnnConfig(Section):
+    """kNN top-1 of the backbone on the labelled splits while training (bank: train, queries: test)."""
+
+    every_epochs: int = Field(0, ge=0)         # 0: off
+    k: int = Field(20, ge=1)
+    temperature: float = Field(0.1, gt=0)
+    bank_size: int = Field(2000, ge=1)         # labelled train images in the bank (first N in shard order)
+    query_size: int = Field(1000, ge=1)        # test images queried
+
+
+class MonitorConfig(Section):
+    """Collapse monitors, checked at every epoch end."""
+
+    min_std_ratio: float = Field(0.05, ge=0)   # collapse: std of l2-normalised embeddings x sqrt(d) below this
+    min_rankme: float = Field(1.5, ge=0)       # collapse: RankMe below this
+    loss_plateau_tolerance: float = Field(0.01, ge=0)  # DINO: |loss - ln K| / ln K below this
+    fatal: bool = False                        # stop the run (exit 1) on collapse instead of warning
+    samples: int = Field(512, ge=2)            # embeddings of the epoch's last batches used for std and RankMe
+    online_knn: OnlineKnnConfig = OnlineKnnConfig()
+
+
+class WandbConfig(Section):
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "sslcook"
+    entity: Optional[str] = None
+    tags: list[str] = []
+
+
 class PretrainConfig(Section):
     """The common block every method starts from; ``method.<name>`` overrides it key by key."""
 
     epochs: int = Field(10, ge=1)
-    batch_size: int = Field(256, ge=1)
-    base_lr: float = Field(0.3, gt=0)
+    batch_size: int = Field(256, ge=1)          # per process; the lr rule uses batch_size x processes
+    # optimizer: null keeps the method's recipe (its class attribute ``optimizer``)
+    optimizer: Optional[Literal["lars", "adamw", "sgd"]] = None
+    base_lr: Optional[float] = Field(None, gt=0)
+    weight_decay: Optional[float] = Field(None, ge=0)
+    momentum: Optional[float] = Field(None, ge=0, lt=1)
+    warmup_epochs: Optional[float] = Field(None, ge=0)
+    final_lr_ratio: float = Field(0.0, ge=0, le=1)  # cosine decays to base lr x this
+    lr_scaling: Optional[Literal["linear", "sqrt", "none"]] = None
+    grad_clip: Optional[float] = Field(None, gt=0)  # max global gradient norm; null: no clipping
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: Optional[int] = Field(None, ge=1)  # torch CPU threads; null: torch's default
+    num_workers: int = Field(0, ge=0)           # loader worker processes per training process
+    shuffle_buffer: int = Field(1000, ge=0)     # samples in the loader's shuffle buffer
+    checkpoint_every_steps: int = Field(0, ge=0)  # resume checkpoint every N steps (0: at epoch ends only)
+    deterministic: bool = True                  # deterministic algorithms on CPU (resume equals uninterrupted)
+    log_every_steps: int = Field(10, ge=1)      # progress bar / wandb step logging
+    backbone: Optional[dict[str, Any]] = None   # {name, **build_backbone kwargs}; null: the method's default
+    augment: dict[str, Any] = {}                # recipe, grey, image_size, and build_views strengths
+    monitor: MonitorConfig = MonitorConfig()
+    wandb: WandbConfig = WandbConfig()
+
+
+PRETRAIN_KEYS = frozenset(PretrainConfig.model_fields)
+_MERGED_BLOCKS = ("augment", "monitor", "wandb")
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def merge_overrides(common: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """The common block with one method's overrides applied (see the module docstring)."""
+    merged = copy.deepcopy(common)
+    for k, v in override.items():
+        if k in _MERGED_BLOCKS and isinstance(v, dict) and isinstance(merged.get(k), dict):
+            merged[k] = _deep_merge(merged[k], v)
+        elif k == "backbone" and isinstance(v, dict) and isinstance(merged.get(k), dict) \
+                and v.get("name", merged[k].get("name")) == merged[k].get("name"):
+            merged[k] = _deep_merge(merged[k], v)
+        else:
+            merged[k] = copy.deepcopy(v)
+    return merged
+
+
+def _type_problem(value: Any, default: Any) -> str | None:
+    """Why ``value`` cannot replace a constructor default of this type (None when it can)."""
+    if default is None:
+        return None
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "expected true or false"
+    if isinstance(default, int):
+        return None if isinstance(value, int) and not isinstance(value, bool) else "expected an integer"
+    if isinstance(default, float):
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "expected a number"
+    if isinstance(default, str):
+        return None if isinstance(value, str) else "expected a string"
+    if isinstance(default, (list, tuple)):
+        return None if isinstance(value, (list, tuple)) else "expected a list"
+    return None
+
+
+def resolve_method(params: "Params", name: str, filename: str = "params.yaml") -> tuple[PretrainConfig, dict[str, Any]]:
+    """(merged pretrain config, constructor hyperparameters) of method ``name``; ConfigError naming the key."""
+    from ssl_models import registry
+
+    spec = registry.get(name)
+    defaults = spec.defaults()
+    block = params.method.get(name) or {}
+    if not isinstance(block, dict):
+        raise ConfigError(f"{filename}: method.{name}: must be a mapping of keys to values")
+    common_over, hparams = {}, dict(defaults)
+    for key, value in block.items():
+        if key in PRETRAIN_KEYS:
+            common_over[key] = value
+        elif key in defaults:
+            problem = _type_problem(value, defaults[key])
+            if problem:
+                raise ConfigError(f"{filename}: method.{name}.{key}: {problem} (got {value!r})")
+            hparams[key] = value
+        else:
+            known = sorted(defaults)
+            raise ConfigError(f"{filename}: method.{name}.{key}: unknown key (neither a pretrain key nor a "
+                              f"{name} hyperparameter: {', '.join(known) or 'none'})")
+    merged = merge_overrides(params.pretrain.model_dump(), common_over)
+    try:
+        config = PretrainConfig.model_validate(merged)
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+        if "input" in first and not isinstance(first["input"], dict) and first["type"] != "extra_forbidden":
+            msg = f"{msg} (got {first['input']!r})"
+        where = f"method.{name}.{loc}" if loc.split(".")[0] in common_over else f"pretrain.{loc}"
+        raise ConfigError(f"{filename}: {where}: {msg}") from None
+    return config, hparams
 
 
 def validate_methods(params: "Params", filename: str) -> None:
-    """Every listed method must be registered; every per-method key must be known."""
+    """Every listed method is registered and has its block; every ``method.<name>`` key is known and typed."""
     from ssl_models import registry
 
     known = registry.names()
     for i, name in enumerate(params.methods):
         if name not in known:
             raise ConfigError(f"{filename}: methods[{i}]: unknown method {name!r} (known: {', '.join(known)})")
+    if len(set(params.methods)) != len(params.methods):
+        raise ConfigError(f"{filename}: methods: a method is listed twice ({params.methods})")
     for name in params.method:
         if name not in known:
             raise ConfigError(f"{filename}: method.{name}: unknown method (known: {', '.join(known)})")
+    for name in params.methods:
+        if not params.method.get(name):
+            raise ConfigError(f"{filename}: method.{name}: missing or empty (each method in `methods` needs a "
+                              f"method.{name} block with at least one key: dvc.yaml depends on it)")
+    for name in params.method:
+        resolve_method(params, name, filename)

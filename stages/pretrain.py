@@ -1,0 +1,466 @@
+"""pretrain@<method>: data/shards -> runs/<method>/ (one SSL run, resumable, monitored, tracked).
+
+    python -m stages.pretrain --method simclr
+    torchrun --nproc_per_node=2 -m stages.pretrain --method simclr     # DDP: gloo on CPU, NCCL on GPU
+
+Outputs (rank 0): runs/<method>/checkpoint.pt (final: backbone_state, backbone_config, method, family, hparams,
+augment, summary, lineage, and the full method state), metrics.json (summary), history.tsv (one row per epoch),
+config.json (the resolved configuration) and lineage.json.
+
+Resume. While training, a checkpoint goes to .sslcook/resume/<method>/<key>.pt every
+``checkpoint_every_steps`` steps and at each epoch end. DVC deletes a stage's outputs before running it, so the
+resume state lives outside them; its key is a digest of everything that determines the weights (resolved
+config, shard manifest, world size, the code of ssl_models and this stage), so a run is never resumed across a
+change of params, data or code. Running the same command (or ``dvc repro``) after a crash or a kill resumes
+where the last checkpoint left off and ends with the same weights as an uninterrupted run (CPU).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from .common import ConfigError, DataError, SslcookError, atomic_path, run_main, workspace, write_json
+from .config import Params, load_params
+from .config.pretrain import PretrainConfig, resolve_method
+from .lineage import digest, make_record, sha256_file
+
+SHARDS_DIR = Path("data") / "shards"
+MANIFEST = SHARDS_DIR / "manifest.json"
+RESUME_DIR = Path(".sslcook") / "resume"
+HISTORY_COLUMNS = ("epoch", "step", "loss", "lr", "emb_std", "rankme", "images_per_s", "epoch_seconds", "collapsed")
+# knobs that change no weight: a resume state stays valid when only these change
+_NOT_IN_RESUME_KEY = ("wandb", "monitor", "log_every_steps", "checkpoint_every_steps")
+
+
+def run_dir(method: str) -> Path:
+    return Path("runs") / method
+
+
+def resume_path(method: str, key: str) -> Path:
+    return RESUME_DIR / method / f"{key[:20]}.pt"
+
+
+# the library files a run's weights depend on (dvc.yaml lists the same as the stage's deps)
+LIBRARY_DEPS = ("engine.py", "data.py", "augment.py", "backbones.py", "heads.py", "optim.py", "distributed.py",
+                "monitors.py", "evaluation.py", "registry.py", "methods/base.py")
+
+
+def code_files(method_cls: type) -> list[Path]:
+    import inspect
+
+    import ssl_models
+
+    package = Path(ssl_models.__file__).parent
+    return ([package / name for name in LIBRARY_DEPS] + [Path(inspect.getfile(method_cls))]
+            + [Path(__file__), Path(__file__).parent / "config" / "pretrain.py"])
+
+
+def code_digest(method_cls: type) -> str:
+    """sha256 over the code a run depends on: a resume never mixes two versions of it."""
+    h = hashlib.sha256()
+    for f in code_files(method_cls):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _image_size_from_manifest(manifest: dict[str, Any]) -> int | None:
+    """The side the views are cropped to by default: the stored images' (shorter) side."""
+    stats = manifest.get("image_size") or {}
+    if not isinstance(stats, dict):
+        return None
+    if stats.get("uniform"):
+        return int(min(stats["uniform"]))
+    common = (stats.get("stored") or {}).get("most_common") or []
+    if common:
+        return int(min(common[0][:2]))
+    return None
+
+
+def _where(name: str, block: dict[str, Any], key: str) -> str:
+    """The params key a value came from: the method's block when it sets it, else the common block."""
+    return f"method.{name}.{key}" if key in block else f"pretrain.{key}"
+
+
+def _install_sigterm() -> None:
+    """SIGTERM (dvc/Prefect cancelling) ends like Ctrl-C: the last checkpoint stays for the next run."""
+    import signal
+
+    def handler(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (in-process callers)
+        pass
+
+
+class Run:
+    """Everything one pretrain run resolves before training (built on every rank, identically)."""
+
+    def __init__(self, params: Params, name: str, root: Path, world_size: int):
+        from ssl_models import registry
+
+        self.params, self.name, self.root = params, name, root
+        try:
+            self.spec = registry.get(name)
+        except KeyError as exc:
+            raise ConfigError(f"--method: {exc.args[0]}") from None
+        self.block = params.method.get(name) or {}
+        self.cfg, self.hparams = resolve_method(params, name)
+        self.world_size = world_size
+        manifest_path = root / MANIFEST
+        if not manifest_path.is_file():
+            raise DataError(f"{MANIFEST}: not found (run the shard stage first: dvc repro shard)")
+        from ssl_models.data import DataError as LoaderError, verify_shards
+
+        try:
+            self.manifest = verify_shards(root / SHARDS_DIR, splits=["train"])
+        except LoaderError as exc:
+            raise DataError(str(exc)) from None
+        self.manifest_sha256 = sha256_file(manifest_path)
+        self.channels = {"L": 1, "RGB": 3}.get(self.manifest.get("image_mode"), 3)
+        self._resolve_views()
+        self._resolve_backbone()
+        self._resolve_optimizer()
+
+    # -- resolution
+    def _resolve_views(self) -> None:
+        from ssl_models.augment import build_views
+
+        aug = dict(self.cfg.augment)
+        self.recipe = aug.pop("recipe", None) or self.spec.cls.augment
+        self.grey = aug.pop("grey", "skip")
+        size = aug.pop("image_size", None) or _image_size_from_manifest(self.manifest)
+        if not size:
+            raise ConfigError(f"params.yaml: {_where(self.name, self.block, 'augment')}.image_size: the shard manifest "
+                              f"gives no image size; set it")
+        self.image_size = int(size)
+        self.strengths = aug
+        try:
+            self.views = build_views(self.recipe, image_size=self.image_size, channels=self.channels, grey=self.grey,
+                                     **aug)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"params.yaml: {_where(self.name, self.block, 'augment')}: {exc}") from None
+
+    def _resolve_backbone(self) -> None:
+        bb = dict(self.cfg.backbone or self.spec.cls.default_backbone)
+        if "name" not in bb:
+            raise ConfigError(f"params.yaml: {_where(self.name, self.block, 'backbone')}.name: missing")
+        bb.setdefault("in_chans", self.views.out_channels)
+        bb.setdefault("image_size", self.image_size)
+        self.backbone_kwargs = bb
+
+    def _resolve_optimizer(self) -> None:
+        recipe = dict(self.spec.cls.optimizer)
+        c = self.cfg
+        for key, value in (("name", c.optimizer), ("base_lr", c.base_lr), ("weight_decay", c.weight_decay),
+                           ("momentum", c.momentum), ("warmup_epochs", c.warmup_epochs),
+                           ("lr_scaling", c.lr_scaling)):
+            if value is not None:
+                recipe[key] = value
+        recipe.setdefault("lr_scaling", "linear")
+        recipe.setdefault("warmup_epochs", 0)
+        self.optimizer_recipe = recipe
+        self.effective_batch = c.batch_size * self.world_size
+
+    def resolved(self) -> dict[str, Any]:
+        """The configuration this run trains with (config.json, the wandb config, the lineage params)."""
+        return {
+            "method": self.name,
+            "family": self.spec.family,
+            "seed": self.params.seed,
+            "pretrain": self.cfg.model_dump(),
+            "hparams": self.hparams,
+            "backbone": self.backbone_kwargs,
+            "augment": self.views.config,
+            "optimizer": self.optimizer_recipe,
+            "effective_batch": self.effective_batch,
+            "world_size": self.world_size,
+        }
+
+    def resume_key(self) -> str:
+        resolved = self.resolved()
+        resolved["pretrain"] = {k: v for k, v in resolved["pretrain"].items() if k not in _NOT_IN_RESUME_KEY}
+        return digest({"resolved": resolved, "manifest_sha256": self.manifest_sha256, "code": code_digest(self.spec.cls)})
+
+    # -- building
+    def build(self):
+        """(method, optimizer, scheduler) seeded from params.seed."""
+        from ssl_models.backbones import build_backbone
+        from ssl_models.engine import seed_everything
+        from ssl_models.optim import build_optimizer
+
+        seed_everything(self.params.seed)
+        try:
+            backbone = build_backbone(**self.backbone_kwargs)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"params.yaml: {_where(self.name, self.block, 'backbone')}: {exc}") from None
+        try:
+            method = self.spec.cls(backbone, **self.hparams)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"params.yaml: method.{self.name}: {exc}") from None
+        try:
+            optimizer = build_optimizer(method, self.optimizer_recipe, self.effective_batch)
+        except ValueError as exc:
+            raise ConfigError(f"params.yaml: pretrain (optimizer of {self.name}): {exc}") from None
+        return method, optimizer
+
+    def scheduler(self, optimizer, steps_per_epoch: int):
+        from ssl_models.optim import build_scheduler
+
+        total = self.cfg.epochs * steps_per_epoch
+        warmup = int(round(float(self.optimizer_recipe.get("warmup_epochs", 0)) * steps_per_epoch))
+        return build_scheduler(optimizer, total_steps=total, warmup_steps=min(warmup, total),
+                               final_lr_ratio=self.cfg.final_lr_ratio)
+
+
+def _knn_monitor(run: Run, cfg: PretrainConfig):
+    """The online kNN monitor on the labelled splits (None when off or when there are no labels)."""
+    knn = cfg.monitor.online_knn
+    if knn.every_epochs <= 0:
+        return None
+    from ssl_models.augment import build_eval_transform
+    from ssl_models.data import DataError as LoaderError, load_split
+    from ssl_models.engine import KnnMonitor
+
+    try:
+        bank_x, bank_y, _ = load_split(run.root / SHARDS_DIR, "train")
+        query_x, query_y, _ = load_split(run.root / SHARDS_DIR, "test")
+    except LoaderError as exc:
+        print(f"pretrain {run.name}: online kNN off ({exc})", file=sys.stderr)
+        return None
+    transform = build_eval_transform(image_size=run.image_size, channels=run.channels, grey=run.grey,
+                                     mean=run.strengths.get("mean"), std=run.strengths.get("std"))
+    return KnnMonitor(bank_x[:knn.bank_size], bank_y[:knn.bank_size], query_x[:knn.query_size],
+                      query_y[:knn.query_size], transform=transform, every_epochs=knn.every_epochs, k=knn.k,
+                      temperature=knn.temperature)
+
+
+class Tracker:
+    """wandb on rank 0 (mode offline | online | disabled from params); a no-op when disabled."""
+
+    def __init__(self, run: Run, record: dict[str, Any], run_id: str | None):
+        self.wb = None
+        self.run_id = run_id
+        cfg = run.cfg.wandb
+        if cfg.mode == "disabled":
+            return
+        import uuid
+
+        import wandb
+
+        wandb_dir = Path(os.environ.get("WANDB_DIR") or run.root / ".wandb")
+        wandb_dir.mkdir(parents=True, exist_ok=True)
+        self.run_id = run_id or uuid.uuid4().hex[:12]
+        config = {"params": run.params.model_dump(), "resolved": run.resolved(), "lineage": record}
+        try:
+            self.wb = wandb.init(project=cfg.project, entity=cfg.entity, id=self.run_id, resume="allow",
+                                 mode=cfg.mode, dir=str(wandb_dir), name=f"pretrain-{run.name}",
+                                 group="pretrain", job_type="pretrain", tags=[run.name, run.spec.family, *cfg.tags],
+                                 config=config, allow_val_change=True,
+                                 settings=wandb.Settings(silent=True, console="off", x_disable_stats=True))
+        except Exception as exc:  # noqa: BLE001 - tracking must not kill a training run
+            print(f"pretrain {run.name}: wandb disabled ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})",
+                  file=sys.stderr)
+            self.wb = None
+
+    def log(self, values: dict[str, Any], step: int) -> None:
+        if self.wb is not None:
+            self.wb.log({k: v for k, v in values.items() if isinstance(v, (int, float, bool))}, step=step)
+
+    def finish(self, summary: dict[str, Any], checkpoint: Path, name: str, record: dict[str, Any]) -> None:
+        if self.wb is None:
+            return
+        import wandb
+
+        for k, v in summary.items():
+            if isinstance(v, (int, float, bool, str)):
+                self.wb.summary[k] = v
+        artifact = wandb.Artifact(f"{name}-checkpoint", type="model",
+                                  metadata={"method": name, "data_version": record.get("data_version"),
+                                            "params_digest": record.get("params_digest"), "git": record.get("git")})
+        artifact.add_reference(checkpoint.resolve().as_uri())
+        self.wb.log_artifact(artifact)
+        self.wb.finish()
+
+    def close(self) -> None:
+        if self.wb is not None:
+            self.wb.finish(exit_code=1)
+
+
+def _history_tsv(history: list[dict[str, Any]]) -> str:
+    extra = sorted({k for r in history for k, v in r.items()
+                    if k not in HISTORY_COLUMNS and isinstance(v, (int, float)) and not isinstance(v, bool)})
+    columns = list(HISTORY_COLUMNS) + extra
+
+    def cell(v: Any) -> str:
+        if v is None:
+            return ""
+        if isinstance(v, bool):
+            return str(int(v))
+        if isinstance(v, float):
+            return f"{v:.6g}"
+        return str(v)
+
+    lines = ["\t".join(columns)] + ["\t".join(cell(r.get(c)) for c in columns) for r in history]
+    return "\n".join(lines) + "\n"
+
+
+def _finite(obj: Any) -> Any:
+    """JSON has no NaN: non-finite numbers become null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def pretrain(name: str, root: Path | None = None) -> dict[str, Any] | None:
+    """Train method ``name``; returns the summary on rank 0 (None on other ranks)."""
+    root = root or workspace()
+    params = load_params(root / "params.yaml")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    run = Run(params, name, root, world_size)
+    cfg = run.cfg
+
+    import torch
+
+    from ssl_models import engine
+    from ssl_models.data import DataError as LoaderError, make_loader, shard_urls
+
+    try:
+        runtime = engine.setup_runtime(cfg.device)
+    except engine.TrainingError as exc:
+        raise ConfigError(f"params.yaml: {_where(name, run.block, 'device')}: {exc}") from None
+    threads_before = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    tracker = None
+    ok = False
+    try:
+        urls = shard_urls(root / SHARDS_DIR, "train")
+
+        def loader(epoch: int):
+            return make_loader(urls, batch_size=cfg.batch_size, transform=run.views, shuffle_buffer=cfg.shuffle_buffer,
+                               seed=params.seed, epoch=epoch, rank=runtime.rank, world_size=runtime.world_size,
+                               num_workers=cfg.num_workers, manifest=run.manifest,
+                               pin_memory=runtime.device.type == "cuda")
+
+        steps_per_epoch = len(loader(0))
+        if steps_per_epoch == 0:
+            raise ConfigError(f"params.yaml: {_where(name, run.block, 'batch_size')}: {cfg.batch_size} x "
+                              f"{runtime.world_size} process(es) is more than the train split holds "
+                              f"({run.manifest['splits']['train'].get('count')} images)")
+        method, optimizer = run.build()
+        scheduler = run.scheduler(optimizer, steps_per_epoch)
+        key = run.resume_key()
+        state_path = root / resume_path(name, key)
+        if runtime.is_main:  # a state under another key can never be resumed: params, data or code changed
+            for stale in (root / RESUME_DIR / name).glob("*.pt"):
+                if stale != state_path:
+                    stale.unlink(missing_ok=True)
+            gitignore = root / RESUME_DIR.parent / ".gitignore"
+            if not gitignore.exists():
+                gitignore.parent.mkdir(parents=True, exist_ok=True)
+                gitignore.write_text("*\n")
+
+        resolved = run.resolved()
+        resolved.update(steps_per_epoch=steps_per_epoch, total_steps=cfg.epochs * steps_per_epoch,
+                        lr=optimizer.param_groups[0]["lr"], device=runtime.device.type)
+        monitor = engine.MonitorConfig(min_std_ratio=cfg.monitor.min_std_ratio, min_rankme=cfg.monitor.min_rankme,
+                                       loss_plateau_tolerance=cfg.monitor.loss_plateau_tolerance,
+                                       fatal=cfg.monitor.fatal, samples=cfg.monitor.samples)
+        train_cfg = engine.TrainConfig(epochs=cfg.epochs, steps_per_epoch=steps_per_epoch, seed=params.seed,
+                                       grad_clip=cfg.grad_clip, precision=cfg.precision,
+                                       checkpoint_every_steps=cfg.checkpoint_every_steps,
+                                       deterministic=cfg.deterministic, log_every_steps=cfg.log_every_steps,
+                                       monitor=monitor, desc=f"pretrain {name}")
+        trainer = engine.Trainer(method, optimizer, scheduler=scheduler, config=train_cfg, make_loader=loader,
+                                 runtime=runtime, checkpoint_path=state_path, knn=_knn_monitor(run, cfg))
+        previous = trainer.resume_info() if state_path.exists() else None
+        run_id = (previous or {}).get("extra", {}).get("wandb_run_id")
+
+        record = make_record("pretrain", params=resolved, parents={"shards": MANIFEST}, seed=params.seed,
+                             extra={"method": name, "family": run.spec.family, "manifest_sha256": run.manifest_sha256,
+                                    "resume_key": key}, root=root)
+        if runtime.is_main:
+            tracker = Tracker(run, record, run_id)
+            run_id = tracker.run_id
+            record["wandb_run_id"] = run_id
+            trainer.on_epoch_end = lambda r: tracker.log(r, step=int(r["step"]))
+            trainer.on_log = lambda step, values: tracker.log(values, step=step)
+        trainer.extra_state.update(wandb_run_id=run_id, resume_key=key, lineage=record)
+        _install_sigterm()
+        try:
+            result = trainer.fit()
+        except engine.NonFiniteLossError as exc:
+            raise SslcookError(f"pretrain {name}: {exc}") from None
+        except engine.TrainingError as exc:
+            raise SslcookError(f"pretrain {name}: {exc}") from None
+        except LoaderError as exc:
+            raise DataError(str(exc)) from None
+        if not runtime.is_main:
+            ok = True
+            return None
+
+        summary = dict(result.summary, method=name, family=run.spec.family, effective_batch=run.effective_batch,
+                       resumed_from_step=result.resumed_from_step)
+        collapses = [r["epoch"] for r in result.history if r.get("collapsed")]
+        summary["first_collapse_epoch"] = collapses[0] if collapses else None
+        out = root / run_dir(name)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "config.json", _finite(resolved))
+        write_json(out / "lineage.json", _finite(record))
+        with atomic_path(out / "history.tsv") as tmp:
+            tmp.write_text(_history_tsv(result.history))
+        write_json(out / "metrics.json", _finite({k: v for k, v in summary.items()}))
+        checkpoint = {
+            "format": "sslcook-checkpoint/1",
+            "method": name,
+            "family": run.spec.family,
+            "backbone_state": method.backbone.state_dict(),
+            "backbone_config": dict(method.backbone.config),
+            "hparams": run.hparams,
+            "augment": dict(run.views.config, out_channels=run.views.out_channels),
+            "optimizer": run.optimizer_recipe,
+            "summary": _finite(summary),
+            "history": _finite(result.history),
+            "lineage": record,
+            "config": _finite(resolved),
+            "method_state": method.state_dict(),
+        }
+        ckpt_path = out / "checkpoint.pt"
+        engine.save_state(ckpt_path, checkpoint)
+        tracker.finish(summary, ckpt_path, name, record)
+        tracker = None
+        state_path.unlink(missing_ok=True)  # finished: the final checkpoint replaces the resume state
+        loss = summary.get("final_loss")
+        print(f"pretrain {name}: {summary['epochs']} epochs, {summary['steps']} steps, "
+              f"loss {loss if loss is None else round(loss, 4)}, {summary['images_per_s']:.0f} images/s, "
+              f"{summary['train_seconds']:.0f}s -> {run_dir(name)}/", file=sys.stderr)
+        ok = True
+        return summary
+    finally:
+        if tracker is not None:
+            tracker.close()
+        torch.set_num_threads(threads_before)
+        engine.teardown_runtime(runtime, barrier=ok)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m stages.pretrain", description=__doc__.splitlines()[0])
+    parser.add_argument("--method", required=True, help="a registered method (see params.yaml methods)")
+    args = parser.parse_args(argv)
+    pretrain(args.method)
+
+
+if __name__ == "__main__":
+    run_main(main)

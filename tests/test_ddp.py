@@ -1,0 +1,80 @@
+"""Distributed pretraining on CPU (gloo): 2 processes equal 1 process on the double batch; torchrun runs the stage."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_utils import run_distributed
+from ssl_models import engine
+from ssl_models.optim import build_optimizer, build_scheduler
+from tiny_ssl import SyntheticLoader, TinyBackbone, TinyMethod, make_stage_workspace, toy_images, write_tiny_shards
+
+PROJECT = Path(__file__).resolve().parents[1]
+PER_RANK_BATCH = 8
+RECIPE = {"name": "sgd", "base_lr": 0.8, "momentum": 0.9, "weight_decay": 1e-4}
+
+
+def train(rank: int, world_size: int, batch_size: int, contrastive: bool) -> dict:
+    """Build, train 2 epochs with the engine, return the final weights (identical code for every layout)."""
+    engine.seed_everything(0)
+    method = TinyMethod(TinyBackbone(), dropout=0.0, contrastive=contrastive)
+    optimizer = build_optimizer(method, RECIPE, effective_batch=batch_size * world_size)  # the lr rule
+    images, labels = toy_images(48)
+    steps = len(images) // (batch_size * world_size)
+    scheduler = build_scheduler(optimizer, total_steps=2 * steps, warmup_steps=2)
+    runtime = engine.Runtime(device=torch.device("cpu"), rank=rank, world_size=world_size)
+    trainer = engine.Trainer(
+        method, optimizer, scheduler=scheduler, runtime=runtime,
+        config=engine.TrainConfig(epochs=2, steps_per_epoch=steps, progress=False),
+        make_loader=lambda epoch: SyntheticLoader(images, labels, batch_size=batch_size, seed=0, epoch=epoch,
+                                                  rank=rank, world_size=world_size, global_noise=False))
+    history = trainer.fit().history
+    return {"state": {k: v.clone() for k, v in method.state_dict().items()},
+            "loss": torch.tensor([r["loss"] for r in history]), "lr": optimizer.param_groups[0]["lr"]}
+
+
+def ddp_worker(rank: int, world_size: int) -> dict:
+    return {case: train(rank, world_size, PER_RANK_BATCH, contrastive) for case, contrastive in CASES.items()}
+
+
+CASES = {"per_sample_loss": False, "gathered_loss": True}
+
+
+def test_two_processes_equal_one_process_on_the_double_batch():
+    torch.set_num_threads(1)
+    ranks = run_distributed(ddp_worker, world_size=2)
+    for case, contrastive in CASES.items():
+        single = train(0, 1, 2 * PER_RANK_BATCH, contrastive)
+        for r in ranks:  # every rank holds the same weights, and they are the single process's
+            assert r[case]["lr"] == pytest.approx(single["lr"])
+            for k, v in single["state"].items():
+                torch.testing.assert_close(r[case]["state"][k], v, rtol=1e-5, atol=1e-6, msg=f"{case}: {k}")
+        torch.testing.assert_close(ranks[0][case]["loss"], single["loss"], rtol=1e-5, atol=1e-6)
+    # the weights moved: equality is not the trivial one of two untrained models
+    engine.seed_everything(0)
+    untrained = TinyMethod(TinyBackbone(), dropout=0.0).state_dict()
+    assert not torch.allclose(untrained["backbone.net.0.weight"], single["state"]["backbone.net.0.weight"])
+
+
+def test_torchrun_runs_the_stage_with_two_processes(tmp_path):
+    shards = write_tiny_shards(tmp_path / "shards", train=64, test=32)
+    ws = make_stage_workspace(tmp_path / "ws", shards, pretrain={"epochs": 2})
+    env = dict(os.environ, PYTHONPATH=str(PROJECT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
+           "-m", "stages.pretrain", "--method", "simclr"]
+    proc = subprocess.run(cmd, cwd=ws, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("pretrain simclr: 2 epochs") == 1  # rank 0 alone reports and writes
+    metrics = json.loads((ws / "runs" / "simclr" / "metrics.json").read_text())
+    config = json.loads((ws / "runs" / "simclr" / "config.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["effective_batch"] == 32
+    assert config["steps_per_epoch"] == 2  # 64 images / (16 per rank x 2 ranks)
+    assert config["lr"] == pytest.approx(config["optimizer"]["base_lr"] * 32 / 256)  # lr rule on the global batch
+    ckpt = torch.load(ws / "runs" / "simclr" / "checkpoint.pt", weights_only=True)
+    assert ckpt["summary"]["world_size"] == 2
