@@ -26,6 +26,12 @@ from stages.lineage import DATA_DVC, data_version, sha256_file
 from stages.provenance import Artifact, parent_order, read_artifact, resolve_artifact_path
 
 
+# what a record's stage made, for records read from a child's embedded ancestors
+STAGE_KIND = {"evaluate": "metrics", "export": "backbone", "pretrain": "checkpoint", "shard": "manifest",
+              "report": "report"}
+RAW_DIR = "data/raw"
+
+
 def find_workspace(path: Path) -> Path | None:
     """The pipeline workspace holding ``path`` (a folder with dvc.yaml), else the current one, else None."""
     for folder in [path.parent, *path.parent.parents]:
@@ -173,6 +179,11 @@ def build_chain(artifact: Artifact, root: Path | None) -> list[dict[str, Any]]:
             if parent_record is None and isinstance(ancestors.get(name), dict):
                 parent_record = ancestors[name]  # as it was when this artifact was made (from the header)
                 parent_disk = None
+                parent_kind = STAGE_KIND.get(parent_record.get("stage"), parent_kind)
+            if parent_record is None and ppath.rstrip("/") == RAW_DIR:
+                steps.append({"kind": "raw data", "path": ppath, "via": name, "depth": depth + 1, "record": {},
+                              "info": {"data_version": record.get("data_version")}, "stale": [], "source": "dvc"})
+                continue
             if parent_record is None:
                 steps.append({"kind": parent_kind, "path": ppath, "via": name, "depth": depth + 1, "record": {},
                               "info": parent_info, "stale": [], "source": "missing"})
@@ -183,7 +194,7 @@ def build_chain(artifact: Artifact, root: Path | None) -> list[dict[str, Any]]:
         step["upstream_stale"] = upstream_stale
         return bool(step["stale"]) or upstream_stale
 
-    visit(artifact.record, kind=artifact.kind, path=_rel(root, artifact.path), on_disk=artifact.path,
+    visit(artifact.record, kind=artifact.kind, path=_rel(root, artifact.path) if root else str(artifact.path), on_disk=artifact.path,
           info=artifact.info, depth=0, via=None, recorded_sha=None)
     return steps
 
@@ -232,7 +243,7 @@ def _params_line(params: Any, width: int = 160) -> str:
 
 
 def render(result: dict[str, Any]) -> str:
-    lines = [f"{result['kind']} {result['artifact']}"]
+    lines = []
     if not result["workspace"]:
         lines.append("  (not inside a pipeline workspace: chain read from the file's embedded records; "
                      "staleness not checked)")
@@ -248,6 +259,8 @@ def render(result: dict[str, Any]) -> str:
             head += "  (record embedded in the child)"
         if s["source"] == "missing":
             head += "  (no record available)"
+        if s["source"] == "dvc":
+            head += f"  (tracked by {DATA_DVC}: md5 {s['info'].get('data_version')})"
         lines.append(head)
         if rec:
             git = rec.get("git") or {}

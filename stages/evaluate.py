@@ -46,6 +46,15 @@ def projection_path(method: str) -> Path:
     return Path("metrics") / f"{method}_pca.csv"
 
 
+def rounded(value: Any, digits: int = 6) -> Any:
+    """Metrics rounded for people and diffs (float32 accuracies print as 0.25999999046325684 otherwise)."""
+    if isinstance(value, float):
+        return round(value, digits)
+    if isinstance(value, dict):
+        return {k: rounded(v, digits) for k, v in value.items()}
+    return value
+
+
 def primary_metric(family: str, ks: list[int]) -> str:
     return "linear_probe_top1" if family == MIM_FAMILY else f"knn_top1_k{max(ks)}"
 
@@ -245,6 +254,8 @@ def evaluate(method: str, root: Path | None = None) -> dict[str, Any]:
                 writer.writerow(["pc1", "pc2", "label", "class"])
                 for (a, b), y in zip(projection[0].tolist(), projection[1].tolist()):
                     writer.writerow([f"{a:.6g}", f"{b:.6g}", y, classes[y]])
+    lineage = result.pop("lineage")
+    result = {**rounded(result), "lineage": lineage}
     write_json(root / metrics_path(method), result)
     shown = result[result["primary_metric"]]
     print(f"evaluate {method}: {result['primary_metric']} {shown:.4f}, linear probe {result['linear_probe_top1']:.4f}, "

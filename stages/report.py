@@ -200,6 +200,7 @@ def plot_views(method: str, card: dict, images, path: Path, dpi: int, seed: int)
     from ssl_models.augment import build_views
 
     augment = dict(card.get("augment") or {})
+    augment.pop("out_channels", None)  # recorded by pretrain for information, not a build_views option
     spec = card.get("input") or {}
     recipe = augment.pop("recipe", None) or spec.get("recipe")
     if not recipe:

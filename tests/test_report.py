@@ -1,0 +1,184 @@
+"""export, evaluate and report on a tiny real pipeline (dvc repro), plus the report's rendering and bad inputs."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import tiny_pipeline as tp
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory) -> dict:
+    """A workspace after `sslcook data ingest` + `dvc repro` + `git commit` of the tiny pipeline (read-only)."""
+    return tp.shared_pipeline(tmp_path_factory)
+
+
+def copy_workspace(src: Path, dest: Path) -> Path:
+    shutil.copytree(src, dest, symlinks=True)
+    return dest
+
+
+def test_pipeline_writes_metrics_backbone_and_report(pipeline):
+    ws = pipeline["ws"]
+    data_version = tp.yaml.safe_load((ws / "data.dvc").read_text())["outs"][0]["md5"]
+
+    metrics = json.loads((ws / "metrics" / "simclr.json").read_text())
+    for key in ("knn_top1_k20", "knn_top5_k20", "knn_top1_k200", "knn_top5_k200", "linear_probe_top1", "rankme",
+                "emb_std"):
+        assert isinstance(metrics[key], float), key
+    assert 0.0 <= metrics["knn_top1_k200"] <= metrics["knn_top5_k200"] <= 1.0
+    assert metrics["primary_metric"] == "knn_top1_k200" and metrics["family"] == "deep_metric_learning"
+    assert metrics["n_train"] == 100 and metrics["n_test"] == 30
+    assert metrics["data_version"] == data_version == metrics["lineage"]["data_version"]
+    for baseline in ("random_init", "raw_pixels"):
+        assert 0.0 <= metrics["baselines"][baseline]["linear_probe_top1"] <= 1.0
+        assert "knn_top1_k200" in metrics["baselines"][baseline]
+    assert metrics["lineage"]["parents"]["backbone"]["path"] == "models/simclr/backbone.safetensors"
+    # baselines are cached per data version + architecture, outside the DVC outputs
+    assert len(list((ws / ".cache" / "baselines").glob("*.json"))) == 2
+
+    # the export holds no pickle: safetensors weights and JSON only
+    assert sorted(p.name for p in (ws / "models" / "simclr").iterdir()) == ["backbone.safetensors", "model_card.json"]
+    card = json.loads((ws / "models" / "simclr" / "model_card.json").read_text())
+    assert card["backbone_config"]["width"] == 4 and card["feature_dim"] == 32
+    assert card["input"]["image_size"] == 28 and card["input"]["channels"] == 1 and len(card["input"]["mean"]) == 1
+    assert card["training"]["summary"]["epochs"] == 1 and card["method"] == "simclr"
+    assert card["lineage"]["ancestors"]["checkpoint"]["stage"] == "pretrain"
+
+    reports = ws / "reports"
+    md = (reports / "summary.md").read_text()
+    assert data_version in md and "deep metric learning" in md and "| simclr |" in md
+    assert f"{metrics['knn_top1_k200']:.3f}" in md and "raw pixels" in md and "random init" in md
+    for png in ("loss_curves.png", "rankme_curves.png", "accuracy.png", "embeddings_pca.png", "views_simclr.png"):
+        assert (reports / "figures" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+        assert f"figures/{png}" in md
+    page = (reports / "summary.html").read_text()
+    assert page.count("data:image/png;base64,") == 5
+    assert "http://" not in page and "https://" not in page  # opens offline
+    assert json.loads((reports / "model_cards" / "simclr.json").read_text())["metrics"]["downstream"][
+        "linear_probe_top1"] == metrics["linear_probe_top1"]
+    assert (reports / "curves" / "loss.tsv").read_text().splitlines()[0] == "epoch\tsimclr"
+
+    shown = json.loads(tp.dvc(["metrics", "show", "--json"], ws).stdout)
+    files = next(iter(shown.values()))["data"]
+    assert files["metrics/simclr.json"]["data"]["knn_top1_k200"] == metrics["knn_top1_k200"]
+    assert files["reports/summary.json"]["data"]["methods"]["simclr"]["linear_probe_top1"] == \
+        metrics["linear_probe_top1"]
+    plots = json.loads(tp.dvc(["plots", "show", "--json"], ws).stdout)
+    assert {"training_loss", "rankme", "metrics/simclr_pca.csv"} <= set(plots["data"])
+    assert not plots.get("errors")
+    assert json.loads(tp.dvc(["status", "--json"], ws).stdout or "{}") == {}
+
+
+def test_exported_backbone_gives_the_checkpoint_features(pipeline):
+    from ssl_models.backbones import build_backbone
+    from ssl_models.io import load_backbone
+
+    ws = pipeline["ws"]
+    ckpt = torch.load(ws / "runs" / "simclr" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    reference = build_backbone(**ckpt["backbone_config"])
+    reference.load_state_dict(ckpt["backbone_state"])
+    exported = load_backbone(ws / "models" / "simclr" / "backbone.safetensors")
+    x = torch.randn(5, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(reference.eval()(x), exported(x), atol=1e-6, rtol=0)
+
+
+def _metrics_doc(method: str, family: str, knn: float, probe: float) -> dict:
+    return {"method": method, "family": family, "architecture": "resnet18", "knn_top1_k20": knn,
+            "knn_top5_k20": 0.9, "knn_top1_k200": knn, "knn_top5_k200": 0.95, "linear_probe_top1": probe,
+            "rankme": 12.5, "emb_std": 0.05, "knn_temperature": 0.1, "data_version": "abc.dir",
+            "primary_metric": "linear_probe_top1" if family == "masked_image_modeling" else "knn_top1_k200",
+            "pretraining": {"train_seconds": 90.0, "images_per_s": 321.0},
+            "baselines": {"raw_pixels": {"knn_top1_k200": 0.8, "knn_top5_k200": 0.9, "linear_probe_top1": 0.85},
+                          "random_init": {"knn_top1_k200": 0.5, "knn_top5_k200": 0.7, "linear_probe_top1": 0.6}},
+            "lineage": {"stage": "evaluate", "data_version": "abc.dir", "git": {"commit": "f" * 40},
+                        "parents": {"backbone": {"path": f"models/{method}/backbone.safetensors"}}}}
+
+
+def test_report_groups_methods_by_family_and_judges_mim_by_linear_probe(tmp_path, monkeypatch):
+    """Report rendering on hand-written metrics files (no training, no shards, no curves)."""
+    from stages.report import report
+
+    ws = tmp_path / "ws"
+    (ws / "metrics").mkdir(parents=True)
+    params = tp.tiny_params()
+    params["methods"] = ["mae", "vicreg", "simclr"]
+    tp.write_params(ws, params)
+    for doc in (_metrics_doc("mae", "masked_image_modeling", 0.31, 0.71),
+                _metrics_doc("vicreg", "canonical_correlation_analysis", 0.62, 0.66),
+                _metrics_doc("simclr", "deep_metric_learning", 0.83, 0.88)):
+        (ws / "metrics" / f"{doc['method']}.json").write_text(json.dumps(doc))
+    monkeypatch.setenv("SSLCOOK_WORKSPACE", str(ws))
+    summary = report(ws)
+    md = (ws / "reports" / "summary.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| ") and line.split(" | ")[1] in params["methods"]]
+    # the Cookbook's family order, whatever the order in params
+    assert [r.split(" | ")[1] for r in rows] == ["simclr", "vicreg", "mae"]
+    assert rows[2].startswith("| masked image modeling | mae") and rows[2].rstrip(" |").endswith("linear probe")
+    assert rows[0].rstrip(" |").endswith("kNN") and "1.5 min" in rows[0] and "321" in rows[0]
+    assert summary["methods"]["mae"]["primary_metric"] == "linear_probe_top1"
+    assert summary["data_version"] == "abc.dir"
+    # no runs/ and no shards: the report still renders, without curves and view grids
+    assert not (ws / "reports" / "figures" / "loss_curves.png").exists()
+    assert (ws / "reports" / "figures" / "accuracy.png").exists()
+
+
+def _stage_error(capsys, fn) -> tuple[int, str]:
+    from stages.common import run_main
+
+    with pytest.raises(SystemExit) as exited:
+        run_main(fn)
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    return exited.value.code, err
+
+
+def test_stages_reject_bad_inputs_with_one_line(pipeline, tmp_path, monkeypatch, capsys):
+    from stages import export, evaluate, shard
+
+    ws = copy_workspace(pipeline["ws"], tmp_path / "ws")
+    monkeypatch.setenv("SSLCOOK_WORKSPACE", str(ws))
+    monkeypatch.chdir(ws)
+    weights = ws / "models" / "simclr" / "backbone.safetensors"
+    card = ws / "models" / "simclr" / "model_card.json"
+    good_weights, good_card = weights.read_bytes(), card.read_text()
+
+    weights.write_bytes(good_weights[: len(good_weights) // 2])  # truncated download
+    code, err = _stage_error(capsys, lambda: evaluate.main(["--method", "simclr"]))
+    assert code == 1 and "backbone.safetensors" in err
+
+    weights.write_bytes(good_weights)
+    doc = json.loads(good_card)
+    doc["backbone_config"]["width"] = 8  # a card written for another architecture
+    card.write_text(json.dumps(doc))
+    code, err = _stage_error(capsys, lambda: evaluate.main(["--method", "simclr"]))
+    assert "model_card.json: backbone_config" in err
+
+    doc = json.loads(good_card)
+    doc["feature_dim"] = 64
+    card.write_text(json.dumps(doc))
+    assert "feature_dim 64" in _stage_error(capsys, lambda: evaluate.main(["--method", "simclr"]))[1]
+
+    weights.unlink()
+    assert "not found" in _stage_error(capsys, lambda: evaluate.main(["--method", "simclr"]))[1]
+    (ws / "runs" / "simclr" / "checkpoint.pt").write_bytes(b"garbage")
+    assert "not a loadable checkpoint" in _stage_error(capsys, lambda: export.main(["--method", "simclr"]))[1]
+    code, err = _stage_error(capsys, lambda: export.main(["--method", "byol"]))
+    assert code == 2 and "byol" in err
+
+    # a test class that train does not have: re-shard raw data with one train class removed
+    weights.write_bytes(good_weights)
+    card.write_text(good_card)
+    shutil.rmtree(ws / "data" / "raw" / "train" / "7")
+    shard.main()
+    capsys.readouterr()
+    code, err = _stage_error(capsys, lambda: evaluate.main(["--method", "simclr"]))
+    assert code == 1 and "absent from train: 7" in err
+    # nothing partial: the metrics file of the good run is still there, unchanged
+    assert json.loads((ws / "metrics" / "simclr.json").read_text()) == \
+        json.loads((pipeline["ws"] / "metrics" / "simclr.json").read_text())

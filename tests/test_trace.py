@@ -1,0 +1,119 @@
+"""`sslcook trace`: from a number back to the data version and the commit; staleness agrees with `dvc status`."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+import tiny_pipeline as tp
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory) -> dict:
+    """The tiny pipeline's workspace after run 1 (shared with test_report.py; read-only)."""
+    return tp.shared_pipeline(tmp_path_factory)
+
+
+def copy_workspace(src, dest):
+    shutil.copytree(src, dest, symlinks=True)
+    return dest
+
+
+def data_dvc_md5(ws) -> str:
+    return tp.yaml.safe_load((ws / "data.dvc").read_text())["outs"][0]["md5"]
+
+
+def trace_json(ws, path) -> dict:
+    return json.loads(tp.sslcook(["trace", "--json", str(path)], ws).stdout)
+
+
+def test_trace_from_metrics_reaches_data_version_and_commit(pipeline):
+    ws, commit = pipeline["ws"], pipeline["commit"]
+    md5 = data_dvc_md5(ws)
+    out = tp.sslcook(["trace", "metrics/simclr.json"], ws).stdout
+    # the chain, in order, with each step's stage and params
+    order = [out.index(s) for s in ("metrics/simclr.json", "models/simclr/backbone.safetensors",
+                                    "runs/simclr/checkpoint.pt", "data/shards/manifest.json", "data/raw")]
+    assert order == sorted(order)
+    assert "stage evaluate" in out and "stage export" in out and "stage pretrain" in out and "stage shard" in out
+    assert '"knn_temperature": 0.1' in out
+    assert f"raw data version (data.dvc md5): {md5}" in out
+    # the stages ran before `git commit`: the record holds the parent commit; the file itself is in `commit`
+    parent = tp.sh(["git", "rev-parse", "HEAD~1"], ws).stdout.strip()
+    assert f"git commit: {parent}" in out and f"this file is committed in {commit}" in out
+    assert f"git checkout {commit} && dvc checkout" in out
+    assert "verdict: up to date" in out and "dvc status: up to date" in out
+
+    result = trace_json(ws, "metrics/simclr.json")
+    assert [s["kind"] for s in result["steps"]] == ["metrics", "backbone", "checkpoint", "manifest", "raw data"]
+    assert [s.get("dvc_stage") for s in result["steps"][:4]] == ["evaluate@simclr", "export@simclr",
+                                                                   "pretrain@simclr", "shard"]
+    assert result["data_version"] == md5 and result["commit"] == parent and result["stale"] is False
+
+    # every artifact kind is a valid starting point
+    for start, kind in (("models/simclr", "backbone"), ("runs/simclr/checkpoint.pt", "checkpoint"),
+                        ("data/shards", "manifest"), ("models/simclr/model_card.json", "model_card")):
+        r = trace_json(ws, start)
+        assert r["kind"] == kind and r["data_version"] == md5, start
+
+
+def test_trace_a_backbone_copied_out_of_the_repository(pipeline, tmp_path):
+    ws = pipeline["ws"]
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    shutil.copy(ws / "models" / "simclr" / "backbone.safetensors", outside / "colleague.safetensors")
+    proc = tp.sh([tp.sys.executable, "-m", "flows.cli", "trace", "colleague.safetensors"], outside,
+                 env={"PYTHONPATH": str(tp.PROJECT_ROOT), "SSLCOOK_WORKSPACE": str(outside)})
+    out = proc.stdout
+    assert "not inside a pipeline workspace" in out
+    assert "stage pretrain" in out and "stage shard" in out and "(record embedded in the child)" in out
+    assert f"raw data version (data.dvc md5): {data_dvc_md5(ws)}" in out
+    assert tp.sh(["git", "rev-parse", "HEAD~1"], ws).stdout.strip() in out
+
+
+def test_trace_bad_path_is_one_line_error(pipeline, tmp_path):
+    ws = pipeline["ws"]
+    for bad, expected in (("nope.json", "file not found"), ("params.yaml", "unknown artifact type")):
+        proc = tp.sslcook(["trace", bad], ws, check=False)
+        assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0 and expected in proc.stderr, proc.stderr
+    (tmp_path / "x.safetensors").write_bytes(b"not a safetensors file at all")
+    proc = tp.sslcook(["trace", str(tmp_path / "x.safetensors")], ws, check=False)
+    assert proc.returncode == 1 and "not a readable safetensors file" in proc.stderr
+
+
+def test_new_data_version_shows_in_trace_and_report_and_old_numbers_stay_in_git(pipeline, tmp_path):
+    ws = copy_workspace(pipeline["ws"], tmp_path / "ws")
+    old_commit, old_md5 = pipeline["commit"], data_dvc_md5(ws)
+    old_metrics = json.loads((ws / "metrics" / "simclr.json").read_text())
+
+    # ingest a changed dataset: more digits per class
+    tp.write_params(ws, tp.tiny_params(train_per_class=12))
+    tp.sslcook(["data", "ingest"], ws)
+    new_md5 = data_dvc_md5(ws)
+    assert new_md5 != old_md5
+
+    # before re-running: the result is stale, and dvc status agrees
+    stale = trace_json(ws, "metrics/simclr.json")
+    assert stale["stale"] is True and stale["data_version"] == old_md5 and stale["data_version_now"] == new_md5
+    assert any("data.dvc now" in reason for step in stale["steps"] for reason in step["stale"])
+    assert stale["dvc_stale"] is True and "shard" in stale["dvc_status"]
+    assert "STALE" in tp.sslcook(["trace", "--no-dvc", "metrics/simclr.json"], ws).stdout
+
+    new_commit = tp.repro_and_commit(ws, "run 2: new data version")
+    fresh = trace_json(ws, "metrics/simclr.json")
+    assert fresh["data_version"] == new_md5 and fresh["stale"] is False and fresh["dvc_stale"] is False
+    assert fresh["committed_in"] == new_commit
+    assert new_md5 in (ws / "reports" / "summary.md").read_text()
+    assert json.loads((ws / "metrics" / "simclr.json").read_text())["n_train"] == 120
+
+    # the old numbers are one `git show` (or `git checkout && dvc checkout`) away
+    old_file = json.loads(tp.sh(["git", "show", f"{old_commit}:metrics/simclr.json"], ws).stdout)
+    assert old_file == old_metrics and old_file["data_version"] == old_md5
+    assert old_md5 in tp.sh(["git", "show", f"{old_commit}:reports/summary.md"], ws).stdout
+    diff = json.loads(tp.dvc(["metrics", "diff", old_commit, "--json"], ws).stdout)
+    assert "metrics/simclr.json" in diff
+    tp.sh(["git", "checkout", "-q", old_commit], ws)
+    tp.dvc(["checkout", "-q"], ws)
+    assert data_dvc_md5(ws) == old_md5
+    assert len(list((ws / "data" / "raw" / "train").glob("*/*"))) == 100
