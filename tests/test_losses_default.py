@@ -243,3 +243,22 @@ def test_mae_gradients_reach_encoder_and_decoder_and_only_masked_patches_count()
     for part in (method.backbone.patch_embed, method.backbone.blocks, method.decoder_blocks, method.decoder_pred):
         assert sum(float(p.grad.abs().sum()) for p in part.parameters()) > 0
     assert float(method.mask_token.grad.abs().sum()) > 0
+
+
+# ------------------------------------------------------------------ mixed precision
+@pytest.mark.parametrize("loss,shapes", [(NTXentLoss(0.1), [(8, 16)] * 2), (BYOLLoss(), [(8, 16)] * 2),
+                                         (VICRegLoss(), [(8, 16)] * 2),
+                                         (MaskedPatchReconstructionLoss(), [(2, 4, 12), (2, 4, 12)])])
+def test_losses_run_in_float32_under_autocast(loss, shapes):
+    inputs = [fixed(*s, seed=20 + i).float() for i, s in enumerate(shapes)]
+    if isinstance(loss, MaskedPatchReconstructionLoss):
+        inputs.append(torch.tensor([[1.0, 0, 1, 1], [0, 1, 1, 0]]))
+    reference = loss(*inputs)
+    half = [x.bfloat16() for x in inputs]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = loss(*half)
+        outside = inputs[0].flatten(1) @ inputs[0].flatten(1).T
+    assert outside.dtype == torch.bfloat16  # autocast is on around the loss
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, loss(*[x.float() for x in half]))  # upcast, then exact float32 maths
+    torch.testing.assert_close(got, reference, atol=0.05, rtol=0.02)

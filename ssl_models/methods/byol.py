@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..heads import EMATeacher, build_mlp
+from ..precision import float32_loss
 from ..registry import register
 from .base import SSLMethod
 
@@ -21,6 +22,7 @@ class BYOLLoss(nn.Module):
     averaged over the batch. ``z'`` comes from the target network and is treated as a constant (stop-gradient).
     """
 
+    @float32_loss
     def forward(self, prediction: Tensor, target: Tensor) -> Tensor:
         return (2 - 2 * F.cosine_similarity(prediction, target.detach(), dim=-1)).mean()
 

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..backbones import TransformerBlock, VisionTransformer, sincos_position_embedding
+from ..precision import float32_loss
 from ..registry import register
 from .base import SSLMethod
 
@@ -35,6 +36,7 @@ class MaskedPatchReconstructionLoss(nn.Module):
         var = patches.var(dim=-1, unbiased=False, keepdim=True)
         return (patches - mean) / torch.sqrt(var + self.eps)
 
+    @float32_loss
     def forward(self, prediction: Tensor, patches: Tensor, mask: Tensor) -> Tensor:
         per_patch = (prediction - self.target(patches)).pow(2).mean(dim=-1)
         mask = mask.to(per_patch.dtype)

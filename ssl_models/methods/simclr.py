@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from .. import distributed
 from ..heads import build_mlp
+from ..precision import float32_loss
 from ..registry import register
 from .base import SSLMethod
 
@@ -34,6 +35,7 @@ class NTXentLoss(nn.Module):
         self.temperature = temperature
         self.gather_distributed = gather_distributed
 
+    @float32_loss
     def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
         z1, z2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
         b = z1.shape[0]

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from .. import distributed
 from ..heads import build_mlp
+from ..precision import float32_loss
 from ..registry import register
 from .base import SSLMethod
 
@@ -46,6 +47,7 @@ class VICRegLoss(nn.Module):
         off_diagonal = cov.pow(2).sum() - cov.diagonal().pow(2).sum()
         return off_diagonal / d
 
+    @float32_loss
     def terms(self, z1: Tensor, z2: Tensor) -> dict[str, Tensor]:
         """The three unweighted terms (variance and covariance summed over both views)."""
         if self.gather_distributed:
