@@ -12,7 +12,6 @@ tests/test_deploy.py checks that prefect.yaml and params.yaml give the same sche
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 from flows.dvcops import resolve_root

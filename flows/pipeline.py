@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ prefect_defaults()
 from prefect import flow, get_run_logger, task  # noqa: E402  (after prefect_defaults)
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
-from stages.common import ConfigError, DataError, SslcookError  # noqa: E402
+from stages.common import DataError, SslcookError  # noqa: E402
 from stages.config.flow import FlowConfig  # noqa: E402
 from stages.lineage import data_version, git_info  # noqa: E402
 
@@ -130,9 +129,10 @@ def collect_metrics(root: Path) -> list[dict[str, Any]]:
 
 
 def _metric_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """The evaluation's headline metrics when the files have them, else every top-level number (toy pipelines)."""
     seen = {key for row in rows for key in row["values"]}
-    first = [key for key in PREFERRED_METRICS if key in seen]
-    return (first + sorted(seen - set(first)))[:MAX_METRIC_COLUMNS]
+    headline = [key for key in PREFERRED_METRICS if key in seen]
+    return headline or sorted(seen)[:MAX_METRIC_COLUMNS]
 
 
 def _fmt(value: Any) -> str:
@@ -164,9 +164,7 @@ def metrics_markdown(root: Path, rows: list[dict[str, Any]], *, flow_run_id: str
                 cells.append(f"{_fmt(row['values'].get(name))} ({name})" if name else "")
             cells += [_fmt(row["values"].get(c)) for c in columns]
             lines.append("| " + " | ".join(cells) + " |")
-        extra = len({k for r in rows for k in r["values"]}) - len(columns)
-        if extra > 0:
-            lines.append(f"\n({extra} more numbers in metrics/*.json; baselines and curves are in the report)")
+        lines.append("\nEvery number, the baselines and the curves: metrics/*.json and the report.")
     else:
         lines.append("No metrics/*.json yet.")
     lines += ["", f"- report: `{report}`" if report else "- report: not produced"]

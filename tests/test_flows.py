@@ -37,10 +37,12 @@ def toy_stages(methods_key: str = "${methods}") -> dict:
             "cmd": py("import os; os.makedirs('runs',exist_ok=True); "
                       "open('runs/${item}.txt','w').write(open('data/x.txt').read()+'${item}')"),
             "deps": ["data/x.txt"], "params": ["method.${item}"], "outs": ["runs/${item}.txt"]}},
+        # finds its workspace as the real stages do (stages.common.workspace(): $SSLCOOK_WORKSPACE, else the cwd)
         "evaluate": {"foreach": methods_key, "do": {
-            "cmd": py("import json,os,yaml; p=yaml.safe_load(open('params.yaml')); os.makedirs('metrics',exist_ok=True); "
+            "cmd": py("import json,os,yaml; w=os.environ.get('SSLCOOK_WORKSPACE','.'); "
+                      "p=yaml.safe_load(open(w+'/params.yaml')); os.makedirs(w+'/metrics',exist_ok=True); "
                       "json.dump(dict(method='${item}',family='toy',primary_metric='score',"
-                      "score=round(p['method']['${item}']['lr']*10,6)),open('metrics/${item}.json','w'))"),
+                      "score=round(p['method']['${item}']['lr']*10,6)),open(w+'/metrics/${item}.json','w'))"),
             "deps": ["runs/${item}.txt"], "params": ["method.${item}"],
             "metrics": [{"metrics/${item}.json": {"cache": False}}]}},
         "report": {"cmd": py("import os,glob; os.makedirs('reports',exist_ok=True); "
@@ -126,12 +128,15 @@ def test_retry_rescues_a_stage_that_fails_once_and_a_stage_that_keeps_failing_fa
                        "sys.exit(1) if first else open('flaky.txt','w').write(open('data/x.txt').read())"),
              "deps": ["data/x.txt"], "outs": ["flaky.txt"]}
     ws = make_toy(tmp_path / "ws", extra_stages={"flaky": flaky})
+    run([*DVC, "remote", "add", "-d", "store", str(tmp_path / "store")], ws)   # so the run pulls and pushes
     summary = pipeline_flow(workspace=str(ws))
     by_stage = {s["stage"]: s for s in summary["stages"]}
     assert by_stage["flaky"]["outcome"] == "ran" and by_stage["flaky"]["attempts"] == 2
     log = (ws / by_stage["flaky"]["log"]).read_text()
     assert "flaky attempt, first" in log and "flaky attempt, again" in log
     assert (ws / "flaky.txt").read_text() == "3"
+    assert (ws / ".dvc/tmp/sslcook-logs/dvc-pull.log").exists()
+    assert "in sync" in run([*DVC, "status", "--cloud"], ws).stdout        # pushed after the run
 
     # a stage that fails every time: the flow fails naming it and quoting its log; the workspace stays coherent
     dvc_yaml = yaml.safe_load((ws / "dvc.yaml").read_text())
@@ -189,10 +194,12 @@ def test_two_runs_on_one_workspace_do_not_corrupt_it(tmp_path):
     assert (ws / "slow.txt").read_text() == "done"
 
 
-def test_sweep_runs_experiments_in_dvc_and_ranks_them(tmp_path):
+def test_sweep_runs_experiments_in_dvc_and_ranks_them(tmp_path, monkeypatch):
     from flows.sweep import sweep_flow
 
     ws = make_toy(tmp_path / "ws")
+    # as `sslcook sweep` from elsewhere would be run; the experiments' stages must still use their own copy
+    monkeypatch.setenv("SSLCOOK_WORKSPACE", str(ws))
     params_before = (ws / "params.yaml").read_text()
     summary = sweep_flow(workspace=str(ws), grid={"methods": [["alpha"]], "method.alpha.lr": [0.5, 0.7]},
                          metric="score", max_parallel=2, name_prefix="toy")
@@ -205,44 +212,58 @@ def test_sweep_runs_experiments_in_dvc_and_ranks_them(tmp_path):
     assert "toy-1" in shown and "toy-2" in shown
     # experiments ran in DVC's temporary copies: the workspace is as it was
     assert (ws / "params.yaml").read_text() == params_before
-    assert run(["git", "status", "--porcelain", "--untracked-files=no"], ws).stdout == ""
+    assert run(["git", "status", "--porcelain"], ws).stdout == "" and not (ws / "metrics").exists()
     assert "| 1 | toy-2 | methods=[alpha] method.alpha.lr=0.7 | alpha | 7 |" in summary["markdown"]
 
 
-def test_fresh_clone_gets_its_raw_data_back_before_the_run(tmp_path, cifar_archive):
-    """data.dvc without data/raw: restored from the DVC cache, else ingested again from params' source."""
+def test_new_data_version_flow_and_a_fresh_clone_getting_its_data_back(tmp_path, cifar_archive):
+    """New data: ingested, committed only when asked, pipeline run, versions before/after reported. A fresh
+    clone (data.dvc, no data/raw): restored from the DVC cache, else ingested again from params' source."""
+    from flows.data_flow import new_data_flow
     from flows.pipeline import ensure_raw_data
+    from flows.pipeline import main as run_main
     from stages.lineage import data_version
 
-    images = extract_cifar_subset(cifar_archive, tmp_path / "images", {"train": 2, "test": 1})
+    first = extract_cifar_subset(cifar_archive, tmp_path / "first", {"train": 2, "test": 1})
+    second = extract_cifar_subset(cifar_archive, tmp_path / "second", {"train": 3, "test": 1})
     ws = tmp_path / "ws"
     ws.mkdir()
     params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
-    params["data"].update({"source": "folder", "path": str(images)})
+    params["data"].update({"source": "folder", "path": str(first)})
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (ws / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"count": {
         "cmd": py("import pathlib; open('count.txt','w').write(str(len(list(pathlib.Path('data/raw').rglob('*.*')))))"),
         "deps": ["data/raw"], "outs": ["count.txt"]}}}))
-    for cmd in (["git", "init", "-q"], [*DVC, "init", "-q"]):
+    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@example.com"],
+                ["git", "config", "user.name", "sslcook tests"], [*DVC, "init", "-q"], ["git", "add", "-A"],
+                ["git", "commit", "-q", "-m", "workspace"]):
         run(cmd, ws)
-    from stages.ingest import ingest
 
-    ingest(root=ws)
-    recorded = data_version(ws)
-    assert recorded and (ws / "data" / "raw").is_dir()
+    made = new_data_flow(workspace=str(ws), commit=True)          # source and path from params.yaml
+    v1 = made["data_version_after"]
+    assert made["data_version_before"] is None and v1 == data_version(ws) and v1.endswith(".dir")
+    assert made["commit"] == run(["git", "rev-parse", "HEAD"], ws).stdout.strip()
+    assert run(["git", "show", "--name-only", "--format=", "HEAD"], ws).stdout.split() == ["data.dvc", "data/.gitignore"]
+    assert [(s["stage"], s["outcome"]) for s in made["pipeline"]["stages"]] == [("data.dvc", "skipped"), ("count", "ran")]
+    assert (ws / "count.txt").read_text() == str(10 * 3 + 1)   # 30 images + SOURCE.json
+    assert f"data version after: `{v1}` (new)" in made["markdown"]
 
+    newer = new_data_flow(source="folder", path=str(second), workspace=str(ws))   # not committed unless asked
+    v2 = newer["data_version_after"]
+    assert newer["data_version_before"] == v1 and v2 not in (v1, None) and newer["commit"] is None
+    assert run(["git", "status", "--porcelain", "data.dvc"], ws).stdout.strip() == "M data.dvc"
+    assert (ws / "count.txt").read_text() == str(10 * 4 + 1)
+
+    # a fresh clone of the committed state: data.dvc records v1, data/raw is absent
+    run(["git", "checkout", "-q", "--", "data.dvc"], ws)
     shutil.rmtree(ws / "data" / "raw")
-    assert ensure_raw_data(ws) == f"restored data version {recorded} from the DVC cache"
-    assert ensure_raw_data(ws) is None   # nothing missing: nothing done
-
+    assert ensure_raw_data(ws) == f"restored data version {v1} from the DVC cache"
+    assert ensure_raw_data(ws) is None                              # nothing missing: nothing done
     shutil.rmtree(ws / "data" / "raw")
-    shutil.rmtree(ws / ".dvc" / "cache")   # a fresh clone: no cache, no remote
-    message = ensure_raw_data(ws)
-    assert message == f"ingested folder into data/raw (data version {recorded})"
-    assert data_version(ws) == recorded
-    run([sys.executable, "-m", "flows.cli", "run", "--no-prefect", "-q", "-w", str(ws)], PROJECT_ROOT,
-        env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
-    assert int((ws / "count.txt").read_text()) == 10 * 3 + 1     # 30 images + SOURCE.json
+    shutil.rmtree(ws / ".dvc" / "cache")                            # no cache, no remote: ingest params' source
+    assert run_main(["--no-prefect", "-q", "-w", str(ws)]) == 0
+    assert data_version(ws) == v1 and (ws / "count.txt").read_text() == str(10 * 3 + 1)
+    assert run(["git", "status", "--porcelain", "data.dvc"], ws).stdout == ""   # byte-identical version
 
 
 def test_stage_selection_and_user_errors(tmp_path):
