@@ -544,6 +544,7 @@ class Trainer:
                 for _ in range(skip):  # replay the batches the interrupted run already trained on
                     next(data)
                 pending: list[tuple[int, int, torch.Tensor]] = []
+                on_cpu = self.device.type == "cpu"
                 t0 = time.perf_counter()
                 for step_in_epoch in range(skip, cfg.steps_per_epoch):
                     step = epoch * cfg.steps_per_epoch + step_in_epoch
@@ -555,11 +556,16 @@ class Trainer:
                     if isinstance(views, torch.Tensor):
                         views = [views]
                     loss, out = self._train_step(self._to_device(list(views)), step, total)
-                    pending.append((step, epoch, loss))
-                    on_cpu = self.device.type == "cpu"
-                    if on_cpu or len(pending) >= cfg.log_every_steps:
-                        self._check_finite(pending)
-                    acc["loss_sum"] += float(loss) if on_cpu else loss
+                    if on_cpu:  # the value is at hand: check every step
+                        value = float(loss)
+                        if not math.isfinite(value):
+                            self._check_finite([(step, epoch, loss)])
+                        acc["loss_sum"] += value
+                    else:  # reading a GPU value waits for the GPU: check every log_every_steps
+                        pending.append((step, epoch, loss))
+                        if len(pending) >= cfg.log_every_steps:
+                            self._check_finite(pending)
+                        acc["loss_sum"] += loss
                     acc["steps"] += 1
                     acc["images"] += int(views[0].shape[0])
                     self._accumulate(acc, out)

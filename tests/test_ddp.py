@@ -47,7 +47,15 @@ CASES = {"per_sample_loss": False, "gathered_loss": True}
 
 
 def test_two_processes_equal_one_process_on_the_double_batch():
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the spawned ranks (dist_utils): same kernels, same rounding
+    try:
+        _check_equality()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_equality():
     ranks = run_distributed(ddp_worker, world_size=2)
     for case, contrastive in CASES.items():
         single = train(0, 1, 2 * PER_RANK_BATCH, contrastive)

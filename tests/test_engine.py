@@ -16,6 +16,15 @@ from tiny_ssl import CollapsingMethod, SyntheticLoader, TinyBackbone, TinyMethod
 CPU = Runtime(device=torch.device("cpu"))
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny models: one thread is fastest, and it avoids OpenMP spin-waits when the cores are shared
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def build(seed=0, method_cls=TinyMethod, **kw):
     engine.seed_everything(seed)
     method = method_cls(TinyBackbone(), **kw)
@@ -198,3 +207,12 @@ def test_grad_clip_bounds_the_update(tmp_path):
         Trainer(method, opt, config=cfg, make_loader=loader_factory(images, labels), runtime=CPU).fit()
         deltas[clip] = (method.projector[0].weight - before).norm()
     assert deltas[1e-3] <= 1e-3 + 1e-7 < deltas[None]
+
+
+def test_bf16_autocast_path_runs_on_cpu(tmp_path):
+    # the CUDA default (bf16 autocast) exercised on CPU: same loop, finite loss, weights updated in fp32
+    trainer, method = fit(tmp_path, epochs=1, precision="bf16")
+    before = method.backbone.net[0].weight.clone()
+    rec = trainer.fit().history[-1]
+    assert math.isfinite(rec["loss"]) and method.backbone.net[0].weight.dtype == torch.float32
+    assert not torch.equal(before, method.backbone.net[0].weight)
