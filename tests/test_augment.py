@@ -126,3 +126,15 @@ def test_eval_transform_handles_single_images_and_batches():
     assert out.shape == (4, 1, 16, 16) and out.dtype == torch.float32
     const = torch.full((1, 16, 16), 128, dtype=torch.uint8)
     assert torch.allclose(t(const), _normalised(128, 1)[:, None, None].expand(1, 16, 16), atol=1e-5)
+
+
+def test_views_use_one_thread_and_restore_the_setting():
+    seen = []
+    views = build_views("mim", image_size=8, channels=1)
+    views.pipelines.append(lambda img: seen.append(torch.get_num_threads()) or img)
+    torch.set_num_threads(2)
+    try:
+        views(image(1, 8))
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)

@@ -89,6 +89,7 @@ def test_twenty_steps_lower_the_loss_without_collapse(name, cifar_tensors):
         optimizer.step()
         method.after_step(step, STEPS)
     after, embedding = fixed_loss()
+    print(f"{name}: fixed-batch loss {before:.4f} -> {after:.4f}, {collapse_report(embedding)}")
 
     assert after < before * 0.985, f"{name}: loss {before:.4f} -> {after:.4f}"
     report = collapse_report(embedding)
