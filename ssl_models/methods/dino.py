@@ -151,13 +151,15 @@ class DINO(SSLMethod):
             else teacher_temperature
         self.freeze_last_layer_frac = freeze_last_layer_frac
         self.last_layer_frozen = False
-        # zero the last layer's gradient while frozen (a hook rather than requires_grad, so DDP's view of the
-        # parameters never changes mid-run)
-        for p in self.head.last_layer_parameters():
-            p.register_hook(self._mask_last_layer_grad)
 
-    def _mask_last_layer_grad(self, grad: Tensor) -> Tensor:
-        return torch.zeros_like(grad) if self.last_layer_frozen else grad
+    def student_head(self, features: Tensor) -> Tensor:
+        """The student head; while the last layer is frozen it runs on detached copies of that layer's parameters,
+        so they get no gradient at all (the paper's code sets their .grad to None) while the rest of the head
+        trains. requires_grad stays untouched, so an optimizer or DDP built at the start sees the same set."""
+        if not self.last_layer_frozen:
+            return self.head(features)
+        frozen = {name: p.detach() for name, p in self.head.named_parameters() if name.startswith("last_layer")}
+        return torch.func.functional_call(self.head, frozen, (features,))
 
     @property
     def collapse_loss_level(self) -> float:
@@ -178,7 +180,7 @@ class DINO(SSLMethod):
             raise ValueError(f"dino needs at least {max(2, self.num_global_crops)} views, got {len(views)}")
         student_features = multicrop_features(self.backbone, views)
         crop_sizes = [f.shape[0] for f in student_features]
-        student_out = self.head(torch.cat(student_features)).split(crop_sizes)
+        student_out = self.student_head(torch.cat(student_features)).split(crop_sizes)
         with torch.no_grad():
             teacher_out = self.teacher_head(self.teacher_backbone(torch.cat(views[:self.num_global_crops])))
             teacher_out = teacher_out.chunk(self.num_global_crops)

@@ -128,8 +128,8 @@ class NNCLR(SSLMethod):
             if self.training:
                 z1_all = distributed.gather_no_grad(z1) if self.gather_distributed else z1.detach()
                 self._pending = z1_all
-            # how often the neighbour is the other view's own past embedding is unknowable here; report how
-            # close the borrowed positive is to the query, the quantity NNCLR trades for semantic diversity
+            # how far the borrowed positive is from the query itself: 1 would make NNCLR plain SimCLR; lower values
+            # are the semantic variation the support set adds beyond augmentations
             neighbour_similarity = F.cosine_similarity(nn1, z1).mean()
         return {"loss": loss, "embedding": z1.detach(), "neighbour_similarity": neighbour_similarity,
                 "support_set_filled": self.support_set.filled.float() / self.support_set.size}

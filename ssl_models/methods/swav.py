@@ -164,11 +164,13 @@ class SwAV(SSLMethod):
         self.prototypes_frozen = False
         self.queue_active = queue_length > 0 and queue_start_frac <= 0
         self._pending: list[Tensor] | None = None
-        # zero the prototypes' gradient while frozen (a hook, so DDP's parameter set never changes mid-run)
-        self.prototypes.layer.weight.register_hook(self._mask_prototype_grad)
 
-    def _mask_prototype_grad(self, grad: Tensor) -> Tensor:
-        return torch.zeros_like(grad) if self.prototypes_frozen else grad
+    def prototype_scores(self, z: Tensor) -> Tensor:
+        """z . c_k for every prototype. While the prototypes are frozen they enter detached, so they get no
+        gradient at all (the paper's code sets their .grad to None); requires_grad stays untouched, so an optimizer
+        or DDP built at the start sees the same parameter set."""
+        weight = self.prototypes.layer.weight
+        return F.linear(z, weight.detach() if self.prototypes_frozen else weight)
 
     @property
     def collapse_loss_level(self) -> float:
@@ -190,11 +192,11 @@ class SwAV(SSLMethod):
         sizes = [f.shape[0] for f in features]
         z = F.normalize(self.projector(torch.cat(features)), dim=1)
         crop_z = z.split(sizes)
-        crop_scores = list(self.prototypes(z).split(sizes))
+        crop_scores = list(self.prototype_scores(z).split(sizes))
         queued_scores = None
         if self.queue.full:
             with torch.no_grad():
-                queued_scores = [self.prototypes(q) for q in self.queue.embeddings]
+                queued_scores = [self.prototype_scores(q) for q in self.queue.embeddings]
         loss = self.criterion(crop_scores, queued_scores)
         if self.training and self.queue_active:
             assign = [crop_z[i].detach() for i in range(self.num_assignment_crops)]
