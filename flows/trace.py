@@ -201,7 +201,8 @@ def build_chain(artifact: Artifact, root: Path | None) -> list[dict[str, Any]]:
 
 def trace(path: str | os.PathLike, *, use_dvc: bool = True) -> dict[str, Any]:
     """Everything ``sslcook trace`` prints, as a dict (``--json`` prints it as is)."""
-    artifact = read_artifact(Path(path).expanduser().resolve())
+    artifact = read_artifact(Path(path).expanduser())  # errors name the path as the user gave it
+    artifact.path = artifact.path.resolve()
     root = find_workspace(artifact.path)
     inside = root is not None and str(artifact.path.resolve()).startswith(str(root) + os.sep)
     steps = build_chain(artifact, root)

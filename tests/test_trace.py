@@ -24,14 +24,30 @@ def data_dvc_md5(ws) -> str:
     return tp.yaml.safe_load((ws / "data.dvc").read_text())["outs"][0]["md5"]
 
 
-def trace_json(ws, path) -> dict:
-    return json.loads(tp.sslcook(["trace", "--json", str(path)], ws).stdout)
+def trace_json(ws, path, use_dvc: bool = True) -> dict:
+    """flows.trace.trace in-process (what `sslcook trace --json` prints)."""
+    from flows.trace import trace
+
+    return json.loads(json.dumps(trace(ws / path, use_dvc=use_dvc), default=str))
 
 
-def test_trace_from_metrics_reaches_data_version_and_commit(pipeline):
+def cli(args, cwd, monkeypatch, capsys) -> tuple[int, str, str]:
+    """`sslcook ARGS` in-process, from ``cwd``: (exit code, stdout, stderr)."""
+    from flows.cli import main
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("SSLCOOK_WORKSPACE", str(cwd))
+    capsys.readouterr()
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_trace_from_metrics_reaches_data_version_and_commit(pipeline, monkeypatch, capsys):
     ws, commit = pipeline["ws"], pipeline["commit"]
     md5 = data_dvc_md5(ws)
-    out = tp.sslcook(["trace", "metrics/simclr.json"], ws).stdout
+    code, out, _ = cli(["trace", "metrics/simclr.json"], ws, monkeypatch, capsys)
+    assert code == 0
     # the chain, in order, with each step's stage and params
     order = [out.index(s) for s in ("metrics/simclr.json", "models/simclr/backbone.safetensors",
                                     "runs/simclr/checkpoint.pt", "data/shards/manifest.json", "data/raw")]
@@ -54,42 +70,44 @@ def test_trace_from_metrics_reaches_data_version_and_commit(pipeline):
     # every artifact kind is a valid starting point
     for start, kind in (("models/simclr", "backbone"), ("runs/simclr/checkpoint.pt", "checkpoint"),
                         ("data/shards", "manifest"), ("models/simclr/model_card.json", "model_card")):
-        r = trace_json(ws, start)
+        r = trace_json(ws, start, use_dvc=False)
         assert r["kind"] == kind and r["data_version"] == md5, start
 
 
-def test_trace_a_backbone_copied_out_of_the_repository(pipeline, tmp_path):
+def test_trace_a_backbone_copied_out_of_the_repository(pipeline, tmp_path, monkeypatch, capsys):
     ws = pipeline["ws"]
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     shutil.copy(ws / "models" / "simclr" / "backbone.safetensors", outside / "colleague.safetensors")
-    proc = tp.sh([tp.sys.executable, "-m", "flows.cli", "trace", "colleague.safetensors"], outside,
-                 env={"PYTHONPATH": str(tp.PROJECT_ROOT), "SSLCOOK_WORKSPACE": str(outside)})
-    out = proc.stdout
+    code, out, _ = cli(["trace", "colleague.safetensors"], outside, monkeypatch, capsys)
+    assert code == 0
     assert "not inside a pipeline workspace" in out
     assert "stage pretrain" in out and "stage shard" in out and "(record embedded in the child)" in out
     assert f"raw data version (data.dvc md5): {data_dvc_md5(ws)}" in out
     assert tp.sh(["git", "rev-parse", "HEAD~1"], ws).stdout.strip() in out
 
 
-def test_trace_bad_path_is_one_line_error(pipeline, tmp_path):
+def test_trace_bad_path_is_one_line_error(pipeline, tmp_path, monkeypatch, capsys):
     ws = pipeline["ws"]
-    for bad, expected in (("nope.json", "file not found"), ("params.yaml", "unknown artifact type")):
-        proc = tp.sslcook(["trace", bad], ws, check=False)
-        assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0 and expected in proc.stderr, proc.stderr
+    proc = tp.sslcook(["trace", "nope.json"], ws, check=False)  # once through the console entry point
+    assert proc.returncode == 1 and proc.stderr.strip() == "error: nope.json: file not found"
     (tmp_path / "x.safetensors").write_bytes(b"not a safetensors file at all")
-    proc = tp.sslcook(["trace", str(tmp_path / "x.safetensors")], ws, check=False)
-    assert proc.returncode == 1 and "not a readable safetensors file" in proc.stderr
+    (tmp_path / "plain.json").write_text('{"a": 1}')
+    for bad, expected in (("params.yaml", "unknown artifact type"), (tmp_path / "x.safetensors",
+                          "not a readable safetensors file"), (tmp_path / "plain.json", "no lineage record")):
+        code, _, err = cli(["trace", str(bad)], ws, monkeypatch, capsys)
+        assert code == 1 and err.strip().count("\n") == 0 and expected in err, err
 
 
-def test_new_data_version_shows_in_trace_and_report_and_old_numbers_stay_in_git(pipeline, tmp_path):
+def test_new_data_version_shows_in_trace_and_report_and_old_numbers_stay_in_git(pipeline, tmp_path, monkeypatch,
+                                                                              capsys):
     ws = copy_workspace(pipeline["ws"], tmp_path / "ws")
     old_commit, old_md5 = pipeline["commit"], data_dvc_md5(ws)
     old_metrics = json.loads((ws / "metrics" / "simclr.json").read_text())
 
     # ingest a changed dataset: more digits per class
     tp.write_params(ws, tp.tiny_params(train_per_class=12))
-    tp.sslcook(["data", "ingest"], ws)
+    assert cli(["data", "ingest"], ws, monkeypatch, capsys)[0] == 0
     new_md5 = data_dvc_md5(ws)
     assert new_md5 != old_md5
 
@@ -98,7 +116,8 @@ def test_new_data_version_shows_in_trace_and_report_and_old_numbers_stay_in_git(
     assert stale["stale"] is True and stale["data_version"] == old_md5 and stale["data_version_now"] == new_md5
     assert any("data.dvc now" in reason for step in stale["steps"] for reason in step["stale"])
     assert stale["dvc_stale"] is True and "shard" in stale["dvc_status"]
-    assert "STALE" in tp.sslcook(["trace", "--no-dvc", "metrics/simclr.json"], ws).stdout
+    code, out, _ = cli(["trace", "--no-dvc", "metrics/simclr.json"], ws, monkeypatch, capsys)
+    assert code == 0 and "STALE: made from data version" in out and "verdict: STALE" in out
 
     new_commit = tp.repro_and_commit(ws, "run 2: new data version")
     fresh = trace_json(ws, "metrics/simclr.json")
