@@ -44,7 +44,9 @@ class BarlowTwinsLoss(nn.Module):
             z1, z2 = distributed.gather(z1), distributed.gather(z2)
         if z1.shape[0] < 2:
             raise ValueError("Barlow Twins needs a batch of at least 2 samples (standardisation over the batch)")
-        return self.standardise(z1).T @ self.standardise(z2) / z1.shape[0]
+        # outside autocast: C's entries are averages of N products whose squares are summed D^2 times
+        with torch.autocast(z1.device.type, enabled=False):
+            return self.standardise(z1).T @ self.standardise(z2) / z1.shape[0]
 
     def terms(self, z1: Tensor, z2: Tensor) -> dict[str, Tensor]:
         """The unweighted invariance (on-diagonal) and redundancy-reduction (off-diagonal) terms, and mean C_ii."""

@@ -28,7 +28,9 @@ class NegativeCosineLoss(nn.Module):
 
     @staticmethod
     def distance(p: Tensor, z: Tensor) -> Tensor:
-        return -F.cosine_similarity(p, z.detach(), dim=-1).mean()
+        # in at least float32: under bf16 autocast a cosine near -1 keeps only ~3 significant digits
+        full = torch.promote_types(p.dtype, torch.float32)
+        return -F.cosine_similarity(p.to(full), z.detach().to(full), dim=-1).mean()
 
 
 @register("simsiam", family="self_distillation")
