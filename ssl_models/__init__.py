@@ -7,13 +7,13 @@ Usable alone::
     method = registry.get("simclr").cls(backbone)
     views = build_views(method.augment, image_size=32, channels=3)
 """
-from . import augment, backbones, distributed, heads, methods, monitors, optim, registry
+from . import augment, backbones, distributed, heads, methods, monitors, optim, precision, registry
 from .augment import build_eval_transform, build_views
 from .backbones import build_backbone
 from .monitors import collapse_report, embedding_std, rankme
 from .optim import build_optimizer, build_scheduler, scaled_lr
 
-__all__ = ["registry", "methods", "backbones", "heads", "augment", "optim", "distributed", "monitors",
+__all__ = ["registry", "methods", "backbones", "heads", "augment", "optim", "distributed", "monitors", "precision",
            "build_backbone", "build_views", "build_eval_transform", "build_optimizer", "build_scheduler",
            "scaled_lr", "embedding_std", "rankme", "collapse_report", "load_backbone"]
 
