@@ -255,7 +255,10 @@ class Tracker:
 
         import wandb
 
+        # wandb's files stay in the workspace's .wandb/ unless the environment says otherwise (the Makefile does)
         wandb_dir = Path(os.environ.get("WANDB_DIR") or run.root / ".wandb")
+        for var, sub in (("WANDB_CACHE_DIR", "cache"), ("WANDB_CONFIG_DIR", "config"), ("WANDB_DATA_DIR", "data")):
+            os.environ.setdefault(var, str(wandb_dir / sub))
         wandb_dir.mkdir(parents=True, exist_ok=True)
         self.run_id = run_id or uuid.uuid4().hex[:12]
         config = {"params": run.params.model_dump(), "resolved": run.resolved(), "lineage": record}
@@ -354,11 +357,17 @@ def pretrain(name: str, root: Path | None = None) -> dict[str, Any] | None:
                                num_workers=cfg.num_workers, manifest=run.manifest,
                                pin_memory=runtime.device.type == "cuda")
 
-        steps_per_epoch = len(loader(0))
-        if steps_per_epoch == 0:
-            raise ConfigError(f"params.yaml: {_where(name, run.block, 'batch_size')}: {cfg.batch_size} x "
-                              f"{runtime.world_size} process(es) is more than the train split holds "
+        too_big = ConfigError(f"params.yaml: {_where(name, run.block, 'batch_size')}: {cfg.batch_size} x "
+                              f"{runtime.world_size} process(es) is more than the train split can fill "
                               f"({run.manifest['splits']['train'].get('count')} images)")
+        try:
+            steps_per_epoch = len(loader(0))
+        except LoaderError as exc:
+            if "batch" in str(exc):
+                raise too_big from None
+            raise DataError(str(exc)) from None
+        if steps_per_epoch == 0:
+            raise too_big
         method, optimizer = run.build()
         scheduler = run.scheduler(optimizer, steps_per_epoch)
         key = run.resume_key()
@@ -367,6 +376,8 @@ def pretrain(name: str, root: Path | None = None) -> dict[str, Any] | None:
             for stale in (root / RESUME_DIR / name).glob("*.pt"):
                 if stale != state_path:
                     stale.unlink(missing_ok=True)
+            for torn in (root / RESUME_DIR / name).glob(".*.tmp"):  # a save cut short by a kill
+                torn.unlink(missing_ok=True)
             gitignore = root / RESUME_DIR.parent / ".gitignore"
             if not gitignore.exists():
                 gitignore.parent.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ import torch
 
 from dist_utils import run_distributed
 from ssl_models import engine
-from ssl_models.optim import build_optimizer, build_scheduler
+from ssl_models.optim import build_optimizer, build_scheduler, scaled_lr
 from tiny_ssl import SyntheticLoader, TinyBackbone, TinyMethod, make_stage_workspace, toy_images, write_tiny_shards
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -83,6 +83,8 @@ def test_torchrun_runs_the_stage_with_two_processes(tmp_path):
     config = json.loads((ws / "runs" / "simclr" / "config.json").read_text())
     assert metrics["world_size"] == 2 and metrics["effective_batch"] == 32
     assert config["steps_per_epoch"] == 2  # 64 images / (16 per rank x 2 ranks)
-    assert config["lr"] == pytest.approx(config["optimizer"]["base_lr"] * 32 / 256)  # lr rule on the global batch
+    recipe = config["optimizer"]  # the lr rule sees the global batch
+    assert config["lr"] == pytest.approx(scaled_lr(recipe["base_lr"], 32, recipe["lr_scaling"]))
+    assert config["lr"] != pytest.approx(scaled_lr(recipe["base_lr"], 16, recipe["lr_scaling"]))
     ckpt = torch.load(ws / "runs" / "simclr" / "checkpoint.pt", weights_only=True)
     assert ckpt["summary"]["world_size"] == 2

@@ -75,6 +75,13 @@ def test_project_params_have_a_block_per_registered_method():
     assert raw["methods"] == ["simclr", "byol", "vicreg", "mae"]
 
 
+def test_no_method_hyperparameter_is_shadowed_by_a_pretrain_key():
+    from stages.config.pretrain import PRETRAIN_KEYS
+
+    for name in registry.names():  # method.<name>.<key> reads a pretrain key first: the two sets must not meet
+        assert not PRETRAIN_KEYS & set(registry.get(name).defaults()), name
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda p: p["method"]["simclr"].update(temprature=0.1), r"method\.simclr\.temprature: unknown key"),
     (lambda p: p["method"]["simclr"].update(temperature="hot"), r"method\.simclr\.temperature: expected a number"),
