@@ -238,9 +238,19 @@ def trace(path: str | os.PathLike, *, use_dvc: bool = True) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------- printing
-def _params_line(params: Any, width: int = 160) -> str:
-    text = json.dumps(params, sort_keys=True, separators=(", ", ": "), default=str)
-    return text if len(text) <= width else text[: width - 3] + "..."
+def _flatten(obj: Any, prefix: str = "") -> list[str]:
+    if isinstance(obj, dict) and obj:
+        return [item for k in sorted(obj) for item in _flatten(obj[k], f"{prefix}{k}.")]
+    return [f"{prefix.rstrip('.')}={json.dumps(obj, default=str, separators=(',', ':'))}"]
+
+
+def _params_lines(params: Any, indent: str, width: int = 118) -> list[str]:
+    """Every param as key=value (nested keys dotted), wrapped: the full set, nothing elided."""
+    import textwrap
+
+    text = " ".join(_flatten(params))
+    return textwrap.wrap(text, width=width, initial_indent=f"{indent}params ", subsequent_indent=f"{indent}       ",
+                         break_long_words=False, break_on_hyphens=False)
 
 
 def render(result: dict[str, Any]) -> str:
@@ -269,7 +279,7 @@ def render(result: dict[str, Any]) -> str:
                          f"{str(git.get('commit'))[:12]}{' (dirty)' if git.get('dirty') else ''}, data version "
                          f"{rec.get('data_version')}, seed {rec.get('seed')}")
             if rec.get("params"):
-                lines.append(f"{pad}   params {_params_line(rec['params'])}")
+                lines.extend(_params_lines(rec["params"], f"{pad}   "))
         for key in ("value",):
             if key in s["info"]:
                 lines.append(f"{pad}   {s['info'].get('primary_metric', key)} = {s['info'][key]}")

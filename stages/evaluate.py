@@ -108,6 +108,11 @@ def evaluate_features(train_f, train_y, test_f, test_y, *, num_classes: int, cfg
     return out
 
 
+def headline(result: dict[str, Any]) -> dict[str, Any]:
+    """A baseline's accuracies only (its probe diagnostics would only widen `dvc metrics show`)."""
+    return {k: v for k, v in result.items() if k.startswith(("knn_top", "linear_probe_top"))}
+
+
 def cached(root: Path, kind: str, key: dict[str, Any], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """Return the cached result for ``key`` or compute and store it (atomically; concurrent writers are harmless)."""
     path = root / BASELINE_CACHE / f"{kind}-{digest(key)[:20]}.json"
@@ -222,14 +227,14 @@ def evaluate(method: str, root: Path | None = None) -> dict[str, Any]:
                 torch.manual_seed(params.seed)
                 net = build_backbone(**model.config)
             f_train, f_test = features_of(net, "random-init")
-            return evaluate_features(f_train, train_y, f_test, test_y, num_classes=num_classes, cfg=cfg,
-                                     seed=params.seed, device=device)
+            return headline(evaluate_features(f_train, train_y, f_test, test_y, num_classes=num_classes, cfg=cfg,
+                                              seed=params.seed, device=device))
 
         def raw_pixels() -> dict[str, Any]:
             f_train = raw_pixel_features(train_x, max_side=cfg.raw_pixels_max_side)
             f_test = raw_pixel_features(test_x, max_side=cfg.raw_pixels_max_side)
-            return evaluate_features(f_train, train_y, f_test, test_y, num_classes=num_classes, cfg=cfg,
-                                     seed=params.seed, device=device)
+            return headline(evaluate_features(f_train, train_y, f_test, test_y, num_classes=num_classes, cfg=cfg,
+                                              seed=params.seed, device=device))
 
         result["baselines"] = {
             "random_init": cached(root, "random_init", {**data_key, "eval": eval_key, "seed": params.seed,

@@ -52,7 +52,7 @@ def test_round_trip_resnet_and_vit_give_equal_features(tmp_path):
 
 
 def test_exported_resnet_loads_into_torchvision_strict(tmp_path):
-    x = torch.rand(2, 3, 64, 64)
+    x = torch.rand(2, 3, 32, 32)
     model = _trained_like(build_backbone("resnet18", in_chans=3, small_image=False, width=64), x)
     path = tmp_path / "r18.safetensors"
     save_backbone(path, model)

@@ -53,7 +53,7 @@ def test_trace_from_metrics_reaches_data_version_and_commit(pipeline, monkeypatc
                                     "runs/simclr/checkpoint.pt", "data/shards/manifest.json", "data/raw")]
     assert order == sorted(order)
     assert "stage evaluate" in out and "stage export" in out and "stage pretrain" in out and "stage shard" in out
-    assert '"knn_temperature": 0.1' in out
+    assert "evaluate.knn_temperature=0.1" in out and "backbone.width=4" in out
     assert f"raw data version (data.dvc md5): {md5}" in out
     # the stages ran before `git commit`: the record holds the parent commit; the file itself is in `commit`
     parent = tp.sh(["git", "rev-parse", "HEAD~1"], ws).stdout.strip()
