@@ -292,7 +292,10 @@ def pipeline_flow(workspace: str | None = None, stages: list[str] | None = None,
                 table = results + [{"stage": name, "outcome": "failed" if name == failed else "not run",
                                     "seconds": None, "attempts": None, "log": None}
                                    for name in order if name not in done]
-                _publish(root, table, run_id)
+                try:
+                    _publish(root, table, run_id)
+                except Exception as exc:  # the stage's failure is the error to report, not this one
+                    logger.warning("could not publish the artifacts of the failed run: %s", exc)
         if _want(push, config.dvc_push, have_remote):
             dvc_sync.with_options(retries=config.retries, retry_delay_seconds=config.retry_delay_seconds)(
                 str(root), "push", echo)
