@@ -19,7 +19,7 @@ from typing import Any
 
 from .common import ConfigError, DataError, atomic_path, run_main, workspace
 from .config import load_params
-from .lineage import make_record, sha256_file
+from .lineage import make_record
 from .provenance import embed_ancestors
 
 REQUIRED_KEYS = ("backbone_state", "backbone_config", "method", "family")
