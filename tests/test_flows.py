@@ -167,9 +167,12 @@ def test_two_runs_on_one_workspace_do_not_corrupt_it(tmp_path):
     from flows.dvcops import WorkspaceBusy
     from flows.pipeline import pipeline_flow
 
-    slow = {"cmd": py("import time; time.sleep(4); open('slow.txt','w').write('done')"),
-            "deps": ["data/x.txt"], "outs": ["slow.txt"]}
-    ws = make_toy(tmp_path / "ws", methods=("alpha",), extra_stages={"slow": slow})
+    release = tmp_path / "release"   # the slow stage holds the first run until the test has seen the lock work
+    slow = {"cmd": f"python hold.py {release}", "deps": ["data/x.txt"], "outs": ["slow.txt"]}
+    ws = make_toy(tmp_path / "ws", methods=("alpha",), extra_stages={"slow": slow}, commit=False)
+    (ws / "hold.py").write_text("import os, sys, time\nstart = time.time()\n"
+                                "while not os.path.exists(sys.argv[1]) and time.time() - start < 120:\n"
+                                "    time.sleep(0.2)\nopen('slow.txt', 'w').write('done')\n")
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
     cmd = [sys.executable, "-m", "flows.cli", "run", "--no-prefect", "-q", "-w", str(ws)]
     first = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -184,10 +187,13 @@ def test_two_runs_on_one_workspace_do_not_corrupt_it(tmp_path):
         # the Prefect flow meets the same lock
         with pytest.raises(WorkspaceBusy, match=f"pid {first.pid}"):
             pipeline_flow(workspace=str(ws))
+        release.touch()
         out, err = first.communicate(timeout=120)
     finally:
+        release.touch()   # never leave the held stage waiting
         if first.poll() is None:
             first.kill()
+            first.wait()
     assert first.returncode == 0, err
     assert _lock_holder(ws) == ""   # released
     assert "up to date" in run([*DVC, "status"], ws).stdout
