@@ -137,7 +137,7 @@ def build_chain(artifact: Artifact, root: Path | None) -> list[dict[str, Any]]:
     seen: set[str] = set()
 
     def visit(record: dict[str, Any], *, kind: str, path: str, on_disk: Path | None, info: dict, depth: int,
-              via: str | None, recorded_sha: str | None) -> bool:
+              via: str | None) -> bool:
         """Add a step; return True when it (or anything upstream of it) is stale."""
         step = {"kind": kind, "path": path, "via": via, "depth": depth, "record": record, "info": info,
                 "stale": [], "source": "file" if on_disk is not None else "embedded"}
@@ -189,13 +189,13 @@ def build_chain(artifact: Artifact, root: Path | None) -> list[dict[str, Any]]:
                               "info": parent_info, "stale": [], "source": "missing"})
                 continue
             if visit(parent_record, kind=parent_kind, path=ppath, on_disk=parent_disk, info=parent_info,
-                     depth=depth + 1, via=name, recorded_sha=sha):
+                     depth=depth + 1, via=name):
                 upstream_stale = True
         step["upstream_stale"] = upstream_stale
         return bool(step["stale"]) or upstream_stale
 
     visit(artifact.record, kind=artifact.kind, path=_rel(root, artifact.path) if root else str(artifact.path), on_disk=artifact.path,
-          info=artifact.info, depth=0, via=None, recorded_sha=None)
+          info=artifact.info, depth=0, via=None)
     return steps
 
 
