@@ -186,6 +186,13 @@ class DataStream:
     def __iter__(self) -> "DataStream":
         return self
 
+    def close(self) -> None:
+        """Finish the loader's iterator now (its worker processes exit) rather than when it is collected."""
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            with self._swapped():
+                close()
+
     def __next__(self) -> Any:
         with self._swapped():
             return next(self._it)
@@ -580,6 +587,7 @@ class Trainer:
                         t0 = time.perf_counter()
                 self._check_finite(pending)
                 acc["seconds"] += time.perf_counter() - t0
+                data.close()
                 acc = _portable(acc)
                 record = self._epoch_metrics(epoch, acc)
                 if self.knn is not None and ((epoch + 1) % self.knn.every_epochs == 0 or epoch + 1 == cfg.epochs):
