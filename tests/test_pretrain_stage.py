@@ -37,8 +37,14 @@ def read_tsv(path: Path) -> list[dict[str, str]]:
 
 
 # --------------------------------------------------------------------------------------------- every method
-@pytest.mark.parametrize("name", registry.names())
+CONTRACT_METHODS = ("simclr", "moco", "nnclr", "byol", "simsiam", "dino", "vicreg", "barlowtwins", "swav", "mae",
+                    "simmim")
+
+
+@pytest.mark.parametrize("name", sorted(set(CONTRACT_METHODS) | set(registry.names())))
 def test_stage_trains_every_registered_method(tmp_path, shards, name):
+    if name not in registry.names():
+        pytest.skip(f"method {name!r} is not registered yet (ssl_models/methods/{name}.py missing)")
     ws = make_stage_workspace(tmp_path / "ws", shards, methods=[name])
     summary = stage.pretrain(name, root=ws)
     out = ws / "runs" / name
