@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import struct
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +18,7 @@ from stages import pretrain as stage
 from stages.common import ConfigError, SslcookError
 from stages.config import parse_params
 from stages.lineage import sha256_file
-from tiny_ssl import make_stage_workspace, write_tiny_shards
+from tiny_ssl import add_dvc_pipeline, make_stage_workspace, write_tiny_shards
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -314,13 +312,7 @@ def test_dvc_repro_reruns_only_the_changed_method(tmp_path, shards):
     """Two tiny methods through the project's pretrain stage definition; a param change re-runs one branch."""
     from conftest import run
 
-    ws = make_stage_workspace(tmp_path / "ws", shards, methods=["simclr", "byol"])
-    for package in ("stages", "ssl_models"):
-        shutil.copytree(PROJECT / package, ws / package, ignore=shutil.ignore_patterns("__pycache__"))
-    dvc = yaml.safe_load((PROJECT / "dvc.yaml").read_text())
-    (ws / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"pretrain": dvc["stages"]["pretrain"]}}, sort_keys=False))
-    run(["git", "init", "-q"], ws)
-    run([sys.executable, "-m", "dvc", "init", "-q", "--no-scm"], ws)
+    ws = add_dvc_pipeline(make_stage_workspace(tmp_path / "ws", shards, methods=["simclr", "byol"]))
     first = run([sys.executable, "-m", "dvc", "repro"], ws)
     assert "pretrain@simclr" in first.stdout and "pretrain@byol" in first.stdout
     ckpt_simclr = sha256_file(ws / "runs" / "simclr" / "checkpoint.pt")

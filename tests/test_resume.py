@@ -1,5 +1,5 @@
-"""Kill -9 in the middle of pretraining, run the same command again: it resumes and ends with exactly the weights
-of an uninterrupted run (CPU, same seed), and the wandb run continues under the same id."""
+"""Kill -9 in the middle of pretraining, then `dvc repro`: it resumes and ends with exactly the weights of an
+uninterrupted run (CPU, same seed), and the wandb run continues under the same id."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from tiny_ssl import make_stage_workspace, write_tiny_shards
+from tiny_ssl import add_dvc_pipeline, make_stage_workspace, write_tiny_shards
 
 PROJECT = Path(__file__).resolve().parents[1]
 # 4 epochs x 8 steps (64 images, batch 8), a resume checkpoint every 3 steps; num_workers=1 puts the decoding and
@@ -62,10 +62,12 @@ def test_sigkill_at_a_random_step_then_rerun_equals_uninterrupted(tmp_path):
     saved_step = torch.load(state, weights_only=True)["position"]["global_step"]
     assert killed_at <= saved_step < TOTAL_STEPS
 
-    # the same command again: resumes from the last checkpoint and finishes
-    rerun = subprocess.run(stage_cmd("byol"), cwd=ws, env=env, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert f"resuming from step {saved_step}/{TOTAL_STEPS}" in rerun.stderr
+    # `dvc repro` (which deletes the stage's outputs first, not the resume state): resumes and finishes
+    add_dvc_pipeline(ws)
+    rerun = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=ws, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-3000:]
+    assert f"resuming from step {saved_step}/{TOTAL_STEPS}" in rerun.stdout + rerun.stderr
     metrics = json.loads((ws / "runs" / "byol" / "metrics.json").read_text())
     assert metrics["resumed_from_step"] == saved_step and metrics["steps"] == TOTAL_STEPS
     assert not list(state_dir.glob("*.pt"))

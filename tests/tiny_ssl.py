@@ -244,3 +244,25 @@ def make_stage_workspace(dest, shards, *, methods=("simclr",), pretrain: dict | 
         params["method"][name] = {**params["method"].get(name, {}), **over}
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return dest
+
+
+def add_dvc_pipeline(ws):
+    """Make a stage workspace a DVC project running the project's pretrain stage definition on its own copy of
+    the code (dvc.yaml lists the code as deps, as in a clone)."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    ws = Path(ws)
+    for package in ("stages", "ssl_models"):
+        shutil.copytree(root / package, ws / package, ignore=shutil.ignore_patterns("__pycache__"))
+    dvc = yaml.safe_load((root / "dvc.yaml").read_text())
+    (ws / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"pretrain": dvc["stages"]["pretrain"]}}, sort_keys=False))
+    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"],
+                [sys.executable, "-m", "dvc", "config", "core.analytics", "false"]):
+        subprocess.run(cmd, cwd=ws, check=True, capture_output=True)
+    return ws
