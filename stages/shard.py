@@ -173,7 +173,9 @@ def _mapper(workers: int) -> Iterator[Callable]:
     if workers <= 1:
         yield map
         return
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
+    # fork: workers inherit the imported modules instead of importing torch again (spawn where fork is missing)
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+    with multiprocessing.get_context(method).Pool(workers) as pool:
         yield lambda fn, items: pool.imap(fn, items, chunksize=64)
 
 
@@ -239,8 +241,9 @@ def shard(root: Path | None = None) -> dict[str, Any]:
         version = dvc_dir_md5(file_md5)
         recorded = dvc_file_version(root)
         if recorded != version:
-            print(f"warning: data/raw (md5 {version}) differs from data.dvc ({recorded}); run `sslcook data ingest` "
-                  f"or `dvc add data/raw` to version what you shard", file=sys.stderr)
+            state = f"differs from data.dvc ({recorded})" if recorded else "is not versioned (no data.dvc)"
+            print(f"warning: data/raw (md5 {version}) {state}: `dvc add data/raw` (or `sslcook data ingest`) "
+                  f"versions what you shard", file=sys.stderr)
         source = read_json(raw / SOURCE_FILE) if (raw / SOURCE_FILE).is_file() else {}
         lineage_params = {"seed": params.seed, "data": data_cfg.model_dump(), "shard": shard_cfg.model_dump()}
         manifest = {

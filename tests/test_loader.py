@@ -83,6 +83,8 @@ def test_training_mode_gives_equal_full_batches_and_no_repeats(shards):
     assert [k for b in again for k in b[2]] != runs[0]
     single = shard_data.make_loader(urls, batch_size=32, transform=None, seed=3, num_workers=0, return_keys=True)
     assert len(single) == 9 and len({k for b in single for k in b[2]}) == 288
+    with pytest.raises(shard_data.DataError, match="fewer than batch_size 400"):
+        shard_data.make_loader(urls, batch_size=400, transform=None)
 
 
 def test_views_come_from_the_per_sample_transform(shards):
