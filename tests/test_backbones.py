@@ -79,7 +79,27 @@ def test_small_image_resnet_keeps_torchvision_names():
         torch.testing.assert_close(reference(x), ours(x))
 
 
+def test_small_stem_at_stride_two_halves_the_map_and_keeps_torchvision_names():
+    ours = build_backbone("resnet18", small_image=True, stem_stride=2, width=16, in_chans=1)
+    x = torch.randn(2, 1, 28, 28)
+    assert ours.forward_map(x).shape == (2, 128, 2, 2)  # 28 -> 14 -> 7 -> 4 -> 2
+    assert build_backbone("resnet18", small_image=True, width=16, in_chans=1).forward_map(x).shape[-1] == 4
+    reference = torchvision.models.resnet18(weights=None)
+    reference.conv1 = nn.Conv2d(1, 64, kernel_size=3, stride=2, padding=1, bias=False)
+    reference.maxpool, reference.fc = nn.Identity(), nn.Identity()
+    full = build_backbone("resnet18", small_image=True, stem_stride=2, in_chans=1)
+    reference.load_state_dict(full.state_dict(), strict=True)
+    reference.eval(), full.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reference(x), full(x))
+    with pytest.raises(ValueError, match="stem_stride"):
+        build_backbone("resnet18", small_image=True, stem_stride=3)
+    with pytest.raises(ValueError, match="small_image stem only"):
+        build_backbone("resnet18", stem_stride=2)
+
+
 @pytest.mark.parametrize("kwargs", [dict(name="resnet18", small_image=True, width=16, in_chans=1),
+                                    dict(name="resnet18", small_image=True, stem_stride=2, width=16, in_chans=1),
                                     dict(name="vit_tiny", image_size=32, patch_size=4, depth=2)])
 def test_config_rebuilds_the_same_architecture(kwargs):
     torch.manual_seed(0)
