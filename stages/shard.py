@@ -3,11 +3,12 @@
     python -m stages.shard          (dvc.yaml runs it; params: seed, data, shard)
 
 Each split found in data/raw (train, val, test) is listed in sorted path order, shuffled with ``seed`` (so every
-shard mixes classes and the order is reproducible) and cut into shards of ``shard.shard_size`` samples. Every image is
-decoded and checked again (users can drop files into data/raw by hand) with the same checks as ingest, converted to
-``data.image_mode`` and stored as ``shard.image_format``; a file already in that format and mode, which the loader's
-decoder reads, keeps its original bytes. A sample is ``__key__`` (``{split}-{index:07d}``), the image (``png``/``jpg``),
-``cls`` (class index, -1 for ``_unlabelled``) and ``json`` (``{"path": path under data/raw, "class": name}``).
+shard mixes classes and the order is reproducible) and cut into shards of ``shard.shard_size`` samples. Every image
+is decoded and checked again (users can drop files into data/raw by hand) with the same checks as ingest, in
+``shard.workers`` processes (0: one per CPU), converted to ``data.image_mode`` and stored as ``shard.image_format``;
+a file already in that format and mode, which the loader's decoder reads, keeps its original bytes. A sample is
+``__key__`` (``{split}-{index:07d}``), the image (``png``/``jpg``), ``cls`` (class index, -1 for ``_unlabelled``)
+and ``json`` (``{"path": path under data/raw, "class": name}``).
 
 The manifest holds per split the counts (total and per class) and every shard's name, sha256, sample count and size;
 the class names; image mode, format and size statistics; the skipped files with their reasons (and those skipped at
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import webdataset as wds
 from tqdm import tqdm
 
 from . import images
@@ -80,9 +82,6 @@ class ShardWriter:
     """Writes ``{split}-NNNNNN.tar`` files of ``size`` samples into ``folder`` (reproducible tar headers)."""
 
     def __init__(self, folder: Path, split: str, size: int):
-        import webdataset as wds
-
-        self._wds = wds
         self.folder, self.split, self.size = folder, split, size
         self.shards: list[dict[str, Any]] = []
         self._writer = None
@@ -93,7 +92,7 @@ class ShardWriter:
             self._close()
             name = f"{self.split}-{len(self.shards):06d}.tar"
             self.shards.append({"name": name})
-            self._writer = self._wds.TarWriter(str(self.folder / name), encoder=False, mtime=0, user="sslcook",
+            self._writer = wds.TarWriter(str(self.folder / name), encoder=False, mtime=0, user="sslcook",
                                                group="sslcook")
             self._count = 0
         self._writer.write(sample)
