@@ -9,7 +9,7 @@ import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("flows.pipeline", "run the whole pipeline (dvc.yaml stages as Prefect tasks), in-process"),
-    "data": ("flows.data", "bring a data source into data/raw and version it with DVC (data ingest SOURCE)"),
+    "data": ("flows.data", "data ingest SOURCE: bring a source into data/raw + dvc add; data update: ingest + run the pipeline"),
     "sweep": ("flows.sweep", "run a list of params overrides as DVC experiments and rank them"),
     "serve": ("flows.deploy", "serve the pipeline, data and sweep deployments (nightly cron) locally"),
     "trace": ("flows.trace", "print the lineage chain of an artifact back to its data version and commit"),

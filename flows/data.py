@@ -1,6 +1,7 @@
 """``sslcook data``: bring a data source into data/raw and version it with DVC.
 
     sslcook data ingest [SOURCE] [--path P] [--no-dvc]
+    sslcook data update [SOURCE] [--path P] [--commit] [--no-pipeline]   # the new-data-version flow
 
 SOURCE is mnist5k (default data.source), folder, archive or cifar10; folder/archive take the path of the tree,
 cifar10 a local archive of its image tree (without one, torchvision downloads it). After ingest, the new data
@@ -33,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv and argv[0] == "update":  # ingest + pipeline as one Prefect flow (flows/data_flow.py)
+        from flows.data_flow import main as update_main
+
+        return update_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command != "ingest":
         build_parser().print_help()

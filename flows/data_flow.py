@@ -1,7 +1,7 @@
 """The new-data-version flow: ingest a source, run the pipeline on it, report the data version before and after.
 
-    python -m flows.data_flow folder --path /data/new-images            # ingest + pipeline, nothing committed
-    python -m flows.data_flow mnist5k --commit                          # + `git commit` of data.dvc
+    sslcook data update folder --path /data/new-images            # ingest + pipeline, nothing committed
+    sslcook data update mnist5k --commit                          # + `git commit` of data.dvc
 
 Ingest is the data slice's (``stages.ingest.ingest``: data/raw replaced atomically, then ``dvc add``). The flow
 commits nothing unless asked: with ``commit``, only data.dvc (and data/.gitignore) are committed, before the
@@ -94,7 +94,7 @@ def new_data_flow(source: str | None = None, path: str | None = None, workspace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m flows.data_flow", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="sslcook data update", description=__doc__.split("\n\n")[0])
     p.add_argument("source", nargs="?", help="mnist5k | folder | archive | cifar10 (default: params data.source)")
     p.add_argument("--path", help="the folder or archive of folder/archive/cifar10 sources")
     p.add_argument("--workspace", "-w", help="pipeline workspace (default: $SSLCOOK_WORKSPACE or the current dir)")
