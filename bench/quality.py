@@ -1,0 +1,284 @@
+"""Quality at equal budget: the same epochs of the project and of lightly's building blocks, then kNN (and probe).
+
+    python -m bench.quality [--workload cifar10k|mnist5k] [--methods simclr byol vicreg mae] [--epochs 20]
+                            [--stem standard|small] [--threads 2] [--tiny]
+
+For each method both sides train ``--epochs`` epochs on the workload's train split (cifar10k: 10,000 images,
+39 steps of 256 per epoch) from the same initial seed on batches drawn in the same order with the same view
+recipe (the project's ``ssl_models.augment`` recipe of the method, per image, as the project's loader applies
+it), the same optimizer recipe (the method's, with ``--warmup-epochs`` of linear warmup then cosine; lightly's
+side uses lightly's LARS and CosineWarmupScheduler) and the same head sizes (the project's defaults). The
+project side trains through the project's engine (``ssl_models.engine.Trainer.fit``); lightly's side through
+the loop of lightly's examples. Then the frozen backbone's features (eval transform: normalise only) give kNN
+top-1 (k=200, weights exp(cos/0.1), the bank = the whole train split, queries = the test split), and for MAE a
+linear probe (``ssl_models.evaluation.linear_probe``). Baselines: the randomly initialised backbone and raw
+pixels, same kNN.
+
+The default ``--epochs 20`` makes one ResNet-18 run about 10 minutes on 2 free CPU cores (lightly's SimCLR did 18
+epochs in 7.4 min there); ``--workload mnist5k`` uses the default pipeline's settings (params.yaml: a width-16
+ResNet-18 with the small-image stem, the per-method overrides and augment strengths, batch 256, 10 epochs).
+Writes bench/results/quality-<workload>.json and prints a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.common import machine, table, write_results  # noqa: E402
+
+QUALITY_METHODS = ("simclr", "byol", "vicreg", "mae")
+
+
+def batches(images, labels, transform: Callable, *, batch_size: int, epoch: int, seed: int) -> Iterator[tuple]:
+    """One epoch of (views, labels): a seeded permutation, full batches only, the transform per image."""
+    import torch
+
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+    for start in range(0, len(order) - batch_size + 1, batch_size):
+        idx = order[start:start + batch_size]
+        per_image = [transform(images[i]) for i in idx]
+        views = [torch.stack([v[k] for v in per_image]) for k in range(len(per_image[0]))]
+        yield views, labels[idx]
+
+
+def pipeline_settings(method: str) -> dict[str, Any]:
+    """The default pipeline's backbone, method overrides, augment strengths and schedule (params.yaml)."""
+    import yaml
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    pre, block = params["pretrain"], dict(params["method"].get(method) or {})
+    backbone = dict(block.pop("backbone", None) or pre["backbone"])
+    augment = {**(pre.get("augment") or {}), **(block.pop("augment", None) or {})}
+    schedule = {k: block.pop(k, pre.get(k)) for k in ("epochs", "batch_size", "warmup_epochs")}
+    recipe = {k: block.pop(k) for k in ("optimizer", "base_lr", "weight_decay", "momentum", "lr_scaling")
+              if k in block}
+    for k in ("optimizer", "base_lr", "weight_decay", "momentum", "lr_scaling"):
+        if pre.get(k) is not None and k not in recipe:
+            recipe[k] = pre[k]
+    if "optimizer" in recipe:
+        recipe["name"] = recipe.pop("optimizer")
+    return {"backbone": backbone, "hparams": block, "augment": augment, "recipe": recipe, **schedule}
+
+
+def train_side(side: str, method: str, wl, *, epochs: int, batch_size: int, warmup_epochs: float, stem: str,
+               seed: int, augment: dict[str, Any], hparams: dict[str, Any], recipe: dict[str, Any],
+               backbone_cfg: dict[str, Any] | None, device: str, precision: str) -> dict[str, Any]:
+    import torch
+
+    from bench import steps
+    from ssl_models.augment import build_views
+
+    steps_per_epoch = len(wl.train_images) // batch_size
+    total = epochs * steps_per_epoch
+    warmup = int(round(warmup_epochs * steps_per_epoch))
+    transform = build_views(steps.method_class(method).augment, image_size=wl.image_size, channels=wl.channels,
+                            **augment)
+    common = dict(stem=stem, image_size=wl.image_size, channels=wl.channels, total_steps=total,
+                  warmup_steps=warmup, batch_size=batch_size, device=device, precision=precision,
+                  overrides=hparams, recipe_overrides=recipe)
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    losses: list[float] = []
+    if side == "project":
+        if backbone_cfg is not None:  # the pipeline's own backbone (mnist5k)
+            steps.project_backbone = _fixed_backbone(backbone_cfg, wl.channels, wl.image_size)
+        sided, trainer = steps.project_side(method, **common)
+        trainer.config.epochs, trainer.config.steps_per_epoch = epochs, steps_per_epoch
+        trainer.make_loader = lambda epoch: batches(wl.train_images, wl.train_labels, transform,
+                                                    batch_size=batch_size, epoch=epoch, seed=seed)
+        result = trainer.fit()
+        losses = [r["loss"] for r in result.history]
+        backbone = sided.backbone
+    else:
+        if backbone_cfg is not None:
+            raise ValueError("lightly side on the pipeline backbone is not built (mnist5k runs the project only)")
+        sided = steps.lightly_side(method, **common)
+        for epoch in range(epochs):
+            epoch_losses = []
+            for i, (views, _) in enumerate(batches(wl.train_images, wl.train_labels, transform,
+                                                   batch_size=batch_size, epoch=epoch, seed=seed)):
+                value = sided.step(views, epoch * steps_per_epoch + i)
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"lightly {method}: non-finite loss at epoch {epoch + 1}")
+                epoch_losses.append(value)
+            losses.append(sum(epoch_losses) / len(epoch_losses))
+            print(f"lightly {method} epoch {epoch + 1}/{epochs} loss {losses[-1]:.4f}", file=sys.stderr, flush=True)
+        backbone = sided.backbone
+    seconds = time.perf_counter() - start
+    return {"backbone": backbone, "train_seconds": seconds, "images_per_s": total * batch_size / seconds,
+            "epoch_losses": losses, "steps": total}
+
+
+def _fixed_backbone(cfg: dict[str, Any], channels: int, image_size: int):
+    from ssl_models.backbones import build_backbone
+
+    def build(method, stem, image_size_, channels_):
+        kw = {k: v for k, v in cfg.items() if k != "name"}
+        if cfg["name"].startswith("vit"):
+            kw.setdefault("image_size", image_size)
+        return build_backbone(cfg["name"], in_chans=channels, **kw)
+
+    return build
+
+
+def evaluate(backbone, wl, *, probe: bool, device: str) -> dict[str, float]:
+    from ssl_models.augment import build_eval_transform
+    from ssl_models.evaluation import extract_features, knn_evaluate, linear_probe
+
+    transform = build_eval_transform(image_size=wl.image_size, channels=wl.channels)
+    train = extract_features(backbone, wl.train_images, transform=transform, device=device, progress=False)
+    test = extract_features(backbone, wl.test_images, transform=transform, device=device, progress=False)
+    out = {"knn_top1": knn_evaluate(train, wl.train_labels, test, wl.test_labels, ks=(200,),
+                                    temperature=0.1)["knn_top1_k200"]}
+    if probe:
+        out["linear_probe_top1"] = linear_probe(train, wl.train_labels, test, wl.test_labels, device=device)["top1"]
+    return out
+
+
+def baselines(wl, methods, *, stem: str, device: str, backbone_cfg=None) -> dict[str, Any]:
+    import torch
+
+    from bench import steps
+    from ssl_models.evaluation import knn_evaluate, raw_pixel_features
+
+    out: dict[str, Any] = {"raw_pixels": {"knn_top1": knn_evaluate(
+        raw_pixel_features(wl.train_images), wl.train_labels, raw_pixel_features(wl.test_images), wl.test_labels,
+        ks=(200,), temperature=0.1)["knn_top1_k200"]}}
+    kinds = sorted({"vit" if steps.is_vit_method(m) else "resnet" for m in methods})
+    for kind in kinds:
+        torch.manual_seed(0)
+        method = "mae" if kind == "vit" else "simclr"
+        if backbone_cfg is not None and kind == "resnet":
+            bb = _fixed_backbone(backbone_cfg, wl.channels, wl.image_size)(method, stem, wl.image_size, wl.channels)
+        else:
+            bb = steps.project_backbone(method, stem, wl.image_size, wl.channels)
+        out[f"random_init_{kind}"] = evaluate(bb, wl, probe=kind == "vit", device=device)
+    return out
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from bench.workload import cifar10k, mnist5k
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    if args.workload == "cifar10k":
+        wl = cifar10k(args.archive, train_per_class=args.train_per_class, test_per_class=args.test_per_class)
+    else:
+        wl = mnist5k()
+    results: dict[str, Any] = {"machine": machine(), "workload": wl.describe(), "settings": vars_clean(args),
+                               "methods": {}}
+    results["baselines"] = {} if args.skip_baselines else baselines(
+        wl, args.methods, stem=args.stem, device=args.device,
+        backbone_cfg=None if args.workload == "cifar10k" else pipeline_settings("simclr")["backbone"])
+    for method in args.methods:
+        results["methods"][method] = {}
+        for side in args.sides:
+            if args.workload == "mnist5k":
+                ps = pipeline_settings(method)
+                cfg = dict(epochs=args.epochs or ps["epochs"], batch_size=ps["batch_size"],
+                           warmup_epochs=ps["warmup_epochs"], augment=ps["augment"], hparams=ps["hparams"],
+                           recipe=ps["recipe"], backbone_cfg=ps["backbone"])
+            else:
+                cfg = dict(epochs=args.epochs, batch_size=args.batch_size, warmup_epochs=args.warmup_epochs,
+                           augment={}, hparams={}, recipe={}, backbone_cfg=None)
+            print(f"== {method} / {side}: {cfg['epochs']} epochs", file=sys.stderr, flush=True)
+            try:
+                trained = train_side(side, method, wl, stem=args.stem, seed=args.seed, device=args.device,
+                                     precision=args.precision, **cfg)
+                metrics = evaluate(trained.pop("backbone"), wl, probe=method == "mae", device=args.device)
+                row = {**metrics, **trained, "epochs": cfg["epochs"]}
+            except (FloatingPointError, RuntimeError) as exc:
+                row = {"error": str(exc).splitlines()[0], "epochs": cfg["epochs"]}
+            results["methods"][method][side] = row
+            print(f"   {method} / {side}: {row}", file=sys.stderr, flush=True)
+            write_results(_name(args), results, args.results_dir)  # partial results survive an interruption
+    results["machine"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    return results
+
+
+def vars_clean(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+
+
+def _name(args: argparse.Namespace) -> str:
+    return f"quality-{args.workload}" + (f"-{args.tag}" if args.tag else "") + ("-tiny" if args.tiny else "")
+
+
+def report(results: dict[str, Any]) -> str:
+    rows = []
+    for method, sides in results["methods"].items():
+        p, l_ = sides.get("project", {}), sides.get("lightly", {})
+        diff = p.get("knn_top1", float("nan")) - l_.get("knn_top1", float("nan"))
+        rows.append([method, p.get("epochs"), p.get("knn_top1", p.get("error", "-")),
+                     l_.get("knn_top1", l_.get("error", "-")), round(diff * 100, 1) if diff == diff else "-",
+                     p.get("linear_probe_top1", "-"), l_.get("linear_probe_top1", "-"),
+                     round(p.get("train_seconds", float("nan")) / 60, 1),
+                     round(l_.get("train_seconds", float("nan")) / 60, 1)])
+    base = results["baselines"]
+    text = table(["method", "epochs", "project kNN top-1", "lightly kNN top-1", "difference (points)",
+                  "project probe", "lightly probe", "project min", "lightly min"], rows)
+    text += "\n\nbaselines: " + ", ".join(f"{k} kNN {v['knn_top1']:.3f}" +
+                                          (f" probe {v['linear_probe_top1']:.3f}" if "linear_probe_top1" in v else "")
+                                          for k, v in base.items())
+    return text
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workload", choices=("cifar10k", "mnist5k"), default="cifar10k")
+    p.add_argument("--methods", nargs="+", default=list(QUALITY_METHODS))
+    p.add_argument("--sides", nargs="+", default=["project", "lightly"], choices=("project", "lightly"))
+    p.add_argument("--epochs", type=int, default=None, help="cifar10k default 20 (about 10 min a run on 2 cores); "
+                                                            "mnist5k default: params.yaml pretrain.epochs")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--stem", choices=("standard", "small"), default="standard")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--archive", type=Path, default=None)
+    p.add_argument("--train-per-class", type=int, default=1000)
+    p.add_argument("--test-per-class", type=int, default=None)
+    p.add_argument("--tiny", action="store_true", help="smoke mode: 16 train / 4 test images per class, batch 16, "
+                                                       "1 epoch")
+    p.add_argument("--skip-baselines", action="store_true", help="no random-init / raw-pixel baselines")
+    p.add_argument("--tag", default="", help="suffix of the results file name (runs split over processes)")
+    p.add_argument("--results-dir", type=Path, default=None)
+    args = p.parse_args(argv)
+    if args.tiny:
+        # tiny sizes where the command line gave none
+        if args.train_per_class == 1000:
+            args.train_per_class, args.test_per_class = 16, args.test_per_class or 4
+        if args.batch_size == 256:
+            args.batch_size = 16
+        args.epochs = 1
+    if args.epochs is None and args.workload == "cifar10k":
+        args.epochs = 20
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    results = run(args)
+    path = write_results(_name(args), results, args.results_dir)
+    print(report(results))
+    print(f"\nload average {results['machine']['load_average']} -> {results['machine']['load_average_after']}; "
+          f"written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

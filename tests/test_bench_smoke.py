@@ -1,0 +1,99 @@
+"""The benchmark scripts run end to end in their tiny modes (bench/; results checked for sane content).
+
+lightly is an optional extra (``pip install -e .[bench]``): without it these tests are skipped. The project's own
+packages never import it, which the last test checks on the source.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+lightly = pytest.importorskip("lightly")
+
+
+@pytest.fixture(scope="module")
+def bench_cache(tmp_path_factory, cifar_archive):
+    """The tiny cifar workload decoded once for the module (the scripts read SSLCOOK_BENCH_CACHE)."""
+    import os
+
+    cache = tmp_path_factory.mktemp("bench-cache")
+    old = os.environ.get("SSLCOOK_BENCH_CACHE")
+    os.environ["SSLCOOK_BENCH_CACHE"] = str(cache)
+    yield cache
+    if old is None:
+        os.environ.pop("SSLCOOK_BENCH_CACHE", None)
+    else:
+        os.environ["SSLCOOK_BENCH_CACHE"] = old
+
+
+def test_workload_first_images_per_class_in_name_order(bench_cache, cifar_archive):
+    from bench.workload import cifar10k
+
+    wl = cifar10k(cifar_archive, train_per_class=2, test_per_class=1)
+    assert wl.train_images.dtype.is_floating_point is False and wl.train_images.shape == (20, 3, 32, 32)
+    assert wl.train_labels.tolist() == [c for c in range(10) for _ in range(2)]
+    assert wl.test_images.shape == (10, 3, 32, 32)
+    assert list(bench_cache.glob("cifar-*-2-1.pt")), "decoded once into the cache"
+    again = cifar10k(cifar_archive, train_per_class=2, test_per_class=1)
+    assert bool((again.train_images == wl.train_images).all())
+
+
+def test_both_sides_build_every_method_with_the_same_head_sizes():
+    import torch
+
+    from bench.steps import METHODS, build_side
+
+    torch.manual_seed(0)
+    for method in METHODS:
+        if method == "mae":  # lightly's MAE backbone learns its positions; the project's are fixed sine-cosine
+            continue
+        project = build_side("project", method, total_steps=10, batch_size=8)
+        peer = build_side("lightly", method, total_steps=10, batch_size=8)
+        # lightly's SimCLR head ends in a BatchNorm (a few hundred parameters); otherwise the counts are equal
+        assert abs(project.parameters() - peer.parameters()) <= 1e-3 * project.parameters(), method
+
+
+def test_throughput_tiny_measures_both_sides_in_separate_processes(bench_cache, tmp_path):
+    from bench import throughput
+
+    assert throughput.main(["--tiny", "--methods", "simclr", "--results-dir", str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "throughput-tiny.json").read_text())["methods"]["simclr"]
+    assert set(r["images_per_s"]) == {"project", "lightly", "bare"}
+    assert all(v > 0 for v in r["images_per_s"].values())
+    assert r["ratio_project_over_lightly"] > 0 and len(r["ratios"]) == 1
+    assert all(v > 100 for v in r["peak_rss_mb"].values())  # each side's own process (torch alone is > 100 MB)
+
+
+def test_quality_and_gpu_script_tiny(bench_cache, tmp_path):
+    from bench import quality
+
+    assert quality.main(["--tiny", "--methods", "simclr", "--train-per-class", "4", "--test-per-class", "2",
+                         "--batch-size", "8", "--results-dir", str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "quality-cifar10k-tiny.json").read_text())
+    for side in ("project", "lightly"):
+        assert 0.0 <= r["methods"]["simclr"][side]["knn_top1"] <= 1.0
+        assert r["methods"]["simclr"][side]["steps"] == 5  # 40 images // 8, one epoch
+    assert {"raw_pixels", "random_init_resnet"} <= set(r["baselines"])
+
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--tiny", "--methods", "simclr",
+                           "--results-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    g = json.loads((tmp_path / "gpu-tiny.json").read_text())
+    assert g["device"] == "cpu" and g["throughput"]["simclr"]["ratio_project_over_lightly"] > 0
+    assert 0.0 <= g["quality"]["project"]["knn_top1"] <= 1.0
+
+
+def test_project_code_never_imports_the_peer():
+    for package in ("flows", "stages", "ssl_models"):
+        for path in (ROOT / package).rglob("*.py"):
+            tree = ast.parse(path.read_text(), filename=str(path))
+            for node in ast.walk(tree):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                assert not any(n.split(".")[0] == "lightly" for n in names), f"{path} imports lightly"
