@@ -59,6 +59,7 @@ def test_both_sides_build_every_method_with_the_same_head_sizes():
         assert abs(project.parameters() - peer.parameters()) <= 1e-3 * project.parameters(), method
 
 
+@pytest.mark.slow  # subprocesses importing torch + lightly: ~25-40 s idle, minutes on a busy machine
 def test_throughput_tiny_measures_both_sides_in_separate_processes(bench_cache, tmp_path):
     from bench import throughput
 
@@ -70,6 +71,7 @@ def test_throughput_tiny_measures_both_sides_in_separate_processes(bench_cache, 
     assert all(v > 100 for v in r["peak_rss_mb"].values())  # each side's own process (torch alone is > 100 MB)
 
 
+@pytest.mark.slow  # subprocesses importing torch + lightly: ~25-40 s idle, minutes on a busy machine
 def test_quality_and_gpu_script_tiny(bench_cache, tmp_path):
     from bench import quality
 
