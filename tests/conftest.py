@@ -31,6 +31,18 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models and per-image transforms run single-threaded: on 2 shared cores a second OpenMP thread costs far
+    more in synchronisation than it computes (measured 6-13x slower under load)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def cifar_archive() -> Path:
     if not CIFAR_ARCHIVE.exists():

@@ -8,13 +8,7 @@ from ssl_models import build_eval_transform, build_views
 from ssl_models.augment import GREY_MEAN, GREY_STD, RGB_MEAN, RGB_STD
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny tensors: on 2 shared cores a second OpenMP thread costs more in synchronisation than it computes
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def image(channels=3, size=32, seed=0):

@@ -14,13 +14,7 @@ from ssl_models.backbones import sincos_position_embedding
 INPUTS = [(1, 28), (3, 32), (3, 96)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny tensors: on 2 shared cores a second OpenMP thread costs more in synchronisation than it computes
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.mark.parametrize("channels,size", INPUTS)

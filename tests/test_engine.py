@@ -16,13 +16,7 @@ from tiny_ssl import CollapsingMethod, SyntheticLoader, TinyBackbone, TinyMethod
 CPU = Runtime(device=torch.device("cpu"))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models: one thread is fastest, and it avoids OpenMP spin-waits when the cores are shared
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def build(seed=0, method_cls=TinyMethod, **kw):

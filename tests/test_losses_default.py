@@ -17,13 +17,7 @@ from ssl_models.methods.vicreg import VICRegLoss
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny tensors: on 2 shared cores a second OpenMP thread costs more in synchronisation than it computes
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def fixed(*shape, seed=0):

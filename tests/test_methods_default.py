@@ -23,14 +23,7 @@ SMALL_HEADS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny convolutions and per-image transforms: on 2 shared cores a second OpenMP thread costs far more in
-    # synchronisation than it computes (measured 6-13x slower under load), so these tests run single-threaded
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def small_backbone(name: str):
