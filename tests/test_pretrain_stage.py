@@ -114,7 +114,8 @@ def test_method_block_overrides_common_block_key_by_key():
     cfg, hparams = resolve_method(params, "simclr")
     assert cfg.epochs == 3 and cfg.monitor.min_rankme == 2.5 and cfg.monitor.fatal is True
     assert hparams["temperature"] == 0.5 and hparams["projection_dim"] == 128  # untouched default
-    assert cfg.backbone == {"name": "resnet18", "small_image": True, "width": 8}  # same name: merged
+    assert raw["pretrain"]["backbone"]["name"] == "resnet18"
+    assert cfg.backbone == {**raw["pretrain"]["backbone"], "width": 8}  # same name: merged key by key
     cfg, _ = resolve_method(params, "mae")
     assert cfg.backbone == {"name": "vit_tiny", "patch_size": 7}  # another architecture: replaced
     assert resolve_method(params, "byol")[0].epochs == raw["pretrain"]["epochs"]
@@ -318,7 +319,8 @@ def test_dvc_repro_reruns_only_the_changed_method(tmp_path, shards):
     ckpt_simclr = sha256_file(ws / "runs" / "simclr" / "checkpoint.pt")
 
     params = yaml.safe_load((ws / "params.yaml").read_text())
-    params["method"]["byol"]["base_momentum"] = 0.9
+    assert params["method"]["byol"].get("base_momentum") != 0.97
+    params["method"]["byol"]["base_momentum"] = 0.97
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     second = run([sys.executable, "-m", "dvc", "repro"], ws)
     assert "Running stage 'pretrain@byol'" in second.stdout
