@@ -32,8 +32,11 @@ $(STAMP): pyproject.toml
 	@set -o pipefail; $(PY) -m pip install -q -e '.[dev]' 2>&1 | { grep -v '^WARNING: Location' || true; }
 	@mkdir -p $(WANDB_DIR) && touch $@
 
+# RUN_ARGS: extra `sslcook run` options, e.g. `make run RUN_ARGS=--force` re-runs every stage
+RUN_ARGS ?=
+
 run: setup
-	$(VENV)/bin/sslcook run
+	$(VENV)/bin/sslcook run $(RUN_ARGS)
 
 test: setup
 	$(PY) -m pytest -q

@@ -124,4 +124,6 @@ class MAE(SSLMethod):
         latent = torch.cat([features["cls"][:, None], features["patch_tokens"]], dim=1)
         prediction = self.decode(latent, restore_index, grid)
         loss = self.criterion(prediction, patches, mask)
-        return {"loss": loss, "embedding": features["cls"].detach(), "mask_ratio": mask.mean()}
+        # the monitors watch what evaluation reads: the backbone's pooled output (class token or patch mean)
+        pooled = features["cls"] if self.backbone.global_pool == "cls" else features["patch_tokens"].mean(dim=1)
+        return {"loss": loss, "embedding": pooled.detach(), "mask_ratio": mask.mean()}
