@@ -15,9 +15,18 @@ linear probe (``ssl_models.evaluation.linear_probe``). Baselines: the randomly i
 pixels, same kNN.
 
 The default ``--epochs 20`` makes one ResNet-18 run about 10 minutes on 2 free CPU cores (lightly's SimCLR did 18
-epochs in 7.4 min there); ``--workload mnist5k`` uses the default pipeline's settings (params.yaml: a width-16
-ResNet-18 with the small-image stem, the per-method overrides and augment strengths, batch 256, 10 epochs).
+epochs in 7.4 min there); ``--workload mnist5k`` uses the default pipeline's settings (params.yaml: the width-16
+ResNet-18 with the small-image stem and MAE's 6-block ViT, the per-method overrides, batch sizes, augment
+strengths and epochs); lightly's side there puts lightly's heads and losses on the project's ResNet module (same
+architecture) and builds lightly's MAE on a torchvision ViT of the same depth, patch size and pooling.
 Writes bench/results/quality-<workload>.json and prints a markdown table.
+
+Side by side on one machine: the two sides can run at the same time, one process and one thread each, so both
+see the same machine conditions (the kNN depends on the epochs, not on the threads), then be merged:
+
+    python -m bench.quality --sides project --threads 1 --tag project &
+    python -m bench.quality --sides lightly --threads 1 --tag lightly --skip-baselines &
+    wait; python -m bench.quality --combine bench/results/quality-cifar10k-{project,lightly}.json
 """
 from __future__ import annotations
 
@@ -100,9 +109,7 @@ def train_side(side: str, method: str, wl, *, epochs: int, batch_size: int, warm
         losses = [r["loss"] for r in result.history]
         backbone = sided.backbone
     else:
-        if backbone_cfg is not None:
-            raise ValueError("lightly side on the pipeline backbone is not built (mnist5k runs the project only)")
-        sided = steps.lightly_side(method, **common)
+        sided = steps.lightly_side(method, backbone_cfg=backbone_cfg, **common)
         for epoch in range(epochs):
             epoch_losses = []
             for i, (views, _) in enumerate(batches(wl.train_images, wl.train_labels, transform,
@@ -257,6 +264,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-baselines", action="store_true", help="no random-init / raw-pixel baselines")
     p.add_argument("--tag", default="", help="suffix of the results file name (runs split over processes)")
     p.add_argument("--results-dir", type=Path, default=None)
+    p.add_argument("--combine", type=Path, nargs="+", default=None, metavar="JSON",
+                   help="merge results files of runs split over processes into quality-<workload>[-<tag>].json "
+                        "and print the table (no training)")
     args = p.parse_args(argv)
     if args.tiny:
         # tiny sizes where the command line gave none
@@ -270,8 +280,39 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def combine(paths: list[Path], name: str, results_dir: Path | None) -> dict[str, Any]:
+    """Merge results files of one workload written by runs split over processes (``--sides``/``--tag``): the
+    methods' sides and the baselines of every file, each file's machine record kept under ``parts``."""
+    import json
+
+    merged: dict[str, Any] = {"methods": {}, "baselines": {}, "parts": []}
+    workloads = set()
+    for path in paths:
+        try:
+            part = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"bench.quality --combine: cannot read {path}: {exc}")
+        workloads.add(json.dumps(part.get("workload"), sort_keys=True))
+        merged["parts"].append({"file": Path(path).name, "machine": part.get("machine"),
+                                "settings": part.get("settings")})
+        merged["baselines"].update(part.get("baselines") or {})
+        for method, sides in (part.get("methods") or {}).items():
+            merged["methods"].setdefault(method, {}).update(sides)
+    if len(workloads) != 1:
+        raise SystemExit(f"bench.quality --combine: the files are of different workloads: {', '.join(map(str, paths))}")
+    merged["workload"] = json.loads(workloads.pop())
+    merged["machine"] = merged["parts"][0]["machine"]
+    write_results(name, merged, results_dir)
+    return merged
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.combine:
+        name = f"quality-{args.workload}" + (f"-{args.tag}" if args.tag else "")
+        results = combine(args.combine, name, args.results_dir)
+        print(report(results))
+        return 0
     results = run(args)
     path = write_results(_name(args), results, args.results_dir)
     print(report(results))

@@ -4,8 +4,8 @@
 
 1. ``bench.throughput``: training-step images/s and peak RSS, project vs lightly vs the bare backbone (10 methods);
 2. ``bench.quality``: kNN top-1 at equal budget on cifar10k (SimCLR, BYOL, VICReg, MAE; default 20 epochs, about
-   10 minutes a run on 2 CPU cores, 8 runs), then the project's methods on mnist5k with the default pipeline's
-   settings;
+   10 minutes a run on 2 CPU cores, 8 runs), then the same on mnist5k with the default pipeline's settings
+   (backbones, per-method recipes, epochs), both sides;
 3. ``bench.bench_data``: the data path (shard stage, loader vs ImageFolder);
 4. ``bench.overhead``: no-op ``dvc repro`` and ``sslcook run``.
 
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         elif part == "quality":
             rc = quality.main(extra + (["--epochs", str(args.epochs)] if args.epochs else []))
         elif part == "mnist5k":
-            rc = quality.main(["--workload", "mnist5k", "--sides", "project",
+            rc = quality.main(["--workload", "mnist5k",
                                *(["--epochs", "1", "--methods", "simclr", "--results-dir",
                                   str(args.results_dir or ROOT / "bench" / "results")] if args.tiny else
                                  (["--results-dir", str(args.results_dir)] if args.results_dir else []))])

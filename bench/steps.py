@@ -178,8 +178,13 @@ def _lightly_optimizer(model: nn.Module, rec: dict[str, Any], batch_size: int, t
 def lightly_side(method: str, *, stem: str = "standard", image_size: int = 32, channels: int = 3,
                  total_steps: int = 1000, warmup_steps: int = 0, batch_size: int = 256, precision: str = "fp32",
                  device: torch.device | str = "cpu", overrides: dict[str, Any] | None = None,
-                 recipe_overrides: dict[str, Any] | None = None) -> Side:
-    """The method from lightly's building blocks, sized like the project's defaults (see the module docstring)."""
+                 recipe_overrides: dict[str, Any] | None = None, backbone_cfg: dict[str, Any] | None = None) -> Side:
+    """The method from lightly's building blocks, sized like the project's defaults (see the module docstring).
+
+    ``backbone_cfg`` (the pipeline's ``build_backbone`` config, for the mnist5k workload): a ResNet is the project's
+    module itself (same architecture on both sides; lightly's heads sit on its pooled features); a ViT sets the
+    depth, patch size and pooling (``global_pool: mean``: the mean of the patch tokens) of lightly's ViT.
+    """
     from lightly import loss as L
     from lightly.models import utils as U
     from lightly.models.modules import heads as H
@@ -188,11 +193,17 @@ def lightly_side(method: str, *, stem: str = "standard", image_size: int = 32, c
     device = torch.device(device)
     hp = hparams(method, overrides)
     m = _LightlyModel()
+    vit_cfg = dict(backbone_cfg or {}) if is_vit_method(method) else {}
     if is_vit_method(method):
         m.backbone = None  # set below
+    elif backbone_cfg is not None:
+        from ssl_models.backbones import build_backbone
+
+        m.backbone = build_backbone(backbone_cfg["name"], in_chans=channels,
+                                    **{k: v for k, v in backbone_cfg.items() if k != "name"})
     else:
         m.backbone = torchvision_resnet18(stem, channels)
-    feat = 512
+    feat = getattr(m.backbone, "feature_dim", 512)
 
     def momentum_copy(module: nn.Module) -> nn.Module:
         twin = copy.deepcopy(module)
@@ -329,15 +340,18 @@ def lightly_side(method: str, *, stem: str = "standard", image_size: int = 32, c
         import torchvision
         from lightly.models.modules.masked_autoencoder import MAEBackbone, MAEDecoder
 
-        vit = torchvision.models.VisionTransformer(image_size=image_size, patch_size=4, num_layers=12, num_heads=3,
+        patch = int(vit_cfg.get("patch_size", 4))
+        vit = torchvision.models.VisionTransformer(image_size=image_size, patch_size=patch,
+                                                   num_layers=int(vit_cfg.get("depth", 12)), num_heads=3,
                                                    hidden_dim=192, mlp_dim=768)
         if channels != 3:
-            vit.conv_proj = nn.Conv2d(channels, 192, kernel_size=4, stride=4)
+            vit.conv_proj = nn.Conv2d(channels, 192, kernel_size=patch, stride=patch)
         m.backbone = MAEBackbone.from_vit(vit)
         seq = vit.seq_length
         dim = hp["decoder_dim"]
         m.decoder = MAEDecoder(seq_length=seq, num_layers=hp["decoder_depth"], num_heads=hp["decoder_heads"],
-                               embed_input_dim=192, hidden_dim=dim, mlp_dim=4 * dim, out_dim=16 * channels)
+                               embed_input_dim=192, hidden_dim=dim, mlp_dim=4 * dim,
+                               out_dim=patch * patch * channels)
         m.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         mask_ratio = hp["mask_ratio"]
 
@@ -350,7 +364,7 @@ def lightly_side(method: str, *, stem: str = "standard", image_size: int = 32, c
             tokens = U.set_at_index(tokens, idx_keep, m.decoder.embed(encoded).type_as(tokens))
             decoded = m.decoder.decode(tokens)
             prediction = m.decoder.predict(U.get_at_index(decoded, idx_mask))
-            target = U.get_at_index(U.patchify(images, 4), idx_mask - 1)
+            target = U.get_at_index(U.patchify(images, patch), idx_mask - 1)
             if hp["norm_pix_loss"]:
                 target = U.normalize_mean_var(target, dim=-1)
             return F.mse_loss(prediction, target)
@@ -374,9 +388,22 @@ def lightly_side(method: str, *, stem: str = "standard", image_size: int = 32, c
         return float(loss.detach())
 
     backbone = m.backbone
-    if not is_vit_method(method):
+    if not is_vit_method(method) and backbone_cfg is None:
         backbone = _FlatFeatures(m.backbone)
+    elif vit_cfg.get("global_pool") == "mean":
+        backbone = _MeanPatchTokens(m.backbone)
     return Side("lightly", m, backbone, step)
+
+
+class _MeanPatchTokens(nn.Module):
+    """(B, D) features of lightly's MAE backbone: the mean of the patch tokens (the class token left out)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net.encode(x)[:, 1:].mean(dim=1)
 
 
 class _FlatFeatures(nn.Module):

@@ -91,6 +91,48 @@ def test_quality_and_gpu_script_tiny(bench_cache, tmp_path):
     assert 0.0 <= g["quality"]["project"]["knn_top1"] <= 1.0
 
 
+def test_quality_runs_split_over_processes_combine_into_one_table(tmp_path, capsys):
+    from bench import quality
+
+    def part(name, method, side, knn, baselines=None, workload="cifar10k"):
+        data = {"machine": {"date": name}, "workload": {"name": workload}, "settings": {"sides": [side]},
+                "baselines": baselines or {}, "methods": {method: {side: {"knn_top1": knn, "epochs": 3}}}}
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(data))
+        return str(path)
+
+    a = part("p", "simclr", "project", 0.61, {"raw_pixels": {"knn_top1": 0.3}})
+    b = part("l", "simclr", "lightly", 0.58)
+    assert quality.main(["--combine", a, b, "--results-dir", str(tmp_path)]) == 0
+    merged = json.loads((tmp_path / "quality-cifar10k.json").read_text())
+    assert merged["methods"]["simclr"] == {"project": {"knn_top1": 0.61, "epochs": 3},
+                                           "lightly": {"knn_top1": 0.58, "epochs": 3}}
+    assert merged["baselines"] == {"raw_pixels": {"knn_top1": 0.3}} and len(merged["parts"]) == 2
+    assert "| simclr | 3 | 0.610 | 0.580 | 3.000 |" in capsys.readouterr().out
+    other = part("o", "byol", "lightly", 0.5, workload="mnist5k")
+    with pytest.raises(SystemExit, match="different workloads"):
+        quality.main(["--combine", a, other, "--results-dir", str(tmp_path)])
+
+
+def test_lightly_side_on_the_pipeline_backbones():
+    """mnist5k: lightly's heads on the project's width-16 ResNet, lightly's MAE on a ViT of the pipeline's shape."""
+    import torch
+
+    from bench import steps
+
+    torch.manual_seed(0)
+    views = [torch.randn(8, 1, 28, 28) for _ in range(2)]
+    resnet = {"name": "resnet18", "small_image": True, "width": 16, "stem_stride": 2}
+    side = steps.lightly_side("byol", image_size=28, channels=1, total_steps=2, batch_size=8, backbone_cfg=resnet)
+    assert torch.isfinite(torch.tensor(side.step(views, 0)))
+    assert side.backbone(views[0]).shape == (8, 128)  # the project's backbone: width 16 -> 128 features
+    vit = {"name": "vit_tiny", "patch_size": 4, "depth": 2, "global_pool": "mean"}
+    side = steps.lightly_side("mae", image_size=28, channels=1, total_steps=2, batch_size=8, backbone_cfg=vit)
+    assert torch.isfinite(torch.tensor(side.step(views, 0)))
+    assert len(side.model.backbone.encoder.layers) == 2
+    assert side.backbone(views[0]).shape == (8, 192)
+
+
 def test_project_code_never_imports_the_peer():
     for package in ("flows", "stages", "ssl_models"):
         for path in (ROOT / package).rglob("*.py"):
