@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from bench.steps import build_side, make_views
+    from bench.steps import build_side, engine_cpu_mode, make_views
     from bench.workload import cifar10k
 
     warnings.filterwarnings("ignore")
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     views = make_views(args.method, images, channels=wl.channels, image_size=wl.image_size)
     side = build_side(args.side, args.method, batch_size=batch, total_steps=1000)
     if args.side == "project":
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        engine_cpu_mode()  # the CPU settings Trainer.fit trains under
     side.step(views, 0)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for i in range(args.steps):

@@ -48,7 +48,7 @@ def child(args: argparse.Namespace) -> int:
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
-    from bench.steps import build_side
+    from bench.steps import build_side, engine_cpu_mode
 
     rss_imports = _rss_mb()
     views = torch.load(args.views, weights_only=True)
@@ -57,7 +57,7 @@ def child(args: argparse.Namespace) -> int:
                       channels=int(views[0].shape[1]), batch_size=batch, total_steps=1000, warmup_steps=0,
                       device=args.device, precision=args.precision)
     if args.side == "project" and torch.device(args.device).type == "cpu":
-        torch.use_deterministic_algorithms(True, warn_only=True)  # as Trainer.fit runs on CPU
+        engine_cpu_mode()  # the CPU settings Trainer.fit trains under
     side.step(views, 0)  # warm-up: allocations, lazy inits, optimizer state
     times = []
     for i in range(args.steps):

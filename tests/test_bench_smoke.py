@@ -133,6 +133,27 @@ def test_lightly_side_on_the_pipeline_backbones():
     assert side.backbone(views[0]).shape == (8, 192)
 
 
+def test_timed_project_step_runs_under_the_engines_cpu_settings(monkeypatch):
+    """bench.throughput times the project's step outside Trainer.fit: it must switch on what fit switches on."""
+    import torch
+
+    from bench import steps
+
+    before = (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory)
+    seen = {}
+    side, trainer = steps.project_side("simclr", image_size=16, total_steps=1, batch_size=4)
+    monkeypatch.setattr(trainer, "_fit", lambda total: seen.setdefault(
+        "fit", (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory)))
+    trainer.fit()
+    try:
+        steps.engine_cpu_mode()
+        assert (torch.are_deterministic_algorithms_enabled(),
+                torch.utils.deterministic.fill_uninitialized_memory) == seen["fit"] == (True, False)
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.utils.deterministic.fill_uninitialized_memory = before[1]
+
+
 def test_project_code_never_imports_the_peer():
     for package in ("flows", "stages", "ssl_models"):
         for path in (ROOT / package).rglob("*.py"):
