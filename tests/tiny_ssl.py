@@ -194,11 +194,14 @@ TINY_VIT = {"name": "vit_tiny", "patch_size": 7, "embed_dim": 32, "depth": 1, "n
 
 
 def tiny_method_block(name: str, project_block: dict | None = None) -> dict:
-    """The project's method.<name> block with every head shrunk (dims 32, queues 64) and a tiny ViT if it uses one."""
+    """The project's method.<name> block with every head shrunk (dims 32, queues 64), a tiny ViT if it uses one,
+    and no per-method batch size or epochs (the tiny workspace's common block sets them)."""
     from ssl_models import registry
 
     spec = registry.get(name)
     block = dict(project_block or {})
+    for key in ("batch_size", "epochs"):  # the tiny common block's schedule applies to every method
+        block.pop(key, None)
     for key, value in spec.defaults().items():
         if isinstance(value, bool) or not isinstance(value, int):
             continue
