@@ -9,7 +9,7 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "bench" / "results"
@@ -66,6 +66,16 @@ def write_results(name: str, data: dict[str, Any], results_dir: Path | None = No
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
+    return path
+
+
+def publish(name: str, results: dict[str, Any], results_dir: Path | None,
+            report: Callable[[dict[str, Any]], str]) -> Path:
+    """Write a run's results file and print its report table with the load average before and after the run."""
+    path = write_results(name, results, results_dir)
+    print(report(results))
+    print(f"\nload average {results['machine']['load_average']} -> {results['machine']['load_average_after']}; "
+          f"written to {path}")
     return path
 
 

@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.common import machine, table, write_results  # noqa: E402
+from bench.common import machine, publish, table, write_results  # noqa: E402
 
 QUALITY_METHODS = ("simclr", "byol", "vicreg", "mae")
 
@@ -309,15 +309,10 @@ def combine(paths: list[Path], name: str, results_dir: Path | None) -> dict[str,
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     if args.combine:
-        name = f"quality-{args.workload}" + (f"-{args.tag}" if args.tag else "")
-        results = combine(args.combine, name, args.results_dir)
+        results = combine(args.combine, _name(args), args.results_dir)
         print(report(results))
         return 0
-    results = run(args)
-    path = write_results(_name(args), results, args.results_dir)
-    print(report(results))
-    print(f"\nload average {results['machine']['load_average']} -> {results['machine']['load_average_after']}; "
-          f"written to {path}")
+    publish(_name(args), run(args), args.results_dir, report)
     return 0
 
 

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.common import machine, median, table, write_results  # noqa: E402
+from bench.common import machine, publish, median, table, write_results  # noqa: E402
 from bench.steps import METHODS  # noqa: E402
 
 TINY = {"batch_size": 8, "steps": 1, "repeats": 1, "train_per_class": 2, "test_per_class": 1}
@@ -192,11 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     if args.child:
         return child(args)
-    results = run(args)
-    path = write_results(_name(args), results, args.results_dir)
-    print(report(results))
-    print(f"\nload average {results['machine']['load_average']} -> {results['machine']['load_average_after']}; "
-          f"written to {path}")
+    publish(_name(args), run(args), args.results_dir, report)
     return 0
 
 
