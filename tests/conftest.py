@@ -113,31 +113,20 @@ def workspace(tmp_path) -> Path:
     return ws
 
 
-class _ForkserverOnly:
-    """``multiprocessing`` as stages.shard sees it inside the test runner: pools start from a fresh forkserver.
-
-    The shard stage forks its decode workers, which is safe in its own process (``python -m stages.shard``, as
-    `dvc repro` runs it). The test runner calls the stage in-process while it holds threads of earlier tests
-    (Prefect's client, wandb): a fork then copies whatever lock such a thread holds, and a worker can wait on it
-    forever. The pool path still runs, from a clean forkserver process.
-    """
-
-    def __getattr__(self, name):
-        import multiprocessing
-
-        return getattr(multiprocessing, name)
-
-    def get_all_start_methods(self):
-        return ["forkserver", "spawn"]
-
-    def get_context(self, method=None):
-        import multiprocessing
-
-        return multiprocessing.get_context("forkserver" if method in (None, "fork") else method)
-
-
 @pytest.fixture(autouse=True)
-def _no_fork_in_process_shard_pools(monkeypatch):
+def _no_process_pool_in_the_test_runner(monkeypatch):
+    """In-process calls of the shard stage decode in the test runner itself, without a worker pool.
+
+    The stage's pool is for its own process (``python -m stages.shard``, as `dvc repro` runs it, which the
+    pipeline tests exercise). Inside the test runner, which holds threads of earlier tests (Prefect's client,
+    wandb), pools were seen to hang at shutdown (fork and forkserver alike), so in-process calls map inline.
+    """
+    import contextlib
+
     import stages.shard
 
-    monkeypatch.setattr(stages.shard, "multiprocessing", _ForkserverOnly())
+    @contextlib.contextmanager
+    def inline(workers):
+        yield map
+
+    monkeypatch.setattr(stages.shard, "_mapper", inline)
