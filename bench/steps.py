@@ -225,7 +225,7 @@ def lightly_side(method: str, *, stem: str = "standard", image_size: int = 32, c
             return crit(z0, z1)
 
     elif method in ("byol", "moco"):
-        if method == "byol":
+        if method == "byol":  # lightly has no DirectPred: its BYOL always trains the MLP predictor
             m.head = H.BYOLProjectionHead(feat, hp["projector_hidden_dim"], hp["projection_dim"])
             m.predictor = H.BYOLPredictionHead(hp["projection_dim"], hp["predictor_hidden_dim"],
                                                hp["projection_dim"])

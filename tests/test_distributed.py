@@ -1,4 +1,5 @@
-"""Gathered losses across 2 gloo processes equal one process on the concatenated batch (loss and gradients)."""
+"""Gathered losses across 2 gloo processes equal one process on the concatenated batch (loss and gradients); so
+does DirectPred's predictor, which is set from the global batch's correlation."""
 from __future__ import annotations
 
 import pytest
@@ -9,6 +10,7 @@ from torch import nn
 from dist_utils import (assert_matches_single, gathered_loss_case, gathered_loss_worker, run_distributed,
                         single_process)
 from ssl_models import distributed
+from ssl_models.methods.byol import DirectPredictor
 
 CASES = [
     gathered_loss_case("ssl_models.methods.simclr:NTXentLoss", {"temperature": 0.2}),
@@ -24,6 +26,20 @@ def _naive_gather(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def _direct_pred_batches() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return [torch.randn(8, 5, generator=g) @ torch.randn(5, 5, generator=g) for _ in range(2)]
+
+
+def _direct_pred_weight(batches: list[torch.Tensor], rank: int = 0, world_size: int = 1) -> torch.Tensor:
+    torch.manual_seed(0)
+    predictor = DirectPredictor(5, eps=0.2, rho=0.3)
+    for z in batches:
+        per_rank = z.shape[0] // world_size
+        predictor(z[rank * per_rank:(rank + 1) * per_rank])
+    return predictor.weight.clone()
+
+
 def correct_and_naive_worker(rank: int, world_size: int, cases: list[dict]) -> dict:
     correct = gathered_loss_worker(rank, world_size, cases)
     original = distributed.gather
@@ -37,7 +53,8 @@ def correct_and_naive_worker(rank: int, world_size: int, cases: list[dict]) -> d
                "mean": distributed.all_reduce_mean(float(rank)),
                "gathered_no_grad": distributed.gather_no_grad(torch.full((2, 1), float(rank))),
                "syncbn_on_cpu_unchanged": isinstance(distributed.convert_sync_batchnorm(nn.BatchNorm1d(3)),
-                                                    nn.BatchNorm1d)}
+                                                    nn.BatchNorm1d),
+               "direct_pred_weight": _direct_pred_weight(_direct_pred_batches(), rank, world_size)}
     return {"correct": correct, "naive": naive, "helpers": helpers}
 
 
@@ -61,6 +78,11 @@ def test_gathered_losses_match_single_process_and_naive_gather_does_not():
         assert float(h["mean"]) == pytest.approx(0.5)
         assert h["gathered_no_grad"].flatten().tolist() == [0.0, 0.0, 1.0, 1.0]
         assert h["syncbn_on_cpu_unchanged"]
+        # DirectPred sets its predictor from the global batch: every rank's W_p equals one process on all rows
+        torch.testing.assert_close(h["direct_pred_weight"], _direct_pred_weight(_direct_pred_batches()),
+                                   atol=1e-5, rtol=0)
+    local_only = _direct_pred_weight([z[:4] for z in _direct_pred_batches()])
+    assert (local_only - per_rank[0]["helpers"]["direct_pred_weight"]).abs().max() > 1e-3
 
 
 def test_single_process_helpers_are_identities():

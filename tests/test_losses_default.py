@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from ssl_models import build_backbone
 from ssl_models.heads import cosine_momentum
-from ssl_models.methods.byol import BYOL, BYOLLoss
+from ssl_models.methods.byol import BYOL, BYOLLoss, DirectPredictor
 from ssl_models.methods.mae import MAE, MaskedPatchReconstructionLoss, random_masking
 from ssl_models.methods.simclr import NTXentLoss
 from ssl_models.methods.vicreg import VICRegLoss
@@ -225,6 +226,58 @@ def test_byol_teacher_gets_no_gradient_predictor_and_projector_do():
         torch.testing.assert_close(t_new, tau * t_old + (1 - tau) * (s_old + 1.0))
     assert cosine_momentum(5, 10, 0.99) == pytest.approx(0.995)
     assert cosine_momentum(10, 10, 0.99) == pytest.approx(1.0)
+
+
+def direct_pred_reference(corr, eps):
+    """DirectPred's W_p = U diag(sqrt(s / max s) + eps) U^T, with numpy's eigendecomposition."""
+    s, u = np.linalg.eigh(corr)
+    s = np.clip(s, 0, None)
+    return (u * (np.sqrt(s / s.max()) + eps)) @ u.T
+
+
+def test_direct_predictor_is_set_from_the_running_correlation():
+    z1, z2 = fixed(32, 6, seed=1).float() @ fixed(6, 6, seed=2).float(), fixed(32, 6, seed=3).float()
+    predictor = DirectPredictor(6, eps=0.1, rho=0.3)
+    assert torch.equal(predictor.weight, torch.eye(6))
+    out = predictor(z1)  # the first batch starts F
+    c1 = (z1.T @ z1 / 32).numpy()
+    np.testing.assert_allclose(predictor.weight.numpy(), direct_pred_reference(c1, 0.1), atol=1e-5)
+    torch.testing.assert_close(out, z1 @ predictor.weight)
+    predictor(z2)  # then F <- rho F + (1 - rho) E[z z^T]
+    corr = 0.3 * c1 + 0.7 * (z2.T @ z2 / 32).numpy()
+    np.testing.assert_allclose(predictor.correlation.numpy(), corr, atol=1e-5)
+    w = predictor.weight.numpy()
+    np.testing.assert_allclose(w, direct_pred_reference(corr, 0.1), atol=1e-5)
+    np.testing.assert_allclose(w @ corr, corr @ w, atol=1e-4)  # eigenspace-aligned with F
+    assert int(predictor.updates) == 2
+
+    # eval mode predicts with the last W_p and leaves it alone; gradients reach z, none is kept for W_p
+    predictor.eval()
+    z = fixed(4, 6, seed=4).float().requires_grad_(True)
+    predictor(z).sum().backward()
+    torch.testing.assert_close(z.grad, predictor.weight.sum(1).expand(4, 6))
+    assert int(predictor.updates) == 2 and list(predictor.parameters()) == []
+    assert set(predictor.state_dict()) == {"correlation", "weight", "updates"}  # checkpoints carry it
+
+    for bad in (dict(eps=-0.1), dict(rho=1.0)):
+        with pytest.raises(ValueError, match="DirectPredictor"):
+            DirectPredictor(6, **bad)
+
+
+def test_byol_with_direct_predictor_trains_backbone_and_projector():
+    torch.manual_seed(0)
+    method = BYOL(build_backbone("resnet18", width=8, small_image=True), projection_dim=16,
+                  projector_hidden_dim=32, predictor="direct", direct_pred_eps=0.3)
+    assert isinstance(method.predictor, DirectPredictor) and method.predictor.eps == 0.3
+    views = [torch.randn(6, 3, 16, 16), torch.randn(6, 3, 16, 16)]
+    out = method(views)
+    assert float(out["loss"].detach()) > 0
+    out["loss"].backward()
+    for part in (method.projector, method.backbone):
+        assert sum(float(p.grad.abs().sum()) for p in part.parameters()) > 0
+    assert not torch.equal(method.predictor.weight, torch.eye(16))
+    with pytest.raises(ValueError, match="byol: predictor must be one of mlp, direct, got 'linear'"):
+        BYOL(build_backbone("resnet18", width=8, small_image=True), predictor="linear")
 
 
 def test_mae_gradients_reach_encoder_and_decoder_and_only_masked_patches_count():

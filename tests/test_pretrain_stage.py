@@ -139,6 +139,12 @@ def test_bad_backbone_and_augment_options_are_config_errors(tmp_path, shards):
     ws = make_stage_workspace(tmp_path / "b", shards, method_overrides={"simclr": {"augment": {"n_local": 2}}})
     with pytest.raises(ConfigError, match=r"method\.simclr\.augment: .*n_local"):
         stage.pretrain("simclr", root=ws)
+    ws = make_stage_workspace(tmp_path / "d", shards, methods=["byol"],
+                              method_overrides={"byol": {"predictor": "linear"}})
+    with pytest.raises(ConfigError, match=r"^params\.yaml: method\.byol: byol: predictor must be one of mlp, direct, "
+                                          r"got 'linear'$"):
+        stage.pretrain("byol", root=ws)
+    assert not (ws / "runs").exists()
     ws = make_stage_workspace(tmp_path / "c", shards, pretrain={"batch_size": 100})
     with pytest.raises(ConfigError, match=r"pretrain\.batch_size: 100 x 1 process"):
         stage.pretrain("simclr", root=ws)
