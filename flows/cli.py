@@ -5,6 +5,7 @@ Subcommand modules are imported only when used, so ``sslcook --help`` stays fast
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -17,6 +18,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 USAGE = "usage: sslcook {" + ",".join(COMMANDS) + "} [options]\n\ncommands:\n" + "\n".join(
     f"  {name:<7} {doc}" for name, (_, doc) in COMMANDS.items()) + "\n\n`sslcook COMMAND --help` for its options."
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the main thread is: it unwinds like Ctrl-C, so a running stage's process group is
+    stopped (flows.dvcops.run_dvc) and Prefect's temporary API server shuts down with the process."""
+
+
+def _on_sigterm(signum, frame):  # noqa: ARG001
+    raise Terminated
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,10 +42,17 @@ def main(argv: list[str] | None = None) -> int:
     from stages.common import SslcookError
 
     try:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (an embedding program's own thread keeps its handlers)
+        pass
+    try:
         return int(module.main(rest) or 0)
     except SslcookError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

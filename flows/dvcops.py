@@ -11,6 +11,7 @@ import datetime as _dt
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -32,6 +33,7 @@ def prefect_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
+STOP_GRACE_SECONDS = 30.0   # an interrupted stage's time to stop cleanly before it is killed
 LOCK_FILE = Path(".dvc") / "tmp" / "sslcook-workspace.lock"
 LOG_DIR = Path(".dvc") / "tmp" / "sslcook-logs"   # DVC's tmp dir: git-ignored, per workspace
 
@@ -100,8 +102,9 @@ def run_dvc(args: Sequence[str], root: Path, *, env: dict[str, str] | None = Non
         log = open(log_path, "ab" if append else "wb")
         log.write(f"$ dvc {' '.join(args)}\n".encode())
     try:
+        # its own process group: an interrupted run stops dvc and the stage it runs together (stop_group)
         proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
+                                stdin=subprocess.DEVNULL, start_new_session=True)
         assert proc.stdout is not None
         while chunk := os.read(proc.stdout.fileno(), 1 << 16):
             if len(head) < 1 << 16:
@@ -118,15 +121,41 @@ def run_dvc(args: Sequence[str], root: Path, *, env: dict[str, str] | None = Non
                 sys.stderr.flush()
         returncode = proc.wait()
     except BaseException:
-        with contextlib.suppress(NameError, OSError):
-            proc.kill()
-            proc.wait()
+        with contextlib.suppress(NameError):
+            stop_group(proc)
         raise
     finally:
         if log is not None:
             log.close()
     text = b"".join(tail).decode(errors="replace")
     return DvcResult(returncode, log_path, head.decode(errors="replace"), _last_lines(text, tail_lines))
+
+
+def stop_group(proc: subprocess.Popen, grace_seconds: float = STOP_GRACE_SECONDS) -> None:
+    """Stop ``proc``'s process group (dvc and the stage command it runs): SIGTERM first, which the pretrain stage
+    turns into a clean stop that keeps its last checkpoint, then SIGKILL for whatever is left after
+    ``grace_seconds``. Nothing of the group outlives the call."""
+    pgid = proc.pid
+
+    def alive() -> bool:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # a member we cannot signal: treat the group as still there
+            return True
+        proc.poll()  # reap dvc itself once it exits, or the group never empties
+        return True
+
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_seconds
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+    with contextlib.suppress(OSError):
+        proc.wait(timeout=10)
 
 
 def stage_outcome(stage: str, head: str) -> str:

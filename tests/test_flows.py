@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -198,6 +199,68 @@ def test_two_runs_on_one_workspace_do_not_corrupt_it(tmp_path):
     assert _lock_holder(ws) == ""   # released
     assert "up to date" in run([*DVC, "status"], ws).stdout
     assert (ws / "slow.txt").read_text() == "done"
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (from /proc: parent links)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process trees from /proc")
+def test_sigterm_stops_the_run_with_its_stage_and_prefects_server(tmp_path):
+    # `kill PID` (or a scheduler cancelling) of `sslcook run`: the stage dvc is running and Prefect's temporary
+    # API server stop with it, the workspace lock is released, exit code 143
+    hold = {"cmd": "python hold.py", "deps": ["data/x.txt"], "outs": ["slow.txt"]}
+    ws = make_toy(tmp_path / "ws", methods=("alpha",), extra_stages={"slow": hold}, commit=False)
+    (ws / "hold.py").write_text("import os, time\nopen('stage.pid', 'w').write(str(os.getpid()))\n"
+                                "time.sleep(300)\nopen('slow.txt', 'w').write('done')\n")
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    cmd = [sys.executable, "-m", "flows.cli", "run", "-q", "-w", str(ws), "--stage", "slow"]
+    proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    below: set[int] = set()
+    try:
+        deadline = time.monotonic() + 180  # Prefect's temporary server starts first
+        while not (ws / "stage.pid").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert (ws / "stage.pid").exists(), proc.communicate(timeout=5) if proc.poll() is not None else "timeout"
+        time.sleep(0.2)
+        stage_pid = int((ws / "stage.pid").read_text())
+        below = _descendants(proc.pid)
+        assert stage_pid in below and len(below) >= 3  # dvc, the stage command, Prefect's server
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, err[-2000:]
+    assert err.strip().endswith("terminated")
+    time.sleep(1)
+    assert [pid for pid in below if _running(pid)] == []
+    assert not (ws / "slow.txt").exists()
+    assert _lock_holder(ws) == ""
 
 
 def test_sweep_runs_experiments_in_dvc_and_ranks_them(tmp_path, monkeypatch):
