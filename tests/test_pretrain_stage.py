@@ -118,8 +118,8 @@ def test_method_block_overrides_common_block_key_by_key():
     assert cfg.backbone == {**raw["pretrain"]["backbone"], "width": 8}  # same name: merged key by key
     cfg, _ = resolve_method(params, "mae")
     assert cfg.backbone == {"name": "vit_tiny", "patch_size": 7}  # another architecture: replaced
-    assert "epochs" not in raw["method"]["vicreg"]  # a block without the key keeps the common value
-    assert resolve_method(params, "vicreg")[0].epochs == raw["pretrain"]["epochs"]
+    assert "epochs" not in raw["method"]["mae"]  # a block without the key keeps the common value
+    assert cfg.epochs == raw["pretrain"]["epochs"]
 
 
 def test_dvc_stage_lists_the_code_the_resume_key_hashes():
