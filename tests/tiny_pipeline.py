@@ -42,6 +42,9 @@ def tiny_params(train_per_class: int = 10) -> dict:
     params["methods"] = list(METHODS)
     pre = params["pretrain"]
     pre.update({"epochs": 1, "batch_size": 50, "threads": 2})
+    for block in params["method"].values():  # the default recipes' per-method budgets are not tiny
+        block.pop("epochs", None)
+        block.pop("batch_size", None)
     pre["backbone"] = {"name": "resnet18", "small_image": True, "width": 4}
     pre["augment"] = {"flip_prob": 0.0}
     pre["wandb"]["mode"] = "disabled"
