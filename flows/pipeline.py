@@ -13,6 +13,9 @@ exported backbones are.
     sslcook run --stage evaluate      # evaluate@* and what they depend on
     sslcook run --no-prefect          # plain `dvc repro`, same workspace lock and data preparation
 
+Both first validate the whole params.yaml (stages.pretrain.check_params): DVC removes a stage's outputs before
+it runs the stage, so a value the stage would refuse must never reach DVC.
+
 From Python: ``from flows.pipeline import pipeline_flow; pipeline_flow(workspace="path/to/ws")``.
 """
 from __future__ import annotations
@@ -37,6 +40,7 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 from stages.common import DataError, SslcookError  # noqa: E402
 from stages.config.flow import FlowConfig  # noqa: E402
 from stages.lineage import data_version, git_info  # noqa: E402
+from stages.pretrain import check_params  # noqa: E402
 
 # metrics shown first in the table when a metrics file has them (stages/evaluate.py's names); the other top-level
 # numbers follow; nested ones (baselines, pretraining summary) are in the report
@@ -261,6 +265,7 @@ def pipeline_flow(workspace: str | None = None, stages: list[str] | None = None,
 
     logger = get_run_logger()
     root = resolve_root(workspace)
+    check_params(root)   # before DVC, which deletes a stage's outputs before the stage could refuse a value
     config = FlowConfig.from_workspace(root)
     run_id = str(flow_run.id) if flow_run.id else None
     with workspace_lock(root, "sslcook pipeline flow", run_id, wait_seconds=wait_minutes * 60,
@@ -312,6 +317,7 @@ def pipeline_flow(workspace: str | None = None, stages: list[str] | None = None,
 def run_plain(workspace: str | None = None, stages: list[str] | None = None, force: bool = False,
               echo: bool = True) -> int:
     root = resolve_root(workspace)
+    check_params(root)
     config = FlowConfig.from_workspace(root)
     with workspace_lock(root, "sslcook run --no-prefect"):
         materialised = ensure_raw_data(root, echo=echo)
@@ -349,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.no_prefect:
         return run_plain(args.workspace, args.stages, args.force, echo=not args.quiet)
+    check_params(resolve_root(args.workspace))   # a bad value is one line, before Prefect starts a server
     summary = pipeline_flow(workspace=args.workspace, stages=args.stages, force=args.force,
                             pull=False if args.no_pull else None, push=False if args.no_push else None,
                             echo=not args.quiet)

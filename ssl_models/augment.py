@@ -129,6 +129,9 @@ def build_views(recipe: str, *, image_size: int, channels: int, grey: str = "ski
     unknown = sorted(set(strengths) - _ALLOWED[recipe])
     if unknown:
         raise ValueError(f"augment recipe {recipe}: unknown option(s) {', '.join(unknown)}")
+    for key, upper in _RANGES.items():   # torchvision only warns on these, or fails on the first image
+        if key in strengths:
+            _check_range(key, strengths[key], upper)
 
     work_channels = 3 if (channels == 3 or grey == "expand") else 1
     s = dict(strengths)
@@ -216,6 +219,21 @@ def build_views(recipe: str, *, image_size: int, channels: int, grey: str = "ski
         sizes = [image_size]
     config = {"recipe": recipe, "image_size": image_size, "channels": channels, "grey": grey, **strengths}
     return MultiView(recipe, pipes, work_channels, sizes, config, threads=max(1, int(threads)))
+
+
+# (lo, hi) options: 0 < lo <= hi, and hi <= the bound (crop scales are shares of the image's area)
+_RANGES = {"crop_scale": 1.0, "global_scale": 1.0, "local_scale": 1.0, "crop_ratio": None, "blur_sigma": None}
+
+
+def _check_range(key: str, value: Any, upper: float | None) -> None:
+    ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    if ok:
+        lo, hi = value
+        ok = 0 < lo <= hi and (upper is None or hi <= upper)
+    if not ok:
+        bound = f" <= {upper}" if upper is not None else ""
+        raise ValueError(f"augment: {key} must be [lo, hi] with 0 < lo <= hi{bound}, got {value!r}")
 
 
 def _pair(values: Any, key: str, n: int) -> list[float]:

@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import math
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from .common import ConfigError, DataError, SslcookError, atomic_path, run_main, workspace, write_json
+from .common import (ConfigError, DataError, SslcookError, atomic_path, ensure_writable, run_main, workspace,
+                     write_json)
 from .config import Params, load_params
 from .config.pretrain import PretrainConfig, resolve_method
 from .lineage import digest, make_record, sha256_file
@@ -34,7 +36,7 @@ MANIFEST = SHARDS_DIR / "manifest.json"
 RESUME_DIR = Path(".sslcook") / "resume"
 HISTORY_COLUMNS = ("epoch", "step", "loss", "lr", "emb_std", "rankme", "images_per_s", "epoch_seconds", "collapsed")
 # knobs that change no weight: a resume state stays valid when only these change
-_NOT_IN_RESUME_KEY = ("wandb", "monitor", "log_every_steps", "checkpoint_every_steps")
+_NOT_IN_RESUME_KEY = ("wandb", "monitor", "log_every_steps", "checkpoint_every_steps", "on_bad_resume")
 
 
 def run_dir(method: str) -> Path:
@@ -87,6 +89,38 @@ def _where(name: str, block: dict[str, Any], key: str) -> str:
     return f"method.{name}.{key}" if key in block else f"pretrain.{key}"
 
 
+def _augment_key(name: str, block: dict[str, Any], key: str) -> str:
+    own = block.get("augment")
+    return f"method.{name}.augment.{key}" if isinstance(own, dict) and key in own else f"pretrain.augment.{key}"
+
+
+def views_or_config_error(name: str, block: dict[str, Any], recipe: str, image_size: int, channels: int,
+                          grey: str, strengths: dict[str, Any]):
+    """``build_views`` of a method's merged augment block; a bad value is a ConfigError naming its own key
+    (``pretrain.augment.X`` or ``method.<name>.augment.X``, wherever the value came from)."""
+    from ssl_models.augment import build_views
+
+    def build(**chosen):
+        views = build_views(recipe, image_size=image_size, channels=channels, grey=grey, **chosen)
+        import torch
+
+        views(torch.zeros(channels, image_size, image_size, dtype=torch.uint8))  # values checked only when used
+        return views
+
+    refused = (ValueError, TypeError, RuntimeError, IndexError)
+    try:
+        return build(**strengths)
+    except refused as exc:
+        # the views refuse values one strength at a time: the first key refused on its own is the culprit
+        for key in strengths:
+            try:
+                build(**{key: strengths[key]})
+            except refused as own:
+                got = "" if repr(strengths[key]) in str(own) else f" (got {strengths[key]!r})"
+                raise ConfigError(f"params.yaml: {_augment_key(name, block, key)}: {own}{got}") from None
+        raise ConfigError(f"params.yaml: {_where(name, block, 'augment')}: {exc}") from None
+
+
 def _install_sigterm() -> None:
     """SIGTERM (dvc/Prefect cancelling) ends like Ctrl-C: the last checkpoint stays for the next run."""
     import signal
@@ -103,7 +137,8 @@ def _install_sigterm() -> None:
 class Run:
     """Everything one pretrain run resolves before training (built on every rank, identically)."""
 
-    def __init__(self, params: Params, name: str, root: Path, world_size: int):
+    def __init__(self, params: Params, name: str, root: Path, world_size: int, *, verify: bool = True):
+        """``verify=False`` (:func:`check_params`): resolve without the shards, which may not exist yet."""
         from ssl_models import registry
 
         self.params, self.name, self.root = params, name, root
@@ -115,15 +150,23 @@ class Run:
         self.cfg, self.hparams = resolve_method(params, name)
         self.world_size = world_size
         manifest_path = root / MANIFEST
-        if not manifest_path.is_file():
+        if not verify:
+            try:
+                self.manifest = json.loads(manifest_path.read_text())
+            except (OSError, ValueError):
+                self.manifest = {"image_mode": params.data.image_mode}
+            self.manifest_sha256 = None
+        elif not manifest_path.is_file():
             raise DataError(f"{MANIFEST}: not found (run the shard stage first: dvc repro shard)")
-        from ssl_models.data import DataError as LoaderError, verify_shards
+        else:
+            from ssl_models.data import DataError as LoaderError, verify_shards
 
-        try:
-            self.manifest = verify_shards(root / SHARDS_DIR, splits=["train"])
-        except LoaderError as exc:
-            raise DataError(str(exc)) from None
-        self.manifest_sha256 = sha256_file(manifest_path)
+            try:
+                self.manifest = verify_shards(root / SHARDS_DIR, splits=["train"])
+            except LoaderError as exc:
+                raise DataError(str(exc)) from None
+            self.manifest_sha256 = sha256_file(manifest_path)
+        self.verify = verify
         self.channels = {"L": 1, "RGB": 3}.get(self.manifest.get("image_mode"), 3)
         self._resolve_views()
         self._resolve_backbone()
@@ -137,16 +180,15 @@ class Run:
         self.recipe = aug.pop("recipe", None) or self.spec.cls.augment
         self.grey = aug.pop("grey", "skip")
         size = aug.pop("image_size", None) or _image_size_from_manifest(self.manifest)
+        if not size and not self.verify:   # shards not made yet: any size checks the values
+            size = self.params.shard.image_size or 32
         if not size:
             raise ConfigError(f"params.yaml: {_where(self.name, self.block, 'augment')}.image_size: the shard manifest "
                               f"gives no image size; set it")
         self.image_size = int(size)
         self.strengths = aug
-        try:
-            self.views = build_views(self.recipe, image_size=self.image_size, channels=self.channels, grey=self.grey,
-                                     **aug)
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(f"params.yaml: {_where(self.name, self.block, 'augment')}: {exc}") from None
+        self.views = views_or_config_error(self.name, self.block, self.recipe, self.image_size, self.channels,
+                                           self.grey, aug)
 
     def _resolve_backbone(self) -> None:
         bb = dict(self.cfg.backbone or self.spec.cls.default_backbone)
@@ -218,6 +260,64 @@ class Run:
         warmup = int(round(float(self.optimizer_recipe.get("warmup_epochs", 0)) * steps_per_epoch))
         return build_scheduler(optimizer, total_steps=total, warmup_steps=min(warmup, total),
                                final_lr_ratio=self.cfg.final_lr_ratio)
+
+
+def resume_problem(path: Path, method, steps_per_epoch: int, world_size: int) -> str | None:
+    """Why the resume state at ``path`` cannot be resumed (None: it can): unreadable, not a training state of
+    this format, or of another architecture or schedule. Read with weights_only: nothing in it can run code."""
+    from ssl_models import engine
+
+    from .common import describe_exception
+
+    try:
+        state = engine.load_state(path)
+    except Exception as exc:  # garbage, truncated, a pickle with code: torch says which
+        return f"unreadable ({describe_exception(exc)})"
+    if not isinstance(state, dict) or state.get("format") != engine.STATE_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        return f"not a training state of format {engine.STATE_FORMAT!r} (found {found!r})"
+    pos, weights = state.get("position"), state.get("method_state")
+    keys = ("epoch", "step_in_epoch", "global_step", "steps_per_epoch", "world_size")
+    if not isinstance(pos, dict) or not all(isinstance(pos.get(k), int) for k in keys) \
+            or not isinstance(weights, dict):
+        return "incomplete training state (no position or weights)"
+    if (pos["steps_per_epoch"], pos["world_size"]) != (steps_per_epoch, world_size):
+        return (f"saved with {pos['steps_per_epoch']} steps/epoch on {pos['world_size']} process(es), now "
+                f"{steps_per_epoch} on {world_size}")
+    expected = {k: tuple(v.shape) for k, v in method.state_dict().items()}
+    found = {k: tuple(getattr(v, "shape", ())) for k, v in weights.items()}
+    if expected != found:
+        other = sorted(set(expected) ^ set(found)) or sorted(k for k in expected if expected[k] != found[k])
+        return f"weights of another model (e.g. {other[0]})"
+    return None
+
+
+def set_aside_bad_resume(path: Path, method, steps_per_epoch: int, world_size: int, policy: str, name: str) -> None:
+    """A resume state that cannot be resumed is renamed ``<file>.bad-<UTC time>`` (kept for a look, never read
+    again), then training starts fresh (``pretrain.on_bad_resume: fresh``) or stops (``fail``)."""
+    if not path.exists():
+        return
+    problem = resume_problem(path, method, steps_per_epoch, world_size)
+    if problem is None:
+        return
+    import time
+
+    aside = path.with_name(f"{path.name}.bad-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+    os.replace(path, aside)
+    what = (f"pretrain {name}: resume state {path}: {problem}; moved to {aside.name}")
+    if policy == "fail":
+        raise DataError(f"{what} (pretrain.on_bad_resume: fail; run again to start from step 0)")
+    print(f"warning: {what}; starting from step 0 (pretrain.on_bad_resume: fresh)", file=sys.stderr)
+
+
+def check_params(root: Path) -> Params:
+    """Validate params.yaml as far as the stages will read it, before DVC starts one: every section and method
+    block, and each listed method's views, backbone, method and optimizer built once (no data needed). DVC
+    deletes a stage's outputs before running it, so a value the stage would refuse must be caught here."""
+    params = load_params(root / "params.yaml")
+    for name in params.methods:
+        Run(params, name, root, 1, verify=False).build()
+    return params
 
 
 def _knn_monitor(run: Run, cfg: PretrainConfig):
@@ -372,6 +472,9 @@ def pretrain(name: str, root: Path | None = None) -> dict[str, Any] | None:
         scheduler = run.scheduler(optimizer, steps_per_epoch)
         key = run.resume_key()
         state_path = root / resume_path(name, key)
+        if runtime.is_main:
+            ensure_writable(root / run_dir(name))   # before training: a read-only or full disk found now
+            ensure_writable(state_path.parent)
         if runtime.is_main:  # a state under another key can never be resumed: params, data or code changed
             for stale in (root / RESUME_DIR / name).glob("*.pt"):
                 if stale != state_path:
@@ -382,6 +485,11 @@ def pretrain(name: str, root: Path | None = None) -> dict[str, Any] | None:
             if not gitignore.exists():
                 gitignore.parent.mkdir(parents=True, exist_ok=True)
                 gitignore.write_text("*\n")
+            set_aside_bad_resume(state_path, method, steps_per_epoch, runtime.world_size, cfg.on_bad_resume, name)
+        if runtime.distributed:   # every rank sees the state only once rank 0 has judged it
+            import torch.distributed as dist
+
+            dist.barrier()
 
         resolved = run.resolved()
         resolved.update(steps_per_epoch=steps_per_epoch, total_steps=cfg.epochs * steps_per_epoch,

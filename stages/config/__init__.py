@@ -33,6 +33,13 @@ class Params(Section):
     report: ReportConfig = ReportConfig()
     flow: FlowConfig = FlowConfig()
 
+    @field_validator("methods")
+    @classmethod
+    def _some_method(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("lists no method (the pipeline trains and reports at least one)")
+        return v
+
     @field_validator("seed")
     @classmethod
     def _seed_non_negative(cls, v: int) -> int:

@@ -1,7 +1,7 @@
 """Schema of the flow section of params.yaml: how Prefect runs the DVC pipeline, on which schedule, and sweeps.
 
-The flows read only this section (``FlowConfig.from_workspace``), so a flow can start even when a stage's own
-section is wrong: that stage then fails with its own one-line error, named by the flow.
+The flows read their settings from this section only (``FlowConfig.from_workspace``); ``sslcook run`` validates
+the whole file first (``stages.pretrain.check_params``), since DVC deletes a stage's outputs before the stage runs.
 """
 from __future__ import annotations
 

@@ -72,6 +72,7 @@ class PretrainConfig(Section):
     num_workers: int = Field(0, ge=0)           # loader worker processes per training process
     shuffle_buffer: int = Field(1000, ge=0)     # samples in the loader's shuffle buffer
     checkpoint_every_steps: int = Field(0, ge=0)  # resume checkpoint every N steps (0: at epoch ends only)
+    on_bad_resume: Literal["fresh", "fail"] = "fresh"  # unreadable resume state: moved aside, then start over | stop
     deterministic: bool = True                  # deterministic algorithms on CPU (resume equals uninterrupted)
     log_every_steps: int = Field(10, ge=1)      # progress bar / wandb step logging
     backbone: Optional[dict[str, Any]] = None   # {name, **build_backbone kwargs}; null: the method's default
