@@ -33,6 +33,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _ingest_locked(source: str | None, path: str | None, *, run_dvc: bool):
+    """Ingest holding the workspace lock: data/raw and data.dvc are never replaced under a running pipeline."""
+    from flows.dvcops import workspace_lock
+    from stages.common import workspace
+
+    root = workspace()
+    if not (root / ".dvc").is_dir():   # no DVC repository: no pipeline can run here to be disturbed
+        return ingest(source, path, run_dvc=run_dvc, root=root)
+    with workspace_lock(root, "sslcook data ingest"):
+        return ingest(source, path, run_dvc=run_dvc, root=root)
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "update":  # ingest + pipeline as one Prefect flow (flows/data_flow.py)
         from flows.data_flow import main as update_main
@@ -44,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.source and args.source not in SOURCES:
         raise ConfigError(f"unknown data source {args.source!r} (known: {', '.join(SOURCES)})")
-    result = ingest(args.source, args.path, run_dvc=not args.no_dvc)
+    result = _ingest_locked(args.source, args.path, run_dvc=not args.no_dvc)
     splits = ", ".join(f"{split} {sum(c.values())}" for split, c in result.counts.items())
     classes = {c for per_class in result.counts.values() for c in per_class}
     print(f"data/raw: {result.source}, {result.total} images ({splits}), {len(classes)} classes, "

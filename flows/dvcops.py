@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from stages.common import ConfigError, SslcookError, workspace
+from stages.common import WATCH_ENV, ConfigError, SslcookError, process_identity, workspace
 
 def prefect_defaults() -> None:
     """Settings the flows want before Prefect is imported (an explicit environment variable still wins).
@@ -93,6 +93,9 @@ def run_dvc(args: Sequence[str], root: Path, *, env: dict[str, str] | None = Non
     """Run ``python -m dvc ARGS`` in ``root``; stream its output to ``log_path`` (and stderr when ``echo``)."""
     cmd = [sys.executable, "-m", "dvc", *args]
     env = env if env is not None else stage_env(root)
+    if args and args[0] == "repro":
+        # the stages watch this process: SIGKILL of `sslcook` (no chance to stop the group) still stops them
+        env = {**env, WATCH_ENV: process_identity(os.getpid())}
     head = bytearray()
     tail: deque[bytes] = deque()
     tail_size = 0

@@ -9,7 +9,9 @@ Sources (``data.source`` or the CLI's SOURCE):
   ingested beside it for evaluation).
 - ``archive``: a .tar / .tar.gz / .tgz / .tar.bz2 / .tar.xz / .zip holding such a tree, read member by member
   (no unpacked copy of the archive). Members with absolute paths, ``..``, links or device files are refused,
-  whatever ``data.on_bad_image`` says.
+  whatever ``data.on_bad_image`` says; so is a damaged archive (truncated, bad CRC, a member that cannot be read):
+  one line naming the archive and the member, nothing written.
+  A folder's symlinks that lead outside it are refused too, unless ``data.follow_symlinks: true``.
 - ``cifar10``: a local archive of the CIFAR-10 image tree (``--path``/``data.path``) through the archive reader,
   else torchvision's downloader (needs the network).
 
@@ -146,18 +148,60 @@ def _safe_member_name(name: str, archive: Path) -> str:
 Entry = tuple[str, int, Callable[[], bytes]]
 
 
-def iter_folder(root: Path) -> Iterator[Entry]:
-    """Every file under ``root`` in sorted order (symlinked folders are not followed)."""
-    for dirpath, dirnames, filenames in os.walk(root):
+def iter_folder(root: Path, follow_symlinks: bool = False) -> Iterator[Entry]:
+    """Every file under ``root`` in sorted order. A symlink that leads outside ``root`` is refused unless
+    ``follow_symlinks`` (``data.follow_symlinks``); one inside it is read (a linked folder is not walked twice)."""
+    base = root.resolve()
+    seen_dirs = {base}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=follow_symlinks):
+        here = Path(dirpath)
+        for name in list(dirnames):
+            link = here / name
+            if not link.is_symlink():
+                continue
+            target = link.resolve()
+            inside = target.is_relative_to(base)
+            if not inside and not follow_symlinks:
+                raise DataError(f"{root}: {link.relative_to(root).as_posix()!r} is a symlink to {target}, outside "
+                                f"the folder; refusing it (data.follow_symlinks: true reads such links)")
+            if inside or target in seen_dirs or base.is_relative_to(target):
+                dirnames.remove(name)   # walked where it really is (or a loop): never read twice
+            seen_dirs.add(target)
         dirnames.sort()
         for name in sorted(filenames):
-            path = Path(dirpath) / name
+            path = here / name
+            if path.is_symlink() and not follow_symlinks and not path.resolve().is_relative_to(base):
+                raise DataError(f"{root}: {path.relative_to(root).as_posix()!r} is a symlink to {path.resolve()}, "
+                                f"outside the folder; refusing it (data.follow_symlinks: true reads such links)")
             if path.is_file():
-                yield path.relative_to(root).as_posix(), path.stat().st_size, path.read_bytes
+                yield path.relative_to(root).as_posix(), path.stat().st_size, _reader(path, root)
+
+
+def _reader(path: Path, root: Path) -> Callable[[], bytes]:
+    def read() -> bytes:
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise DataError(f"{root}: {path.relative_to(root).as_posix()!r} cannot be read "
+                            f"({exc.strerror or exc})") from None
+    return read
+
+
+def _member_reader(archive: Path, member: str, read: Callable[[], bytes]) -> Callable[[], bytes]:
+    """``read`` of one archive member; a damaged member (bad CRC, truncated data) is one line naming both."""
+    def checked() -> bytes:
+        try:
+            return read()
+        except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, zlib.error, lzma.LZMAError,
+                NotImplementedError, RuntimeError, ValueError) as exc:
+            raise DataError(f"{archive}: member {member!r} cannot be read ({exc or type(exc).__name__}); "
+                            f"the archive is damaged") from None
+    return checked
 
 
 def iter_tar(archive: Path) -> Iterator[Entry]:
     """Stream a (compressed) tar member by member: nothing but the current member is ever held."""
+    last = None
     try:
         with tarfile.open(archive, mode="r|*") as tf:
             for member in tf:
@@ -171,9 +215,13 @@ def iter_tar(archive: Path) -> Iterator[Entry]:
                 if not member.isfile():
                     raise DataError(f"{archive}: member {member.name!r}: special file (device or fifo); "
                                     f"refusing the archive")
-                yield name, member.size, lambda m=member: tf.extractfile(m).read()
+                last = member.name
+                yield name, member.size, _member_reader(archive, member.name,
+                                                        lambda m=member: tf.extractfile(m).read())
     except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as exc:
-        raise DataError(f"{archive}: unreadable tar archive ({exc})") from None
+        where = f" after member {last!r}" if last else ""
+        raise DataError(f"{archive}: unreadable tar archive{where} ({exc or type(exc).__name__}); "
+                        f"truncated or damaged") from None
 
 
 def iter_zip(archive: Path) -> Iterator[Entry]:
@@ -185,7 +233,7 @@ def iter_zip(archive: Path) -> Iterator[Entry]:
                     raise DataError(f"{archive}: member {info.filename!r}: symlink; refusing the archive")
                 if info.is_dir() or not name:
                     continue
-                yield name, info.file_size, lambda i=info: zf.read(i)
+                yield name, info.file_size, _member_reader(archive, info.filename, lambda i=info: zf.read(i))
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, zlib.error) as exc:
         raise DataError(f"{archive}: unreadable zip archive ({exc})") from None
 
@@ -200,9 +248,9 @@ def iter_archive(archive: Path) -> Iterator[Entry]:
     raise DataError(f"{archive}: not a tar or zip archive")
 
 
-def iter_source_tree(path: Path) -> Iterator[Entry]:
+def iter_source_tree(path: Path, follow_symlinks: bool = False) -> Iterator[Entry]:
     if path.is_dir():
-        return iter_folder(path)
+        return iter_folder(path, follow_symlinks)
     if path.is_file():
         return iter_archive(path)
     raise DataError(f"{path}: no such folder or archive")
@@ -350,7 +398,7 @@ def _origin(path: Path) -> dict[str, Any]:
 def materialise_tree(path: Path, raw: Path, scratch: Path, cfg: DataConfig, policy: images.BadImagePolicy,
                      label: str, root: Path) -> dict[str, Any]:
     """A folder or archive -> ``raw/<split>/<class>/<file>`` (+ ``data.eval_path`` for unlabelled trees)."""
-    collected = collect(iter_source_tree(path), scratch / "source", cfg, policy, label)
+    collected = collect(iter_source_tree(path, cfg.follow_symlinks), scratch / "source", cfg, policy, label)
     layout = plan_layout(collected.paths, cfg.test_fraction, label)
     counts = _place(collected, layout, raw)
     info: dict[str, Any] = {"origin": _origin(path), "layout": layout.kind, "counts": counts}
@@ -361,7 +409,7 @@ def materialise_tree(path: Path, raw: Path, scratch: Path, cfg: DataConfig, poli
     if not any(c != UNLABELLED for per_class in counts.values() for c in per_class):
         if cfg.eval_path:
             eval_path = _resolve(cfg.eval_path, root)
-            evaluated = collect(iter_source_tree(eval_path), scratch / "eval", cfg, policy, "eval")
+            evaluated = collect(iter_source_tree(eval_path, cfg.follow_symlinks), scratch / "eval", cfg, policy, "eval")
             eval_layout = plan_layout(evaluated.paths, cfg.test_fraction, "eval")
             if all(c == UNLABELLED for _, c, _ in eval_layout.placement.values()):
                 raise ConfigError(f"data.eval_path: {eval_path} holds no class folders (it must be labelled)")
