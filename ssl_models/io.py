@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -94,8 +95,7 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
         with safe_open(str(path), framework="pt") as fh:
             raw = fh.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise BackboneFileError(f"{path}: not a readable safetensors file ({reason})") from None
+        raise BackboneFileError(f"{path}: not a readable safetensors file ({_one_line(exc)})") from None
     header = {k: _json_value(v) for k, v in raw.items()}
     if not isinstance(header.get("backbone_config"), dict):
         raise BackboneFileError(f"{path}: no backbone_config in the safetensors header (not an sslcook backbone?)")
@@ -104,15 +104,89 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
     return header
 
 
+# What an exported header may ask for, checked before anything is built: the backbones of this library span far
+# less (a CPU ResNet-18 is width 16, ViT-Small is 384 x 12), and a crafted header must not make the loader
+# allocate what the file does not hold.
+INT_LIMITS = {"in_chans": (1, 16), "width": (1, 1024), "stem_stride": (1, 2), "image_size": (2, 4096),
+              "patch_size": (1, 256), "embed_dim": (1, 4096), "depth": (1, 48), "num_heads": (1, 64)}
+FLOAT_LIMITS = {"mlp_ratio": (0.25, 16.0)}
+BOOL_KEYS = ("small_image", "zero_init_residual")
+CHOICES = {"global_pool": ("cls", "mean")}
+# bytes per element of the safetensors dtypes a state dict can hold
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1}
+
+
+def check_config(path: Path, config: Mapping[str, Any]) -> None:
+    """Refuse a backbone_config outside the registry and the limits above (one line naming the key)."""
+    from .backbones import BACKBONE_NAMES
+
+    name = config.get("name")
+    if name not in BACKBONE_NAMES:
+        raise BackboneFileError(f"{path}: backbone_config.name {name!r} is not a known backbone "
+                                f"({', '.join(BACKBONE_NAMES)})")
+    for key, value in config.items():
+        if key == "name":
+            continue
+        if key in INT_LIMITS:
+            lo, hi = INT_LIMITS[key]
+            ok = isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
+            want = f"an integer in [{lo}, {hi}]"
+        elif key in FLOAT_LIMITS:
+            lo, hi = FLOAT_LIMITS[key]
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and lo <= value <= hi
+            want = f"a number in [{lo}, {hi}]"
+        elif key in BOOL_KEYS:
+            ok, want = isinstance(value, bool), "true or false"
+        elif key in CHOICES:
+            ok, want = value in CHOICES[key], " or ".join(CHOICES[key])
+        else:
+            raise BackboneFileError(f"{path}: backbone_config.{key}: unknown key")
+        if not ok:
+            raise BackboneFileError(f"{path}: backbone_config.{key}: {value!r} is out of bounds (want {want})")
+
+
+def _file_tensors(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """name -> (dtype, shape) of every tensor in a safetensors file, from its header alone."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return {k: (str(fh.get_slice(k).get_dtype()), tuple(fh.get_slice(k).get_shape())) for k in fh.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise BackboneFileError(f"{path}: tensors cannot be listed ({_one_line(exc)})") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _check_sizes(path: Path, skeleton: nn.Module, tensors: Mapping[str, tuple[str, tuple[int, ...]]],
+                 config: Mapping[str, Any]) -> None:
+    """The architecture's tensors (shapes from a weightless ``meta`` build) are the file's, byte for byte."""
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    _check_weights(path, expected, {k: shape for k, (_, shape) in tensors.items()}, config)
+    implied = sum(v.numel() * v.element_size() for v in skeleton.state_dict().values())
+    present = 0
+    for key, (dtype, shape) in tensors.items():
+        if dtype not in _DTYPE_BYTES:
+            raise BackboneFileError(f"{path}: tensor {key}: dtype {dtype} is not a weight type")
+        present += math.prod(shape) * _DTYPE_BYTES[dtype]
+    if implied != present:
+        raise BackboneFileError(f"{path}: backbone_config {_describe(config)} implies {implied} bytes of parameters, "
+                                f"the file holds {present}")
+
+
 def _describe(config: Mapping[str, Any]) -> str:
     return f"{config.get('name', '?')}(" + ", ".join(f"{k}={v}" for k, v in sorted(config.items()) if k != "name") + ")"
 
 
-def _check_weights(path: Path, model: nn.Module, state: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> None:
-    expected = model.state_dict()
+def _check_weights(path: Path, expected: Mapping[str, tuple[int, ...]], state: Mapping[str, tuple[int, ...]],
+                   config: Mapping[str, Any]) -> None:
+    """Tensor names and shapes of the architecture (``expected``) against the file's (``state``)."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    wrong_shape = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
+    wrong_shape = sorted(k for k in set(expected) & set(state) if tuple(expected[k]) != tuple(state[k]))
     if not (missing or unexpected or wrong_shape):
         return
     parts = []
@@ -122,8 +196,8 @@ def _check_weights(path: Path, model: nn.Module, state: Mapping[str, torch.Tenso
         parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
     if wrong_shape:
         k = wrong_shape[0]
-        parts.append(f"{len(wrong_shape)} with another shape (e.g. {k}: file {tuple(state[k].shape)}, "
-                     f"architecture {tuple(expected[k].shape)})")
+        parts.append(f"{len(wrong_shape)} with another shape (e.g. {k}: file {tuple(state[k])}, "
+                     f"architecture {tuple(expected[k])})")
     raise BackboneFileError(f"{path}: weights do not match backbone_config {_describe(config)}: "
                             + "; ".join(parts))
 
@@ -173,20 +247,30 @@ def load_backbone(path: str | os.PathLike, *, device: str | torch.device = "cpu"
 
     from .backbones import build_backbone
 
-    try:
-        model = build_backbone(**config)
-    except (TypeError, ValueError, KeyError) as exc:
-        raise BackboneFileError(f"{path}: backbone_config {_describe(config)} cannot be built ({exc})") from None
+    check_config(path, config)
+    tensors = _file_tensors(path)
+
+    def build() -> nn.Module:
+        try:
+            return build_backbone(**config)
+        except (TypeError, ValueError, KeyError, RuntimeError) as exc:
+            raise BackboneFileError(f"{path}: backbone_config {_describe(config)} cannot be built "
+                                    f"({_one_line(exc)})") from None
+
+    with torch.device("meta"):   # shapes without memory: the file must hold exactly what the config implies
+        _check_sizes(path, build(), tensors, config)
+    model = build()
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise BackboneFileError(f"{path}: weights cannot be read ({reason})") from None
-    _check_weights(path, model, state, config)
-    model.load_state_dict(state, strict=True)
+        raise BackboneFileError(f"{path}: weights cannot be read ({_one_line(exc)})") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise BackboneFileError(f"{path}: weights cannot be loaded ({_one_line(exc)})") from None
 
     if model.feature_dim != header["feature_dim"]:
         raise BackboneFileError(f"{path}: header feature_dim {header['feature_dim']} but {_describe(config)} "
@@ -196,9 +280,15 @@ def load_backbone(path: str | os.PathLike, *, device: str | torch.device = "cpu"
     input_spec = header.get("input") if isinstance(header.get("input"), dict) else {}
     model.eval()
     if input_spec.get("channels") and input_spec.get("image_size"):
+        check_config(path, {"name": config["name"], "in_chans": input_spec["channels"],
+                            "image_size": input_spec["image_size"]})
         size = int(input_spec["image_size"])
-        with torch.no_grad():
-            out = model(torch.zeros(1, int(input_spec["channels"]), size, size))
+        try:
+            with torch.no_grad():
+                out = model(torch.zeros(1, int(input_spec["channels"]), size, size))
+        except RuntimeError as exc:
+            raise BackboneFileError(f"{path}: the header's input ({input_spec['channels']} channels, {size} px) "
+                                    f"does not fit {_describe(config)} ({_one_line(exc)})") from None
         if tuple(out.shape) != (1, model.feature_dim):
             raise BackboneFileError(f"{path}: forward gives shape {tuple(out.shape)[1:]} per image, header says "
                                     f"feature_dim {model.feature_dim}")

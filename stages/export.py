@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .common import ConfigError, DataError, atomic_path, run_main, workspace
+from .common import ConfigError, DataError, atomic_path, describe_exception, run_main, workspace
 from .config import load_params
 from .lineage import make_record
 from .provenance import embed_ancestors
@@ -43,8 +43,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, OSError, ValueError, EOFError, pickle.UnpicklingError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"{path}: not a loadable checkpoint ({reason[:200]})") from None
+        # whole: torch's reason keeps its warning that weights_only=False can run code
+        raise DataError(f"{path}: not a loadable checkpoint ({describe_exception(exc)})") from None
     if not isinstance(ckpt, dict):
         raise DataError(f"{path}: a checkpoint must be a dict, got {type(ckpt).__name__}")
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .common import DataError
+from .common import DataError, describe_exception
 
 # parents followed first when a record has several: the main line result -> backbone -> checkpoint -> shards
 MAIN_LINE = ("backbone", "model", "checkpoint", "shards", "manifest", "data")
@@ -71,8 +71,8 @@ def read_artifact(path: str | os.PathLike) -> Artifact:
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except (RuntimeError, OSError, ValueError, EOFError, pickle.UnpicklingError) as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise DataError(f"{path}: not a loadable checkpoint ({reason[:200]})") from None
+            # whole: torch's reason keeps its warning that weights_only=False can run code
+            raise DataError(f"{path}: not a loadable checkpoint ({describe_exception(exc)})") from None
         if not isinstance(ckpt, dict):
             raise DataError(f"{path}: a checkpoint must be a dict, got {type(ckpt).__name__}")
         info = {k: ckpt[k] for k in ("method", "family", "summary") if k in ckpt}

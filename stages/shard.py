@@ -178,6 +178,10 @@ def _mapper(workers: int) -> Iterator[Callable]:
         yield lambda fn, items: pool.imap(fn, items, chunksize=64)
 
 
+def _size_text(size) -> str:
+    return "x".join(str(v) for v in size)
+
+
 def shard(root: Path | None = None) -> dict[str, Any]:
     """Run the stage in workspace ``root``; returns the manifest."""
     root = root or workspace()
@@ -205,6 +209,7 @@ def shard(root: Path | None = None) -> dict[str, Any]:
     workers = shard_cfg.workers or os.cpu_count() or 1
     per_split: dict[str, Counter] = {split: Counter() for split in splits}
     writers: dict[str, ShardWriter] = {}
+    first_size: dict[str, tuple[tuple[int, ...], str]] = {}   # split -> (size of its first image, that image)
 
     with atomic_path(root / SHARDS_DIR) as out, _mapper(workers) as mapper:
         out.mkdir()
@@ -215,6 +220,12 @@ def shard(root: Path | None = None) -> dict[str, Any]:
             if "bad" in res:
                 policy.bad(f"{RAW_DIR.as_posix()}/{rel}", res["bad"])
                 continue
+            first = first_size.setdefault(split, (tuple(res["size"]), rel))
+            if shard_cfg.image_size is None and first[0] != tuple(res["size"]):
+                # evaluation stacks a split into one batch: refuse now, not after the training
+                raise DataError(f"{RAW_DIR.as_posix()}: split {split!r} mixes image sizes: {first[1]} is "
+                                f"{_size_text(first[0])}, {rel} is {_size_text(res['size'])}; set shard.image_size "
+                                f"to scale every image to one size")
             if split not in writers:
                 writers[split] = ShardWriter(out, split, shard_cfg.shard_size)
             per_class = per_split[split]
