@@ -331,10 +331,15 @@ def test_simsiam_without_predictor_heads_for_collapse(cifar_tensors):
         final_loss[use_predictor] = sum(losses[-N_BATCHES:]) / N_BATCHES
         std_ratio[use_predictor] = embedding_std(final) * math.sqrt(final.shape[1])
         rank[use_predictor] = rankme(final)
-    # measured: loss -0.45 vs -0.91, std ratio 0.88 vs 0.62, RankMe 38 vs 7
-    assert final_loss[False] < -0.8 < final_loss[True]  # the trivial solution (loss -> -1) is being found
-    assert rank[False] < 0.4 * rank[True]  # the embedding is losing dimensions
-    assert std_ratio[False] < std_ratio[True] - 0.1
+    # The float trajectory differs between CPUs, so every bound has a margin measured over seeds 0-3 and three CPU
+    # kernel settings (ATEN_CPU_CAPABILITY=default + MKL_ENABLE_INSTRUCTIONS=SSE4_2 + ONEDNN_MAX_CPU_ISA=SSE41;
+    # =avx2 + AVX2 + AVX2; this Xeon's native AVX-512), 12 runs, with / without the predictor:
+    #   final loss   -0.35..-0.11 / -0.82..-0.63   gap >= 0.42      (one CPU gave -0.798, below the old -0.8 bound)
+    #   RankMe       40.7..70.7   / 5.2..26.2      ratio <= 0.395
+    #   std ratio    0.89..1.00   / 0.57..0.89     gap >= 0.11
+    assert final_loss[False] < -0.55 and final_loss[False] < final_loss[True] - 0.3  # towards the trivial -1
+    assert rank[False] < 0.6 * rank[True]  # the embedding is losing dimensions
+    assert std_ratio[False] < std_ratio[True] - 0.05
 
 
 # ------------------------------------------------------------------------------------------------ DDP

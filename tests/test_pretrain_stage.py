@@ -181,13 +181,16 @@ def test_non_finite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_p
 def test_collapse_of_simsiam_without_predictor_is_detected(tmp_path, shards, capsys):
     # Chen & He (2021), fig. 2 / table 1: without its predictor SimSiam collapses. Its projector ends in a
     # BatchNorm, so the std of the normalised output stays up and the collapse shows as a rank collapse: RankMe
-    # falls from ~22 to ~3 in 48 steps here, while the same recipe with the predictor stays near 20. A 32-d
-    # tiny projector cannot reach the default threshold's regime, so this run sets min_rankme to 5.
-    common = {"epochs": 6, "batch_size": 8, "final_lr_ratio": 1.0, "monitor": {"min_rankme": 5.0}}  # constant lr
+    # falls from ~22 to ~3 in 48 steps here, while the same recipe with the predictor stays above 12. A 32-d
+    # tiny projector cannot reach the default threshold's regime, so this run sets min_rankme to 10: measured over
+    # seeds 0-2 and three CPU kernel settings (ATEN_CPU_CAPABILITY=default + MKL_ENABLE_INSTRUCTIONS=SSE4_2 +
+    # ONEDNN_MAX_CPU_ISA=SSE41; =avx2 + AVX2 + AVX2; this Xeon's native AVX-512), the final RankMe without the
+    # predictor was 1.7-8.1 (the old bound of 5 missed one run at 7.9) and with it never below 12.3 in any epoch.
+    common = {"epochs": 6, "batch_size": 8, "final_lr_ratio": 1.0, "monitor": {"min_rankme": 10.0}}  # constant lr
     over = {"simsiam": {"use_predictor": False, "base_lr": 1.0, "weight_decay": 0.0}}
     ws = make_stage_workspace(tmp_path / "ws", shards, methods=["simsiam"], pretrain=common, method_overrides=over)
     summary = stage.pretrain("simsiam", root=ws)
-    assert summary["collapsed"] is True and summary["final_rankme"] < 5, summary
+    assert summary["collapsed"] is True and summary["final_rankme"] < 10, summary
     assert "COLLAPSE in pretrain simsiam" in capsys.readouterr().err
     rows = read_tsv(ws / "runs" / "simsiam" / "history.tsv")
     assert rows[0]["collapsed"] == "0" and rows[-1]["collapsed"] == "1"
@@ -195,7 +198,7 @@ def test_collapse_of_simsiam_without_predictor_is_detected(tmp_path, shards, cap
     assert metrics["collapsed"] is True and metrics["first_collapse_epoch"] == summary["first_collapse_epoch"]
     # monitor.fatal: the run stops with an error naming the collapse, and writes no final outputs
     ws = make_stage_workspace(tmp_path / "fatal", shards, methods=["simsiam"],
-                              pretrain={**common, "monitor": {"min_rankme": 5.0, "fatal": True}}, method_overrides=over)
+                              pretrain={**common, "monitor": {"min_rankme": 10.0, "fatal": True}}, method_overrides=over)
     with pytest.raises(SslcookError, match=r"pretrain simsiam: representation collapse after epoch \d: RankMe"):
         stage.pretrain("simsiam", root=ws)
     assert not (ws / "runs" / "simsiam" / "checkpoint.pt").exists()
@@ -203,7 +206,7 @@ def test_collapse_of_simsiam_without_predictor_is_detected(tmp_path, shards, cap
     over["simsiam"]["use_predictor"] = True
     ws = make_stage_workspace(tmp_path / "ok", shards, methods=["simsiam"], pretrain=common, method_overrides=over)
     summary = stage.pretrain("simsiam", root=ws)
-    assert summary["collapsed"] is False and summary["final_rankme"] > 10, summary
+    assert summary["collapsed"] is False and summary["final_rankme"] > 10, summary  # every epoch above 10
 
 
 # --------------------------------------------------------------------------------------------- resume keying
