@@ -12,7 +12,9 @@ Resume. While training, a checkpoint goes to .sslcook/resume/<method>/<key>.pt e
 resume state lives outside them; its key is a digest of everything that determines the weights (resolved
 config, shard manifest, world size, the code of ssl_models and this stage), so a run is never resumed across a
 change of params, data or code. Running the same command (or ``dvc repro``) after a crash or a kill resumes
-where the last checkpoint left off and ends with the same weights as an uninterrupted run (CPU).
+where the last checkpoint left off and ends with the same weights as an uninterrupted run (CPU). A state that
+cannot be resumed (unreadable, another format, another model) is renamed ``<key>.pt.bad-<UTC time>`` and the run
+starts fresh or stops (``pretrain.on_bad_resume``).
 """
 from __future__ import annotations
 
