@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown command {name!r}\n{USAGE}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
-    from stages.common import SslcookError
+    from stages.common import OUTPUT_FAULTS, SslcookError, os_error_line
 
     try:
         signal.signal(signal.SIGTERM, _on_sigterm)
@@ -50,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     except SslcookError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:   # a full disk or a read-only workspace: one line, as in every stage
+        if exc.errno not in OUTPUT_FAULTS:
+            raise
+        print(f"error: {os_error_line(exc)}", file=sys.stderr)
+        return 1
     except Terminated:
         print("terminated", file=sys.stderr)
         return 128 + signal.SIGTERM

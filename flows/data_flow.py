@@ -101,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--commit", action="store_true", help="git commit data.dvc when the data version changed")
     p.add_argument("--no-pipeline", action="store_true", help="only ingest; do not run the pipeline")
     args = p.parse_args(argv)
+    if not args.no_pipeline:   # a bad value stops the update before it replaces the data, not after
+        from flows.pipeline import validate_params
+
+        validate_params(resolve_root(args.workspace))
     summary = new_data_flow(source=args.source, path=args.path, workspace=args.workspace, commit=args.commit,
                             run_pipeline=not args.no_pipeline)
     print(summary["markdown"])

@@ -13,8 +13,8 @@ exported backbones are.
     sslcook run --stage evaluate      # evaluate@* and what they depend on
     sslcook run --no-prefect          # plain `dvc repro`, same workspace lock and data preparation
 
-Both first validate the whole params.yaml (stages.pretrain.check_params): DVC removes a stage's outputs before
-it runs the stage, so a value the stage would refuse must never reach DVC.
+Both first validate the whole params.yaml (``validate_params``): DVC removes a stage's outputs before it runs
+the stage, so a value the stage would refuse must never reach DVC.
 
 From Python: ``from flows.pipeline import pipeline_flow; pipeline_flow(workspace="path/to/ws")``.
 """
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -40,13 +41,29 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 from stages.common import DataError, SslcookError  # noqa: E402
 from stages.config.flow import FlowConfig  # noqa: E402
 from stages.lineage import data_version, git_info  # noqa: E402
-from stages.pretrain import check_params  # noqa: E402
 
 # metrics shown first in the table when a metrics file has them (stages/evaluate.py's names); the other top-level
 # numbers follow; nested ones (baselines, pretraining summary) are in the report
 PREFERRED_METRICS = ("linear_probe_top1", "knn_top1_k200", "knn_top1_k20", "knn_top5_k200", "rankme", "emb_std")
 MAX_METRIC_COLUMNS = 10
 REPORT_CANDIDATES = ("reports/summary.html", "reports/summary.md", "reports/index.html", "reports/report.md")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Params: checked whole before DVC runs anything.
+
+_SSLCOOK_STAGE = re.compile(r"python -m stages\.")
+
+
+def validate_params(root: Path) -> None:
+    """Validate params.yaml as the sslcook stages will read it (``stages.pretrain.check_params``), before DVC
+    starts. A workspace whose dvc.yaml runs none of them (a pipeline of one's own driven by these flows) keeps
+    its own params format: only its ``flow`` section is read."""
+    dvc_yaml = root / "dvc.yaml"
+    if _SSLCOOK_STAGE.search(dvc_yaml.read_text() if dvc_yaml.is_file() else ""):
+        from stages.pretrain import check_params
+
+        check_params(root)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -265,7 +282,7 @@ def pipeline_flow(workspace: str | None = None, stages: list[str] | None = None,
 
     logger = get_run_logger()
     root = resolve_root(workspace)
-    check_params(root)   # before DVC, which deletes a stage's outputs before the stage could refuse a value
+    validate_params(root)   # before DVC, which deletes a stage's outputs before the stage could refuse a value
     config = FlowConfig.from_workspace(root)
     run_id = str(flow_run.id) if flow_run.id else None
     with workspace_lock(root, "sslcook pipeline flow", run_id, wait_seconds=wait_minutes * 60,
@@ -317,7 +334,7 @@ def pipeline_flow(workspace: str | None = None, stages: list[str] | None = None,
 def run_plain(workspace: str | None = None, stages: list[str] | None = None, force: bool = False,
               echo: bool = True) -> int:
     root = resolve_root(workspace)
-    check_params(root)
+    validate_params(root)
     config = FlowConfig.from_workspace(root)
     with workspace_lock(root, "sslcook run --no-prefect"):
         materialised = ensure_raw_data(root, echo=echo)
@@ -355,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.no_prefect:
         return run_plain(args.workspace, args.stages, args.force, echo=not args.quiet)
-    check_params(resolve_root(args.workspace))   # a bad value is one line, before Prefect starts a server
+    validate_params(resolve_root(args.workspace))   # a bad value is one line, before Prefect starts a server
     summary = pipeline_flow(workspace=args.workspace, stages=args.stages, force=args.force,
                             pull=False if args.no_pull else None, push=False if args.no_push else None,
                             echo=not args.quiet)

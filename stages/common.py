@@ -49,6 +49,10 @@ def describe_exception(exc: BaseException) -> str:
     return text.strip() or type(exc).__name__
 
 
+# errors of the machine rather than of the code: reported in one line (path and errno text), not as a traceback
+OUTPUT_FAULTS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG, errno.EIO)
+
+
 def os_error_line(exc: OSError) -> str:
     """A failed write or read as one line: the path and the errno text (e.g. "No space left on device")."""
     reason = exc.strerror or (errno.errorcode.get(exc.errno, "") if exc.errno else "") or describe_exception(exc)
@@ -117,8 +121,7 @@ def run_main(main: Callable[[], Any]) -> None:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG,
-                             errno.EIO):
+        if exc.errno not in OUTPUT_FAULTS:
             raise
         print(f"error: {os_error_line(exc)}", file=sys.stderr)
         sys.exit(1)

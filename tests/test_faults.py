@@ -230,3 +230,24 @@ def test_stage_watch_is_keyed_to_the_process_not_just_its_pid():
     assert common._alive(me)
     pid, start = me.split(":")
     assert not common._alive(f"{pid}:{int(start) + 1}")   # the same pid reused by a later process
+
+
+def test_full_disk_during_ingest_keeps_the_earlier_data(ingested, tmp_path, monkeypatch, capsys):  # noqa: F811
+    from test_hostile_inputs import cli
+
+    tree = _image_tree(tmp_path / "new", classes=("x", "y"))
+    before = snapshot(ingested, "data.dvc", "data/raw/**/*")
+    real = pathlib.Path.write_bytes
+
+    def write_bytes(self, data):
+        if self.suffix == ".png" and "x" in self.parts:
+            real(self, data[:10])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, data)
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", write_bytes)
+    code, err = cli(monkeypatch, capsys, ingested, "data", "ingest", "folder", "--path", str(tree))
+    assert code == 1
+    one_line_error(err, str(ingested / "data" / "raw"), "No space left on device")
+    assert snapshot(ingested, "data.dvc", "data/raw/**/*") == before
+    assert sorted(p.name for p in (ingested / "data").iterdir() if p.name.startswith(".raw")) == []
