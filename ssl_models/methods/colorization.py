@@ -87,7 +87,8 @@ class ColorizationLoss(nn.Module):
 @register("colorization", family="origins", category="information_restoration")
 class Colorization(SSLMethod):
     """Backbone on the grey image -> feature map -> :class:`ConvDecoder` -> logits over the Q ab bins at a quarter
-    of the input resolution (the paper's output size), soft-encoded targets; the decoder is dropped at export.
+    of the input resolution (the paper's output size), soft-encoded targets of the ab image brought to that
+    resolution (the paper's code subsamples it; here each block's mean); the decoder is dropped at export.
 
     Classification, as in the paper, rather than regression: an L2 loss on ab averages the plausible colours of
     an object to a grey-brown mean, and the paper shows the classification loss gives the better features. The
@@ -139,9 +140,9 @@ class Colorization(SSLMethod):
         grey, ab = self.split(images)
         h, w = images.shape[-2:]
         size = (max(1, h // self.output_stride), max(1, w // self.output_stride))
-        with torch.no_grad():
-            target = F.adaptive_avg_pool2d(soft_encode(ab, self.bins, neighbours=self.neighbours, sigma=self.sigma),
-                                           size).to(images.dtype)
+        with torch.no_grad():  # the truth at the output resolution: ab averaged per block, then soft-encoded
+            target = soft_encode(F.adaptive_avg_pool2d(ab, size), self.bins, neighbours=self.neighbours,
+                                 sigma=self.sigma).to(images.dtype)
         fmap = feature_map(self.backbone, grey)
         logits = self.decoder(fmap, size)
         loss = self.criterion(logits, target)
