@@ -98,7 +98,7 @@ class Colorization(SSLMethod):
 
     The input is the view with its colour removed: the luminance, replicated to the backbone's 3 channels and
     normalised like every view (so the exported backbone takes ordinary RGB inputs; the paper feeds L only).
-    ``pixel_mean``/``pixel_std`` must be the views' normalisation (the augment recipe's default is ImageNet's).
+    ``pixel_mean``/``pixel_std`` must be the views' normalisation (null: the augment recipes' default, ImageNet's).
     Grey data has no colour to predict: 1-channel inputs are refused (the pretrain stage names data.image_mode).
     Optimiser: Adam lr 3e-5 x B/40 in the paper (betas 0.9, 0.99, weight decay 1e-3); here AdamW at base 1e-3.
     """
@@ -110,13 +110,15 @@ class Colorization(SSLMethod):
     default_backbone: dict[str, Any] = {"name": "resnet18", "small_image": True}
 
     def __init__(self, backbone: nn.Module, *, bin_size: int = 10, neighbours: int = 5, sigma: float = 5.0,
-                 output_stride: int = 4, decoder_dim: int = 128, pixel_mean: Sequence[float] = RGB_MEAN,
-                 pixel_std: Sequence[float] = RGB_STD) -> None:
+                 output_stride: int = 4, decoder_dim: int = 128, pixel_mean: Sequence[float] | None = None,
+                 pixel_std: Sequence[float] | None = None) -> None:
         super().__init__()
         in_chans = backbone.config.get("in_chans", 3)
         if in_chans != 3:
             raise ValueError(f"colorization needs colour images: the backbone takes {in_chans} channel(s) "
                              f"(grey data: data.image_mode L); use RGB data (data.image_mode: RGB)")
+        pixel_mean = RGB_MEAN if pixel_mean is None else pixel_mean
+        pixel_std = RGB_STD if pixel_std is None else pixel_std
         if len(pixel_mean) != 3 or len(pixel_std) != 3:
             raise ValueError("colorization: pixel_mean and pixel_std need 3 values (the RGB views' normalisation)")
         self.backbone = backbone
