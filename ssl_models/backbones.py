@@ -280,5 +280,17 @@ def build_backbone(name: str, **kwargs: Any) -> nn.Module:
     return cls(name, **{k: v for k, v in kwargs.items() if k in own})
 
 
+def feature_map(backbone: nn.Module, x: Tensor) -> Tensor:
+    """The backbone's spatial features (B, feature_dim, h, w): a ResNet's last stage, a ViT's patch tokens on
+    their grid. Dense pretext tasks (colorization, inpainting, denoising) decode from it."""
+    if isinstance(backbone, VisionTransformer):
+        tokens = backbone.forward_features(x)["patch_tokens"]
+        gh, gw = x.shape[-2] // backbone.patch_size, x.shape[-1] // backbone.patch_size
+        return tokens.transpose(1, 2).reshape(x.shape[0], tokens.shape[-1], gh, gw)
+    if hasattr(backbone, "forward_map"):
+        return backbone.forward_map(x)
+    raise ValueError(f"{type(backbone).__name__} has no spatial feature map (a ResNet or ViT backbone is needed)")
+
+
 def is_vit(backbone: nn.Module) -> bool:
     return isinstance(backbone, VisionTransformer)

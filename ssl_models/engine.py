@@ -323,6 +323,9 @@ class Trainer:
     once per epoch and must give the same batches for the same epoch. ``scheduler`` steps once per
     optimisation step. ``on_epoch_end(record)`` and ``on_log(step, values)`` run on rank 0 only (logging);
     ``extra_state`` (plain data) is stored in every checkpoint and returned by :meth:`resume_info`.
+    ``dataset_pass()`` (for methods with ``uses_dataset``): this rank's share of the training set, once, in a
+    fixed order, as ``(views, labels, keys)`` batches; handed to ``method.on_epoch_start``. Such methods also get
+    each training batch's keys (``make_loader`` must then yield ``(views, labels, keys)``).
     """
 
     def __init__(self, method: nn.Module, optimizer: torch.optim.Optimizer, *, config: TrainConfig,
@@ -330,7 +333,8 @@ class Trainer:
                  checkpoint_path: str | os.PathLike | None = None, knn: KnnMonitor | None = None,
                  on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
                  on_log: Callable[[int, dict[str, float]], None] | None = None,
-                 extra_state: Mapping[str, Any] | None = None):
+                 extra_state: Mapping[str, Any] | None = None,
+                 dataset_pass: Callable[[], Iterable] | None = None):
         self.method = method
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -342,6 +346,7 @@ class Trainer:
         self.on_epoch_end = on_epoch_end
         self.on_log = on_log
         self.extra_state = dict(extra_state or {})
+        self.dataset_pass = dataset_pass
         self.history: list[dict[str, Any]] = []
         self._saved_state: dict[str, Any] | None = None
         self._last_checkpoint_step: int | None = None
@@ -551,6 +556,8 @@ class Trainer:
             for epoch in range(start_epoch, cfg.epochs):
                 if epoch != start_epoch or start_step == 0:
                     acc = self._new_accumulators()
+                    if hasattr(self.method, "on_epoch_start"):
+                        self.method.on_epoch_start(epoch, self.dataset_pass)
                 data = DataStream(self.make_loader(epoch), _stream_seed(cfg.seed, epoch, rt.rank))
                 skip = start_step if epoch == start_epoch else 0
                 for _ in range(skip):  # replay the batches the interrupted run already trained on
@@ -561,12 +568,14 @@ class Trainer:
                 for step_in_epoch in range(skip, cfg.steps_per_epoch):
                     step = epoch * cfg.steps_per_epoch + step_in_epoch
                     try:
-                        views, _labels = next(data)
+                        views, _labels, *keys = next(data)
                     except StopIteration:
                         raise TrainingError(f"the loader of epoch {epoch + 1} ended after {step_in_epoch} batches; "
                                             f"expected {cfg.steps_per_epoch}") from None
                     if isinstance(views, torch.Tensor):
                         views = [views]
+                    if keys and getattr(self.method, "uses_dataset", False):
+                        self.method.on_batch(list(keys[0]))
                     loss, out = self._train_step(self._to_device(list(views)), step, total)
                     if on_cpu:  # the value is at hand: check every step
                         value = float(loss)

@@ -3,6 +3,7 @@
 * :func:`build_mlp`: projectors and predictors (SimCLR, BYOL, VICReg, MoCo v3, Barlow Twins ...);
 * :class:`DINOHead`: MLP, l2-normalised bottleneck, weight-normalised last layer (Caron et al. 2021);
 * :class:`Prototypes`: SwAV's prototype vectors, kept on the unit sphere (Caron et al. 2020);
+* :class:`ConvDecoder`: feature map -> image-sized output, for the dense pretext tasks (inpainting, denoising);
 * :func:`make_teacher`, :func:`ema_update`, :func:`cosine_momentum`, :class:`EMATeacher`: the momentum teacher
   of BYOL / MoCo / DINO, momentum following a cosine from its base value to 1 (Grill et al. 2020).
 """
@@ -93,6 +94,30 @@ class Prototypes(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         return self.layer(z)
+
+
+class ConvDecoder(nn.Module):
+    """Feature map (B, in_channels, h, w) -> image-sized output (B, out_channels, H, W).
+
+    ``2x bilinear upsampling -> 3x3 conv -> BN -> ReLU`` (``hidden`` channels) until the map is at least the
+    target size (at most ``max_ups`` times; at least once), then resized to exactly (H, W) and a 3x3 conv to the
+    output: the decoder of the dense pretext tasks (context encoder, denoising autoencoder; Pathak et al. 2016
+    decode with up-convolutions the same way). Unused upsampling blocks of a small target take no part.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, *, hidden: int = 64, max_ups: int = 5) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(in_channels if i == 0 else hidden, hidden, 3, padding=1, bias=False),
+                          nn.BatchNorm2d(hidden), nn.ReLU(inplace=True)) for i in range(max_ups))
+        self.out = nn.Conv2d(hidden, out_channels, 3, padding=1)
+
+    def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
+        for i, block in enumerate(self.blocks):
+            if i > 0 and x.shape[-2] >= size[0] and x.shape[-1] >= size[1]:
+                break
+            x = block(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False))
+        return self.out(F.interpolate(x, size=size, mode="bilinear", align_corners=False))
 
 
 # --------------------------------------------------------------------------------------------- EMA teacher

@@ -11,7 +11,10 @@ import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
 
-FAMILIES = ("deep_metric_learning", "self_distillation", "canonical_correlation_analysis", "masked_image_modeling")
+FAMILIES = ("deep_metric_learning", "self_distillation", "canonical_correlation_analysis", "masked_image_modeling",
+            "origins")
+# the Cookbook's categories of the pretext tasks before the four families ("origins of SSL")
+ORIGINS_CATEGORIES = ("information_restoration", "spatial_context", "grouping")
 
 _REGISTRY: dict[str, "MethodSpec"] = {}
 
@@ -30,15 +33,19 @@ class MethodSpec:
                 and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
 
 
-def register(name: str, *, family: str) -> Callable[[type], type]:
+def register(name: str, *, family: str, category: str | None = None) -> Callable[[type], type]:
+    """``category``: for the ``origins`` family, the Cookbook's kind of pretext task (ORIGINS_CATEGORIES)."""
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; one of {FAMILIES}")
+    if (family == "origins") != (category is not None) or (category and category not in ORIGINS_CATEGORIES):
+        raise ValueError(f"method {name!r}: family origins needs a category, one of {ORIGINS_CATEGORIES}")
 
     def deco(cls: type) -> type:
         if name in _REGISTRY and _REGISTRY[name].cls is not cls:
             raise ValueError(f"method {name!r} registered twice")
         cls.name = name
         cls.family = family
+        cls.category = category
         _REGISTRY[name] = MethodSpec(name, family, cls)
         return cls
 

@@ -170,6 +170,9 @@ class Run:
             self.manifest_sha256 = sha256_file(manifest_path)
         self.verify = verify
         self.channels = {"L": 1, "RGB": 3}.get(self.manifest.get("image_mode"), 3)
+        if getattr(self.spec.cls, "needs_colour", False) and self.channels != 3:
+            raise ConfigError(f"params.yaml: data.image_mode: {name} predicts colour, the shards are "
+                              f"{self.manifest.get('image_mode')} (grey); shard RGB data (data.image_mode: RGB)")
         self._resolve_views()
         self._resolve_backbone()
         self._resolve_optimizer()
@@ -452,12 +455,23 @@ def pretrain(name: str, root: Path | None = None) -> dict[str, Any] | None:
     ok = False
     try:
         urls = shard_urls(root / SHARDS_DIR, "train")
+        uses_dataset = bool(getattr(run.spec.cls, "uses_dataset", False))
 
         def loader(epoch: int):
             return make_loader(urls, batch_size=cfg.batch_size, transform=run.views, shuffle_buffer=cfg.shuffle_buffer,
                                seed=params.seed, epoch=epoch, rank=runtime.rank, world_size=runtime.world_size,
-                               num_workers=cfg.num_workers, manifest=run.manifest,
+                               num_workers=cfg.num_workers, manifest=run.manifest, return_keys=uses_dataset,
                                pin_memory=runtime.device.type == "cuda")
+
+        def dataset_pass():
+            """This rank's share of the train split, each image once, unshuffled, with the evaluation transform."""
+            from ssl_models.augment import build_eval_transform
+
+            transform = build_eval_transform(image_size=run.image_size, channels=run.channels, grey=run.grey,
+                                             mean=run.strengths.get("mean"), std=run.strengths.get("std"))
+            return make_loader(urls, batch_size=cfg.batch_size, transform=lambda img: [transform(img)],
+                               shuffle_buffer=0, rank=runtime.rank, world_size=runtime.world_size, num_workers=0,
+                               manifest=run.manifest, drop_last=False, return_keys=True)
 
         too_big = ConfigError(f"params.yaml: {_where(name, run.block, 'batch_size')}: {cfg.batch_size} x "
                               f"{runtime.world_size} process(es) is more than the train split can fill "
@@ -505,7 +519,8 @@ def pretrain(name: str, root: Path | None = None) -> dict[str, Any] | None:
                                        deterministic=cfg.deterministic, log_every_steps=cfg.log_every_steps,
                                        monitor=monitor, desc=f"pretrain {name}")
         trainer = engine.Trainer(method, optimizer, scheduler=scheduler, config=train_cfg, make_loader=loader,
-                                 runtime=runtime, checkpoint_path=state_path, knn=_knn_monitor(run, cfg))
+                                 runtime=runtime, checkpoint_path=state_path, knn=_knn_monitor(run, cfg),
+                                 dataset_pass=dataset_pass if uses_dataset else None)
         previous = trainer.resume_info() if state_path.exists() else None
         run_id = (previous or {}).get("extra", {}).get("wandb_run_id")
 

@@ -31,12 +31,13 @@ from .lineage import git_info, make_record
 
 REPORTS = Path("reports")
 FAMILY_ORDER = ("deep_metric_learning", "self_distillation", "canonical_correlation_analysis",
-                "masked_image_modeling")
+                "masked_image_modeling", "origins")
 FAMILY_TITLE = {"deep_metric_learning": "deep metric learning", "self_distillation": "self-distillation",
                 "canonical_correlation_analysis": "canonical correlation analysis",
-                "masked_image_modeling": "masked image modeling"}
+                "masked_image_modeling": "masked image modeling", "origins": "origins of SSL"}
 FAMILY_COLOUR = {"deep_metric_learning": "#1f77b4", "self_distillation": "#ff7f0e",
-                 "canonical_correlation_analysis": "#2ca02c", "masked_image_modeling": "#d62728"}
+                 "canonical_correlation_analysis": "#2ca02c", "masked_image_modeling": "#d62728",
+                 "origins": "#7f7f7f"}
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -305,6 +306,39 @@ def baseline_rows(metrics: dict[str, dict]) -> tuple[list[str], list[list[str]]]
     return header, rows
 
 
+def origins_vs_modern_rows(order: list[str], metrics: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
+    """The pretext tasks (family origins, by the Cookbook's category) beside the four modern families, each method
+    with its gain over the random-init backbone of its architecture (same data, budget and evaluation). No rows
+    unless the report holds origins methods and modern ones."""
+    from ssl_models import registry
+
+    def category(method: str) -> str:
+        try:
+            return str(registry.get(method).cls.category or "")
+        except KeyError:
+            return ""
+
+    header = ["", "family / category", "method", "backbone", "kNN top-1", "linear probe top-1",
+              "probe - random init"]
+    origins = [m for m in order if metrics[m].get("family") == "origins"]
+    modern = [m for m in order if metrics[m].get("family") != "origins"]
+    if not origins or not modern:
+        return header, []
+    categories = list(registry.ORIGINS_CATEGORIES)
+    origins.sort(key=lambda m: (categories.index(category(m)) if category(m) in categories else len(categories), m))
+    baselines = collect_baselines(metrics)
+    rows = []
+    for group, methods in (("origins", origins), ("modern", modern)):
+        for method in methods:
+            m = metrics[method]
+            kind = category(method).replace("_", " ") if group == "origins" else FAMILY_TITLE.get(m.get("family"), "")
+            probe = m.get("linear_probe_top1")
+            random_probe = (baselines.get(("random init", str(m.get("architecture")))) or {}).get("linear_probe_top1")
+            gain = f"{probe - random_probe:+.3f}" if isinstance(probe, float) and isinstance(random_probe, float) else "–"
+            rows.append([group, kind, method, str(m.get("architecture")), _fmt(m.get(knn_key(m))), _fmt(probe), gain])
+    return header, rows
+
+
 def md_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -418,8 +452,13 @@ def report(root: Path | None = None) -> dict[str, Any]:
           "kNN: cosine on l2-normalised frozen features, weighted vote exp(sim/T), "
           f"T={_fmt(next(iter(metrics.values())).get('knn_temperature'), 2)}; linear probe on frozen features "
           "with early stopping on a validation split of train. Masked image modeling is judged by the linear probe.",
-          "", "## Baselines", "", md_table(bh, brows), "",
-          "## Figures", ""]
+          ""]
+    oh, orows = origins_vs_modern_rows(order, metrics)
+    if orows:
+        md += ["## Origins vs modern", "", md_table(oh, orows), "",
+               "The pretext tasks the modern families grew from, on the same data, budget and evaluation.", ""]
+    md += ["## Baselines", "", md_table(bh, brows), "",
+           "## Figures", ""]
     for name, caption in figures:
         md += [f"![{caption}](figures/{name})", "", f"*{caption}*", ""]
     md += ["## Lineage", "",
@@ -439,8 +478,10 @@ def report(root: Path | None = None) -> dict[str, Any]:
             f"<p class='meta'>data version (md5 of data/raw in data.dvc): <code>{html.escape(data_line)}</code>"
             f"{html.escape(stale_note)}<br>code commit at report time: <code>{html.escape(commit_line)}</code>; "
             f"evaluations ran at: <code>{html.escape(eval_commits)}</code></p>",
-            "<h2>Results by family</h2>", html_table(mh, mrows, group_col=0),
-            "<h2>Baselines</h2>", html_table(bh, brows), "<h2>Figures</h2>"]
+            "<h2>Results by family</h2>", html_table(mh, mrows, group_col=0)]
+    if orows:
+        body += ["<h2>Origins vs modern</h2>", html_table(oh, orows, group_col=0)]
+    body += ["<h2>Baselines</h2>", html_table(bh, brows), "<h2>Figures</h2>"]
     for name, caption in figures:
         encoded = base64.b64encode((out_dir / "figures" / name).read_bytes()).decode()
         body.append(f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{encoded}'>"

@@ -28,6 +28,11 @@ def shards(tmp_path_factory) -> Path:
     return write_tiny_shards(tmp_path_factory.mktemp("shards") / "shards", train=64, test=32)
 
 
+@pytest.fixture(scope="module")
+def rgb_shards(tmp_path_factory) -> Path:
+    return write_tiny_shards(tmp_path_factory.mktemp("rgb_shards") / "shards", train=64, test=32, image_mode="RGB")
+
+
 def read_tsv(path: Path) -> list[dict[str, str]]:
     header, *rows = path.read_text().splitlines()
     cols = header.split("\t")
@@ -40,10 +45,11 @@ CONTRACT_METHODS = ("simclr", "moco", "nnclr", "byol", "simsiam", "dino", "vicre
 
 
 @pytest.mark.parametrize("name", sorted(set(CONTRACT_METHODS) | set(registry.names())))
-def test_stage_trains_every_registered_method(tmp_path, shards, name):
+def test_stage_trains_every_registered_method(tmp_path, shards, rgb_shards, name):
     if name not in registry.names():
         pytest.skip(f"method {name!r} is not registered yet (ssl_models/methods/{name}.py missing)")
-    ws = make_stage_workspace(tmp_path / "ws", shards, methods=[name])
+    colour = getattr(registry.get(name).cls, "needs_colour", False)  # colorization refuses grey data
+    ws = make_stage_workspace(tmp_path / "ws", rgb_shards if colour else shards, methods=[name])
     summary = stage.pretrain(name, root=ws)
     out = ws / "runs" / name
     ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)

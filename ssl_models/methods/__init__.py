@@ -5,3 +5,8 @@
 #   canonical correlation analysis  vicreg, barlowtwins, swav
 #   masked image modeling           mae, simmim
 from . import barlowtwins, byol, dino, mae, moco, nnclr, simclr, simmim, simsiam, swav, vicreg  # noqa: F401
+# The origins of SSL (the pretext tasks before them), by the Cookbook's category:
+#   information restoration         colorization, inpainting, denoising_ae
+#   spatial context                 rotnet, jigsaw
+#   grouping                        deepcluster
+from . import colorization, deepcluster, denoising_ae, inpainting, jigsaw, rotnet  # noqa: F401,E402

@@ -1,0 +1,76 @@
+"""Context encoder: the removed region is where the mask says, the loss is L2 on that region only (loop
+reference; pixels outside it get no gradient), 20 steps on digits lower it, export keeps the backbone only."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from origins_utils import digits, export_loads_in_torchvision, twenty_steps_lower_the_loss
+from ssl_models import build_backbone, registry
+from ssl_models.methods.inpainting import Inpainting, MaskedReconstructionLoss, region_mask
+from tiny_ssl import write_tiny_shards
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_registered_as_information_restoration_of_the_origins():
+    spec = registry.get("inpainting")
+    assert spec.family == "origins" and spec.cls.category == "information_restoration"
+
+
+def test_center_and_random_block_masks():
+    center = region_mask(2, 28, 28, kind="center", fraction=0.5)
+    assert center.shape == (2, 1, 28, 28) and int(center[0].sum()) == 14 * 14
+    assert center[0, 0, 7:21, 7:21].eq(1).all() and center[0, 0, :7].eq(0).all()
+    torch.manual_seed(0)
+    blocks = region_mask(8, 28, 28, kind="random_block", fraction=0.25)
+    assert all(int(b.sum()) == 49 for b in blocks)
+    assert len({tuple(b.flatten().nonzero()[0].tolist()) for b in blocks}) > 1  # not all at one place
+    with pytest.raises(ValueError, match="mask"):
+        region_mask(1, 8, 8, kind="ring", fraction=0.5)
+
+
+def test_loss_is_l2_over_the_removed_region_against_a_loop():
+    g = torch.Generator().manual_seed(0)
+    pred = torch.randn(2, 3, 6, 6, generator=g, requires_grad=True)
+    target = torch.randn(2, 3, 6, 6, generator=g)
+    mask = region_mask(2, 6, 6, kind="center", fraction=0.5)
+    loss = MaskedReconstructionLoss()(pred, target, mask)
+    total, count = 0.0, 0
+    for b in range(2):
+        for c in range(3):
+            for y in range(6):
+                for x in range(6):
+                    if mask[b, 0, y, x]:
+                        total += float(pred[b, c, y, x] - target[b, c, y, x]) ** 2
+                        count += 1
+    assert float(loss) == pytest.approx(total / count, rel=1e-6)
+    loss.backward()
+    assert pred.grad[mask.expand_as(pred) == 0].abs().max() == 0  # the context is not a target
+
+
+def test_the_encoder_never_sees_the_removed_pixels():
+    torch.manual_seed(0)
+    method = Inpainting(build_backbone("resnet18", in_chans=1, small_image=True, width=4, stem_stride=2),
+                        decoder_dim=8).eval()
+    x = torch.randn(2, 1, 28, 28)
+    y = x.clone()
+    y[:, :, 7:21, 7:21] = torch.randn(2, 1, 14, 14)  # change only the removed region: same loss inputs
+    with torch.no_grad():
+        a, b = method([x]), method([y])
+    torch.testing.assert_close(a["embedding"], b["embedding"])
+
+
+def test_twenty_steps_lower_the_loss_on_digits():
+    images, _ = digits(256)
+    torch.manual_seed(0)
+    method = Inpainting(build_backbone("resnet18", in_chans=1, small_image=True, width=8, stem_stride=2),
+                        decoder_dim=16)
+    before, after = twenty_steps_lower_the_loss(method, images)
+    assert after < 0.95 * before, (before, after)
+
+
+def test_export_keeps_the_backbone_only_and_it_loads_in_torchvision(tmp_path):
+    shards = write_tiny_shards(tmp_path / "shards", train=16, test=16)
+    state = export_loads_in_torchvision("inpainting", tmp_path, shards)
+    assert any(k.startswith("decoder.") for k in state)
