@@ -1,7 +1,8 @@
 """Built-in methods, one file each; importing this package registers them with :mod:`ssl_models.registry`."""
 # The Cookbook's four families:
 #   deep metric learning            simclr, moco (v3), nnclr
-#   self-distillation               byol, simsiam, dino
+#   self-distillation               byol, simsiam, dino, ibot
 #   canonical correlation analysis  vicreg, barlowtwins, swav
-#   masked image modeling           mae, simmim
+#   masked image modeling           mae, simmim, ijepa (predicts representations, not pixels)
 from . import barlowtwins, byol, dino, mae, moco, nnclr, simclr, simmim, simsiam, swav, vicreg  # noqa: F401
+from . import ibot, ijepa  # noqa: F401
