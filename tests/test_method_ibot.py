@@ -228,9 +228,18 @@ def test_export_is_a_plain_vit_that_reloads_strictly(tmp_path):
     torch.testing.assert_close(loaded(x), method.backbone(x))
 
 
+def test_mean_pooled_backbone_still_distils_the_class_token():
+    torch.manual_seed(0)
+    method = registry.get("ibot").cls(build_backbone(**{**VIT, "global_pool": "mean"}), **SMALL)
+    v = views(batch=3)
+    out = method(v)
+    with torch.no_grad():
+        tokens = method.backbone.forward_features(v[0])
+    assert not torch.allclose(out["embedding"], tokens["cls"], atol=1e-3)  # exported features: the patch mean
+    assert out["cls_loss"].item() > 0 and out["mim_loss"].item() >= 0
+
+
 def test_bad_hyperparameters_are_rejected():
-    with pytest.raises(ValueError, match="global_pool 'cls'"):
-        registry.get("ibot").cls(build_backbone(**{**VIT, "global_pool": "mean"}), **SMALL)
     with pytest.raises(ValueError, match="mask_ratio"):
         make(mask_ratio_min=0.6, mask_ratio_max=0.5)
     with pytest.raises(ValueError, match="ViT backbone"):

@@ -106,7 +106,8 @@ class IBOT(DINO):
     over the first 30% of training for both class and patch tokens; centre momenta 0.9; teacher momentum cosine
     0.996 -> 1; loss weights 1 and 1; prediction ratio uniform in [0.1, 0.5] for half the images, blockwise
     masks with blocks of at least 16 patches (of 196); multi-crop; AdamW lr 5e-4 x B/256, weight decay 0.04,
-    10 warmup epochs. Features: the class token (the token DINO's loss trains).
+    10 warmup epochs. Features: what the backbone pools (the class token by default, the token DINO's loss
+    trains; ``global_pool: mean`` exports the mean of the patch tokens, which the masked-patch loss trains).
     """
 
     augment = "multicrop"
@@ -126,8 +127,6 @@ class IBOT(DINO):
                  freeze_last_layer_frac: float = 0.01) -> None:
         if not isinstance(backbone, VisionTransformer):
             raise ValueError(f"ibot needs a ViT backbone (vit_tiny, vit_small), got {type(backbone).__name__}")
-        if backbone.global_pool != "cls":
-            raise ValueError("ibot distils the class token: the backbone needs global_pool 'cls'")
         if not 0.0 <= mask_ratio_min <= mask_ratio_max < 1.0 or not 0.0 <= mask_probability <= 1.0:
             raise ValueError(f"ibot: need 0 <= mask_ratio_min <= mask_ratio_max < 1 and 0 <= mask_probability <= 1, "
                              f"got {mask_ratio_min}, {mask_ratio_max}, {mask_probability}")
@@ -184,7 +183,8 @@ class IBOT(DINO):
         s = self.backbone.forward_features(global_views, token_mask=masks, mask_token=self.mask_token)
         s_global = self.student_head(torch.cat([s["cls"][:, None], s["patch_tokens"]], dim=1))
         s_cls, s_patch = s_global[:, 0].chunk(g), s_global[:, 1:].chunk(g)
-        local_features = multicrop_features(self.backbone, views[g:]) if len(views) > g else []
+        # the class token is distilled whatever the backbone pools for its exported features
+        local_features = multicrop_features(lambda x: self.backbone.forward_features(x)["cls"], views[g:])
         s_local = list(self.student_head(torch.cat(local_features)).split([f.shape[0] for f in local_features])) \
             if local_features else []
 
@@ -195,7 +195,8 @@ class IBOT(DINO):
         with torch.no_grad():
             probs = self.criterion.teacher_probabilities(torch.cat(t_cls), self.current_teacher_temperature)
             entropy = teacher_entropy(probs)
-        return {"loss": loss, "embedding": s["cls"].chunk(g)[0].detach(), "cls_loss": cls_loss.detach(),
+        pooled = s["cls"] if self.backbone.global_pool == "cls" else s["patch_tokens"].mean(dim=1)
+        return {"loss": loss, "embedding": pooled.chunk(g)[0].detach(), "cls_loss": cls_loss.detach(),
                 "mim_loss": mim_loss.detach(), "mask_ratio": masks.float().mean(),
                 "teacher_entropy": torch.tensor(entropy),
                 "teacher_entropy_ratio": torch.tensor(entropy / math.log(self.out_dim)),
