@@ -49,9 +49,10 @@ def resume_path(method: str, key: str) -> Path:
     return RESUME_DIR / method / f"{key[:20]}.pt"
 
 
-# the library files a run's weights depend on (dvc.yaml lists the same as the stage's deps)
+# the library files a run's weights depend on (dvc.yaml lists the same as the stage's deps); methods/dino.py:
+# iBOT extends DINO and SwAV uses its multi-crop forward
 LIBRARY_DEPS = ("engine.py", "data.py", "augment.py", "backbones.py", "heads.py", "optim.py", "distributed.py",
-                "monitors.py", "evaluation.py", "registry.py", "methods/base.py")
+                "monitors.py", "evaluation.py", "registry.py", "methods/base.py", "methods/dino.py")
 
 
 def code_files(method_cls: type) -> list[Path]:
