@@ -213,6 +213,7 @@ def _fit_sklearn(x: torch.Tensor, y: torch.Tensor, c: float, init: tuple[torch.T
                  max_iter: int, tol: float, **_) -> tuple[torch.Tensor, torch.Tensor, int]:
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_limits
 
     clf = LogisticRegression(C=c, max_iter=max_iter, tol=tol, warm_start=init is not None)
     if init is not None:  # scikit-learn's warm start reads the previous solution from these attributes
@@ -222,7 +223,10 @@ def _fit_sklearn(x: torch.Tensor, y: torch.Tensor, c: float, init: tuple[torch.T
         clf.coef_, clf.intercept_ = coef.numpy().copy(), intercept.numpy().copy()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # reported as iterations == max_iter instead
-        clf.fit(x.numpy(), y.numpy())
+        # one BLAS/OpenMP thread: an L-BFGS step on a few thousand rows is too small to split, and spinning
+        # thread pools beside torch's made it 10x slower on a busy 2-core machine (BENCHMARKS.md)
+        with threadpool_limits(1):
+            clf.fit(x.numpy(), y.numpy())
     if len(clf.classes_) != int(y.max()) + 1:
         raise EvaluationError("linear probe: the fitting part lacks a class (labels must be 0..K-1)")
     coef, intercept = torch.from_numpy(clf.coef_).double(), torch.from_numpy(clf.intercept_).double()

@@ -400,9 +400,11 @@ def results_rows(order: list[str], metrics: dict[str, dict],
                     + [_cell(m, f"knn_top1_k{k}") for k in ks]
                     + [_cell(m, "linear_probe_top1"), _fmt(m.get("rankme"), 1), _duration(pre.get("train_seconds")),
                        _fmt(pre.get("images_per_s"), 0)])
+    # a random-init baseline has the architecture of the methods it serves: described as theirs
+    titles = {str(metrics[m].get("architecture")): _backbone_title(metrics[m], cards.get(m) or {}) for m in order}
     for (name, arch), b in sorted(collect_baselines(metrics).items(), key=lambda kv: (kv[0][0] != "random init",
                                                                                       kv[0])):
-        rows.append([f"baseline: {name}", "", arch] + [_cell(b, f"knn_top1_k{k}") for k in ks]
+        rows.append([f"baseline: {name}", "", titles.get(arch, arch)] + [_cell(b, f"knn_top1_k{k}") for k in ks]
                     + [_cell(b, "linear_probe_top1"), "", "", ""])
     return header, rows
 
