@@ -1,13 +1,20 @@
 """evaluate@<method>: exported backbone + labelled shards -> metrics/<method>.json (+ a 2-D PCA of test embeddings).
 
 Frozen features of the train and test splits are computed once and shared by every protocol:
-weighted kNN (top-1/top-5 at each k of params), a linear probe (early stopping on a validation split cut from
-train), RankMe and the embedding std of the test features. Two baselines put the numbers in context: a randomly
-initialised backbone of the same architecture and raw pixels (kNN and linear probe). They depend only on the
-data, the architecture and the evaluation params, so they are computed once per (data, architecture, params) and
-cached in ``.cache/baselines/`` under a digest of exactly those inputs: the four methods of a run share them,
-and a new data version or architecture gets fresh ones. (A separate DVC stage cannot do this: which
-architectures exist is decided per method by params, not known to dvc.yaml.)
+weighted kNN (top-1/top-5 at each k of params), a linear probe (logistic regression at the C chosen on a
+validation split cut from train), RankMe and the embedding std of the test features. Two baselines put the
+numbers in context: a randomly initialised backbone of the same architecture and raw pixels (kNN and the same
+probe). They depend only on the data, the architecture and the evaluation params, so they are computed once per
+(data, architecture, params) and cached in ``.cache/baselines/`` under a digest of exactly those inputs, with
+their per-test-image hits: the four methods of a run share them, and a new data version or architecture gets
+fresh ones. (A separate DVC stage cannot do this: which architectures exist is decided per method by params, not
+known to dvc.yaml.)
+
+Every headline accuracy (kNN top-1 at each k, probe top-1) gets a bootstrap interval over the test images
+(``intervals``), for the method and each baseline; ``comparisons`` holds the paired bootstrap of the method
+against each baseline (difference, interval, p-value, verdict beats / ties / trails), all on one set of resampled
+indices drawn from ``seed``. The point values stay top-level keys, so ``dvc metrics diff`` compares them.
+Unlabelled test images are dropped (``n_test_unlabelled`` counts them).
 
 Masked image modeling methods are judged by the linear probe (kNN is structurally low for MAE features);
 the others by kNN top-1 at the largest k: ``primary_metric`` names which.
@@ -92,41 +99,86 @@ def load_labelled_splits(root: Path):
     return train_x, train_y, test_x, test_y, list(classes), manifest
 
 
-def evaluate_features(train_f, train_y, test_f, test_y, *, num_classes: int, cfg, seed: int, device) -> dict[str, Any]:
-    """kNN at every k and the linear probe on one set of cached features."""
+def headline_names(ks: list[int]) -> list[str]:
+    """The accuracies that get intervals and paired comparisons: kNN top-1 at each k, probe top-1."""
+    return [f"knn_top1_k{k}" for k in ks] + ["linear_probe_top1"]
+
+
+def evaluate_features(train_f, train_y, test_f, test_y, *, num_classes: int, cfg, seed: int,
+                      device) -> tuple[dict[str, Any], dict[str, Any]]:
+    """kNN at every k and the linear probe on one set of cached features -> (metrics, per-test-image top-1 hits
+    of each headline accuracy)."""
     from ssl_models.evaluation import knn_evaluate, linear_probe
 
-    out: dict[str, Any] = dict(knn_evaluate(train_f, train_y, test_f, test_y, ks=cfg.knn_k,
-                                            temperature=cfg.knn_temperature, num_classes=num_classes))
+    knn, hits = knn_evaluate(train_f, train_y, test_f, test_y, ks=cfg.knn_k, temperature=cfg.knn_temperature,
+                             num_classes=num_classes, return_hits=True)
+    out: dict[str, Any] = dict(knn)
     lp = cfg.linear_probe
-    probe = linear_probe(train_f, train_y, test_f, test_y, num_classes=num_classes, epochs=lp.epochs, lr=lp.lr,
-                         weight_decay=lp.weight_decay, batch_size=lp.batch_size, val_fraction=lp.val_fraction,
-                         patience=lp.patience, seed=seed, device=device)
+    probe = linear_probe(train_f, train_y, test_f, test_y, num_classes=num_classes, c_grid=lp.c_grid,
+                         max_iter=lp.max_iter, val_fraction=lp.val_fraction, backend=lp.backend, seed=seed,
+                         device=device)
     out["linear_probe_top1"] = probe["top1"]
     out["linear_probe_top5"] = probe["top5"]
-    out["linear_probe"] = {k: probe[k] for k in ("val_top1", "train_top1", "best_epoch", "epochs_run")}
-    return out
+    out["linear_probe"] = {k: probe[k] for k in ("c", "val_top1", "train_top1", "backend", "iterations", "converged",
+                                                  "n_fit", "n_val")}
+    out["linear_probe"]["val_top1_by_c"] = {f"{c:g}": v for c, v in probe["val_top1_by_c"].items()}
+    hits["linear_probe_top1"] = probe["hits"]
+    return out, hits
 
 
 def headline(result: dict[str, Any]) -> dict[str, Any]:
-    """A baseline's accuracies only (its probe diagnostics would only widen `dvc metrics show`)."""
-    return {k: v for k, v in result.items() if k.startswith(("knn_top", "linear_probe_top"))}
+    """A baseline's accuracies and its probe's chosen C (its other diagnostics would only widen `dvc metrics show`)."""
+    out = {k: v for k, v in result.items() if k.startswith(("knn_top", "linear_probe_top"))}
+    out["linear_probe_c"] = result["linear_probe"]["c"]
+    return out
 
 
-def cached(root: Path, kind: str, key: dict[str, Any], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """Return the cached result for ``key`` or compute and store it (atomically; concurrent writers are harmless)."""
+def with_intervals(metrics: dict[str, Any], hits: dict[str, Any], counts, level: float) -> dict[str, Any]:
+    """``metrics`` plus ``intervals``: {headline name: {"low", "high"}} from the shared bootstrap resamples."""
+    from ssl_models.evaluation import bootstrap_interval
+
+    return {**metrics, "intervals": {name: bootstrap_interval(h, counts, level) for name, h in hits.items()}}
+
+
+# per-test-image hits are stored as strings of 0/1 (one character per test image, in test order)
+def encode_hits(hits: dict[str, Any]) -> dict[str, str]:
+    return {name: "".join("1" if v else "0" for v in h.tolist()) for name, h in hits.items()}
+
+
+def decode_hits(encoded: Any, names: list[str], n: int) -> dict[str, Any] | None:
+    """The cached hits, or None when they do not cover exactly these metrics and ``n`` test images."""
+    import torch
+
+    if not isinstance(encoded, dict) or sorted(encoded) != sorted(names):
+        return None
+    if any(not isinstance(v, str) or len(v) != n or set(v) - {"0", "1"} for v in encoded.values()):
+        return None
+    return {name: torch.tensor([c == "1" for c in encoded[name]]) for name in names}
+
+
+BASELINE_CACHE_FORMAT = 2  # 2: per-test-image hits beside the metrics (1 had metrics only: recomputed)
+
+
+def cached(root: Path, kind: str, key: dict[str, Any], names: list[str], n_test: int,
+           compute: Callable[[], tuple[dict[str, Any], dict[str, Any]]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(metrics, hits) cached under ``key``, or computed and stored (atomically; concurrent writers are harmless).
+
+    An entry of another format, another key or with hits that do not fit this test split is recomputed.
+    """
+    key = {**key, "format": BASELINE_CACHE_FORMAT}
     path = root / BASELINE_CACHE / f"{kind}-{digest(key)[:20]}.json"
     if path.is_file():
         try:
             doc = read_json(path)
-            if doc.get("key") == key and isinstance(doc.get("metrics"), dict):
+            hits = decode_hits(doc.get("hits"), names, n_test) if isinstance(doc, dict) else None
+            if hits is not None and doc.get("key") == key and isinstance(doc.get("metrics"), dict):
                 print(f"evaluate: {kind} baseline from {path.relative_to(root)}", file=sys.stderr)
-                return doc["metrics"]
+                return doc["metrics"], hits
         except DataError:
             pass  # a damaged cache entry is recomputed
-    result = compute()
-    write_json(path, {"key": key, "metrics": result})
-    return result
+    metrics, hits = compute()
+    write_json(path, {"key": key, "metrics": metrics, "hits": encode_hits(hits)})
+    return metrics, hits
 
 
 def pca_2d(features, labels, n_points: int, seed: int):
@@ -148,7 +200,8 @@ def evaluate(method: str, root: Path | None = None) -> dict[str, Any]:
     import torch
 
     from ssl_models.augment import build_eval_transform
-    from ssl_models.evaluation import EvaluationError, check_label_sets, extract_features, raw_pixel_features
+    from ssl_models.evaluation import (EvaluationError, bootstrap_counts, check_label_sets, extract_features,
+                                       paired_bootstrap, raw_pixel_features)
     from ssl_models.io import BackboneFileError, load_backbone
     from ssl_models.monitors import embedding_std, healthy_std, rankme
 
@@ -176,7 +229,8 @@ def evaluate(method: str, root: Path | None = None) -> dict[str, Any]:
         check_label_sets(train_y, test_y, classes, split="test")
     except EvaluationError as exc:
         raise DataError(f"{SHARDS_DIR}: {exc}") from None
-    test_keep = test_y >= 0
+    test_keep = test_y >= 0  # unlabelled test images cannot be scored: dropped, and counted in the metrics
+    n_test_unlabelled = int((~test_keep).sum())
     test_x, test_y = test_x[test_keep], test_y[test_keep]
     num_classes = len(classes)
     try:
@@ -198,10 +252,15 @@ def evaluate(method: str, root: Path | None = None) -> dict[str, Any]:
             raise DataError(f"{weights}: {exc}") from None
 
     train_f, test_f = features_of(model, method)
+    names = headline_names(cfg.knn_k)
+    counts = bootstrap_counts(len(test_y), cfg.bootstrap.resamples, params.seed)
+    level = cfg.bootstrap.level
     result: dict[str, Any] = {"method": method, "family": family, "architecture": model.config.get("name"),
                               "feature_dim": model.feature_dim}
-    result.update(evaluate_features(train_f, train_y, test_f, test_y, num_classes=num_classes, cfg=cfg,
-                                    seed=params.seed, device=device))
+    metrics, hits = evaluate_features(train_f, train_y, test_f, test_y, num_classes=num_classes, cfg=cfg,
+                                      seed=params.seed, device=device)
+    result.update(with_intervals(metrics, hits, counts, level))
+    result["bootstrap"] = {"resamples": cfg.bootstrap.resamples, "level": level, "seed": params.seed}
     result["knn_temperature"] = cfg.knn_temperature
     result["rankme"] = rankme(test_f)
     result["emb_std"] = embedding_std(test_f)
@@ -210,6 +269,7 @@ def evaluate(method: str, root: Path | None = None) -> dict[str, Any]:
     result["num_classes"] = num_classes
     result["n_train"] = int((train_y >= 0).sum())
     result["n_test"] = len(test_y)
+    result["n_test_unlabelled"] = n_test_unlabelled
     result["data_version"] = manifest.get("data_version") or current_data_version(root)
     card = read_json(root / weights.parent / "model_card.json") if (root / weights.parent / "model_card.json").is_file() \
         else {}
@@ -217,31 +277,40 @@ def evaluate(method: str, root: Path | None = None) -> dict[str, Any]:
     result["pretraining"] = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
     if cfg.baselines:
-        eval_key = cfg.model_dump(exclude={"device", "projection_points", "baselines", "batch_size"})
+        # the bootstrap settings change intervals, not a baseline's predictions: not part of the cache key
+        eval_key = cfg.model_dump(exclude={"device", "projection_points", "baselines", "batch_size", "bootstrap"})
         data_key = {"data_version": result["data_version"], "splits": digest(manifest.get("splits"))}
 
-        def random_init() -> dict[str, Any]:
+        def random_init():
             from ssl_models.backbones import build_backbone
 
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(params.seed)
                 net = build_backbone(**model.config)
             f_train, f_test = features_of(net, "random-init")
-            return headline(evaluate_features(f_train, train_y, f_test, test_y, num_classes=num_classes, cfg=cfg,
-                                              seed=params.seed, device=device))
+            metrics, hits = evaluate_features(f_train, train_y, f_test, test_y, num_classes=num_classes, cfg=cfg,
+                                              seed=params.seed, device=device)
+            return headline(metrics), hits
 
-        def raw_pixels() -> dict[str, Any]:
+        def raw_pixels():
             f_train = raw_pixel_features(train_x, max_side=cfg.raw_pixels_max_side)
             f_test = raw_pixel_features(test_x, max_side=cfg.raw_pixels_max_side)
-            return headline(evaluate_features(f_train, train_y, f_test, test_y, num_classes=num_classes, cfg=cfg,
-                                              seed=params.seed, device=device))
+            metrics, hits = evaluate_features(f_train, train_y, f_test, test_y, num_classes=num_classes, cfg=cfg,
+                                              seed=params.seed, device=device)
+            return headline(metrics), hits
 
-        result["baselines"] = {
+        baselines = {
             "random_init": cached(root, "random_init", {**data_key, "eval": eval_key, "seed": params.seed,
-                                                        "backbone_config": model.config, "input": spec}, random_init),
+                                                        "backbone_config": model.config, "input": spec},
+                                  names, len(test_y), random_init),
             "raw_pixels": cached(root, "raw_pixels", {**data_key, "eval": eval_key, "seed": params.seed},
-                                 raw_pixels),
+                                 names, len(test_y), raw_pixels),
         }
+        result["baselines"] = {name: with_intervals(b_metrics, b_hits, counts, level)
+                               for name, (b_metrics, b_hits) in baselines.items()}
+        # the method against each baseline on the same resampled test images
+        result["comparisons"] = {name: {m: paired_bootstrap(hits[m], b_hits[m], counts, level) for m in names}
+                                 for name, (_, b_hits) in baselines.items()}
 
     projection = pca_2d(test_f, test_y, cfg.projection_points, params.seed) if cfg.projection_points else None
     result["eval_seconds"] = round(time.time() - started, 2)

@@ -2,9 +2,12 @@
 
 Writes
 - ``reports/summary.md`` and ``reports/summary.html`` (self-contained: inline CSS, figures embedded as base64, so it
-  opens offline): one table of every method grouped by Cookbook family (kNN, linear probe, RankMe, pretraining
-  time and images/s), the baselines, the data version and the commit, and the figures;
-- ``reports/summary.json``: the headline numbers, declared as DVC metrics (``dvc metrics show/diff``);
+  opens offline): the results table (README's, every accuracy with its bootstrap interval), each method against
+  each baseline (paired bootstrap: beats / ties / trails with the difference and its interval), one table of
+  every method grouped by Cookbook family (kNN, linear probe, RankMe, pretraining time and images/s), the
+  baselines, the data version and the commit, and the figures;
+- ``reports/summary.json``: the headline numbers with their intervals and the verdict lines, declared as DVC
+  metrics (``dvc metrics show/diff``);
 - ``reports/figures/*.png`` (matplotlib, Agg): loss and RankMe curves per method, accuracy by method and family,
   a 2-D PCA of test embeddings coloured by class, the augmented views each method trains on;
 - ``reports/curves/{loss,rankme}.tsv``: the curves, one column per method, for DVC's top-level plots;
@@ -132,11 +135,12 @@ def plot_accuracy(order: list[str], metrics: dict[str, dict], path: Path, dpi: i
         colour = FAMILY_COLOUR.get(m.get("family"), "grey")
         knn = m.get(knn_key(m))
         probe_primary = m.get("primary_metric") == "linear_probe_top1"
-        # hatched: kNN; solid: linear probe; the thick edge marks the protocol the method is judged by
+        # hatched: kNN; solid: linear probe; the thick edge marks the protocol the method is judged by;
+        # error bars: the bootstrap interval over the test images
         ax.bar(i - width / 2, knn or 0, width, color=colour, alpha=0.55, edgecolor="black", hatch="//",
-               linewidth=0.8 if probe_primary else 2.2)
+               linewidth=0.8 if probe_primary else 2.2, yerr=error_bar(m, knn_key(m)), capsize=3)
         ax.bar(i + width / 2, m.get("linear_probe_top1") or 0, width, color=colour, edgecolor="black",
-               linewidth=2.2 if probe_primary else 0.8)
+               linewidth=2.2 if probe_primary else 0.8, yerr=error_bar(m, "linear_probe_top1"), capsize=3)
     baselines = collect_baselines(metrics)
     styles = {"raw pixels": ":", "random init": "--"}
     for (name, arch), b in baselines.items():
@@ -264,6 +268,28 @@ def collect_baselines(metrics: dict[str, dict]) -> dict[tuple[str, str], dict]:
     return out
 
 
+def interval(m: dict, key: str) -> dict | None:
+    """The bootstrap interval {"low", "high"} of metric ``key`` in a metrics dict, None when it has none."""
+    iv = (m.get("intervals") or {}).get(key)
+    return iv if isinstance(iv, dict) and {"low", "high"} <= set(iv) else None
+
+
+def error_bar(m: dict, key: str):
+    """matplotlib's yerr ([[below], [above]]) from a metric's interval, None without one."""
+    iv, value = interval(m, key), m.get(key)
+    if iv is None or not isinstance(value, (int, float)):
+        return None
+    return [[max(0.0, value - iv["low"])], [max(0.0, iv["high"] - value)]]
+
+
+def _cell(m: dict, key: str) -> str:
+    """A metric with its interval when it has one: "0.930 [0.914, 0.945]"."""
+    iv = interval(m, key)
+    if iv is None or m.get(key) is None:
+        return _fmt(m.get(key))
+    return f"{_fmt(m.get(key))} [{iv['low']:.3f}, {iv['high']:.3f}]"
+
+
 def _fmt(value: Any, digits: int = 3) -> str:
     if value is None:
         return "–"
@@ -288,9 +314,9 @@ def method_rows(order: list[str], metrics: dict[str, dict]) -> tuple[list[str], 
         m = metrics[method]
         pre = m.get("pretraining") or {}
         rows.append([FAMILY_TITLE.get(m.get("family"), str(m.get("family"))), method, str(m.get("architecture"))]
-                    + [_fmt(m.get(f"knn_top1_k{k}")) for k in ks]
+                    + [_cell(m, f"knn_top1_k{k}") for k in ks]
                     + ([_fmt(m.get(f"knn_top5_k{ks[-1]}"))] if ks else [])
-                    + [_fmt(m.get("linear_probe_top1")), _fmt(m.get("rankme"), 1), _fmt(m.get("emb_std"), 4),
+                    + [_cell(m, "linear_probe_top1"), _fmt(m.get("rankme"), 1), _fmt(m.get("emb_std"), 4),
                        _duration(pre.get("train_seconds")), _fmt(pre.get("images_per_s"), 0),
                        "linear probe" if m.get("primary_metric") == "linear_probe_top1" else "kNN"])
     return header, rows
@@ -301,8 +327,86 @@ def baseline_rows(metrics: dict[str, dict]) -> tuple[list[str], list[list[str]]]
     rows = []
     for (name, arch), b in sorted(collect_baselines(metrics).items()):
         k = b["knn_key"]
-        rows.append([name, arch or "–", _fmt(b.get(k)), _fmt(b.get(k.replace("top1", "top5"))),
-                     _fmt(b.get("linear_probe_top1"))])
+        rows.append([name, arch or "–", _cell(b, k), _fmt(b.get(k.replace("top1", "top5"))),
+                     _cell(b, "linear_probe_top1")])
+    return header, rows
+
+
+BASELINE_TITLE = {"raw_pixels": "raw pixels", "random_init": "random init"}
+
+
+def _metric_title(key: str) -> str:
+    if key.startswith("knn_top1_k"):
+        return f"kNN top-1 k={key.rsplit('k', 1)[1]}"
+    return "linear probe top-1" if key == "linear_probe_top1" else key
+
+
+def _baseline_title(name: str, m: dict) -> str:
+    title = BASELINE_TITLE.get(name, name.replace("_", " "))
+    return f"{title} ({m.get('architecture')})" if name == "random_init" else title
+
+
+def _verdict_cell(c: dict) -> str:
+    return (f"{c['verdict']} {c['difference']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}], "
+            f"p {c['p_value']:.3f}")
+
+
+def verdict_rows(order: list[str], metrics: dict[str, dict]) -> tuple[list[str], list[list[str]], list[str]]:
+    """(header, rows, lines): each method against each baseline on kNN top-1 at the largest k and the probe.
+
+    "beats" only where the paired bootstrap interval of the difference is above 0, "trails" where it is below,
+    "ties" where it holds 0 (``ssl_models.evaluation.paired_bootstrap``).
+    """
+    keys = sorted({knn_key(metrics[m]) for m in order}, key=lambda k: int(k.rsplit("k", 1)[1]) if "_k" in k else 0)
+    keys = keys[-1:] + ["linear_probe_top1"]
+    header = ["method", "against"] + [_metric_title(k) for k in keys]
+    rows, lines = [], []
+    for method in order:
+        m = metrics[method]
+        for name, by_metric in sorted((m.get("comparisons") or {}).items()):
+            against = _baseline_title(name, m)
+            cells = []
+            for key in keys:
+                c = by_metric.get(key)
+                cells.append(_verdict_cell(c) if c else "–")
+                if c:
+                    lines.append(f"{method} {c['verdict']} {against} on {_metric_title(key)}: "
+                                 f"{c['difference']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}], p = {c['p_value']:.3f}")
+            rows.append([method, against] + cells)
+    return header, rows, lines
+
+
+def _backbone_title(m: dict, card: dict) -> str:
+    config = card.get("backbone_config") or {}
+    details = [f"width {config['width']}" if "width" in config else "",
+               f"{config['depth']} blocks" if "depth" in config else "",
+               f"patch {config['patch_size']}" if "patch_size" in config else ""]
+    details = [d for d in details if d]
+    return f"{m.get('architecture')}" + (f" ({', '.join(details)})" if details else "")
+
+
+def results_rows(order: list[str], metrics: dict[str, dict],
+                 cards: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
+    """The headline table (README's "Results of the default pipeline"): methods, then the baselines, every
+    accuracy with its 95% bootstrap interval."""
+    ks = sorted({int(k.rsplit("k", 1)[1]) for m in metrics.values() for k in m if k.startswith("knn_top1_k")})
+    header = (["family", "method", "backbone"] + [f"kNN top-1 k={k}" for k in ks]
+              + ["linear probe top-1", "RankMe", "pretrain", "images/s"])
+    rows = []
+    for method in order:
+        m = metrics[method]
+        pre = m.get("pretraining") or {}
+        rows.append([FAMILY_TITLE.get(m.get("family"), str(m.get("family"))), method,
+                     _backbone_title(m, cards.get(method) or {})]
+                    + [_cell(m, f"knn_top1_k{k}") for k in ks]
+                    + [_cell(m, "linear_probe_top1"), _fmt(m.get("rankme"), 1), _duration(pre.get("train_seconds")),
+                       _fmt(pre.get("images_per_s"), 0)])
+    # a random-init baseline has the architecture of the methods it serves: described as theirs
+    titles = {str(metrics[m].get("architecture")): _backbone_title(metrics[m], cards.get(m) or {}) for m in order}
+    for (name, arch), b in sorted(collect_baselines(metrics).items(), key=lambda kv: (kv[0][0] != "random init",
+                                                                                      kv[0])):
+        rows.append([f"baseline: {name}", "", titles.get(arch, arch)] + [_cell(b, f"knn_top1_k{k}") for k in ks]
+                    + [_cell(b, "linear_probe_top1"), "", "", ""])
     return header, rows
 
 
@@ -319,23 +423,22 @@ def origins_vs_modern_rows(order: list[str], metrics: dict[str, dict]) -> tuple[
             return ""
 
     header = ["", "family / category", "method", "backbone", "kNN top-1", "linear probe top-1",
-              "probe - random init"]
+              "probe vs random init (paired)"]
     origins = [m for m in order if metrics[m].get("family") == "origins"]
     modern = [m for m in order if metrics[m].get("family") != "origins"]
     if not origins or not modern:
         return header, []
     categories = list(registry.ORIGINS_CATEGORIES)
     origins.sort(key=lambda m: (categories.index(category(m)) if category(m) in categories else len(categories), m))
-    baselines = collect_baselines(metrics)
     rows = []
     for group, methods in (("origins", origins), ("modern", modern)):
         for method in methods:
             m = metrics[method]
             kind = category(method).replace("_", " ") if group == "origins" else FAMILY_TITLE.get(m.get("family"), "")
-            probe = m.get("linear_probe_top1")
-            random_probe = (baselines.get(("random init", str(m.get("architecture")))) or {}).get("linear_probe_top1")
-            gain = f"{probe - random_probe:+.3f}" if isinstance(probe, float) and isinstance(random_probe, float) else "–"
-            rows.append([group, kind, method, str(m.get("architecture")), _fmt(m.get(knn_key(m))), _fmt(probe), gain])
+            paired = ((m.get("comparisons") or {}).get("random_init") or {}).get("linear_probe_top1")
+            gain = _verdict_cell(paired) if paired else "–"
+            rows.append([group, kind, method, str(m.get("architecture")), _fmt(m.get(knn_key(m))),
+                         _fmt(m.get("linear_probe_top1")), gain])
     return header, rows
 
 
@@ -418,7 +521,8 @@ def report(root: Path | None = None) -> dict[str, Any]:
             figures.append(("rankme_curves.png", "RankMe of the embedding per epoch (collapse: towards 1)"))
         plot_accuracy(order, metrics, fig_dir / "accuracy.png", cfg.plot_dpi)
         figures.append(("accuracy.png", "Test top-1 by method, coloured by family (hatched: kNN, solid: linear "
-                                        "probe; thick edge: the protocol it is judged by), baselines as lines"))
+                                        "probe; thick edge: the protocol it is judged by; error bars: 95% "
+                                        "bootstrap intervals), baselines as lines"))
         if plot_projections(order, projections, fig_dir / "embeddings_pca.png", cfg.plot_dpi):
             figures.append(("embeddings_pca.png", "Test embeddings, 2-D PCA, coloured by class"))
         if sample_images is not None:
@@ -436,6 +540,12 @@ def report(root: Path | None = None) -> dict[str, Any]:
 
     mh, mrows = method_rows(order, metrics)
     bh, brows = baseline_rows(metrics)
+    rh, rrows = results_rows(order, metrics, cards)
+    vh, vrows, verdict_lines = verdict_rows(order, metrics)
+    level = next((m.get("bootstrap") or {}).get("level") for m in metrics.values()) or 0.95
+    resamples = next((m.get("bootstrap") or {}).get("resamples") for m in metrics.values())
+    interval_note = (f"[low, high]: {level:.0%} bootstrap interval over the test images ({resamples} resamples, "
+                     f"one set shared by every method and baseline)." if resamples else "")
     data_line = data_ver if data_ver else "MIXED: " + ", ".join(versions)
     now_version = current_data_version(root)
     stale_note = ""
@@ -448,10 +558,17 @@ def report(root: Path | None = None) -> dict[str, Any]:
           f"- data version (md5 of data/raw in data.dvc): `{data_line}`{stale_note}",
           f"- code commit at report time: `{commit_line}`; evaluations ran at: `{eval_commits}`",
           f"- methods: {', '.join(order)}", "",
+          "## Results", "", md_table(rh, rrows), "", interval_note, "",
+          "## Against the baselines", "", md_table(vh, vrows), "",
+          "Paired bootstrap on the same test images: the method's accuracy minus the baseline's, its interval and "
+          "two-sided p-value. \"beats\" only where the whole interval is above 0, \"trails\" where it is below, "
+          "\"ties\" where it holds 0.", "",
+          *[f"- {line}" for line in verdict_lines], "",
           "## Results by family", "", md_table(mh, mrows), "",
           "kNN: cosine on l2-normalised frozen features, weighted vote exp(sim/T), "
-          f"T={_fmt(next(iter(metrics.values())).get('knn_temperature'), 2)}; linear probe on frozen features "
-          "with early stopping on a validation split of train. Masked image modeling is judged by the linear probe.",
+          f"T={_fmt(next(iter(metrics.values())).get('knn_temperature'), 2)}; linear probe: L2-regularised "
+          "logistic regression on standardised frozen features, C chosen on a validation split of train, refit on "
+          "all of train. Masked image modeling is judged by the linear probe.",
           ""]
     oh, orows = origins_vs_modern_rows(order, metrics)
     if orows:
@@ -478,6 +595,9 @@ def report(root: Path | None = None) -> dict[str, Any]:
             f"<p class='meta'>data version (md5 of data/raw in data.dvc): <code>{html.escape(data_line)}</code>"
             f"{html.escape(stale_note)}<br>code commit at report time: <code>{html.escape(commit_line)}</code>; "
             f"evaluations ran at: <code>{html.escape(eval_commits)}</code></p>",
+            "<h2>Results</h2>", html_table(rh, rrows), f"<p class='meta'>{html.escape(interval_note)}</p>",
+            "<h2>Against the baselines</h2>", html_table(vh, vrows),
+            "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in verdict_lines) + "</ul>",
             "<h2>Results by family</h2>", html_table(mh, mrows, group_col=0)]
     if orows:
         body += ["<h2>Origins vs modern</h2>", html_table(oh, orows, group_col=0)]
@@ -501,7 +621,11 @@ def report(root: Path | None = None) -> dict[str, Any]:
                       {k: b.get(k) for k in (b["knn_key"], "linear_probe_top1")}
                       for (name, arch), b in collect_baselines(metrics).items()},
     }
+    summary["verdicts"] = verdict_lines
     for m in order:
+        summary["methods"][m]["intervals"] = {k: iv for k in (knn_key(metrics[m]), "linear_probe_top1")
+                                              if (iv := interval(metrics[m], k))}
+        summary["methods"][m]["comparisons"] = metrics[m].get("comparisons") or {}
         summary["methods"][m]["pretrain_seconds"] = (metrics[m].get("pretraining") or {}).get("train_seconds")
         summary["methods"][m]["images_per_s"] = (metrics[m].get("pretraining") or {}).get("images_per_s")
 

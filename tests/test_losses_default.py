@@ -58,7 +58,7 @@ def byol_reference(p, z):
 
 
 def vicreg_reference(z1, z2, lam=25.0, mu=25.0, nu=1.0, gamma=1.0, eps=1e-4):
-    """VICReg eqs. 1-6 with loops over samples and dimensions."""
+    """VICReg eqs. 1-6 with loops over samples and dimensions; the two variance terms averaged (official code)."""
     a, b = z1.tolist(), z2.tolist()
     n, d = len(a), len(a[0])
     invariance = sum((a[i][j] - b[i][j]) ** 2 for i in range(n) for j in range(d)) / (n * d)
@@ -73,7 +73,7 @@ def vicreg_reference(z1, z2, lam=25.0, mu=25.0, nu=1.0, gamma=1.0, eps=1e-4):
 
     v1, c1 = var_cov(a)
     v2, c2 = var_cov(b)
-    return lam * invariance + mu * (v1 + v2) + nu * (c1 + c2)
+    return lam * invariance + mu * (v1 + v2) / 2 + nu * (c1 + c2)
 
 
 def mae_reference(pred, patches, mask, norm_pix=True):
@@ -84,7 +84,7 @@ def mae_reference(pred, patches, mask, norm_pix=True):
             x = patches[b, i].tolist()
             if norm_pix:
                 m = sum(x) / len(x)
-                var = sum((v - m) ** 2 for v in x) / len(x)
+                var = sum((v - m) ** 2 for v in x) / (len(x) - 1)  # unbiased, as the official code
                 x = [(v - m) / math.sqrt(var + 1e-6) for v in x]
             mse = sum((p - t) ** 2 for p, t in zip(pred[b, i].tolist(), x)) / len(x)
             num += float(mask[b, i]) * mse
@@ -149,9 +149,9 @@ def test_vicreg_equals_reference():
 
 def test_vicreg_limit_cases():
     loss = VICRegLoss()
-    # constant embeddings: no invariance or covariance cost, variance hinge 1 - sqrt(eps) per view
+    # constant embeddings: no invariance or covariance cost, variance hinge 1 - sqrt(eps) in each view (averaged)
     const = torch.full((8, 5), 0.3, dtype=torch.float64)
-    assert float(loss(const, const)) == pytest.approx(25 * 2 * (1 - math.sqrt(1e-4)), abs=ATOL)
+    assert float(loss(const, const)) == pytest.approx(25 * (1 - math.sqrt(1e-4)), abs=ATOL)
     # identical, decorrelated views with std above gamma: zero loss
     z = torch.tensor([[2.0, 0], [-2, 0], [0, 2], [0, -2]], dtype=torch.float64) * 1.5
     terms = loss.terms(z, z)
@@ -162,6 +162,23 @@ def test_vicreg_limit_cases():
     assert float(loss(z1[perm], z2[perm])) == pytest.approx(float(loss(z1, z2)), abs=1e-10)
 
 
+def test_vicreg_variance_term_averages_the_two_views_closed_form():
+    """n = 2, d = 2: dimension 0 is +-a (unbiased variance 2a^2), dimension 1 constant (variance 0), so the
+    covariance term is 0 and every term has a closed form; the views differ by a factor of 3."""
+    a, eps = 0.5, 1e-4
+    z1 = torch.tensor([[a, 0.0], [-a, 0.0]], dtype=torch.float64)
+    z2 = 3 * z1
+    v1 = ((1 - math.sqrt(2 * a * a + eps)) + (1 - math.sqrt(eps))) / 2       # std 0.707 < 1: both dims hinge
+    v2 = (0.0 + (1 - math.sqrt(eps))) / 2                                    # std 2.12 > 1: only the constant dim
+    invariance = (2 * a) ** 2 * 2 / 4                                        # (z1 - z2)^2 = (2a)^2 on 2 of 4 cells
+    terms = VICRegLoss().terms(z1, z2)
+    assert float(terms["variance"]) == pytest.approx((v1 + v2) / 2, abs=1e-12)
+    assert float(terms["covariance"]) == pytest.approx(0.0, abs=1e-12)
+    assert float(VICRegLoss()(z1, z2)) == pytest.approx(25 * invariance + 25 * (v1 + v2) / 2, abs=1e-10)
+    # identical views: the average of two equal terms is the term itself (the paper's sum would double it)
+    assert float(VICRegLoss()(z1, z1)) == pytest.approx(25 * v1, abs=1e-10)
+
+
 # ------------------------------------------------------------------ MAE
 @pytest.mark.parametrize("norm_pix", [True, False])
 def test_mae_loss_equals_reference(norm_pix):
@@ -169,6 +186,22 @@ def test_mae_loss_equals_reference(norm_pix):
     mask = torch.tensor([[1, 0, 1, 1, 0], [0, 0, 1, 1, 1]], dtype=torch.float64)
     got = float(MaskedPatchReconstructionLoss(norm_pix=norm_pix)(pred, patches, mask))
     assert got == pytest.approx(mae_reference(pred, patches, mask, norm_pix), abs=ATOL)
+
+
+def test_mae_normalised_target_uses_the_unbiased_patch_variance_closed_form():
+    """Patch (0, 1): mean 1/2, unbiased variance 1/2 (biased would be 1/4), so the target is
+    +-(1/2) / sqrt(1/2 + 1e-6); a prediction of (-1, 1) misses it by 1 - that in each pixel."""
+    loss = MaskedPatchReconstructionLoss()
+    patches = torch.tensor([[[0.0, 1.0]]], dtype=torch.float64)
+    t = 0.5 / math.sqrt(0.5 + 1e-6)
+    assert loss.target(patches)[0, 0].tolist() == pytest.approx([-t, t], abs=1e-12)
+    pred = torch.tensor([[[-1.0, 1.0]]], dtype=torch.float64)
+    mask = torch.ones(1, 1, dtype=torch.float64)
+    assert float(loss(pred, patches, mask)) == pytest.approx((1 - t) ** 2, abs=1e-12)
+    # four pixels (0, 1, 2, 3): unbiased variance 5/3
+    patches = torch.tensor([[[0.0, 1.0, 2.0, 3.0]]], dtype=torch.float64)
+    expected = [(v - 1.5) / math.sqrt(5 / 3 + 1e-6) for v in (0, 1, 2, 3)]
+    assert loss.target(patches)[0, 0].tolist() == pytest.approx(expected, abs=1e-12)
 
 
 def test_mae_loss_limit_cases():

@@ -38,6 +38,19 @@ def test_pipeline_writes_metrics_backbone_and_report(pipeline):
         assert 0.0 <= metrics["baselines"][baseline]["linear_probe_top1"] <= 1.0
         assert "knn_top1_k200" in metrics["baselines"][baseline]
     assert metrics["lineage"]["parents"]["backbone"]["path"] == "models/simclr/backbone.safetensors"
+    # the probe's chosen C, bootstrap intervals beside every headline point value, paired comparisons
+    assert metrics["linear_probe"]["c"] in tp.yaml.safe_load((ws / "params.yaml").read_text())["evaluate"][
+        "linear_probe"]["c_grid"]
+    assert metrics["n_test_unlabelled"] == 0 and metrics["bootstrap"]["resamples"] >= 1000
+    for key in ("knn_top1_k20", "knn_top1_k200", "linear_probe_top1"):
+        iv = metrics["intervals"][key]
+        assert iv["low"] <= metrics[key] <= iv["high"], key
+        for baseline in ("random_init", "raw_pixels"):
+            b = metrics["baselines"][baseline]
+            assert b["intervals"][key]["low"] <= b[key] <= b["intervals"][key]["high"]
+            c = metrics["comparisons"][baseline][key]
+            assert c["difference"] == pytest.approx(metrics[key] - b[key], abs=2e-6)
+            assert c["verdict"] == ("beats" if c["low"] > 0 else "trails" if c["high"] < 0 else "ties")
     # baselines are cached per data version + architecture, outside the DVC outputs
     assert len(list((ws / ".cache" / "baselines").glob("*.json"))) == 2
 
@@ -66,6 +79,9 @@ def test_pipeline_writes_metrics_backbone_and_report(pipeline):
     shown = json.loads(tp.dvc(["metrics", "show", "--json"], ws).stdout)
     files = next(iter(shown.values()))["data"]
     assert files["metrics/simclr.json"]["data"]["knn_top1_k200"] == metrics["knn_top1_k200"]
+    assert files["metrics/simclr.json"]["data"]["intervals"]["knn_top1_k200"] == metrics["intervals"]["knn_top1_k200"]
+    summary = json.loads((reports / "summary.json").read_text())
+    assert len(summary["verdicts"]) == 4 and all(" raw pixels " in v or " random init " in v for v in summary["verdicts"])
     assert files["reports/summary.json"]["data"]["methods"]["simclr"]["linear_probe_top1"] == \
         metrics["linear_probe_top1"]
     plots = json.loads(tp.dvc(["plots", "show", "--json"], ws).stdout)
@@ -116,7 +132,9 @@ def test_report_groups_methods_by_family_and_judges_mim_by_linear_probe(tmp_path
     monkeypatch.setenv("SSLCOOK_WORKSPACE", str(ws))
     summary = report(ws)
     md = (ws / "reports" / "summary.md").read_text()
-    rows = [line for line in md.splitlines() if line.startswith("| ") and line.split(" | ")[1] in params["methods"]]
+    by_family = md.split("## Results by family")[1].split("## Baselines")[0]
+    rows = [line for line in by_family.splitlines()
+            if line.startswith("| ") and line.split(" | ")[1] in params["methods"]]
     # the Cookbook's family order, whatever the order in params
     assert [r.split(" | ")[1] for r in rows] == ["simclr", "vicreg", "mae"]
     assert rows[2].startswith("| masked image modeling | mae") and rows[2].rstrip(" |").endswith("linear probe")
@@ -182,3 +200,92 @@ def test_stages_reject_bad_inputs_with_one_line(pipeline, tmp_path, monkeypatch,
     # nothing partial: the metrics file of the good run is still there, unchanged
     assert json.loads((ws / "metrics" / "simclr.json").read_text()) == \
         json.loads((pipeline["ws"] / "metrics" / "simclr.json").read_text())
+
+
+def _with_intervals(doc: dict, simclr_beats_pixels: bool) -> dict:
+    """A metrics doc as evaluate writes it since the bootstrap: intervals beside the points, paired comparisons."""
+    doc = json.loads(json.dumps(doc))
+    doc["bootstrap"] = {"resamples": 2000, "level": 0.95, "seed": 0}
+    doc["intervals"] = {k: {"low": doc[k] - 0.02, "high": doc[k] + 0.015}
+                        for k in ("knn_top1_k20", "knn_top1_k200", "linear_probe_top1")}
+    for b in doc["baselines"].values():
+        b["intervals"] = {k: {"low": b[k] - 0.01, "high": b[k] + 0.01} for k in ("knn_top1_k200", "linear_probe_top1")}
+    comparison = {"raw_pixels": {"knn_top1_k200": {"difference": 0.004, "low": -0.008, "high": 0.016,
+                                                   "p_value": 0.52, "verdict": "ties"},
+                                 "linear_probe_top1": ({"difference": 0.03, "low": 0.012, "high": 0.047,
+                                                        "p_value": 0.001, "verdict": "beats"}
+                                                       if simclr_beats_pixels else
+                                                       {"difference": -0.03, "low": -0.047, "high": -0.012,
+                                                        "p_value": 0.002, "verdict": "trails"})},
+                  "random_init": {"knn_top1_k200": {"difference": 0.3, "low": 0.27, "high": 0.33, "p_value": 0.0005,
+                                                    "verdict": "beats"},
+                                  "linear_probe_top1": {"difference": 0.25, "low": 0.22, "high": 0.28,
+                                                        "p_value": 0.0005, "verdict": "beats"}}}
+    doc["comparisons"] = comparison
+    return doc
+
+
+def test_report_shows_intervals_and_verdicts_against_baselines(tmp_path, monkeypatch):
+    from stages.report import report
+
+    ws = tmp_path / "ws"
+    (ws / "metrics").mkdir(parents=True)
+    params = tp.tiny_params()
+    params["methods"] = ["simclr", "mae"]
+    tp.write_params(ws, params)
+    docs = [_with_intervals(_metrics_doc("simclr", "deep_metric_learning", 0.873, 0.930), True),
+            _with_intervals(_metrics_doc("mae", "masked_image_modeling", 0.701, 0.894), False)]
+    for doc in docs:
+        (ws / "metrics" / f"{doc['method']}.json").write_text(json.dumps(doc))
+    monkeypatch.setenv("SSLCOOK_WORKSPACE", str(ws))
+    summary = report(ws)
+    md = (ws / "reports" / "summary.md").read_text()
+    results = md.split("## Results\n")[1].split("## Against the baselines")[0]
+    simclr_row = next(line for line in results.splitlines() if line.startswith("| deep metric learning | simclr"))
+    # point value and its interval in one cell, as the README shows them
+    assert "| 0.930 [0.910, 0.945] |" in simclr_row and "| 0.873 [0.853, 0.888] |" in simclr_row
+    assert "| baseline: raw pixels |" in results and "0.850 [0.840, 0.860]" in results
+    assert "95% bootstrap interval" in results
+    verdicts = md.split("## Against the baselines")[1].split("## Results by family")[0]
+    assert "simclr beats raw pixels on linear probe top-1: +0.030 [+0.012, +0.047], p = 0.001" in verdicts
+    assert "mae trails raw pixels on linear probe top-1: -0.030 [-0.047, -0.012], p = 0.002" in verdicts
+    assert "simclr ties raw pixels on kNN top-1 k=200: +0.004 [-0.008, +0.016], p = 0.520" in verdicts
+    assert "simclr beats random init (resnet18) on kNN top-1 k=200" in verdicts
+    table = [line for line in verdicts.splitlines() if line.startswith("| simclr | raw pixels")]
+    assert table == ["| simclr | raw pixels | ties +0.004 [-0.008, +0.016], p 0.520 | "
+                     "beats +0.030 [+0.012, +0.047], p 0.001 |"]
+    # the same lines in summary.json, and the intervals beside the point values
+    assert "mae trails raw pixels on linear probe top-1: -0.030 [-0.047, -0.012], p = 0.002" in summary["verdicts"]
+    assert len(summary["verdicts"]) == 8  # 2 methods x 2 baselines x 2 metrics
+    saved = json.loads((ws / "reports" / "summary.json").read_text())
+    assert saved["verdicts"] == summary["verdicts"]
+    assert saved["methods"]["simclr"]["linear_probe_top1"] == 0.930
+    assert saved["methods"]["simclr"]["intervals"]["linear_probe_top1"] == pytest.approx({"low": 0.91, "high": 0.945})
+    assert "interval" in (ws / "reports" / "summary.html").read_text()
+
+
+def test_accuracy_figure_has_error_bars_from_the_intervals(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from stages import report as report_stage
+
+    doc = _with_intervals(_metrics_doc("simclr", "deep_metric_learning", 0.873, 0.930), True)
+    drawn = []
+    real_bar = matplotlib.axes.Axes.bar
+
+    def spy(self, *args, **kwargs):
+        drawn.append(kwargs.get("yerr"))
+        return real_bar(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", spy)
+    report_stage.plot_accuracy(["simclr"], {"simclr": doc}, tmp_path / "acc.png", 50)
+    plt.close("all")
+    assert drawn == [[[pytest.approx(0.02)], [pytest.approx(0.015)]]] * 2
+    # a metrics file from before the bootstrap has no intervals: bars without error bars
+    drawn.clear()
+    old = _metrics_doc("simclr", "deep_metric_learning", 0.873, 0.930)
+    report_stage.plot_accuracy(["simclr"], {"simclr": old}, tmp_path / "acc.png", 50)
+    assert drawn == [None, None]

@@ -48,7 +48,6 @@ def tiny_params(train_per_class: int = 10) -> dict:
     pre["backbone"] = {"name": "resnet18", "small_image": True, "width": 4}
     pre["augment"] = {"flip_prob": 0.0}
     pre["wandb"]["mode"] = "disabled"
-    params["evaluate"]["linear_probe"].update({"epochs": 30, "batch_size": 0})
     params["evaluate"]["projection_points"] = 50
     params["report"]["view_grid_images"] = 2
     return params

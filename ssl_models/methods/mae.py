@@ -20,8 +20,9 @@ class MaskedPatchReconstructionLoss(nn.Module):
         L = sum_i m_i * (1/P) sum_j (xhat_ij - t_ij)^2 / sum_i m_i
 
     over patches i (m_i = 1 if masked) and the P pixel values j of a patch. With ``norm_pix`` the target is each
-    patch normalised by its own mean and variance, t_ij = (x_ij - mean_i) / sqrt(var_i + 1e-6) (var: biased,
-    as in the paper's code), which the paper found gives better representations.
+    patch normalised by its own mean and variance, t_ij = (x_ij - mean_i) / sqrt(var_i + 1e-6), which the paper
+    found gives better representations. var_i is the unbiased variance, 1/(P-1) sum_j (x_ij - mean_i)^2, as in the
+    official code (facebookresearch/mae, ``target.var(dim=-1)``: torch's default).
     """
 
     def __init__(self, norm_pix: bool = True, eps: float = 1e-6) -> None:
@@ -33,7 +34,7 @@ class MaskedPatchReconstructionLoss(nn.Module):
         if not self.norm_pix:
             return patches
         mean = patches.mean(dim=-1, keepdim=True)
-        var = patches.var(dim=-1, unbiased=False, keepdim=True)
+        var = patches.var(dim=-1, keepdim=True)
         return (patches - mean) / torch.sqrt(var + self.eps)
 
     @float32_loss

@@ -16,15 +16,17 @@ from .base import SSLMethod
 
 
 class VICRegLoss(nn.Module):
-    """VICReg's loss (eq. 6) on the embeddings Z, Z' (n x d) of the two views:
+    """VICReg's loss on the embeddings Z, Z' (n x d) of the two views, as the official code computes it:
 
-        l(Z, Z') = lambda s(Z, Z') + mu [v(Z) + v(Z')] + nu [c(Z) + c(Z')]
+        l(Z, Z') = lambda s(Z, Z') + mu [v(Z) + v(Z')] / 2 + nu [c(Z) + c(Z')]
 
     invariance  s = mean over samples and dimensions of (z_ij - z'_ij)^2 (the paper's pseudocode: F.mse_loss)
     variance    v(Z) = 1/d sum_j max(0, gamma - sqrt(Var(z^j) + eps)), Var unbiased over the batch
     covariance  c(Z) = 1/d sum_{i != j} C(Z)_ij^2, C(Z) = 1/(n-1) sum_k (z_k - mean)(z_k - mean)^T
 
-    Paper values: lambda = mu = 25, nu = 1, gamma = 1, eps = 1e-4. With ``gather_distributed`` every term is
+    The paper's eq. 6 sums the two variance terms; the official code (facebookresearch/vicreg, and lightly)
+    averages them, and the published lambda = mu = 25, nu = 1 (gamma = 1, eps = 1e-4) were tuned with that code,
+    so the average is what keeps those coefficients' balance (the sum behaves like mu = 50). With ``gather_distributed`` every term is
     computed on the global batch (as the official implementation does), so each rank gets the same loss.
     """
 
@@ -49,13 +51,13 @@ class VICRegLoss(nn.Module):
 
     @float32_loss
     def terms(self, z1: Tensor, z2: Tensor) -> dict[str, Tensor]:
-        """The three unweighted terms (variance and covariance summed over both views)."""
+        """The three unweighted terms (variance averaged over the two views, covariance summed: official code)."""
         if self.gather_distributed:
             z1, z2 = distributed.gather(z1), distributed.gather(z2)
         if z1.shape[0] < 2:
             raise ValueError("VICReg needs a batch of at least 2 samples (variance over the batch)")
         return {"invariance": F.mse_loss(z1, z2),
-                "variance": self.variance(z1) + self.variance(z2),
+                "variance": (self.variance(z1) + self.variance(z2)) / 2,
                 "covariance": self.covariance(z1) + self.covariance(z2)}
 
     def combine(self, terms: dict[str, Tensor]) -> Tensor:

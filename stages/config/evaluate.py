@@ -3,20 +3,41 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from .base import Section
 
 
 class LinearProbeConfig(Section):
-    """A linear layer on frozen, standardised features (AdamW, cosine schedule, early stopping on validation)."""
+    """L2-regularised multinomial logistic regression on frozen, standardised features (L-BFGS), C chosen on a
+    validation split of train, then refit on all of train (``ssl_models.evaluation.linear_probe``)."""
 
-    epochs: int = Field(100, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
-    batch_size: int = Field(256, ge=0)  # 0: full batch
-    val_fraction: float = Field(0.1, ge=0, lt=1)  # cut from train, stratified; 0: no early stopping
-    patience: int = Field(10, ge=0)  # epochs without a better validation top-1; 0: never stop early
+    c_grid: list[float] = [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0]  # inverse regularisation strengths tried
+    max_iter: int = Field(1000, ge=1)  # L-BFGS iterations per fit
+    val_fraction: float = Field(0.1, ge=0, lt=1)  # stratified share of train that chooses C; 0: one C only
+    backend: Literal["auto", "sklearn", "torch"] = "auto"  # auto: torch on CUDA or for large feature sets
+
+    @field_validator("c_grid")
+    @classmethod
+    def _grid_positive(cls, v: list[float]) -> list[float]:
+        if not v or any(not c > 0 for c in v):
+            raise ValueError("needs at least one value, each > 0")
+        if len(set(v)) != len(v):
+            raise ValueError("lists a value twice")
+        return v
+
+    @model_validator(mode="after")
+    def _validation_to_choose(self) -> "LinearProbeConfig":
+        if len(self.c_grid) > 1 and self.val_fraction == 0:
+            raise ValueError("val_fraction 0 leaves nothing to choose C on: give c_grid a single value")
+        return self
+
+
+class BootstrapConfig(Section):
+    """Bootstrap over the test images: intervals of every headline accuracy, paired comparisons to baselines."""
+
+    resamples: int = Field(2000, ge=1000)
+    level: float = Field(0.95, gt=0.5, lt=1)
 
 
 class EvaluateConfig(Section):
@@ -26,6 +47,7 @@ class EvaluateConfig(Section):
     knn_k: list[int] = [20, 200]
     knn_temperature: float = Field(0.1, gt=0)
     linear_probe: LinearProbeConfig = LinearProbeConfig()
+    bootstrap: BootstrapConfig = BootstrapConfig()
     baselines: bool = True
     raw_pixels_max_side: int = Field(32, ge=1)
     projection_points: int = Field(1000, ge=0)
