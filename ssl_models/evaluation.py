@@ -257,7 +257,7 @@ def _fit_torch(x: torch.Tensor, y: torch.Tensor, c: float, init: tuple[torch.Ten
         return loss
 
     opt.step(closure)
-    iterations = int(opt.state[opt._params[0]].get("n_iter", 0))
+    iterations = int(opt.state[weight].get("n_iter", 0))  # LBFGS keeps its state on the first parameter
     return weight.detach().double().cpu(), bias.detach().double().cpu(), iterations
 
 
