@@ -3,12 +3,19 @@
 Writes
 - ``reports/summary.md`` and ``reports/summary.html`` (self-contained: inline CSS, figures embedded as base64, so it
   opens offline): one table of every method grouped by Cookbook family (kNN, linear probe, RankMe, pretraining
-  time and images/s), the baselines, the data version and the commit, and the figures;
-- ``reports/summary.json``: the headline numbers, declared as DVC metrics (``dvc metrics show/diff``);
+  time and images/s), the baselines, the data version, and the figures;
+- ``reports/summary.json``: the headline numbers, declared as DVC metrics (``dvc metrics show/diff``; results
+  only, no timings, so it is content-stable);
 - ``reports/figures/*.png`` (matplotlib, Agg): loss and RankMe curves per method, accuracy by method and family,
   a 2-D PCA of test embeddings coloured by class, the augmented views each method trains on;
 - ``reports/curves/{loss,rankme}.tsv``: the curves, one column per method, for DVC's top-level plots;
 - ``reports/model_cards/<method>.json``: the exported model card with its downstream metrics filled in.
+
+The report holds content, plus one kind of run fact: the pretraining time and images/s, read from
+``provenance/pretrain/<method>.json`` when it describes the checkpoint in runs/ (else "–"). Those are measurements of
+the run that made the checkpoint, not inputs of the results, so dvc.yaml does not list them: a re-run of pretrain that
+makes the same checkpoint leaves the report up to date. Commits and times are in ``provenance/`` (``sslcook trace``);
+the report's own go to ``provenance/report.json``.
 
     python -m stages.report
 """
@@ -27,7 +34,7 @@ from typing import Any
 from .common import DataError, atomic_path, read_json, run_main, workspace, write_json
 from .config import load_params
 from .lineage import data_version as current_data_version
-from .lineage import git_info, make_record
+from .lineage import make_record, read_provenance, sha256_file, write_provenance
 
 REPORTS = Path("reports")
 FAMILY_ORDER = ("deep_metric_learning", "self_distillation", "canonical_correlation_analysis",
@@ -349,8 +356,13 @@ def report(root: Path | None = None) -> dict[str, Any]:
     order = family_sorted(list(metrics), metrics)
     versions = sorted({str(m.get("data_version")) for m in metrics.values()})
     data_ver = versions[0] if len(versions) == 1 else None
-    git = git_info(root)
-    commits = sorted({str(((m.get("lineage") or {}).get("git") or {}).get("commit")) for m in metrics.values()})
+    timed: dict[str, dict] = {}  # metrics plus the runs' timings, for the tables (the model cards keep content)
+    for method in params.methods:  # timings are facts of the run that made the checkpoint (see above)
+        ckpt = root / "runs" / method / "checkpoint.pt"
+        prov = read_provenance(root, "pretrain", method, sha256_file(ckpt) if ckpt.is_file() else None) or {}
+        timed[method] = {**metrics[method], "pretraining": {
+            **(metrics[method].get("pretraining") or {}),
+            **{k: prov[k] for k in ("train_seconds", "images_per_s") if k in prov}}}
 
     cards = {}
     for method in order:
@@ -400,19 +412,17 @@ def report(root: Path | None = None) -> dict[str, Any]:
         write_curve_table(ordered, "loss", curves_dir / "loss.tsv")
         write_curve_table(ordered, "rankme", curves_dir / "rankme.tsv")
 
-    mh, mrows = method_rows(order, metrics)
+    mh, mrows = method_rows(order, timed)
     bh, brows = baseline_rows(metrics)
     data_line = data_ver if data_ver else "MIXED: " + ", ".join(versions)
     now_version = current_data_version(root)
     stale_note = ""
     if data_ver and now_version and now_version != data_ver:
         stale_note = f" (data.dvc now points to {now_version}: these results are stale, run `dvc repro`)"
-    commit_line = f"{git.get('commit')}{' (uncommitted changes)' if git.get('dirty') else ''}"
-    eval_commits = ", ".join(c[:12] for c in commits)
 
     md = [f"# {cfg.title}", "",
           f"- data version (md5 of data/raw in data.dvc): `{data_line}`{stale_note}",
-          f"- code commit at report time: `{commit_line}`; evaluations ran at: `{eval_commits}`",
+          "- commit, time and flow run of every step: `sslcook trace metrics/<method>.json` (from `provenance/`)",
           f"- methods: {', '.join(order)}", "",
           "## Results by family", "", md_table(mh, mrows), "",
           "kNN: cosine on l2-normalised frozen features, weighted vote exp(sim/T), "
@@ -431,14 +441,14 @@ def report(root: Path | None = None) -> dict[str, Any]:
         parents = lin.get("parents") or {}
         sha = (parents.get("backbone") or {}).get("sha256", "")
         md.append(f"- {method}: backbone `{(parents.get('backbone') or {}).get('path', '?')}` sha256 `{sha[:16]}`, "
-                  f"data version `{metrics[method].get('data_version')}`, commit "
-                  f"`{str((lin.get('git') or {}).get('commit'))[:12]}`")
+                  f"data version `{metrics[method].get('data_version')}`, params digest "
+                  f"`{str(lin.get('params_digest'))[:12]}`")
     md_text = "\n".join(md) + "\n"
 
     body = [f"<h1>{html.escape(cfg.title)}</h1>",
             f"<p class='meta'>data version (md5 of data/raw in data.dvc): <code>{html.escape(data_line)}</code>"
-            f"{html.escape(stale_note)}<br>code commit at report time: <code>{html.escape(commit_line)}</code>; "
-            f"evaluations ran at: <code>{html.escape(eval_commits)}</code></p>",
+            f"{html.escape(stale_note)}<br>commit, time and flow run of every step: "
+            f"<code>sslcook trace metrics/&lt;method&gt;.json</code></p>",
             "<h2>Results by family</h2>", html_table(mh, mrows, group_col=0),
             "<h2>Baselines</h2>", html_table(bh, brows), "<h2>Figures</h2>"]
     for name, caption in figures:
@@ -452,7 +462,6 @@ def report(root: Path | None = None) -> dict[str, Any]:
 
     summary = {
         "data_version": data_line,
-        "commit": git.get("commit"),
         "methods": {m: {k: metrics[m].get(k) for k in ("family", knn_key(metrics[m]), "linear_probe_top1", "rankme",
                                                          "emb_std", "primary_metric")}
                     for m in order},
@@ -460,9 +469,6 @@ def report(root: Path | None = None) -> dict[str, Any]:
                       {k: b.get(k) for k in (b["knn_key"], "linear_probe_top1")}
                       for (name, arch), b in collect_baselines(metrics).items()},
     }
-    for m in order:
-        summary["methods"][m]["pretrain_seconds"] = (metrics[m].get("pretraining") or {}).get("train_seconds")
-        summary["methods"][m]["images_per_s"] = (metrics[m].get("pretraining") or {}).get("images_per_s")
 
     with atomic_path(out_dir / "model_cards") as cards_dir:
         cards_dir.mkdir()
@@ -480,6 +486,7 @@ def report(root: Path | None = None) -> dict[str, Any]:
                                      parents={f"metrics_{m}": Path("metrics") / f"{m}.json" for m in order},
                                      root=root, seed=params.seed)
     write_json(out_dir / "summary.json", summary)
+    write_provenance("report", REPORTS / "summary.json", root=root)
     print(f"report: {REPORTS / 'summary.md'}, {REPORTS / 'summary.html'} ({len(figures)} figures)", file=sys.stderr)
     return summary
 

@@ -69,7 +69,8 @@ def test_sigkill_at_a_random_step_then_rerun_equals_uninterrupted(tmp_path):
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-3000:]
     assert f"resuming from step {saved_step}/{TOTAL_STEPS}" in rerun.stdout + rerun.stderr
     metrics = json.loads((ws / "runs" / "byol" / "metrics.json").read_text())
-    assert metrics["resumed_from_step"] == saved_step and metrics["steps"] == TOTAL_STEPS
+    provenance = json.loads((ws / "provenance" / "pretrain" / "byol.json").read_text())
+    assert provenance["resumed_from_step"] == saved_step and metrics["steps"] == TOTAL_STEPS
     assert not list(state_dir.glob("*.pt"))
 
     # an uninterrupted run of the same command in a twin workspace
