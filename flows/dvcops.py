@@ -66,14 +66,14 @@ def resolve_root(path: str | os.PathLike | None = None) -> Path:
 
 def stage_env(root: Path, flow_run_id: str | None = None) -> dict[str, str]:
     """The environment of a DVC command: this interpreter first on PATH (dvc.yaml says `python -m stages.X`)
-    and the flow run id that every artifact's lineage records."""
+    and the flow run id that every stage run's provenance records (provenance/)."""
     env = dict(os.environ)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env.setdefault("DVC_NO_ANALYTICS", "1")
     # stages find their workspace from the cwd DVC gives them: a DVC experiment runs them in a temporary copy,
     # which an inherited SSLCOOK_WORKSPACE would redirect to this workspace's params and outputs
     env.pop("SSLCOOK_WORKSPACE", None)
-    # lineage prefers PREFECT__FLOW_RUN_ID; under a worker that is the outer run, so hand over ours only
+    # provenance prefers PREFECT__FLOW_RUN_ID; under a worker that is the outer run, so hand over ours only
     env.pop("PREFECT__FLOW_RUN_ID", None)
     if flow_run_id:
         env["SSLCOOK_FLOW_RUN_ID"] = str(flow_run_id)

@@ -8,6 +8,10 @@ longer the recorded one, or a data version that is no longer the one in data.dvc
 (for the stages that made the chain), so the two verdicts can be read side by side.
 
 A backbone copied out of the repository still traces: its safetensors header embeds the records of its ancestors.
+
+The records are content only; each step's commit, dirty flag, time and flow run come from the run's provenance
+file (``provenance/<stage>[/<method>].json``), used when it names the sha256 of that very artifact. Outside a
+workspace (a copied backbone) the chain shows the content and says the run facts are kept in the workspace.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from typing import Any
 import yaml
 
 from stages.common import DataError
-from stages.lineage import DATA_DVC, data_version, sha256_file
+from stages.lineage import DATA_DVC, data_version, read_provenance, sha256_file
 from stages.provenance import Artifact, parent_order, read_artifact, resolve_artifact_path
 
 
@@ -131,16 +135,34 @@ def _rel(root: Path | None, path: Path) -> str:
     return str(path)
 
 
+RUN_FACTS = ("created_at", "git", "prefect_flow_run_id")
+
+
+def run_facts(root: Path | None, record: dict[str, Any], sha256: str | None) -> dict[str, Any] | None:
+    """The provenance of the artifact (commit, time, flow run, ...), or None where none describes this version.
+
+    Records written before provenance files existed carried these facts themselves: they are used as they are.
+    """
+    if any(k in record for k in RUN_FACTS):
+        return {k: record.get(k) for k in RUN_FACTS}
+    if root is None:
+        return None
+    return read_provenance(root, record.get("stage"), record.get("method"), sha256)
+
+
 def build_chain(artifact: Artifact, root: Path | None) -> list[dict[str, Any]]:
     """The steps from ``artifact`` back through its parents (depth-first, main line first, each path once)."""
     steps: list[dict[str, Any]] = []
     seen: set[str] = set()
 
     def visit(record: dict[str, Any], *, kind: str, path: str, on_disk: Path | None, info: dict, depth: int,
-              via: str | None) -> bool:
+              via: str | None, sha256: str | None) -> bool:
         """Add a step; return True when it (or anything upstream of it) is stale."""
+        if on_disk is not None and on_disk.is_file():
+            sha256 = sha256_file(on_disk)
         step = {"kind": kind, "path": path, "via": via, "depth": depth, "record": record, "info": info,
-                "stale": [], "source": "file" if on_disk is not None else "embedded"}
+                "stale": [], "source": "file" if on_disk is not None else "embedded",
+                "provenance": run_facts(root, record, sha256)}
         steps.append(step)
         seen.add(path)
         if root is not None and record.get("data_version"):
@@ -189,13 +211,13 @@ def build_chain(artifact: Artifact, root: Path | None) -> list[dict[str, Any]]:
                               "info": parent_info, "stale": [], "source": "missing"})
                 continue
             if visit(parent_record, kind=parent_kind, path=ppath, on_disk=parent_disk, info=parent_info,
-                     depth=depth + 1, via=name):
+                     depth=depth + 1, via=name, sha256=sha):
                 upstream_stale = True
         step["upstream_stale"] = upstream_stale
         return bool(step["stale"]) or upstream_stale
 
     visit(artifact.record, kind=artifact.kind, path=_rel(root, artifact.path) if root else str(artifact.path), on_disk=artifact.path,
-          info=artifact.info, depth=0, via=None)
+          info=artifact.info, depth=0, via=None, sha256=None)
     return steps
 
 
@@ -210,12 +232,14 @@ def trace(path: str | os.PathLike, *, use_dvc: bool = True) -> dict[str, Any]:
     # the raw data version: from the deepest record that knows it (the shards), else any
     versions = [r.get("data_version") for r in reversed(records) if r.get("data_version")]
     raw_version = versions[0] if versions else (artifact.info.get("data_version"))
-    commit = (artifact.record.get("git") or {}).get("commit")
+    facts = steps[0].get("provenance") or {}
+    commit = (facts.get("git") or {}).get("commit")
     out: dict[str, Any] = {
         "artifact": str(artifact.path), "kind": artifact.kind, "workspace": str(root) if root else None,
         "inside_workspace": inside, "steps": steps, "data_version": raw_version,
         "data_version_now": data_version(root) if root else None,
-        "commit": commit, "dirty": (artifact.record.get("git") or {}).get("dirty"),
+        "commit": commit, "dirty": (facts.get("git") or {}).get("dirty"),
+        "flow_run": facts.get("prefect_flow_run_id"), "made": facts.get("created_at"),
     }
     if root is not None:
         out["commit_exists"] = commit_exists(root, commit)
@@ -274,10 +298,17 @@ def render(result: dict[str, Any]) -> str:
             head += f"  (tracked by {DATA_DVC}: md5 {s['info'].get('data_version')})"
         lines.append(head)
         if rec:
-            git = rec.get("git") or {}
-            lines.append(f"{pad}   stage {rec.get('stage')}, made {rec.get('created_at')}, commit "
-                         f"{str(git.get('commit'))[:12]}{' (dirty)' if git.get('dirty') else ''}, data version "
-                         f"{rec.get('data_version')}, seed {rec.get('seed')}")
+            facts = s.get("provenance")
+            if facts:
+                git = facts.get("git") or {}
+                run = (f"made {facts.get('created_at')}, commit {str(git.get('commit'))[:12]}"
+                       f"{' (dirty)' if git.get('dirty') else ''}, flow run {facts.get('prefect_flow_run_id') or '-'}")
+            else:
+                run = ("run facts (commit, time, flow run) not here: provenance/ of the workspace that made it"
+                       if not result["workspace"] else "no provenance file describes this version (commit, time "
+                       "unknown)")
+            lines.append(f"{pad}   stage {rec.get('stage')}, {run}, data version {rec.get('data_version')}, "
+                         f"seed {rec.get('seed')}")
             if rec.get("params"):
                 lines.extend(_params_lines(rec["params"], f"{pad}   "))
         for key in ("value",):
@@ -290,6 +321,8 @@ def render(result: dict[str, Any]) -> str:
     if result.get("data_version_commit"):
         lines.append(f"  committed in {result['data_version_commit']}")
     exists = result.get("commit_exists")
+    if result.get("made") or result.get("flow_run"):
+        lines.append(f"made {result.get('made')} by flow run {result.get('flow_run') or '- (a bare dvc repro)'}")
     lines.append(f"git commit: {result['commit']}{' (tree had uncommitted changes)' if result.get('dirty') else ''}"
                  + ("" if exists is None else ("  [in this repository]" if exists else "  [NOT in this repository]")))
     if result.get("committed_in"):

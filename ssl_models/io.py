@@ -77,11 +77,31 @@ def save_backbone(path: str | os.PathLike, backbone: nn.Module, metadata: Mappin
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=header)
+        _canonical_header(Path(tmp))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return _sha256(path)
+
+
+def _canonical_header(path: Path) -> None:
+    """Rewrite a safetensors header with sorted keys: equal weights and metadata give byte-equal files.
+
+    safetensors serialises the header from a hash map, whose order changes from one process to the next, so two
+    exports of one checkpoint would differ in bytes (and in DVC hash) without this. The tensor data is untouched:
+    its offsets are relative to the end of the header.
+    """
+    with open(path, "rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(size))
+        data = fh.read()
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the 8-byte alignment safetensors itself keeps
+    with open(path, "wb") as fh:
+        fh.write(len(text).to_bytes(8, "little"))
+        fh.write(text)
+        fh.write(data)
 
 
 def read_header(path: str | os.PathLike) -> dict[str, Any]:

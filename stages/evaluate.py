@@ -19,6 +19,10 @@ Unlabelled test images are dropped (``n_test_unlabelled`` counts them).
 Masked image modeling methods are judged by the linear probe (kNN is structurally low for MAE features);
 the others by kNN top-1 at the largest k: ``primary_metric`` names which.
 
+metrics/<method>.json holds results only (the report and `dvc metrics diff` read it, and the report stage hashes
+metrics/), so a re-run on the same backbone and shards writes the same bytes. The evaluation's duration, time and
+commit go to provenance/evaluate/<method>.json.
+
     python -m stages.evaluate --method simclr
 """
 from __future__ import annotations
@@ -34,7 +38,7 @@ from typing import Any, Callable
 from .common import ConfigError, DataError, atomic_path, read_json, run_main, workspace, write_json
 from .config import load_params
 from .lineage import data_version as current_data_version
-from .lineage import digest, make_record
+from .lineage import digest, make_record, write_provenance
 
 SHARDS_DIR = Path("data") / "shards"
 BASELINE_CACHE = Path(".cache") / "baselines"
@@ -313,7 +317,7 @@ def evaluate(method: str, root: Path | None = None) -> dict[str, Any]:
                                  for name, (_, b_hits) in baselines.items()}
 
     projection = pca_2d(test_f, test_y, cfg.projection_points, params.seed) if cfg.projection_points else None
-    result["eval_seconds"] = round(time.time() - started, 2)
+    eval_seconds = round(time.time() - started, 2)
     eval_params = {"seed": params.seed, "evaluate": cfg.model_dump()}
     result["lineage"] = make_record("evaluate", params=eval_params, root=root, seed=params.seed,
                                     parents={"backbone": weights, "shards": SHARDS_DIR / "manifest.json"},
@@ -331,6 +335,7 @@ def evaluate(method: str, root: Path | None = None) -> dict[str, Any]:
     lineage = result.pop("lineage")
     result = {**rounded(result), "lineage": lineage}
     write_json(root / metrics_path(method), result)
+    write_provenance("evaluate", metrics_path(method), method=method, root=root, extra={"seconds": eval_seconds})
     shown = result[result["primary_metric"]]
     print(f"evaluate {method}: {result['primary_metric']} {shown:.4f}, linear probe {result['linear_probe_top1']:.4f}, "
           f"rankme {result['rankme']:.1f}", file=sys.stderr)

@@ -4,7 +4,8 @@ Only the backbone leaves: projector, predictor, teacher and decoder stay in the 
 safetensors (no pickle); the header carries the rebuild recipe (backbone_config), the input the backbone expects
 (size, channels, normalisation) and the lineage record with its ancestors embedded, so the file alone is enough to
 load it (``ssl_models.io.load_backbone``) and to trace it (``sslcook trace``). The model card repeats all that for
-humans, with the training summary and where the downstream metrics will be.
+humans, with the training summary and where the downstream metrics will be. Both hold content only (exporting
+one checkpoint twice gives byte-identical files); the export's time and commit go to provenance/export/<method>.json.
 
     python -m stages.export --method simclr
 """
@@ -19,7 +20,7 @@ from typing import Any
 
 from .common import ConfigError, DataError, atomic_path, describe_exception, run_main, workspace
 from .config import load_params
-from .lineage import make_record
+from .lineage import make_record, write_provenance
 from .provenance import embed_ancestors
 
 REQUIRED_KEYS = ("backbone_state", "backbone_config", "method", "family")
@@ -169,6 +170,7 @@ def export(method: str, root: Path | None = None) -> Path:
             "lineage": record,
         }
         (tmp / MODEL_CARD).write_text(json.dumps(card, indent=2, sort_keys=True, default=str) + "\n")
+    write_provenance("export", model_dir(method) / "backbone.safetensors", method=method, root=root)
     print(f"export: {out.relative_to(root)}/backbone.safetensors ({config.get('name')}, feature dim "
           f"{backbone.feature_dim}, sha256 {digest[:12]})", file=sys.stderr)
     return out

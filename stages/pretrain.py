@@ -5,7 +5,10 @@
 
 Outputs (rank 0): runs/<method>/checkpoint.pt (final: backbone_state, backbone_config, method, family, hparams,
 augment, summary, lineage, and the full method state), metrics.json (summary), history.tsv (one row per epoch),
-config.json (the resolved configuration) and lineage.json.
+config.json (the resolved configuration) and lineage.json: content only, so a re-run on the same shards, params
+and code (same hardware) writes the same bytes and the DVC hash of runs/ stays. What differs from run to run (time,
+commit, wandb run id, seconds and images/s per epoch, the step a run resumed from) goes to
+provenance/pretrain/<method>.json, which no stage depends on.
 
 Resume. While training, a checkpoint goes to .sslcook/resume/<method>/<key>.pt every
 ``checkpoint_every_steps`` steps and at each epoch end. DVC deletes a stage's outputs before running it, so the
@@ -31,12 +34,14 @@ from .common import (ConfigError, DataError, SslcookError, atomic_path, ensure_w
                      write_json)
 from .config import Params, load_params
 from .config.pretrain import PretrainConfig, resolve_method
-from .lineage import digest, make_record, sha256_file
+from .lineage import digest, git_info, make_record, run_provenance, sha256_file, write_provenance
 
 SHARDS_DIR = Path("data") / "shards"
 MANIFEST = SHARDS_DIR / "manifest.json"
 RESUME_DIR = Path(".sslcook") / "resume"
-HISTORY_COLUMNS = ("epoch", "step", "loss", "lr", "emb_std", "rankme", "images_per_s", "epoch_seconds", "collapsed")
+HISTORY_COLUMNS = ("epoch", "step", "loss", "lr", "emb_std", "rankme", "collapsed")
+# measurements of one run, not of the weights: they live in the run's provenance, never in the hashed outputs
+RUN_TIMING = ("train_seconds", "images_per_s", "epoch_seconds", "resumed_from_step")
 # knobs that change no weight: a resume state stays valid when only these change
 _NOT_IN_RESUME_KEY = ("wandb", "monitor", "log_every_steps", "checkpoint_every_steps", "on_bad_resume")
 
@@ -367,7 +372,8 @@ class Tracker:
             os.environ.setdefault(var, str(wandb_dir / sub))
         wandb_dir.mkdir(parents=True, exist_ok=True)
         self.run_id = run_id or uuid.uuid4().hex[:12]
-        config = {"params": run.params.model_dump(), "resolved": run.resolved(), "lineage": record}
+        config = {"params": run.params.model_dump(), "resolved": run.resolved(), "lineage": record,
+                  "provenance": run_provenance(run.root)}
         try:
             self.wb = wandb.init(project=cfg.project, entity=cfg.entity, id=self.run_id, resume="allow",
                                  mode=cfg.mode, dir=str(wandb_dir), name=f"pretrain-{run.name}",
@@ -393,7 +399,8 @@ class Tracker:
                 self.wb.summary[k] = v
         artifact = wandb.Artifact(f"{name}-checkpoint", type="model",
                                   metadata={"method": name, "data_version": record.get("data_version"),
-                                            "params_digest": record.get("params_digest"), "git": record.get("git")})
+                                            "params_digest": record.get("params_digest"),
+                                            "git": git_info(checkpoint.parent)})
         artifact.add_reference(checkpoint.resolve().as_uri())
         self.wb.log_artifact(artifact)
         self.wb.finish()
@@ -405,7 +412,7 @@ class Tracker:
 
 def _history_tsv(history: list[dict[str, Any]]) -> str:
     extra = sorted({k for r in history for k, v in r.items()
-                    if k not in HISTORY_COLUMNS and isinstance(v, (int, float)) and not isinstance(v, bool)})
+                    if k not in HISTORY_COLUMNS and k not in RUN_TIMING and isinstance(v, (int, float)) and not isinstance(v, bool)})
     columns = list(HISTORY_COLUMNS) + extra
 
     def cell(v: Any) -> str:
@@ -430,6 +437,12 @@ def _finite(obj: Any) -> Any:
     if isinstance(obj, list):
         return [_finite(v) for v in obj]
     return obj
+
+
+def split_timing(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(content, timing): a summary or history row without and with only the RUN_TIMING keys."""
+    return ({k: v for k, v in values.items() if k not in RUN_TIMING},
+            {k: v for k, v in values.items() if k in RUN_TIMING})
 
 
 def pretrain(name: str, root: Path | None = None) -> dict[str, Any] | None:
@@ -531,7 +544,6 @@ def pretrain(name: str, root: Path | None = None) -> dict[str, Any] | None:
         if runtime.is_main:
             tracker = Tracker(run, record, run_id)
             run_id = tracker.run_id
-            record["wandb_run_id"] = run_id
             trainer.on_epoch_end = lambda r: tracker.log(r, step=int(r["step"]))
             trainer.on_log = lambda step, values: tracker.log(values, step=step)
         trainer.extra_state.update(wandb_run_id=run_id, resume_key=key, lineage=record)
@@ -552,13 +564,15 @@ def pretrain(name: str, root: Path | None = None) -> dict[str, Any] | None:
                        resumed_from_step=result.resumed_from_step)
         collapses = [r["epoch"] for r in result.history if r.get("collapsed")]
         summary["first_collapse_epoch"] = collapses[0] if collapses else None
+        content, timing = split_timing(summary)
+        history = [split_timing(r)[0] for r in result.history]
         out = root / run_dir(name)
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", _finite(resolved))
         write_json(out / "lineage.json", _finite(record))
         with atomic_path(out / "history.tsv") as tmp:
-            tmp.write_text(_history_tsv(result.history))
-        write_json(out / "metrics.json", _finite({k: v for k, v in summary.items()}))
+            tmp.write_text(_history_tsv(history))
+        write_json(out / "metrics.json", _finite(content))
         checkpoint = {
             "format": "sslcook-checkpoint/1",
             "method": name,
@@ -568,14 +582,17 @@ def pretrain(name: str, root: Path | None = None) -> dict[str, Any] | None:
             "hparams": run.hparams,
             "augment": dict(run.views.config, out_channels=run.views.out_channels),
             "optimizer": run.optimizer_recipe,
-            "summary": _finite(summary),
-            "history": _finite(result.history),
+            "summary": _finite(content),
+            "history": _finite(history),
             "lineage": record,
             "config": _finite(resolved),
             "method_state": method.state_dict(),
         }
         ckpt_path = out / "checkpoint.pt"
         engine.save_state(ckpt_path, checkpoint)
+        write_provenance("pretrain", run_dir(name) / "checkpoint.pt", method=name, root=root, extra=_finite({
+            "wandb_run_id": run_id, "threads": torch.get_num_threads(), **timing,
+            "epochs": [{"epoch": r.get("epoch"), **split_timing(r)[1]} for r in result.history]}))
         tracker.finish(summary, ckpt_path, name, record)
         tracker = None
         state_path.unlink(missing_ok=True)  # finished: the final checkpoint replaces the resume state

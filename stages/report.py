@@ -5,13 +5,19 @@ Writes
   opens offline): the results table (README's, every accuracy with its bootstrap interval), each method against
   each baseline (paired bootstrap: beats / ties / trails with the difference and its interval), one table of
   every method grouped by Cookbook family (kNN, linear probe, RankMe, pretraining time and images/s), the
-  baselines, the data version and the commit, and the figures;
+  baselines, the data version, and the figures;
 - ``reports/summary.json``: the headline numbers with their intervals and the verdict lines, declared as DVC
-  metrics (``dvc metrics show/diff``);
+  metrics (``dvc metrics show/diff``; results only, no timings, so it is content-stable);
 - ``reports/figures/*.png`` (matplotlib, Agg): loss and RankMe curves per method, accuracy by method and family,
   a 2-D PCA of test embeddings coloured by class, the augmented views each method trains on;
 - ``reports/curves/{loss,rankme}.tsv``: the curves, one column per method, for DVC's top-level plots;
 - ``reports/model_cards/<method>.json``: the exported model card with its downstream metrics filled in.
+
+The report holds content, plus one kind of run fact: the pretraining time and images/s, read from
+``provenance/pretrain/<method>.json`` when it describes the checkpoint in runs/ (else "–"). Those are measurements of
+the run that made the checkpoint, not inputs of the results, so dvc.yaml does not list them: a re-run of pretrain that
+makes the same checkpoint leaves the report up to date. Commits and times are in ``provenance/`` (``sslcook trace``);
+the report's own go to ``provenance/report.json``.
 
     python -m stages.report
 """
@@ -30,7 +36,7 @@ from typing import Any
 from .common import DataError, atomic_path, read_json, run_main, workspace, write_json
 from .config import load_params
 from .lineage import data_version as current_data_version
-from .lineage import git_info, make_record
+from .lineage import make_record, read_provenance, sha256_file, write_provenance
 
 REPORTS = Path("reports")
 FAMILY_ORDER = ("deep_metric_learning", "self_distillation", "canonical_correlation_analysis",
@@ -486,8 +492,13 @@ def report(root: Path | None = None) -> dict[str, Any]:
     order = family_sorted(list(metrics), metrics)
     versions = sorted({str(m.get("data_version")) for m in metrics.values()})
     data_ver = versions[0] if len(versions) == 1 else None
-    git = git_info(root)
-    commits = sorted({str(((m.get("lineage") or {}).get("git") or {}).get("commit")) for m in metrics.values()})
+    timed: dict[str, dict] = {}  # metrics plus the runs' timings, for the tables (the model cards keep content)
+    for method in params.methods:  # timings are facts of the run that made the checkpoint (see above)
+        ckpt = root / "runs" / method / "checkpoint.pt"
+        prov = read_provenance(root, "pretrain", method, sha256_file(ckpt) if ckpt.is_file() else None) or {}
+        timed[method] = {**metrics[method], "pretraining": {
+            **(metrics[method].get("pretraining") or {}),
+            **{k: prov[k] for k in ("train_seconds", "images_per_s") if k in prov}}}
 
     cards = {}
     for method in order:
@@ -538,9 +549,9 @@ def report(root: Path | None = None) -> dict[str, Any]:
         write_curve_table(ordered, "loss", curves_dir / "loss.tsv")
         write_curve_table(ordered, "rankme", curves_dir / "rankme.tsv")
 
-    mh, mrows = method_rows(order, metrics)
+    mh, mrows = method_rows(order, timed)
     bh, brows = baseline_rows(metrics)
-    rh, rrows = results_rows(order, metrics, cards)
+    rh, rrows = results_rows(order, timed, cards)
     vh, vrows, verdict_lines = verdict_rows(order, metrics)
     level = next((m.get("bootstrap") or {}).get("level") for m in metrics.values()) or 0.95
     resamples = next((m.get("bootstrap") or {}).get("resamples") for m in metrics.values())
@@ -551,12 +562,10 @@ def report(root: Path | None = None) -> dict[str, Any]:
     stale_note = ""
     if data_ver and now_version and now_version != data_ver:
         stale_note = f" (data.dvc now points to {now_version}: these results are stale, run `dvc repro`)"
-    commit_line = f"{git.get('commit')}{' (uncommitted changes)' if git.get('dirty') else ''}"
-    eval_commits = ", ".join(c[:12] for c in commits)
 
     md = [f"# {cfg.title}", "",
           f"- data version (md5 of data/raw in data.dvc): `{data_line}`{stale_note}",
-          f"- code commit at report time: `{commit_line}`; evaluations ran at: `{eval_commits}`",
+          "- commit, time and flow run of every step: `sslcook trace metrics/<method>.json` (from `provenance/`)",
           f"- methods: {', '.join(order)}", "",
           "## Results", "", md_table(rh, rrows), "", interval_note, "",
           "## Against the baselines", "", md_table(vh, vrows), "",
@@ -587,14 +596,14 @@ def report(root: Path | None = None) -> dict[str, Any]:
         parents = lin.get("parents") or {}
         sha = (parents.get("backbone") or {}).get("sha256", "")
         md.append(f"- {method}: backbone `{(parents.get('backbone') or {}).get('path', '?')}` sha256 `{sha[:16]}`, "
-                  f"data version `{metrics[method].get('data_version')}`, commit "
-                  f"`{str((lin.get('git') or {}).get('commit'))[:12]}`")
+                  f"data version `{metrics[method].get('data_version')}`, params digest "
+                  f"`{str(lin.get('params_digest'))[:12]}`")
     md_text = "\n".join(md) + "\n"
 
     body = [f"<h1>{html.escape(cfg.title)}</h1>",
             f"<p class='meta'>data version (md5 of data/raw in data.dvc): <code>{html.escape(data_line)}</code>"
-            f"{html.escape(stale_note)}<br>code commit at report time: <code>{html.escape(commit_line)}</code>; "
-            f"evaluations ran at: <code>{html.escape(eval_commits)}</code></p>",
+            f"{html.escape(stale_note)}<br>commit, time and flow run of every step: "
+            f"<code>sslcook trace metrics/&lt;method&gt;.json</code></p>",
             "<h2>Results</h2>", html_table(rh, rrows), f"<p class='meta'>{html.escape(interval_note)}</p>",
             "<h2>Against the baselines</h2>", html_table(vh, vrows),
             "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in verdict_lines) + "</ul>",
@@ -613,7 +622,6 @@ def report(root: Path | None = None) -> dict[str, Any]:
 
     summary = {
         "data_version": data_line,
-        "commit": git.get("commit"),
         "methods": {m: {k: metrics[m].get(k) for k in ("family", knn_key(metrics[m]), "linear_probe_top1", "rankme",
                                                          "emb_std", "primary_metric")}
                     for m in order},
@@ -626,8 +634,6 @@ def report(root: Path | None = None) -> dict[str, Any]:
         summary["methods"][m]["intervals"] = {k: iv for k in (knn_key(metrics[m]), "linear_probe_top1")
                                               if (iv := interval(metrics[m], k))}
         summary["methods"][m]["comparisons"] = metrics[m].get("comparisons") or {}
-        summary["methods"][m]["pretrain_seconds"] = (metrics[m].get("pretraining") or {}).get("train_seconds")
-        summary["methods"][m]["images_per_s"] = (metrics[m].get("pretraining") or {}).get("images_per_s")
 
     with atomic_path(out_dir / "model_cards") as cards_dir:
         cards_dir.mkdir()
@@ -645,6 +651,7 @@ def report(root: Path | None = None) -> dict[str, Any]:
                                      parents={f"metrics_{m}": Path("metrics") / f"{m}.json" for m in order},
                                      root=root, seed=params.seed)
     write_json(out_dir / "summary.json", summary)
+    write_provenance("report", REPORTS / "summary.json", root=root)
     print(f"report: {REPORTS / 'summary.md'}, {REPORTS / 'summary.html'} ({len(figures)} figures)", file=sys.stderr)
     return summary
 

@@ -13,7 +13,8 @@ and ``json`` (``{"path": path under data/raw, "class": name}``).
 The manifest holds per split the counts (total and per class) and every shard's name, sha256, sample count and size;
 the class names; image mode, format and size statistics; the skipped files with their reasons (and those skipped at
 ingest); the conversions made; the data version, i.e. DVC's md5 of data/raw as read here (with whether it matches
-data.dvc); and the lineage record. Everything is written into a temporary folder that replaces data/shards only when
+data.dvc); and the lineage record (content only: a re-run on the same data/raw and params writes the same bytes,
+so data/shards keeps its DVC hash). The run's time, commit and flow run go to provenance/shard.json. Everything is written into a temporary folder that replaces data/shards only when
 complete, so no partial shard is ever visible under its final name.
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ import multiprocessing
 import os
 import random
 import sys
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +40,7 @@ from .common import DataError, atomic_path, read_json, run_main, workspace, writ
 from .config import load_params
 from .ingest import RAW_DIR, SOURCE_FILE, SPLITS, UNLABELLED, dvc_dir_md5
 from .lineage import data_version as dvc_file_version
-from .lineage import make_record, sha256_file
+from .lineage import make_record, sha256_file, write_provenance
 
 SHARDS_DIR = Path("data") / "shards"
 MANIFEST = "manifest.json"
@@ -184,6 +186,7 @@ def _size_text(size) -> str:
 
 def shard(root: Path | None = None) -> dict[str, Any]:
     """Run the stage in workspace ``root``; returns the manifest."""
+    started = time.perf_counter()
     root = root or workspace()
     params = load_params(root / "params.yaml")  # every check on params happens before any work
     data_cfg, shard_cfg = params.data, params.shard
@@ -279,6 +282,8 @@ def shard(root: Path | None = None) -> dict[str, Any]:
                                    extra={"data_version": version, "data_dvc_md5": recorded}),
         }
         write_json(out / MANIFEST, manifest)
+    write_provenance("shard", SHARDS_DIR / MANIFEST, root=root,
+                     extra={"seconds": round(time.perf_counter() - started, 2), "workers": workers})
     counts = ", ".join(f"{s} {e['count']} in {len(e['shards'])} shards" for s, e in manifest_splits.items())
     print(f"{SHARDS_DIR.as_posix()}: {counts}; {len(policy.skipped)} skipped; data version {version}",
           file=sys.stderr)

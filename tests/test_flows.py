@@ -28,8 +28,8 @@ def py(code: str) -> str:
 
 
 def toy_stages(methods_key: str = "${methods}") -> dict:
-    lineage = (f"import json,sys; sys.path.insert(0,'{PROJECT_ROOT}'); from stages.lineage import make_record; "
-               "json.dump(make_record('make', params={}), open('.lineage_seen.json','w'))")
+    lineage = (f"import json,sys; sys.path.insert(0,'{PROJECT_ROOT}'); from stages.lineage import run_provenance; "
+               "json.dump(run_provenance(), open('.lineage_seen.json','w'))")
     return {
         "make": {"cmd": [py("import yaml,os; p=yaml.safe_load(open('params.yaml')); os.makedirs('data',exist_ok=True); "
                             "open('data/x.txt','w').write(str(p['seed']))"), py(lineage)],
@@ -99,7 +99,7 @@ def test_pipeline_flow_matches_dvc_repro_and_skips_everything_on_rerun(tmp_path)
     lock = (flow_ws / "dvc.lock").read_text()
     assert lock == (repro_ws / "dvc.lock").read_text()
 
-    # the flow run id reaches the stages, so every artifact's lineage names it
+    # the flow run id reaches the stages, so every run's provenance names it
     assert json.loads((flow_ws / ".lineage_seen.json").read_text())["prefect_flow_run_id"] == summary["flow_run_id"]
     assert json.loads((repro_ws / ".lineage_seen.json").read_text())["prefect_flow_run_id"] is None
 

@@ -293,7 +293,7 @@ def test_wandb_offline_run_holds_metrics_lineage_and_checkpoint_reference(tmp_pa
     runs = list(wandb_dir.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(runs) == 1
     lineage = json.loads((ws / "runs" / "simclr" / "lineage.json").read_text())
-    run_id = lineage["wandb_run_id"]
+    run_id = json.loads((ws / "provenance" / "pretrain" / "simclr.json").read_text())["wandb_run_id"]
     assert runs[0].name == f"run-{run_id}.wandb"
     config, history, artifacts, final = {}, [], [], {}
     for rec in wandb_records(runs[0]):
@@ -309,7 +309,7 @@ def test_wandb_offline_run_holds_metrics_lineage_and_checkpoint_reference(tmp_pa
     # run config: the full resolved params and the lineage record
     assert config["lineage"]["data_version"] == lineage["data_version"]
     assert config["lineage"]["parents"]["shards"]["sha256"] == lineage["parents"]["shards"]["sha256"]
-    assert set(config["lineage"]["git"]) == {"commit", "dirty"}
+    assert set(config["provenance"]["git"]) == {"commit", "dirty"}
     assert config["params"]["method"]["simclr"]["temperature"] == 0.2
     assert config["resolved"]["hparams"]["temperature"] == 0.2
     # per-epoch metrics

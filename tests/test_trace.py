@@ -84,7 +84,11 @@ def test_trace_a_backbone_copied_out_of_the_repository(pipeline, tmp_path, monke
     assert "not inside a pipeline workspace" in out
     assert "stage pretrain" in out and "stage shard" in out and "(record embedded in the child)" in out
     assert f"raw data version (data.dvc md5): {data_dvc_md5(ws)}" in out
-    assert tp.sh(["git", "rev-parse", "HEAD~1"], ws).stdout.strip() in out
+    # the header holds content only: the run facts stay in the workspace's provenance/ ...
+    assert "run facts (commit, time, flow run) not here" in out
+    # ... where a trace run from the workspace finds them again by the file's sha256
+    code, out, _ = cli(["trace", "--no-dvc", str(outside / "colleague.safetensors")], ws, monkeypatch, capsys)
+    assert code == 0 and f"commit {tp.sh(['git', 'rev-parse', 'HEAD~1'], ws).stdout.strip()[:12]}" in out
 
 
 def test_trace_bad_path_is_one_line_error(pipeline, tmp_path, monkeypatch, capsys):
