@@ -1,6 +1,7 @@
 """Seed scatter of the pipeline: every headline metric as mean +- sd over seeds, beside the committed single run.
 
-    python -m bench.seeds --seeds 0 1 2                 # the default pipeline, 3 seeds (about 45 CPU minutes each)
+    python -m bench.seeds --seeds 0 1 2                 # the default pipeline, 3 seeds (about 15 CPU minutes each)
+    python -m bench.seeds --seeds 0 1 2 --jobs 3        # the seeds at once, each in its own clone
     python -m bench.seeds --seeds 0 1 --workspace WS    # another workspace (the tests use a tiny one)
 
 A single run is one draw: ``seed`` moves the shard order, the initial weights, the views and the probe's split.
@@ -19,6 +20,7 @@ Float results also depend on the CPU's kernels (BENCHMARKS.md, "Seeds and machin
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import csv
 import json
 import os
@@ -52,9 +54,9 @@ def dvc(args: list[str], cwd: Path, timeout: float | None = None) -> str:
     return sh([sys.executable, "-m", "dvc", *args], cwd, timeout)
 
 
-def scratch_clone(workspace: Path, scratch: Path) -> Path:
+def scratch_clone(workspace: Path, scratch: Path, name: str = "ws") -> Path:
     """A clone of the workspace's HEAD sharing its DVC cache, with data/raw checked out."""
-    clone = scratch / "ws"
+    clone = scratch / name
     sh(["git", "clone", "-q", str(workspace), str(clone)], scratch)
     for key, value in (("user.email", "bench@sslcook"), ("user.name", "sslcook bench")):
         sh(["git", "config", key, value], clone)  # dvc exp commits its experiments in the clone
@@ -142,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scratch", type=Path, default=None, help="where the clone goes (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch clone (its experiments: dvc exp show)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
+    parser.add_argument("--jobs", type=int, default=1, help="seeds run at once, each in its own clone")
     parser.add_argument("--tag", default="", help="suffix of the result files (seeds-TAG.json)")
     args = parser.parse_args(argv)
     if len(set(args.seeds)) < 2:
@@ -156,17 +159,21 @@ def main(argv: list[str] | None = None) -> int:
 
     scratch = Path(tempfile.mkdtemp(prefix="sslcook-seeds-", dir=args.scratch))
     try:
-        clone = scratch_clone(workspace, scratch)
-        methods = list(yaml.safe_load((clone / "params.yaml").read_text()).get("methods") or [])
-        single = rows_of(read_metrics(workspace, methods))
-        per_seed: dict[int, dict[str, dict[str, float]]] = {}
-        losses: dict[int, dict[str, float | None]] = {}
-        for seed in args.seeds:
-            print(f"seeds: dvc exp run -S seed={seed} ...", file=sys.stderr, flush=True)
+        methods = list(yaml.safe_load((workspace / "params.yaml").read_text()).get("methods") or [])
+
+        def run_seed(seed: int) -> tuple[dict[str, dict[str, float]], dict[str, float | None]]:
+            # one clone per seed: experiments of several seeds can then run at once (--jobs)
+            clone = scratch_clone(workspace, scratch, f"ws-seed{seed}")
+            print(f"seeds: dvc exp run -S seed={seed} in {clone} ...", file=sys.stderr, flush=True)
             # --force: every seed is measured here, none restored from a cache made on another machine
             dvc(["exp", "run", "-q", "-f", "-n", f"seed-{seed}", "-S", f"seed={seed}"], clone)
-            per_seed[seed] = rows_of(read_metrics(clone, methods))
-            losses[seed] = {m: first_loss(clone, m) for m in methods}
+            return rows_of(read_metrics(clone, methods)), {m: first_loss(clone, m) for m in methods}
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            done = dict(zip(args.seeds, pool.map(run_seed, args.seeds)))
+        per_seed = {seed: done[seed][0] for seed in args.seeds}
+        losses = {seed: done[seed][1] for seed in args.seeds}
+        single = rows_of(read_metrics(workspace, methods))  # read last: the workspace may be re-run meanwhile
         machine = {"cpu": cpu_name(), "threads": os.cpu_count(),
                    "env": {k: os.environ[k] for k in ISA_ENV if k in os.environ}}
         table = summarise(per_seed, single)
@@ -180,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"seeds: {args.results_dir / name}.md", file=sys.stderr)
     finally:
         if args.keep:
-            print(f"seeds: scratch clone kept in {scratch / 'ws'}", file=sys.stderr)
+            print(f"seeds: scratch clones kept in {scratch}", file=sys.stderr)
         else:
             shutil.rmtree(scratch, ignore_errors=True)
     return 0
