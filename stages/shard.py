@@ -226,6 +226,8 @@ def shard(root: Path | None = None) -> dict[str, Any]:
             first = first_size.setdefault(split, (tuple(res["size"]), rel))
             if shard_cfg.image_size is None and first[0] != tuple(res["size"]):
                 # evaluation stacks a split into one batch: refuse now, not after the training
+                for writer in writers.values():   # closed before the temporary folder goes
+                    writer.close()
                 raise DataError(f"{RAW_DIR.as_posix()}: split {split!r} mixes image sizes: {first[1]} is "
                                 f"{_size_text(first[0])}, {rel} is {_size_text(res['size'])}; set shard.image_size "
                                 f"to scale every image to one size")
