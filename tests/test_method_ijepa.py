@@ -126,11 +126,11 @@ def test_predictor_sees_only_context_tokens_and_target_positions(monkeypatch):
 
 def test_loss_matches_the_reference_formulas():
     g = torch.Generator().manual_seed(0)
-    pred, target = torch.randn(3, 5, 4, generator=g, dtype=torch.float64), torch.randn(3, 5, 4, generator=g,
-                                                                                       dtype=torch.float64)
-    diff = pred - target
-    l2 = sum(float(d) ** 2 for d in diff.flatten()) / diff.numel()
-    smooth = sum(0.5 * float(d) ** 2 if abs(float(d)) < 1 else abs(float(d)) - 0.5 for d in diff.flatten()) / diff.numel()
+    pred = torch.randn(3, 5, 4, generator=g, dtype=torch.float64)
+    target = torch.randn(3, 5, 4, generator=g, dtype=torch.float64)
+    diffs = [float(d) for d in (pred - target).flatten()]
+    l2 = sum(d ** 2 for d in diffs) / len(diffs)
+    smooth = sum(0.5 * d ** 2 if abs(d) < 1 else abs(d) - 0.5 for d in diffs) / len(diffs)
     assert JEPALoss("l2")(pred, target).item() == pytest.approx(l2)
     assert JEPALoss("smooth_l1")(pred, target).item() == pytest.approx(smooth)
     with pytest.raises(ValueError, match="loss must be"):
