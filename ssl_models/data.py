@@ -196,7 +196,8 @@ def open_url(url: str):
     except DataError:
         raise
     except Exception as exc:  # noqa: BLE001 - urllib, fsspec drivers and pipes raise many types
-        raise DataError(f"{url}: cannot read ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"{url}: cannot read ({reason})") from None
 
 
 def fetch_verified(url: str, expected: Mapping[str, Any] | None):

@@ -97,7 +97,8 @@ def evaluate_features(train_f, train_y, test_f, test_y, *, num_classes: int, cfg
     from ssl_models.evaluation import knn_evaluate, linear_probe
 
     out: dict[str, Any] = dict(knn_evaluate(train_f, train_y, test_f, test_y, ks=cfg.knn_k,
-                                            temperature=cfg.knn_temperature, num_classes=num_classes))
+                                            temperature=cfg.knn_temperature, num_classes=num_classes,
+                                            device=device))
     lp = cfg.linear_probe
     probe = linear_probe(train_f, train_y, test_f, test_y, num_classes=num_classes, epochs=lp.epochs, lr=lp.lr,
                          weight_decay=lp.weight_decay, batch_size=lp.batch_size, val_fraction=lp.val_fraction,

@@ -34,8 +34,9 @@ MANIFEST = SHARDS_DIR / "manifest.json"
 RESUME_DIR = Path(".sslcook") / "resume"
 HISTORY_COLUMNS = ("epoch", "step", "loss", "lr", "emb_std", "rankme", "images_per_s", "epoch_seconds", "collapsed")
 # knobs that change no weight: a resume state stays valid when only these change
+# (the layout is keyed as world_size and nodes; shards by their manifest)
 _NOT_IN_RESUME_KEY = ("wandb", "monitor", "log_every_steps", "checkpoint_every_steps",
-                      "processes", "nodes", "rdzv_endpoint", "rdzv_id", "node_rank", "shards_url")  # world_size/nodes are keyed
+                      "processes", "nodes", "rdzv_endpoint", "rdzv_id", "node_rank", "shards_url")
 
 
 def run_dir(method: str) -> Path:
@@ -123,7 +124,8 @@ class Run:
         from ssl_models.data import DataError as LoaderError, read_manifest, verify_shards
 
         try:
-            self.manifest = read_manifest(self.shards) if self.cfg.shards_url else verify_shards(self.shards, splits=["train"])
+            self.manifest = (read_manifest(self.shards) if self.cfg.shards_url
+                             else verify_shards(self.shards, splits=["train"]))
         except LoaderError as exc:
             raise DataError(str(exc)) from None
         self.manifest_sha256 = digest(self.manifest) if self.cfg.shards_url else sha256_file(manifest_path)

@@ -251,3 +251,44 @@ def test_launch_keys_are_validated(tmp_path):
         (tmp_path / "params.yaml").write_text(yaml.safe_dump(bad))
         with pytest.raises(ConfigError, match=message):
             resolve_method(load_params(tmp_path / "params.yaml"), "simclr")
+
+
+@pytest.mark.slow
+def test_export_and_evaluate_after_a_ddp_pretrain_run_in_one_process(two_process_repro, tmp_path):
+    ws = tmp_path / "eval"
+    import shutil
+
+    shutil.copytree(two_process_repro, ws, ignore=shutil.ignore_patterns(".dvc", ".git", "dvc.yaml", "dvc.lock"))
+    env = _env(tmp_path)
+    for stage in ("export", "evaluate"):
+        proc = subprocess.run([sys.executable, "-m", f"stages.{stage}", "--method", METHOD], cwd=ws, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "through torchrun" not in proc.stderr and "process group" not in proc.stderr
+    metrics = json.loads((ws / "metrics" / f"{METHOD}.json").read_text())
+    assert 0.0 <= metrics["linear_probe_top1"] <= 1.0 and 0.0 <= metrics["knn_top1_k20"] <= 1.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_evaluation_runs_on_cuda_and_agrees_with_cpu():
+    from ssl_models.backbones import build_backbone
+    from ssl_models.evaluation import extract_features, knn_evaluate, linear_probe
+    from stages.evaluate import pick_device
+
+    device = pick_device("auto")
+    assert device.type == "cuda"
+    torch.manual_seed(0)
+    net = build_backbone("resnet18", in_chans=1, small_image=True, width=4, image_size=28)
+    images = torch.randint(0, 256, (96, 1, 28, 28), dtype=torch.uint8)
+    labels = torch.arange(96) % 4
+    on_gpu = extract_features(net, images, device=device, progress=False)
+    on_cpu = extract_features(net, images, device="cpu", progress=False)
+    torch.testing.assert_close(on_gpu, on_cpu, rtol=1e-3, atol=1e-3)
+    train, test = slice(0, 64), slice(64, 96)
+    gpu_knn = knn_evaluate(on_cpu[train], labels[train], on_cpu[test], labels[test], ks=[5], num_classes=4,
+                           device=device)
+    cpu_knn = knn_evaluate(on_cpu[train], labels[train], on_cpu[test], labels[test], ks=[5], num_classes=4)
+    assert gpu_knn == pytest.approx(cpu_knn)
+    probe = linear_probe(on_cpu[train], labels[train], on_cpu[test], labels[test], num_classes=4, epochs=5,
+                         device=device)
+    assert 0.0 <= probe["top1"] <= 1.0
