@@ -231,6 +231,9 @@ def test_gpu_deployments_register_and_a_process_worker_runs_one(prefect_server, 
     run([*PREFECT, "work-pool", "create", DOCKER_POOL, "--type", "docker"], PROJECT_ROOT, env=env, timeout=120)
     run([*PREFECT, "--no-prompt", "deploy", "--name", "gpu", "--name", "gpu-docker"], PROJECT_ROOT, env=env,
         timeout=180)
+    # the README's Kubernetes pool: the server takes the template file as the pool's base job template
+    run([*PREFECT, "work-pool", "create", "sslcook-k8s", "--type", "kubernetes", "--base-job-template",
+         str(K8S_TEMPLATE)], PROJECT_ROOT, env=env, timeout=120)
     toy = make_toy(tmp_path / "toy", methods=("alpha",))
     with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
         for name, pool in (("gpu", GPU_POOL), ("gpu-docker", DOCKER_POOL)):
@@ -240,6 +243,7 @@ def test_gpu_deployments_register_and_a_process_worker_runs_one(prefect_server, 
             # the job variables fit the schema of the pool the server holds (the Docker worker's for docker)
             schema = client.read_work_pool(pool).base_job_template["variables"]
             assert validate(deployment.job_variables, schema) == []
+        assert client.read_work_pool("sslcook-k8s").base_job_template == json.loads(K8S_TEMPLATE.read_text())
         docker_schema = client.read_work_pool(DOCKER_POOL).base_job_template["variables"]
         assert "container_create_kwargs" in docker_schema["properties"]
         gpu = client.read_deployment_by_name("sslcook-pipeline/gpu")
