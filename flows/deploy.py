@@ -4,8 +4,9 @@ Two ways to schedule the same three flows (pipeline, new data version, sweep), e
 
 - ``sslcook serve``: one long-running process creates the deployments on the Prefect API and runs their flow
   runs itself (``prefect.serve``), no work pool needed. Crons come from params.yaml ``flow.schedule``.
-- ``prefect.yaml`` (repository root): ``prefect deploy --all`` registers them on the ``sslcook-process`` process
-  work pool, and ``prefect worker start --pool sslcook-process`` runs them (flows/README_flows.md).
+- ``prefect.yaml`` (repository root): ``prefect deploy --name nightly`` registers them on the
+  ``sslcook-process`` process work pool, and ``prefect worker start --pool sslcook-process`` runs them
+  (flows/README_flows.md). prefect.yaml also holds GPU deployments (a process pool on a GPU host, a Docker pool).
 
 tests/test_deploy.py checks that prefect.yaml and params.yaml give the same schedules and parameters.
 """

@@ -26,6 +26,11 @@ Nothing is resampled: an epoch sees each sample at most once. Shard integrity is
 :func:`verify_shards` compares sha256 and size against the manifest (:class:`DataError` naming the shard), and
 :func:`make_loader` does it for the local shards it is given (once per file version); a shard that breaks while
 being read is also named.
+
+Remote shards (:class:`RemoteShards`, :func:`fetch_verified`): ``urls`` may be ``http(s)://`` URLs, any fsspec
+protocol (``s3://``, ``gs://``, ...) or WebDataset's ``pipe:COMMAND``; the manifest comes from beside them (or
+``manifest=``). Each remote shard is streamed into a temporary file while its sha256 is computed, and compared
+with the manifest before any of its samples is read: a modified shard is named and never used.
 """
 from __future__ import annotations
 
@@ -62,6 +67,8 @@ class DataError(ValueError):
 
 # ------------------------------------------------------------------------------------------- shards on disk
 def read_manifest(shards_dir: str | os.PathLike) -> dict[str, Any]:
+    if not _is_local(str(shards_dir)):
+        return RemoteShards(str(shards_dir)).manifest()
     path = Path(shards_dir) / MANIFEST
     if not path.is_file():
         raise DataError(f"{path}: manifest not found (shard the data first)")
@@ -79,16 +86,25 @@ def _split_entry(manifest: Mapping[str, Any], split: str, where: str) -> Mapping
 
 
 def shard_urls(shards_dir: str | os.PathLike, split: str) -> list[str]:
-    """Paths of a split's shards, in manifest order (or ``{split}-*.tar`` sorted when there is no manifest)."""
+    """Paths of a split's shards, in manifest order (or ``{split}-*.tar`` sorted when there is no manifest).
+
+    ``shards_dir`` may be a base URL (see :class:`RemoteShards`): the URLs of the shards its manifest lists.
+    """
+    if not _is_local(str(shards_dir)):
+        remote = RemoteShards(str(shards_dir))
+        entry = _split_entry(remote.manifest(), split, remote.url(MANIFEST))
+        return [remote.url(s["name"]) for s in entry["shards"]] or _no_shards(shards_dir, split)
     shards_dir = Path(shards_dir)
     if (shards_dir / MANIFEST).is_file():
         entry = _split_entry(read_manifest(shards_dir), split, str(shards_dir / MANIFEST))
         urls = [str(shards_dir / s["name"]) for s in entry["shards"]]
     else:
         urls = [str(p) for p in sorted(shards_dir.glob(f"{split}-*.tar"))]
-    if not urls:
-        raise DataError(f"{shards_dir}: no {split!r} shards")
-    return urls
+    return urls or _no_shards(shards_dir, split)
+
+
+def _no_shards(shards_dir: Any, split: str) -> list[str]:
+    raise DataError(f"{shards_dir}: no {split!r} shards")
 
 
 _VERIFIED: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256 already checked
@@ -137,6 +153,82 @@ def _is_local(url: str) -> bool:
 
 def _local_path(url: str) -> Path:
     return Path(urlparse(url).path if url.startswith("file:") else url)
+
+
+# ---------------------------------------------------------------------------------------- remote shards
+class RemoteShards:
+    """Shards and their manifest under a base URL: ``http(s)://`` (urllib), any fsspec protocol (``s3://``,
+    ``gs://``, ... when fsspec and its driver are installed). Single shard URLs may also be WebDataset's
+    ``pipe:COMMAND`` (the command's stdout is the shard), given with a manifest."""
+
+    def __init__(self, base: str):
+        self.base = base.rstrip("/")
+
+    def url(self, name: str) -> str:
+        return f"{self.base}/{name}"
+
+    def manifest(self) -> dict[str, Any]:
+        url = self.url(MANIFEST)
+        with open_url(url) as fh:
+            data = fh.read()
+        try:
+            return json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DataError(f"{url}: not valid JSON ({exc})") from None
+
+
+def open_url(url: str):
+    """A binary stream reading ``url``; DataError naming it when it cannot be opened."""
+    scheme = urlparse(url).scheme
+    try:
+        if scheme in ("http", "https"):
+            import urllib.request
+
+            return urllib.request.urlopen(url, timeout=60)  # noqa: S310 - scheme checked above
+        if scheme == "pipe":
+            return wds.gopen(url)
+        try:
+            import fsspec
+        except ImportError:
+            raise DataError(f"{url}: reading {scheme}:// needs fsspec (pip install fsspec and its {scheme} "
+                            f"driver, e.g. s3fs or gcsfs)") from None
+        return fsspec.open(url, "rb").open()
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - urllib, fsspec drivers and pipes raise many types
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"{url}: cannot read ({reason})") from None
+
+
+def fetch_verified(url: str, expected: Mapping[str, Any] | None):
+    """The shard at ``url`` in a temporary file (memory up to 64 MiB), hashed as it streams in and compared with
+    its manifest entry before any sample is read from it: a modified shard is named and never used."""
+    import tempfile
+
+    if expected is None:
+        raise DataError(f"{url}: remote shard not listed in the manifest")
+    digest = hashlib.sha256()
+    size = 0
+    out = tempfile.SpooledTemporaryFile(max_size=64 << 20)
+    with open_url(url) as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+            size += len(block)
+            out.write(block)
+    actual = digest.hexdigest()
+    if ("bytes" in expected and size != expected["bytes"]) or actual != expected["sha256"]:
+        out.close()
+        raise DataError(f"{url}: remote shard modified ({size} bytes, sha256 {actual[:12]}...; manifest says "
+                        f"{expected.get('bytes', '?')} bytes, {expected['sha256'][:12]}...); not used")
+    out.seek(0)
+    return out
+
+
+def _manifest_entries(urls: Sequence[str], manifest: Mapping[str, Any] | None) -> dict[str, Mapping[str, Any]]:
+    by_name = {shard["name"]: shard for entry in ((manifest or {}).get("splits") or {}).values()
+               for shard in entry["shards"]}
+    return {u: by_name[os.path.basename(urlparse(u).path)] for u in urls
+            if os.path.basename(urlparse(u).path) in by_name}
 
 
 # ---------------------------------------------------------------------------------------------- decoding
@@ -199,10 +291,18 @@ def _plan_units(urls: Sequence[str], counts: Sequence[int], world_size: int, wor
     return [_Unit(url, count, part, parts) for url, count in zip(urls, counts) for part in range(parts)]
 
 
-def _read_units(units: Iterable[_Unit]) -> Iterator[dict[str, Any]]:
+def _read_units(units: Iterable[_Unit], expected: Mapping[str, Mapping[str, Any]] | None = None
+                ) -> Iterator[dict[str, Any]]:
+    """Samples of each unit; a remote shard is fetched and checked against ``expected[url]`` before any is read."""
     for unit in units:
         try:
-            for index, sample in enumerate(wds.tarfile_samples([{"url": unit.url}])):
+            if _is_local(unit.url):
+                samples = wds.tarfile_samples([{"url": unit.url}])
+            else:
+                stream = fetch_verified(unit.url, (expected or {}).get(unit.url))
+                samples = wds.tariterators.group_by_keys(
+                    wds.tariterators.tar_file_expander([{"url": unit.url, "stream": stream}]))
+            for index, sample in enumerate(samples):
                 if index % unit.parts == unit.part:
                     yield sample
         except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
@@ -225,7 +325,8 @@ class _WorkerStream(torch.utils.data.IterableDataset):
         ld = self.loader
         mine = [u for j, u in enumerate(ld.epoch_units())
                 if j % ld.world_size == ld.rank and (j // ld.world_size) % ld.workers == worker]
-        stages: list[Any] = [lambda: iter(mine), _read_units]  # (a bare list would be spliced into the stages)
+        # (a bare list would be spliced into the stages)
+        stages: list[Any] = [lambda: iter(mine), lambda units: _read_units(units, ld.expected)]
         if ld.shuffle_buffer > 1:
             rng = random.Random(_derive_seed("samples", ld.seed, ld.epoch, ld.rank, worker))
             stages.append(wds.shuffle(ld.shuffle_buffer, min(ld.shuffle_buffer, 100), rng=rng))
@@ -240,7 +341,7 @@ class ShardLoader:
     def __init__(self, urls: Sequence[str], counts: Sequence[int], *, batch_size: int,
                  transform: Callable[[Tensor], list[Tensor]] | None, shuffle_buffer: int, seed: int, epoch: int,
                  rank: int, world_size: int, num_workers: int, drop_last: bool, channels: int | None,
-                 return_keys: bool, pin_memory: bool):
+                 return_keys: bool, pin_memory: bool, expected: Mapping[str, Mapping[str, Any]] | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
         if not 0 <= rank < world_size:
@@ -251,6 +352,7 @@ class ShardLoader:
         self.rank, self.world_size = rank, world_size
         self.num_workers, self.workers = num_workers, max(1, num_workers)
         self.drop_last, self.channels, self.return_keys, self.pin_memory = drop_last, channels, return_keys, pin_memory
+        self.expected = dict(expected or {})  # remote url -> manifest entry, checked as each shard streams in
         self.units = _plan_units(self.urls, self.counts, world_size, self.workers)
         # The fewest samples any rank can receive, whatever the epoch's shuffle: the floor(units/world) smallest.
         per_rank = len(self.units) // world_size
@@ -310,9 +412,12 @@ class ShardLoader:
                 yield batch
         # Worker seeds (hence the transforms' random draws) follow from (seed, epoch, rank), not the global RNG.
         generator = torch.Generator().manual_seed(_derive_seed("workers", self.seed, self.epoch, self.rank))
-        yield from torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.num_workers,
-                                               generator=generator, pin_memory=self.pin_memory,
-                                               prefetch_factor=4)
+        try:
+            yield from torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.num_workers,
+                                                   generator=generator, pin_memory=self.pin_memory,
+                                                   prefetch_factor=4)
+        except DataError as exc:  # re-raised from a worker with its traceback in the message: keep the one line
+            raise DataError(str(exc).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
 
     def __iter__(self) -> Iterator[tuple]:
         limit = len(self) if self.drop_last else None
@@ -416,6 +521,10 @@ def make_loader(urls: str | Sequence[str], *, batch_size: int, transform: Callab
     if manifest is None and _is_local(urls[0]):
         beside = _local_path(urls[0]).parent / MANIFEST
         manifest = read_manifest(beside.parent) if beside.is_file() else None
+    elif manifest is None and urlparse(urls[0]).scheme != "pipe":
+        manifest = read_manifest(urls[0].rsplit("/", 1)[0])
+    elif isinstance(manifest, str) and not _is_local(manifest):
+        manifest = read_manifest(manifest[:-len(MANIFEST)].rstrip("/") if manifest.endswith(MANIFEST) else manifest)
     elif isinstance(manifest, (str, os.PathLike)):
         path = Path(manifest)
         manifest = read_manifest(path.parent if path.name == MANIFEST else path)
@@ -424,7 +533,8 @@ def make_loader(urls: str | Sequence[str], *, batch_size: int, transform: Callab
     channels = {"L": 1, "RGB": 3}.get(mode) if mode else None
     loader = ShardLoader(urls, counts, batch_size=batch_size, transform=transform, shuffle_buffer=shuffle_buffer,
                          seed=seed, epoch=epoch, rank=rank, world_size=world_size, num_workers=num_workers,
-                         drop_last=drop_last, channels=channels, return_keys=return_keys, pin_memory=pin_memory)
+                         drop_last=drop_last, channels=channels, return_keys=return_keys, pin_memory=pin_memory,
+                         expected=_manifest_entries([u for u in urls if not _is_local(u)], manifest))
     if drop_last and len(loader) == 0:
         raise DataError(f"{urls[0]}{' ...' if len(urls) > 1 else ''}: a rank is only sure to get "
                         f"{loader.min_rank_samples} samples, fewer than batch_size {batch_size} (world_size "
@@ -465,5 +575,5 @@ def load_split(shards_dir: str | os.PathLike, split: str, *, labelled_only: bool
     return torch.stack(images), torch.tensor(labels, dtype=torch.long), list(manifest.get("classes") or [])
 
 
-__all__ = ["DataError", "MANIFEST", "ShardLoader", "decode_image_bytes", "load_split", "make_loader",
-           "read_manifest", "shard_urls", "verify_shards"]
+__all__ = ["DataError", "MANIFEST", "RemoteShards", "ShardLoader", "decode_image_bytes", "fetch_verified",
+           "load_split", "make_loader", "open_url", "read_manifest", "shard_urls", "verify_shards"]

@@ -142,24 +142,29 @@ def knn_scores(train_features: torch.Tensor, train_labels: torch.Tensor, query_f
     train = F.normalize(train_features.float(), dim=1)
     query = F.normalize(query_features.float(), dim=1)
     k = min(k, len(train))
-    out = torch.zeros(len(query), num_classes)
+    out = torch.zeros(len(query), num_classes, device=query.device)
+    train_labels = train_labels.to(query.device)
     for start in range(0, len(query), chunk_size):
         sim = query[start:start + chunk_size] @ train.T
         top_sim, top_idx = sim.topk(k, dim=1)
         weights = (top_sim / temperature).exp()
         out[start:start + chunk_size].scatter_add_(1, train_labels[top_idx], weights)
-    return out
+    return out.cpu()
 
 
 def knn_evaluate(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
                  test_labels: torch.Tensor, *, ks: Sequence[int] = (20, 200), temperature: float = 0.1,
-                 num_classes: int | None = None, return_hits: bool = False):
+                 num_classes: int | None = None, return_hits: bool = False,
+                 device: torch.device | str | None = None):
     """kNN top-1/top-5 for each k: {"knn_top1_k20": ..., "knn_top5_k20": ..., "knn_top1_k200": ...}.
 
     With ``return_hits`` also {"knn_top1_k20": bool per labelled test row, ...} (for :func:`bootstrap_intervals`).
+    ``device``: where the similarities are computed (e.g. CUDA); None: the features' device.
     """
     train_features, train_labels = labelled(train_features, train_labels, "train")
     test_features, test_labels = labelled(test_features, test_labels, "test")
+    if device is not None:
+        train_features, test_features = train_features.to(device), test_features.to(device)
     num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
     result, hits = {}, {}
     for k in ks:

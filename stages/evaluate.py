@@ -115,7 +115,7 @@ def evaluate_features(train_f, train_y, test_f, test_y, *, num_classes: int, cfg
     from ssl_models.evaluation import knn_evaluate, linear_probe
 
     knn, hits = knn_evaluate(train_f, train_y, test_f, test_y, ks=cfg.knn_k, temperature=cfg.knn_temperature,
-                             num_classes=num_classes, return_hits=True)
+                             num_classes=num_classes, return_hits=True, device=device)
     out: dict[str, Any] = dict(knn)
     lp = cfg.linear_probe
     probe = linear_probe(train_f, train_y, test_f, test_y, num_classes=num_classes, c_grid=lp.c_grid,

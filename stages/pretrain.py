@@ -43,7 +43,9 @@ HISTORY_COLUMNS = ("epoch", "step", "loss", "lr", "emb_std", "rankme", "collapse
 # measurements of one run, not of the weights: they live in the run's provenance, never in the hashed outputs
 RUN_TIMING = ("train_seconds", "images_per_s", "epoch_seconds", "resumed_from_step")
 # knobs that change no weight: a resume state stays valid when only these change
-_NOT_IN_RESUME_KEY = ("wandb", "monitor", "log_every_steps", "checkpoint_every_steps", "on_bad_resume")
+# (the layout is keyed as world_size and nodes; shards by their manifest)
+_NOT_IN_RESUME_KEY = ("wandb", "monitor", "log_every_steps", "checkpoint_every_steps", "on_bad_resume",
+                      "processes", "nodes", "rdzv_endpoint", "rdzv_id", "node_rank", "shards_url")
 
 
 def run_dir(method: str) -> Path:
@@ -157,6 +159,8 @@ class Run:
         self.block = params.method.get(name) or {}
         self.cfg, self.hparams = resolve_method(params, name)
         self.world_size = world_size
+        self.nodes = world_size // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        self.shards = self.cfg.shards_url or root / SHARDS_DIR  # a URL: each shard verified as it streams
         manifest_path = root / MANIFEST
         if not verify:
             try:
@@ -164,16 +168,17 @@ class Run:
             except (OSError, ValueError):
                 self.manifest = {"image_mode": params.data.image_mode}
             self.manifest_sha256 = None
-        elif not manifest_path.is_file():
+        elif not self.cfg.shards_url and not manifest_path.is_file():
             raise DataError(f"{MANIFEST}: not found (run the shard stage first: dvc repro shard)")
         else:
-            from ssl_models.data import DataError as LoaderError, verify_shards
+            from ssl_models.data import DataError as LoaderError, read_manifest, verify_shards
 
             try:
-                self.manifest = verify_shards(root / SHARDS_DIR, splits=["train"])
+                self.manifest = (read_manifest(self.shards) if self.cfg.shards_url
+                                 else verify_shards(self.shards, splits=["train"]))
             except LoaderError as exc:
                 raise DataError(str(exc)) from None
-            self.manifest_sha256 = sha256_file(manifest_path)
+            self.manifest_sha256 = digest(self.manifest) if self.cfg.shards_url else sha256_file(manifest_path)
         self.verify = verify
         self.channels = {"L": 1, "RGB": 3}.get(self.manifest.get("image_mode"), 3)
         if getattr(self.spec.cls, "needs_colour", False) and self.channels != 3:
@@ -235,6 +240,7 @@ class Run:
             "optimizer": self.optimizer_recipe,
             "effective_batch": self.effective_batch,
             "world_size": self.world_size,
+            "nodes": self.nodes,
         }
 
     def resume_key(self) -> str:
@@ -468,7 +474,7 @@ def pretrain(name: str, root: Path | None = None) -> dict[str, Any] | None:
     tracker = None
     ok = False
     try:
-        urls = shard_urls(root / SHARDS_DIR, "train")
+        urls = shard_urls(run.shards, "train")
         uses_dataset = bool(getattr(run.spec.cls, "uses_dataset", False))
 
         def loader(epoch: int):
@@ -613,7 +619,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m stages.pretrain", description=__doc__.splitlines()[0])
     parser.add_argument("--method", required=True, help="a registered method (see params.yaml methods)")
     args = parser.parse_args(argv)
-    pretrain(args.method)
+    from .launch import launch_if_needed  # processes x nodes > 1: torchrun runs this same command
+
+    root = workspace()
+    try:
+        cfg, _ = resolve_method(load_params(root / "params.yaml"), args.method)
+    except KeyError as exc:
+        raise ConfigError(f"--method: {exc.args[0]}") from None
+    if not launch_if_needed(cfg, args.method, ["-m", "stages.pretrain", "--method", args.method]):
+        pretrain(args.method)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ run triggered on the pipeline deployment completes through a process worker."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import importlib
 import os
 import signal
@@ -35,7 +36,7 @@ def test_prefect_yaml_matches_params_and_sslcook_serve(capsys):
     config = FlowConfig.from_workspace(PROJECT_ROOT)
     specs = {spec["entrypoint"]: spec for spec in deployment_specs(config)}
     project = yaml.safe_load((PROJECT_ROOT / "prefect.yaml").read_text())
-    deployments = project["deployments"]
+    deployments = [d for d in project["deployments"] if d["name"] == DEPLOYMENT_NAME]  # the GPU ones: below
     assert sorted(d["entrypoint"] for d in deployments) == sorted(specs)
     for dep in deployments:
         spec = specs[dep["entrypoint"]]
@@ -111,13 +112,14 @@ def test_nightly_deployments_schedule_runs_and_a_worker_completes_one(prefect_se
     from prefect.client.schemas.objects import StateType
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.deploy import WORK_POOL
+    from flows.deploy import DEPLOYMENT_NAME, WORK_POOL
 
     url, env = prefect_server
     crons = _params_flow()["schedule"]
     # what the README tells a user to do, from the repository root
     run([*PREFECT, "work-pool", "create", WORK_POOL, "--type", "process"], PROJECT_ROOT, env=env, timeout=120)
-    deployed = run([*PREFECT, "--no-prompt", "deploy", "--all"], PROJECT_ROOT, env=env, timeout=180)
+    deployed = run([*PREFECT, "--no-prompt", "deploy", "--name", DEPLOYMENT_NAME], PROJECT_ROOT, env=env,
+                   timeout=180)
     for flow_name in ("sslcook-new-data", "sslcook-pipeline", "sslcook-sweep"):
         assert f"'{flow_name}/nightly' successfully created" in deployed.stdout.replace("\n", " ").replace("│", "") \
             or f"{flow_name}/nightly" in deployed.stdout
@@ -167,3 +169,91 @@ def test_nightly_deployments_schedule_runs_and_a_worker_completes_one(prefect_se
     import json
 
     assert json.loads((toy / ".lineage_seen.json").read_text())["prefect_flow_run_id"] == str(triggered.id)
+
+
+# ------------------------------------------------------------------------------------ GPU work pools
+GPU_POOL, DOCKER_POOL = "sslcook-gpu", "sslcook-docker"
+K8S_TEMPLATE = PROJECT_ROOT / "deploy" / "kubernetes-gpu-job-template.json"
+
+
+def _deployment(name: str) -> dict:
+    project = yaml.safe_load((PROJECT_ROOT / "prefect.yaml").read_text())
+    (dep,) = [d for d in project["deployments"] if d["name"] == name]
+    return dep
+
+
+def test_docker_and_kubernetes_gpu_templates_validate_against_the_workers_schemas():
+    import asyncio
+
+    import docker.types
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.utilities.schema_tools import ValidationError, validate
+    from prefect_docker.worker import DockerWorker, DockerWorkerJobConfiguration
+    from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
+
+    # Docker: the deployment's job variables against the Docker worker's base job template
+    variables = _deployment("gpu-docker")["work_pool"]["job_variables"]
+    template = DockerWorker.get_default_base_job_template()
+    validate(variables, template["variables"], raise_on_error=True)
+    with pytest.raises(ValidationError):
+        validate({**variables, "container_create_kwargs": "all"}, template["variables"], raise_on_error=True)
+    config = asyncio.run(DockerWorkerJobConfiguration.from_template_and_values(template, variables))
+    assert config.image == "sslcook:latest"
+    kwargs = config.container_create_kwargs
+    host = docker.types.HostConfig(version="1.44", device_requests=kwargs["device_requests"],
+                                   shm_size=kwargs["shm_size"])
+    assert host["DeviceRequests"] == [{"Driver": "nvidia", "Count": -1, "DeviceIDs": [], "Capabilities": [["gpu"]],
+                                       "Options": {}}]                 # what `docker run --gpus all` sends
+    assert host["ShmSize"] == 8 * 1024 ** 3
+
+    # Kubernetes: the base job template file is a valid work-pool template, and a deployment asking for 2 GPUs
+    # gets a pod with an nvidia.com/gpu limit of 2
+    k8s = json.loads(K8S_TEMPLATE.read_text())
+    WorkPoolCreate(name="sslcook-k8s", type="kubernetes", base_job_template=k8s)
+    validate({"gpus": 2, "image": "sslcook:latest"}, k8s["variables"], raise_on_error=True)
+    with pytest.raises(ValidationError):
+        validate({"gpus": -1}, k8s["variables"], raise_on_error=True)
+    job = asyncio.run(KubernetesWorkerJobConfiguration.from_template_and_values(k8s, {"gpus": 2}))
+    (container,) = job.job_manifest["spec"]["template"]["spec"]["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 2 and container["image"] == "sslcook:latest"
+    assert "nvidia.com/gpu" in (PROJECT_ROOT / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_gpu_deployments_register_and_a_process_worker_runs_one(prefect_server, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.utilities.schema_tools import validate
+
+    url, env = prefect_server
+    run([*PREFECT, "work-pool", "create", GPU_POOL, "--type", "process"], PROJECT_ROOT, env=env, timeout=120)
+    run([*PREFECT, "work-pool", "create", DOCKER_POOL, "--type", "docker"], PROJECT_ROOT, env=env, timeout=120)
+    run([*PREFECT, "--no-prompt", "deploy", "--name", "gpu", "--name", "gpu-docker"], PROJECT_ROOT, env=env,
+        timeout=180)
+    # the README's Kubernetes pool: the server takes the template file as the pool's base job template
+    run([*PREFECT, "work-pool", "create", "sslcook-k8s", "--type", "kubernetes", "--base-job-template",
+         str(K8S_TEMPLATE)], PROJECT_ROOT, env=env, timeout=120)
+    toy = make_toy(tmp_path / "toy", methods=("alpha",))
+    with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
+        for name, pool in (("gpu", GPU_POOL), ("gpu-docker", DOCKER_POOL)):
+            deployment = client.read_deployment_by_name(f"sslcook-pipeline/{name}")
+            expected = _deployment(name)["work_pool"]["job_variables"]
+            assert deployment.work_pool_name == pool and deployment.job_variables == expected
+            # the job variables fit the schema of the pool the server holds (the Docker worker's for docker)
+            schema = client.read_work_pool(pool).base_job_template["variables"]
+            assert validate(deployment.job_variables, schema) == []
+        assert client.read_work_pool("sslcook-k8s").base_job_template == json.loads(K8S_TEMPLATE.read_text())
+        docker_schema = client.read_work_pool(DOCKER_POOL).base_job_template["variables"]
+        assert "container_create_kwargs" in docker_schema["properties"]
+        gpu = client.read_deployment_by_name("sslcook-pipeline/gpu")
+        client.create_work_queue(name="sslcook-gpu-test", work_pool_name=GPU_POOL)
+        triggered = client.create_flow_run_from_deployment(gpu.id, parameters={"workspace": str(toy)},
+                                                           work_queue_name="sslcook-gpu-test")
+    worker = run([*PREFECT, "worker", "start", "--pool", GPU_POOL, "--work-queue", "sslcook-gpu-test",
+                  "--run-once", "--limit", "1"], PROJECT_ROOT, env=env, timeout=300, check=False)
+    with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
+        state = client.read_flow_run(triggered.id).state
+    assert state is not None and state.type == StateType.COMPLETED, \
+        f"{state}\n{worker.stdout[-3000:]}\n{worker.stderr[-3000:]}"
+    assert (toy / "dvc.lock").exists()

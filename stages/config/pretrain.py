@@ -13,9 +13,9 @@ another architecture. :func:`resolve_method` returns the merged result.
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from ..common import ConfigError
 from .base import Section
@@ -75,6 +75,20 @@ class PretrainConfig(Section):
     on_bad_resume: Literal["fresh", "fail"] = "fresh"  # unreadable resume state: moved aside, then start over | stop
     deterministic: bool = True                  # deterministic algorithms on CPU (resume equals uninterrupted)
     log_every_steps: int = Field(10, ge=1)      # progress bar / wandb step logging
+    # scale-out (stages/launch.py): more than one process relaunches the stage through torchrun
+    processes: Union[Literal["auto"], int] = 1  # per node; auto: one per visible GPU, 1 on CPU
+    nodes: int = Field(1, ge=1)
+    rdzv_endpoint: Optional[str] = Field(None, pattern=r"^\[?[A-Za-z0-9_.:-]+\]?:[0-9]{1,5}$")  # host:port of node 0
+    rdzv_id: Optional[str] = Field(None, min_length=1)
+    node_rank: Optional[int] = Field(None, ge=0)  # null: NODE_RANK from the environment, else c10d assigns ranks
+    shards_url: Optional[str] = Field(None, min_length=1)  # base URL of the shards + manifest; null: data/shards
+
+    @field_validator("processes", mode="before")
+    @classmethod
+    def _processes(cls, value: Any) -> Any:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError("expected auto or an integer >= 1")
     backbone: Optional[dict[str, Any]] = None   # {name, **build_backbone kwargs}; null: the method's default
     augment: dict[str, Any] = {}                # recipe, grey, image_size, and build_views strengths
     monitor: MonitorConfig = MonitorConfig()
