@@ -173,7 +173,7 @@ def test_nightly_deployments_schedule_runs_and_a_worker_completes_one(prefect_se
 
 # ------------------------------------------------------------------------------------ GPU work pools
 GPU_POOL, DOCKER_POOL = "sslcook-gpu", "sslcook-docker"
-K8S_TEMPLATE = PROJECT_ROOT / "deploy" / "kubernetes-gpu-job-template.json"
+K8S_TEMPLATE = PROJECT_ROOT / "flows" / "templates" / "kubernetes-gpu-job-template.json"
 
 
 def _deployment(name: str) -> dict:
