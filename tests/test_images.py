@@ -152,8 +152,9 @@ def _messy_folder(root: Path) -> dict[str, str]:
 def test_ingest_skips_unusable_files_listing_each_reason_and_shard_converts_the_rest(tmp_path):
     src = tmp_path / "messy"
     bad = _messy_folder(src)
+    # the messy folder mixes 16 and 32 px images: one shard size makes a split batchable (else it is refused)
     ws = light_workspace(tmp_path / "ws", data__on_bad_image="skip", data__image_mode="RGB",
-                         data__max_image_pixels=MAX_PIXELS, shard__image_format="png")
+                         data__max_image_pixels=MAX_PIXELS, shard__image_format="png", shard__image_size=16)
     result = ingest("folder", src, run_dvc=False, root=ws)
     skipped = {entry["path"].split(":", 1)[1]: entry["reason"] for entry in result.skipped}
     assert set(skipped) == set(bad)
