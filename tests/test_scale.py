@@ -193,7 +193,8 @@ def test_sigkill_of_one_rank_then_dvc_repro_resumes_with_identical_weights(two_p
             proc.kill()
     assert killed_at is not None, "the run ended before a resume checkpoint was seen"
     assert proc.returncode != 0
-    assert "worker rank 1 killed by signal 9" in err, err[-3000:]
+    # the launcher names every failed worker (the order in which it sees them varies): the SIGKILLed rank among them
+    assert "rank 1 killed by signal 9" in err, err[-3000:]
     assert not (ws / "runs" / METHOD / "checkpoint.pt").exists()  # rank 0 was stopped too: no partial output
     (state,) = state_dir.glob("*.pt")
     saved = torch.load(state, weights_only=True)["position"]["global_step"]
@@ -204,7 +205,9 @@ def test_sigkill_of_one_rank_then_dvc_repro_resumes_with_identical_weights(two_p
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-3000:]
     assert f"resuming from step {saved}/{TOTAL_STEPS}" in rerun.stdout + rerun.stderr
     resumed = _weights(ws)
-    assert resumed["summary"]["resumed_from_step"] == saved
+    # the step a run resumed from is a fact of that run: provenance, not the (content-stable) checkpoint
+    provenance = json.loads((ws / "provenance" / "pretrain" / f"{METHOD}.json").read_text())
+    assert provenance["resumed_from_step"] == saved
     for key, value in _weights(two_process_repro)["method_state"].items():
         assert torch.equal(resumed["method_state"][key], value), key
 
