@@ -20,12 +20,8 @@ VIT = {"name": "vit_tiny", "image_size": 32, "patch_size": 4, "embed_dim": 64, "
 SMALL = dict(out_dim=128, head_hidden_dim=64, bottleneck_dim=32, mask_min_block=4)
 
 
-@pytest.fixture(autouse=True)
-def one_intra_op_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# every test single-threaded (the conftest fixture: small CPU ops, shared cores)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(**overrides):

@@ -33,13 +33,8 @@ SMALL = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_intra_op_thread():
-    """Small CPU ops run far faster single-threaded on a shared 2-core machine (thread hand-offs dominate)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# every test single-threaded (the conftest fixture: small CPU ops, shared cores)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(name: str, backbone: dict | None = None, **overrides):
