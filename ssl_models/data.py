@@ -51,6 +51,8 @@ import webdataset as wds
 from PIL import Image
 from torch import Tensor
 
+from .files import sha256_file
+
 try:
     from torchvision.io import ImageReadMode
     from torchvision.io import decode_image as _TORCHVISION_DECODE
@@ -59,6 +61,7 @@ except ImportError:  # a torchvision without image codecs: Pillow decodes
 
 MANIFEST = "manifest.json"
 IMAGE_KEYS = ("png", "jpg", "jpeg")
+MODE_CHANNELS = {"L": 1, "RGB": 3}  # the manifest's image_mode -> channels of the decoded tensors
 
 
 class DataError(ValueError):
@@ -110,14 +113,6 @@ def _no_shards(shards_dir: Any, split: str) -> list[str]:
 _VERIFIED: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256 already checked
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _verify_file(path: Path, expected: Mapping[str, Any]) -> None:
     if not path.is_file():
         raise DataError(f"{path}: shard missing")
@@ -128,7 +123,7 @@ def _verify_file(path: Path, expected: Mapping[str, Any]) -> None:
     if "bytes" in expected and stat.st_size != expected["bytes"]:
         raise DataError(f"{path}: shard truncated or modified ({stat.st_size} bytes, manifest says "
                         f"{expected['bytes']}); rebuild the shards")
-    actual = _sha256(path)
+    actual = sha256_file(path)
     if actual != expected["sha256"]:
         raise DataError(f"{path}: shard corrupted (sha256 {actual[:12]}... != manifest {expected['sha256'][:12]}...); "
                         f"rebuild the shards")
@@ -530,7 +525,7 @@ def make_loader(urls: str | Sequence[str], *, batch_size: int, transform: Callab
         manifest = read_manifest(path.parent if path.name == MANIFEST else path)
     counts = _shard_counts(urls, manifest, verify)
     mode = (manifest or {}).get("image_mode")
-    channels = {"L": 1, "RGB": 3}.get(mode) if mode else None
+    channels = MODE_CHANNELS.get(mode) if mode else None
     loader = ShardLoader(urls, counts, batch_size=batch_size, transform=transform, shuffle_buffer=shuffle_buffer,
                          seed=seed, epoch=epoch, rank=rank, world_size=world_size, num_workers=num_workers,
                          drop_last=drop_last, channels=channels, return_keys=return_keys, pin_memory=pin_memory,
@@ -553,7 +548,7 @@ def load_split(shards_dir: str | os.PathLike, split: str, *, labelled_only: bool
     shards_dir = Path(shards_dir)
     manifest = read_manifest(shards_dir)
     entry = _split_entry(manifest, split, str(shards_dir / MANIFEST))
-    channels = {"L": 1, "RGB": 3}.get(manifest.get("image_mode"))
+    channels = MODE_CHANNELS.get(manifest.get("image_mode"))
     images: list[Tensor] = []
     labels: list[int] = []
     for shard in entry["shards"]:

@@ -37,8 +37,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .device import DeviceError, select_device
 from .distributed import convert_sync_batchnorm
-from .monitors import embedding_std, rankme
+from .monitors import MonitorConfig, detect_collapse, embedding_std, rankme
 
 STATE_FORMAT = "sslcook-train-state/1"
 
@@ -81,15 +82,6 @@ class Runtime:
         return self.world_size > 1
 
 
-def select_device(preference: str = "auto") -> torch.device:
-    """``auto``: CUDA when a GPU is visible, else CPU. ``cuda`` without a GPU is an error, not a silent CPU run."""
-    if preference == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if preference.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainingError("device 'cuda' requested but no CUDA device is available")
-    return torch.device(preference)
-
-
 def setup_runtime(device: str = "auto") -> Runtime:
     """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and join the process group when > 1 process.
 
@@ -98,7 +90,10 @@ def setup_runtime(device: str = "auto") -> Runtime:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
-    dev = select_device(device)
+    try:
+        dev = select_device(device)
+    except DeviceError as exc:
+        raise TrainingError(str(exc)) from None
     if dev.type == "cuda" and world_size > 1:
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
@@ -199,33 +194,6 @@ class DataStream:
 
 
 # --------------------------------------------------------------------------------------------- monitors
-@dataclass
-class MonitorConfig:
-    """Collapse thresholds. A healthy l2-normalised embedding has std about 1/sqrt(d); collapse drives it to 0."""
-
-    min_std_ratio: float = 0.05       # collapse when emb_std * sqrt(d) falls below this
-    min_rankme: float = 1.5           # collapse when RankMe falls below this (1 = every embedding on one line)
-    loss_plateau_tolerance: float = 0.01  # method.collapse_loss_level (DINO: ln K): |loss - level| / level below
-    fatal: bool = False
-    samples: int = 512                # embeddings of the epoch's last batches kept for the std and RankMe
-
-
-def detect_collapse(metrics: Mapping[str, float], monitor: MonitorConfig, *, dim: int,
-                    loss_level: float | None = None) -> list[str]:
-    """Reasons the epoch's metrics look collapsed (empty when healthy)."""
-    reasons = []
-    std = metrics.get("emb_std")
-    if std is not None and math.isfinite(std) and std * math.sqrt(max(dim, 1)) < monitor.min_std_ratio:
-        reasons.append(f"embedding std {std:.3g} < {monitor.min_std_ratio:g}/sqrt({dim})")
-    rank = metrics.get("rankme")
-    if rank is not None and math.isfinite(rank) and rank < monitor.min_rankme:
-        reasons.append(f"RankMe {rank:.3g} < {monitor.min_rankme:g}")
-    loss = metrics.get("loss")
-    if loss_level and loss is not None and abs(loss - loss_level) <= monitor.loss_plateau_tolerance * loss_level:
-        reasons.append(f"loss {loss:.4g} stuck at the uniform-output level {loss_level:.4g} (ln K)")
-    return reasons
-
-
 @dataclass
 class KnnMonitor:
     """An online kNN top-1 on a labelled split every ``every_epochs`` epochs (and after the last one).

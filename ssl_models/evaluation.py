@@ -28,13 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .device import select_device
+
 
 class EvaluationError(ValueError):
     """Inputs that cannot be evaluated (label sets, shapes); the message is one line."""
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _progress(iterable, *, total: int, desc: str, enabled: bool):
@@ -60,7 +58,7 @@ def extract_features(model: nn.Module, images: torch.Tensor, *,
     ``transform`` maps a uint8 batch to the float input the backbone was trained on (resize, normalise: e.g.
     :func:`ssl_models.augment.build_eval_transform`); without one, pixels are scaled to [0, 1].
     """
-    device = torch.device(device) if device is not None else default_device()
+    device = torch.device(device) if device is not None else select_device()
     transform = transform or to_unit_float
     was_training = model.training
     model.eval().to(device)
@@ -291,7 +289,7 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     grid = sorted(float(c) for c in c_grid)
     if not grid or any(not c > 0 for c in grid):
         raise EvaluationError(f"linear probe: the C grid needs positive values, got {list(c_grid)}")
-    device = torch.device(device) if device is not None else default_device()
+    device = torch.device(device) if device is not None else select_device()
     train_features, train_labels = labelled(train_features, train_labels, "train")
     test_features, test_labels = labelled(test_features, test_labels, "test")
     num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
@@ -392,6 +390,6 @@ def paired_bootstrap(hits: torch.Tensor, reference_hits: torch.Tensor, counts: t
 
 
 __all__ = ["AUTO_TORCH_ELEMENTS", "DEFAULT_C_GRID", "EvaluationError", "bootstrap_counts", "bootstrap_interval",
-           "check_label_sets", "default_device", "extract_features", "knn_evaluate", "knn_scores", "labelled",
+           "check_label_sets", "extract_features", "knn_evaluate", "knn_scores", "labelled",
            "linear_probe", "paired_bootstrap", "raw_pixel_features", "resolve_probe_backend", "stratified_split",
            "to_unit_float", "topk_accuracy", "topk_hits"]

@@ -15,7 +15,6 @@ weights is an error rather than a silent surprise.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -26,6 +25,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from .files import sha256_file
+
 FORMAT = "sslcook.backbone/1"
 MODEL_CARD = "model_card.json"
 # header keys whose values are JSON (everything the exporter writes is JSON-encoded; these are the required ones)
@@ -34,14 +35,6 @@ RESERVED_KEYS = ("format", "backbone_config", "feature_dim")
 
 class BackboneFileError(ValueError):
     """A backbone file (or its model card) that cannot be used; the message is one line naming the file."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _json_value(text: str) -> Any:
@@ -82,7 +75,7 @@ def save_backbone(path: str | os.PathLike, backbone: nn.Module, metadata: Mappin
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return _sha256(path)
+    return sha256_file(path)
 
 
 def _canonical_header(path: Path) -> None:
@@ -241,7 +234,7 @@ def check_model_card(card_path: str | os.PathLike, header: Mapping[str, Any], we
         raise BackboneFileError(f"{card_path}: feature_dim {card.get('feature_dim')} does not match the weights in "
                                 f"{weights_path.name} ({header['feature_dim']})")
     recorded = (card.get("weights") or {}).get("sha256")
-    if recorded and recorded != _sha256(weights_path):
+    if recorded and recorded != sha256_file(weights_path):
         raise BackboneFileError(f"{card_path}: weights.sha256 {recorded[:12]}... is not the digest of "
                                 f"{weights_path.name} (card and weights come from different exports)")
     return card

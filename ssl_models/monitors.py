@@ -7,11 +7,14 @@
   effective rank, from 1 (collapsed to a line) to min(B, d).
 * :func:`teacher_entropy`: DINO's teacher output entropy, to be compared with ln K (uniform: collapse by
   flattening) and 0 (one-hot: collapse to one dimension).
-* :func:`collapse_report`: the three-in-one summary the trainer logs and the tests assert on.
+* :func:`detect_collapse`: the one collapse rule (thresholds in :class:`MonitorConfig`), which the trainer
+  applies at every epoch end; :func:`collapse_report` applies it to one batch of embeddings.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -53,12 +56,42 @@ def healthy_std(dim: int) -> float:
     return 1.0 / math.sqrt(dim)
 
 
+@dataclass
+class MonitorConfig:
+    """Collapse thresholds. A healthy l2-normalised embedding has std about 1/sqrt(d); collapse drives it to 0.
+
+    The pipeline builds it from params.yaml's ``pretrain.monitor`` (its keys, meanings and values are there)."""
+
+    min_std_ratio: float = 0.05
+    min_rankme: float = 1.5
+    loss_plateau_tolerance: float = 0.01
+    fatal: bool = False
+    samples: int = 512
+
+
+def detect_collapse(metrics: Mapping[str, float], monitor: MonitorConfig, *, dim: int,
+                    loss_level: float | None = None) -> list[str]:
+    """Reasons the metrics (``emb_std``, ``rankme``, ``loss``) look collapsed (empty when healthy): the std of the
+    l2-normalised embeddings below ``min_std_ratio`` x 1/sqrt(d), RankMe below ``min_rankme``, or the loss within
+    ``loss_plateau_tolerance`` of the method's uniform-output level (``collapse_loss_level``, DINO: ln K)."""
+    reasons = []
+    std = metrics.get("emb_std")
+    if std is not None and math.isfinite(std) and std * math.sqrt(max(dim, 1)) < monitor.min_std_ratio:
+        reasons.append(f"embedding std {std:.3g} < {monitor.min_std_ratio:g}/sqrt({dim})")
+    rank = metrics.get("rankme")
+    if rank is not None and math.isfinite(rank) and rank < monitor.min_rankme:
+        reasons.append(f"RankMe {rank:.3g} < {monitor.min_rankme:g}")
+    loss = metrics.get("loss")
+    if loss_level and loss is not None and abs(loss - loss_level) <= monitor.loss_plateau_tolerance * loss_level:
+        reasons.append(f"loss {loss:.4g} stuck at the uniform-output level {loss_level:.4g} (ln K)")
+    return reasons
+
+
 @torch.no_grad()
-def collapse_report(embedding: Tensor, *, min_std_ratio: float = 0.1) -> dict[str, float | bool]:
-    """emb_std, its ratio to 1/sqrt(d), RankMe, and ``collapsed`` (ratio below ``min_std_ratio`` or RankMe < 1.5)."""
+def collapse_report(embedding: Tensor, monitor: MonitorConfig | None = None) -> dict[str, float | bool]:
+    """emb_std, its ratio to 1/sqrt(d), RankMe, and ``collapsed``: :func:`detect_collapse` on this batch."""
     d = embedding.flatten(1).shape[1]
     std = embedding_std(embedding)
-    ratio = std / healthy_std(d)
     rank = rankme(embedding)
-    return {"emb_std": std, "emb_std_ratio": ratio, "rankme": rank,
-            "collapsed": bool(ratio < min_std_ratio or rank < 1.5)}
+    reasons = detect_collapse({"emb_std": std, "rankme": rank}, monitor or MonitorConfig(), dim=d)
+    return {"emb_std": std, "emb_std_ratio": std / healthy_std(d), "rankme": rank, "collapsed": bool(reasons)}

@@ -71,15 +71,12 @@ def primary_metric(family: str, ks: list[int]) -> str:
 
 
 def pick_device(choice: str):
-    import torch
+    from ssl_models.device import DeviceError, select_device
 
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("params.yaml: evaluate.device: cuda requested but no CUDA device is available")
-    if choice == "auto":
-        from ssl_models.evaluation import default_device
-
-        return default_device()
-    return torch.device(choice)
+    try:
+        return select_device(choice)
+    except DeviceError as exc:
+        raise ConfigError(f"params.yaml: evaluate.device: {exc}") from None
 
 
 def load_labelled_splits(root: Path):

@@ -26,17 +26,11 @@ from typing import Any, Mapping
 
 import yaml
 
+from ssl_models.files import sha256_file  # noqa: F401 (the stages' file digest is the library's)
+
 from .common import workspace
 
 DATA_DVC = "data.dvc"
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def digest(obj: Any) -> str:

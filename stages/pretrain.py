@@ -56,10 +56,10 @@ def resume_path(method: str, key: str) -> Path:
     return RESUME_DIR / method / f"{key[:20]}.pt"
 
 
-# the library files a run's weights depend on (dvc.yaml lists the same as the stage's deps); methods/dino.py:
-# iBOT extends DINO and SwAV uses its multi-crop forward
-LIBRARY_DEPS = ("engine.py", "data.py", "augment.py", "backbones.py", "heads.py", "optim.py", "distributed.py",
-                "monitors.py", "evaluation.py", "registry.py", "methods/base.py", "methods/dino.py")
+# the library files a run's weights depend on: the stage's ssl_models deps in dvc.yaml (tests/test_params.py
+# checks they agree); methods/dino.py: iBOT extends DINO and SwAV uses its multi-crop forward
+LIBRARY_DEPS = ("engine.py", "device.py", "files.py", "data.py", "augment.py", "backbones.py", "heads.py", "optim.py",
+                "distributed.py", "monitors.py", "evaluation.py", "registry.py", "methods/base.py", "methods/dino.py")
 
 
 def code_files(method_cls: type) -> list[Path]:
@@ -150,6 +150,7 @@ class Run:
     def __init__(self, params: Params, name: str, root: Path, world_size: int, *, verify: bool = True):
         """``verify=False`` (:func:`check_params`): resolve without the shards, which may not exist yet."""
         from ssl_models import registry
+        from ssl_models.data import MODE_CHANNELS
 
         self.params, self.name, self.root = params, name, root
         try:
@@ -180,7 +181,7 @@ class Run:
                 raise DataError(str(exc)) from None
             self.manifest_sha256 = digest(self.manifest) if self.cfg.shards_url else sha256_file(manifest_path)
         self.verify = verify
-        self.channels = {"L": 1, "RGB": 3}.get(self.manifest.get("image_mode"), 3)
+        self.channels = MODE_CHANNELS.get(self.manifest.get("image_mode"), 3)
         if getattr(self.spec.cls, "needs_colour", False) and self.channels != 3:
             raise ConfigError(f"params.yaml: data.image_mode: {name} predicts colour, the shards are "
                               f"{self.manifest.get('image_mode')} (grey); shard RGB data (data.image_mode: RGB)")
@@ -530,9 +531,7 @@ def pretrain(name: str, root: Path | None = None) -> dict[str, Any] | None:
         resolved = run.resolved()
         resolved.update(steps_per_epoch=steps_per_epoch, total_steps=cfg.epochs * steps_per_epoch,
                         lr=optimizer.param_groups[0]["lr"], device=runtime.device.type)
-        monitor = engine.MonitorConfig(min_std_ratio=cfg.monitor.min_std_ratio, min_rankme=cfg.monitor.min_rankme,
-                                       loss_plateau_tolerance=cfg.monitor.loss_plateau_tolerance,
-                                       fatal=cfg.monitor.fatal, samples=cfg.monitor.samples)
+        monitor = engine.MonitorConfig(**cfg.monitor.model_dump(exclude={"online_knn"}))
         train_cfg = engine.TrainConfig(epochs=cfg.epochs, steps_per_epoch=steps_per_epoch, seed=params.seed,
                                        grad_clip=cfg.grad_clip, precision=cfg.precision,
                                        checkpoint_every_steps=cfg.checkpoint_every_steps,
