@@ -13,7 +13,7 @@ import yaml
 from pydantic import ValidationError, field_validator
 
 from ..common import ConfigError, workspace
-from .base import Section
+from .base import Section, first_problem
 from .evaluate import EvaluateConfig, ReportConfig
 from .flow import FlowConfig
 from .sections import DataConfig, ShardConfig
@@ -48,18 +48,6 @@ class Params(Section):
         return v
 
 
-def _format_error(path: Path, err: ValidationError) -> str:
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "<root>"
-    msg = first["msg"]
-    if first["type"] == "extra_forbidden":
-        msg = "unknown key"
-    elif "input" in first and first["type"] not in ("missing",) and not isinstance(first["input"], dict):
-        msg = f"{msg} (got {first['input']!r})"
-    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-    return f"{path.name}: {loc}: {msg}{more}"
-
-
 def parse_params(raw: Any, path: Path | str = PARAMS_FILE) -> Params:
     """Validate an already-loaded params mapping."""
     path = Path(path)
@@ -70,7 +58,8 @@ def parse_params(raw: Any, path: Path | str = PARAMS_FILE) -> Params:
     try:
         params = Params.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_error(path, err)) from None
+        loc, msg = first_problem(err)
+        raise ConfigError(f"{path.name}: {loc or '<root>'}: {msg}") from None
     validate_methods(params, path.name)
     return params
 

@@ -12,10 +12,10 @@ class LinearProbeConfig(Section):
     """L2-regularised multinomial logistic regression on frozen, standardised features (L-BFGS), C chosen on a
     validation split of train, then refit on all of train (``ssl_models.evaluation.linear_probe``)."""
 
-    c_grid: list[float] = [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0]  # inverse regularisation strengths tried
-    max_iter: int = Field(1000, ge=1)  # L-BFGS iterations per fit
-    val_fraction: float = Field(0.1, ge=0, lt=1)  # stratified share of train that chooses C; 0: one C only
-    backend: Literal["auto", "sklearn", "torch"] = "auto"  # auto: torch on CUDA or for large feature sets
+    c_grid: list[float] = [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0]
+    max_iter: int = Field(1000, ge=1)
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    backend: Literal["auto", "sklearn", "torch"] = "auto"
 
     @field_validator("c_grid")
     @classmethod

@@ -12,7 +12,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from ..common import ConfigError
-from .base import Section
+from .base import Section, first_problem
 
 
 def _check_cron(value: str) -> str:
@@ -25,10 +25,9 @@ def _check_cron(value: str) -> str:
 class SweepConfig(Section):
     """``sslcook sweep``: every combination of the grid's values runs as one DVC experiment."""
 
-    # dotted params.yaml key -> the values to try; the cartesian product gives the experiments
     grid: dict[str, list[Any]] = {"methods": [["simclr"], ["byol"]], "pretrain.base_lr": [0.1, 0.3]}
     max_parallel: int = Field(1, ge=1)
-    metric: str = "linear_probe_top1"   # comparable across families (kNN is structurally low for MIM)
+    metric: str = "linear_probe_top1"
     order: Literal["max", "min"] = "max"
     timeout_minutes: float = Field(720.0, gt=0)
 
@@ -82,7 +81,5 @@ class FlowConfig(Section):
         try:
             return cls.model_validate(section or {})
         except ValidationError as err:
-            first = err.errors()[0]
-            loc = ".".join(str(p) for p in first["loc"])
-            msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+            loc, msg = first_problem(err)
             raise ConfigError(f"{path.name}: flow.{loc}: {msg}") from None

@@ -13,35 +13,39 @@ another architecture. :func:`resolve_method` returns the merged result.
 from __future__ import annotations
 
 import copy
+import functools
+import typing
 from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from ..common import ConfigError
-from .base import Section
+from .base import Section, first_problem
 
 if TYPE_CHECKING:
+    from ssl_models.registry import MethodSpec
+
     from . import Params
 
 
 class OnlineKnnConfig(Section):
     """kNN top-1 of the backbone on the labelled splits while training (bank: train, queries: test)."""
 
-    every_epochs: int = Field(0, ge=0)         # 0: off
+    every_epochs: int = Field(0, ge=0)
     k: int = Field(20, ge=1)
     temperature: float = Field(0.1, gt=0)
-    bank_size: int = Field(2000, ge=1)         # labelled train images in the bank (first N in shard order)
-    query_size: int = Field(1000, ge=1)        # test images queried
+    bank_size: int = Field(2000, ge=1)
+    query_size: int = Field(1000, ge=1)
 
 
 class MonitorConfig(Section):
     """Collapse monitors, checked at every epoch end."""
 
-    min_std_ratio: float = Field(0.05, ge=0)   # collapse: std of l2-normalised embeddings x sqrt(d) below this
-    min_rankme: float = Field(1.5, ge=0)       # collapse: RankMe below this
-    loss_plateau_tolerance: float = Field(0.01, ge=0)  # DINO: |loss - ln K| / ln K below this
-    fatal: bool = False                        # stop the run (exit 1) on collapse instead of warning
-    samples: int = Field(512, ge=2)            # embeddings of the epoch's last batches used for std and RankMe
+    min_std_ratio: float = Field(0.05, ge=0)
+    min_rankme: float = Field(1.5, ge=0)
+    loss_plateau_tolerance: float = Field(0.01, ge=0)
+    fatal: bool = False
+    samples: int = Field(512, ge=2)
     online_knn: OnlineKnnConfig = OnlineKnnConfig()
 
 
@@ -55,33 +59,31 @@ class WandbConfig(Section):
 class PretrainConfig(Section):
     """The common block every method starts from; ``method.<name>`` overrides it key by key."""
 
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(256, ge=1)          # per process; the lr rule uses batch_size x processes
-    # optimizer: null keeps the method's recipe (its class attribute ``optimizer``)
+    epochs: int = Field(15, ge=1)
+    batch_size: int = Field(256, ge=1)
     optimizer: Optional[Literal["lars", "adamw", "sgd"]] = None
     base_lr: Optional[float] = Field(None, gt=0)
     weight_decay: Optional[float] = Field(None, ge=0)
     momentum: Optional[float] = Field(None, ge=0, lt=1)
-    warmup_epochs: Optional[float] = Field(None, ge=0)
-    final_lr_ratio: float = Field(0.0, ge=0, le=1)  # cosine decays to base lr x this
+    warmup_epochs: Optional[float] = Field(1.0, ge=0)
+    final_lr_ratio: float = Field(0.0, ge=0, le=1)
     lr_scaling: Optional[Literal["linear", "sqrt", "none"]] = None
-    grad_clip: Optional[float] = Field(None, gt=0)  # max global gradient norm; null: no clipping
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    grad_clip: Optional[float] = Field(None, gt=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: Optional[int] = Field(None, ge=1)  # torch CPU threads; null: torch's default
-    num_workers: int = Field(0, ge=0)           # loader worker processes per training process
-    shuffle_buffer: int = Field(1000, ge=0)     # samples in the loader's shuffle buffer
-    checkpoint_every_steps: int = Field(0, ge=0)  # resume checkpoint every N steps (0: at epoch ends only)
-    on_bad_resume: Literal["fresh", "fail"] = "fresh"  # unreadable resume state: moved aside, then start over | stop
-    deterministic: bool = True                  # deterministic algorithms on CPU (resume equals uninterrupted)
-    log_every_steps: int = Field(10, ge=1)      # progress bar / wandb step logging
-    # scale-out (stages/launch.py): more than one process relaunches the stage through torchrun
-    processes: Union[Literal["auto"], int] = 1  # per node; auto: one per visible GPU, 1 on CPU
+    threads: Optional[int] = Field(1, ge=1)
+    num_workers: int = Field(1, ge=0)
+    shuffle_buffer: int = Field(1000, ge=0)
+    checkpoint_every_steps: int = Field(50, ge=0)
+    on_bad_resume: Literal["fresh", "fail"] = "fresh"
+    deterministic: bool = True
+    log_every_steps: int = Field(10, ge=1)
+    processes: Union[Literal["auto"], int] = 1
     nodes: int = Field(1, ge=1)
-    rdzv_endpoint: Optional[str] = Field(None, pattern=r"^\[?[A-Za-z0-9_.:-]+\]?:[0-9]{1,5}$")  # host:port of node 0
+    rdzv_endpoint: Optional[str] = Field(None, pattern=r"^\[?[A-Za-z0-9_.:-]+\]?:[0-9]{1,5}$")
     rdzv_id: Optional[str] = Field(None, min_length=1)
-    node_rank: Optional[int] = Field(None, ge=0)  # null: NODE_RANK from the environment, else c10d assigns ranks
-    shards_url: Optional[str] = Field(None, min_length=1)  # base URL of the shards + manifest; null: data/shards
+    node_rank: Optional[int] = Field(None, ge=0)
+    shards_url: Optional[str] = Field(None, min_length=1)
 
     @field_validator("processes", mode="before")
     @classmethod
@@ -89,8 +91,8 @@ class PretrainConfig(Section):
         if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
             return value
         raise ValueError("expected auto or an integer >= 1")
-    backbone: Optional[dict[str, Any]] = None   # {name, **build_backbone kwargs}; null: the method's default
-    augment: dict[str, Any] = {}                # recipe, grey, image_size, and build_views strengths
+    backbone: Optional[dict[str, Any]] = {"name": "resnet18", "small_image": True, "width": 16, "stem_stride": 2}
+    augment: dict[str, Any] = {"flip_prob": 0.0, "affine_degrees": 10, "affine_translate": 0.1}
     monitor: MonitorConfig = MonitorConfig()
     wandb: WandbConfig = WandbConfig()
 
@@ -123,21 +125,14 @@ def merge_overrides(common: dict[str, Any], override: dict[str, Any]) -> dict[st
     return merged
 
 
-def _type_problem(value: Any, default: Any) -> str | None:
-    """Why ``value`` cannot replace a constructor default of this type (None when it can)."""
-    if default is None:
-        return None
-    if isinstance(default, bool):
-        return None if isinstance(value, bool) else "expected true or false"
-    if isinstance(default, int):
-        return None if isinstance(value, int) and not isinstance(value, bool) else "expected an integer"
-    if isinstance(default, float):
-        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "expected a number"
-    if isinstance(default, str):
-        return None if isinstance(value, str) else "expected a string"
-    if isinstance(default, (list, tuple)):
-        return None if isinstance(value, (list, tuple)) else "expected a list"
-    return None
+@functools.cache
+def hyperparameter_model(spec: "MethodSpec") -> type[BaseModel]:
+    """A strict pydantic model of a method's constructor hyperparameters (``spec.defaults()``), typed by the
+    constructor's annotations: ``method.<name>`` values are checked against the signature itself."""
+    hints = typing.get_type_hints(spec.cls.__init__)
+    fields = {key: (hints.get(key, Any), default) for key, default in spec.defaults().items()}
+    return create_model(f"{spec.cls.__name__}Hyperparameters", __config__=ConfigDict(strict=True, extra="forbid"),
+                        **fields)
 
 
 def resolve_method(params: "Params", name: str, filename: str = "params.yaml") -> tuple[PretrainConfig, dict[str, Any]]:
@@ -154,23 +149,21 @@ def resolve_method(params: "Params", name: str, filename: str = "params.yaml") -
         if key in PRETRAIN_KEYS:
             common_over[key] = value
         elif key in defaults:
-            problem = _type_problem(value, defaults[key])
-            if problem:
-                raise ConfigError(f"{filename}: method.{name}.{key}: {problem} (got {value!r})")
-            hparams[key] = value
+            hparams[key] = value   # as written: config.json and the resume key record the user's values
         else:
             known = sorted(defaults)
             raise ConfigError(f"{filename}: method.{name}.{key}: unknown key (neither a pretrain key nor a "
                               f"{name} hyperparameter: {', '.join(known) or 'none'})")
+    try:
+        hyperparameter_model(spec).model_validate({k: v for k, v in block.items() if k not in PRETRAIN_KEYS})
+    except ValidationError as err:
+        loc, msg = first_problem(err)
+        raise ConfigError(f"{filename}: method.{name}.{loc}: {msg}") from None
     merged = merge_overrides(params.pretrain.model_dump(), common_over)
     try:
         config = PretrainConfig.model_validate(merged)
     except ValidationError as err:
-        first = err.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
-        if "input" in first and not isinstance(first["input"], dict) and first["type"] != "extra_forbidden":
-            msg = f"{msg} (got {first['input']!r})"
+        loc, msg = first_problem(err)
         where = f"method.{name}.{loc}" if loc.split(".")[0] in common_over else f"pretrain.{loc}"
         raise ConfigError(f"{filename}: {where}: {msg}") from None
     return config, hparams

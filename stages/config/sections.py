@@ -22,7 +22,7 @@ class DataConfig(Section):
     on_bad_image: Literal["skip", "fail"] = "skip"
     max_image_pixels: int = Field(25_000_000, ge=1)
     eval_path: Optional[str] = None
-    follow_symlinks: bool = False   # folder sources: false refuses a link that leads outside the folder
+    follow_symlinks: bool = False
 
     @model_validator(mode="after")
     def _mnist_split_fits(self) -> "DataConfig":
