@@ -94,7 +94,7 @@ def test_no_method_hyperparameter_is_shadowed_by_a_pretrain_key():
 
 @pytest.mark.parametrize("edit, message", [
     (lambda p: p["method"]["simclr"].update(temprature=0.1), r"method\.simclr\.temprature: unknown key"),
-    (lambda p: p["method"]["simclr"].update(temperature="hot"), r"method\.simclr\.temperature: expected a number"),
+    (lambda p: p["method"]["simclr"].update(temperature="hot"), r"method\.simclr\.temperature: Input should be a valid number"),
     (lambda p: p["method"]["byol"].update(epochs=0), r"method\.byol\.epochs: .*greater than or equal to 1"),
     (lambda p: p["method"]["mae"].update(monitor={"fatal": "maybe"}), r"method\.mae\.monitor\.fatal"),
     (lambda p: p["pretrain"].update(precision="fp8"), r"pretrain\.precision"),
