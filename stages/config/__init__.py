@@ -3,6 +3,10 @@
 ``load_params()`` returns a :class:`Params` or raises :class:`~stages.common.ConfigError` with one line naming
 the key and the problem (exit code 2 through :func:`stages.common.run_main`). Each stage's section lives in
 its own module here; this module assembles the root.
+
+The schema holds types, bounds and the rules between keys; its defaults are the shipped params.yaml's values
+(tests/test_params.py keeps them equal), and params.yaml is where each key's meaning and the reason for its
+value are written.
 """
 from __future__ import annotations
 
