@@ -13,11 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError, field_validator
 
 from ..common import ConfigError, workspace
-from .base import Section, first_problem
+from .base import Section, first_problem, read_yaml
 from .evaluate import EvaluateConfig, ReportConfig
 from .flow import FlowConfig
 from .sections import DataConfig, ShardConfig
@@ -73,13 +72,7 @@ def load_params(path: str | Path | None = None) -> Params:
     path = Path(path) if path else workspace() / PARAMS_FILE
     if not path.exists():
         raise ConfigError(f"{path}: file not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path.name}:{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
-    return parse_params(raw, path)
+    return parse_params(read_yaml(path), path)
 
 
 __all__ = ["Params", "load_params", "parse_params", "PARAMS_FILE"]

@@ -1,6 +1,12 @@
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
+import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ..common import ConfigError
 
 
 class Section(BaseModel):
@@ -22,3 +28,13 @@ def first_problem(err: ValidationError) -> tuple[str, str]:
         msg = f"{msg} (got {first['input']!r})"
     more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
     return loc, msg + more
+
+
+def read_yaml(path: Path) -> Any:
+    """The parsed params file; ConfigError naming the file and the line for text that is not YAML."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path.name}:{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None

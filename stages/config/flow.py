@@ -8,11 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from ..common import ConfigError
-from .base import Section, first_problem
+from .base import Section, first_problem, read_yaml
 
 
 def _check_cron(value: str) -> str:
@@ -71,12 +70,7 @@ class FlowConfig(Section):
     def from_workspace(cls, root: Path) -> "FlowConfig":
         """Validate only the ``flow`` section of ``root/params.yaml`` (defaults when absent)."""
         path = Path(root) / "params.yaml"
-        raw: Any = {}
-        if path.exists():
-            try:
-                raw = yaml.safe_load(path.read_text()) or {}
-            except yaml.YAMLError as exc:
-                raise ConfigError(f"{path.name}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        raw: Any = (read_yaml(path) or {}) if path.exists() else {}
         section = raw.get("flow", {}) if isinstance(raw, dict) else {}
         try:
             return cls.model_validate(section or {})
