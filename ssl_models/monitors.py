@@ -58,9 +58,9 @@ def healthy_std(dim: int) -> float:
 
 @dataclass
 class MonitorConfig:
-    """Collapse thresholds. A healthy l2-normalised embedding has std about 1/sqrt(d); collapse drives it to 0.
-
-    The pipeline builds it from params.yaml's ``pretrain.monitor`` (its keys, meanings and values are there)."""
+    """Collapse thresholds of :func:`detect_collapse`, ``fatal`` (the trainer stops on a collapse) and ``samples``
+    (embeddings of the epoch's last batches kept for the std and RankMe). The pipeline builds it from params.yaml's
+    ``pretrain.monitor``, whose defaults are these."""
 
     min_std_ratio: float = 0.05
     min_rankme: float = 1.5
