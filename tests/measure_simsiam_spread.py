@@ -24,7 +24,7 @@ from ssl_models.monitors import embedding_std, rankme
 from stages import pretrain as stage
 from test_methods_more import N_BATCHES, make, train, view_batches
 from test_pretrain_stage import shards  # noqa: F401  (fixture)
-from tiny_ssl import make_stage_workspace
+from support.tiny_ssl import make_stage_workspace
 
 SETTING = os.environ.get("ATEN_CPU_CAPABILITY", "native")
 

@@ -14,7 +14,7 @@ import sys
 import pytest
 import yaml
 
-import tiny_pipeline as tp
+import support.tiny_pipeline as tp
 
 STAGES = ("shard", "pretrain@simclr", "export@simclr", "evaluate@simclr", "report")
 # the report shows the runs' timings (read from provenance/pretrain): the only run facts in a stage output

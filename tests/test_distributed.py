@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dist_utils import (assert_matches_single, gathered_loss_case, gathered_loss_worker, run_distributed,
+from support.dist_utils import (assert_matches_single, gathered_loss_case, gathered_loss_worker, run_distributed,
                         single_process)
 from ssl_models import distributed
 from ssl_models.methods.byol import DirectPredictor

@@ -20,14 +20,14 @@ import pytest
 import torch
 import yaml
 
-import tiny_pipeline as tp
+import support.tiny_pipeline as tp
 from conftest import run
-from data_utils import encode, light_workspace, noise_rgb, set_params
+from support.data_utils import encode, light_workspace, noise_rgb, set_params
 from stages import pretrain as stage
 from stages.common import ConfigError, DataError, SslcookError
 from stages.ingest import ingest
 from test_pretrain_stage import shards  # noqa: F401  (fixture)
-from tiny_ssl import make_stage_workspace
+from support.tiny_ssl import make_stage_workspace
 
 
 def snapshot(root: Path, *patterns: str) -> dict[str, str]:

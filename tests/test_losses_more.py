@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from dist_utils import assert_matches_single, gathered_loss_case, gathered_loss_worker, run_distributed
+from support.dist_utils import assert_matches_single, gathered_loss_case, gathered_loss_worker, run_distributed
 from ssl_models.methods.barlowtwins import BarlowTwinsLoss
 from ssl_models.methods.dino import DINOLoss, teacher_temperature_at
 from ssl_models.methods.moco import MoCoV3Loss

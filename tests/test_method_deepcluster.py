@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from dist_utils import run_distributed
-from origins_utils import digits, export_loads_in_torchvision, numpy_cross_entropy, twenty_steps_lower_the_loss
+from support.dist_utils import run_distributed
+from support.origins_utils import digits, export_loads_in_torchvision, numpy_cross_entropy, twenty_steps_lower_the_loss
 from ssl_models import build_backbone, registry
 from ssl_models.methods.deepcluster import DeepCluster, PseudoLabelLoss, kmeans, pca_whiten
-from tiny_ssl import TinyBackbone, write_tiny_shards
+from support.tiny_ssl import TinyBackbone, write_tiny_shards
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -176,7 +176,7 @@ def centre_worker(rank: int, world_size: int) -> dict:
 
 @pytest.mark.timeout(240)
 def test_both_centres_over_two_processes_equal_one_process_on_the_global_batch():
-    from dist_utils import run_distributed
+    from support.dist_utils import run_distributed
 
     single = _centres(slice(0, 8))
     per_rank = run_distributed(centre_worker, 2)

@@ -369,7 +369,7 @@ def ddp_worker(rank: int, world_size: int) -> dict:
 def test_stateful_methods_train_under_ddp_with_ranks_in_sync():
     """DINO and SwAV through their frozen phases (parameters unused in a step) and NNCLR/SwAV/DINO's shared state
     (support set, queue, centre) on 2 gloo ranks with different data: everything stays identical across ranks."""
-    from dist_utils import run_distributed
+    from support.dist_utils import run_distributed
 
     per_rank = run_distributed(ddp_worker, 2)
     for name in per_rank[0]:

@@ -18,7 +18,7 @@ from stages import pretrain as stage
 from stages.common import ConfigError, SslcookError
 from stages.config import parse_params
 from stages.lineage import sha256_file
-from tiny_ssl import add_dvc_pipeline, make_stage_workspace, write_tiny_shards
+from support.tiny_ssl import add_dvc_pipeline, make_stage_workspace, write_tiny_shards
 
 PROJECT = Path(__file__).resolve().parents[1]
 

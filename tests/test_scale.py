@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiny_ssl import TINY_VIT, add_dvc_pipeline, make_stage_workspace, write_tiny_shards
+from support.tiny_ssl import TINY_VIT, add_dvc_pipeline, make_stage_workspace, write_tiny_shards
 
 PROJECT = Path(__file__).resolve().parents[1]
 METHOD = "dino"

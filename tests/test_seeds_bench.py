@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-import tiny_pipeline as tp
+import support.tiny_pipeline as tp
 
 
 @pytest.mark.slow  # two tiny pipeline runs (shard, SimCLR 1 epoch, export, evaluate, report): ~1-2 min on 2 cores

@@ -227,7 +227,7 @@ def make_stage_workspace(dest, shards, *, methods=("simclr",), pretrain: dict | 
 
     import yaml
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     if not (dest / "data" / "shards").exists():
@@ -261,7 +261,7 @@ def add_dvc_pipeline(ws):
 
     import yaml
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     ws = Path(ws)
     for package in ("stages", "ssl_models"):
         shutil.copytree(root / package, ws / package, ignore=shutil.ignore_patterns("__pycache__"))
