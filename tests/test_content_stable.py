@@ -20,6 +20,8 @@ STAGES = ("shard", "pretrain@simclr", "export@simclr", "evaluate@simclr", "repor
 # the report shows the runs' timings (read from provenance/pretrain): the only run facts in a stage output
 TIMED_OUTS = ("reports/summary.md", "reports/summary.html")
 
+pytestmark = pytest.mark.integration  # re-runs the stages of a real DVC pipeline
+
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):

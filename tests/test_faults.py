@@ -186,6 +186,7 @@ def _dead(pid: int) -> bool:
     return state in ("Z", "X")
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_sigkill_of_sslcook_run_stops_the_stage_it_started(tmp_path):
     """SIGKILL gives the CLI no chance to stop dvc's process group: the stage watches the CLI and stops itself."""

@@ -325,6 +325,7 @@ def test_wandb_offline_run_holds_metrics_lineage_and_checkpoint_reference(tmp_pa
 
 
 # --------------------------------------------------------------------------------------------- dvc repro
+@pytest.mark.integration
 def test_dvc_repro_reruns_only_the_changed_method(tmp_path, shards):
     """Two tiny methods through the project's pretrain stage definition; a param change re-runs one branch."""
     from conftest import run
