@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+from support import PROJECT_ROOT
+
 SHARED_DIR = (PROJECT_ROOT.parent / "shared").resolve()
 CIFAR_ARCHIVE = SHARED_DIR / "data" / "cifar10-images.tar.gz"
 
