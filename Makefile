@@ -21,7 +21,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # dvc.yaml runs `python -m stages.X`: make it the venv's python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test test-unit test-integration bench clean
 
 setup: $(STAMP)
 
@@ -38,8 +38,16 @@ RUN_ARGS ?=
 run: setup
 	$(VENV)/bin/sslcook run $(RUN_ARGS)
 
+# everything; .ci/run runs the same tests as two tiers: test-unit, then test-integration
 test: setup
 	$(PY) -m pytest -q
+
+test-unit: setup
+	$(PY) -m pytest -q -m "not integration"
+
+# real DVC pipelines, Prefect servers, SIGKILL resumes, DDP/torchrun subprocesses
+test-integration: setup
+	$(PY) -m pytest -q -m integration
 
 bench: setup
 	@set -o pipefail; $(PY) -m pip install -q -e '.[dev,bench]' 2>&1 | { grep -v '^WARNING: Location' || true; }

@@ -47,7 +47,7 @@ def timed(cmd: list[str], ws: Path, env: dict[str, str]) -> float:
 
 def build_workspace(parent: Path) -> Path:
     sys.path.insert(0, str(ROOT / "tests"))
-    from tiny_pipeline import make_workspace, repro_and_commit  # the pipeline tests' own tiny workspace
+    from support.tiny_pipeline import make_workspace, repro_and_commit  # the pipeline tests' own tiny workspace
 
     ws = make_workspace(parent / "ws")
     repro_and_commit(ws, "bench: everything up to date")

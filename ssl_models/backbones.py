@@ -15,7 +15,6 @@ the two hooks masked image modeling needs: ``keep_index`` (MAE: the encoder runs
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -86,8 +85,8 @@ class ResNetBackbone(ResNet):
                     nn.init.zeros_(m.bn2.weight)
 
         self.feature_dim = width * 8 * block.expansion
-        self.config: dict[str, Any] = {"name": name, "in_chans": in_chans, "small_image": small_image,
-                                       "width": width, "stem_stride": stem_stride, "zero_init_residual": zero_init_residual}
+        self.config: dict[str, Any] = {"name": name, "in_chans": in_chans, "small_image": small_image, "width": width,
+                                       "stem_stride": stem_stride, "zero_init_residual": zero_init_residual}
 
     def forward_map(self, x: Tensor) -> Tensor:
         """The last stage's feature map (B, feature_dim, h, w)."""
@@ -290,7 +289,3 @@ def feature_map(backbone: nn.Module, x: Tensor) -> Tensor:
     if hasattr(backbone, "forward_map"):
         return backbone.forward_map(x)
     raise ValueError(f"{type(backbone).__name__} has no spatial feature map (a ResNet or ViT backbone is needed)")
-
-
-def is_vit(backbone: nn.Module) -> bool:
-    return isinstance(backbone, VisionTransformer)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -65,10 +65,6 @@ class DINOHead(nn.Module):
         nn.init.trunc_normal_(self.last_layer_direction, std=0.02)
         self.last_layer_gain = nn.Parameter(torch.ones(out_dim, 1), requires_grad=not norm_last_layer)
         self.out_dim = out_dim
-
-    def last_layer_parameters(self) -> list[nn.Parameter]:
-        """What DINO freezes during the first epoch (its gradients are cancelled)."""
-        return [p for p in (self.last_layer_direction, self.last_layer_gain) if p.requires_grad]
 
     def forward(self, x: Tensor) -> Tensor:
         x = F.normalize(self.mlp(x), dim=-1)

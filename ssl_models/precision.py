@@ -8,7 +8,7 @@ squares), so their forward runs with autocast off on float32 copies of the input
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

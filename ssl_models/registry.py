@@ -8,15 +8,16 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 FAMILIES = ("deep_metric_learning", "self_distillation", "canonical_correlation_analysis", "masked_image_modeling",
             "origins")
 # the Cookbook's categories of the pretext tasks before the four families ("origins of SSL")
 ORIGINS_CATEGORIES = ("information_restoration", "spatial_context", "grouping")
 
-_REGISTRY: dict[str, "MethodSpec"] = {}
+_REGISTRY: dict[str, MethodSpec] = {}
 
 
 @dataclass(frozen=True)

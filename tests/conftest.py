@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+from support import PROJECT_ROOT
+
 SHARED_DIR = (PROJECT_ROOT.parent / "shared").resolve()
 CIFAR_ARCHIVE = SHARED_DIR / "data" / "cifar10-images.tar.gz"
 
@@ -29,6 +30,30 @@ os.environ.pop("PREFECT_API_URL", None)
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 # Subprocesses (dvc stages: `python -m stages.X`) must find this interpreter first.
 os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
+
+
+# The integration tier (.ci/run's second pytest call, `-m integration`): tests that drive real DVC pipelines, Prefect
+# servers, SIGKILL'd runs or DDP/torchrun subprocesses. Most modules mark theirs in place; these are marked here,
+# by module: None marks every test of the module, a set only the tests of those names (tests/test_layout.py checks
+# that each name exists).
+INTEGRATION = {
+    "test_ddp": None,        # torchrun / spawned gloo ranks
+    "test_flows": None,      # Prefect flows over real DVC pipelines
+    "test_resume": None,     # SIGKILL of a training stage, then dvc repro
+    "test_trace": None,      # the tiny pipeline, run twice
+    "test_deploy": {"test_nightly_deployments_schedule_runs_and_a_worker_completes_one",
+                    "test_gpu_deployments_register_and_a_process_worker_runs_one"},  # a Prefect server and worker
+    "test_report": {"test_pipeline_writes_metrics_backbone_and_report",
+                    "test_exported_backbone_gives_the_checkpoint_features",
+                    "test_stages_reject_bad_inputs_with_one_line"},  # the tiny pipeline
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        names = INTEGRATION.get(item.path.stem, ())
+        if names is None or getattr(item, "originalname", item.name) in names:
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture

@@ -1,13 +1,14 @@
 """Spread of the two SimSiam collapse tests over seeds and CPU kernel settings (not part of the suite).
 
     for isa in default avx2 native; do
-      if [ $isa = default ]; then export ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 ONEDNN_MAX_CPU_ISA=SSE41
+      if [ $isa = default ]; then
+        export ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 ONEDNN_MAX_CPU_ISA=SSE41
       elif [ $isa = avx2 ]; then export ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
       else unset ATEN_CPU_CAPABILITY MKL_ENABLE_INSTRUCTIONS ONEDNN_MAX_CPU_ISA; fi
       MEASURE_OUT=simsiam.jsonl python -m pytest -q -p no:cacheprovider tests/measure_simsiam_spread.py
     done
 
-One JSON line per run: the numbers tests/test_methods_more.py and tests/test_pretrain_stage.py assert on, so their
+One JSON line per run: the numbers tests/test_method_simsiam.py and tests/test_pretrain_stage.py assert on, so their
 bounds can be checked against every setting (BENCHMARKS.md lists the results).
 """
 from __future__ import annotations
@@ -22,9 +23,9 @@ import yaml
 
 from ssl_models.monitors import embedding_std, rankme
 from stages import pretrain as stage
-from test_methods_more import N_BATCHES, make, train, view_batches
+from support.method_checks import N_BATCHES, make, train, view_batches
+from support.tiny_ssl import make_stage_workspace
 from test_pretrain_stage import shards  # noqa: F401  (fixture)
-from tiny_ssl import make_stage_workspace
 
 SETTING = os.environ.get("ATEN_CPU_CAPABILITY", "native")
 

@@ -14,11 +14,13 @@ import sys
 import pytest
 import yaml
 
-import tiny_pipeline as tp
+import support.tiny_pipeline as tp
 
 STAGES = ("shard", "pretrain@simclr", "export@simclr", "evaluate@simclr", "report")
 # the report shows the runs' timings (read from provenance/pretrain): the only run facts in a stage output
 TIMED_OUTS = ("reports/summary.md", "reports/summary.html")
+
+pytestmark = pytest.mark.integration  # re-runs the stages of a real DVC pipeline
 
 
 @pytest.fixture(scope="module")

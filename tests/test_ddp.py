@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_utils import run_distributed
+from support.dist_utils import run_distributed
 from ssl_models import engine
 from ssl_models.optim import build_optimizer, build_scheduler, scaled_lr
-from tiny_ssl import SyntheticLoader, TinyBackbone, TinyMethod, make_stage_workspace, toy_images, write_tiny_shards
+from support.tiny_ssl import SyntheticLoader, TinyBackbone, TinyMethod, make_stage_workspace, toy_images, write_tiny_shards
 
 PROJECT = Path(__file__).resolve().parents[1]
 PER_RANK_BATCH = 8

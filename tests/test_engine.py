@@ -11,7 +11,7 @@ import torch
 from ssl_models import engine
 from ssl_models.engine import (CollapseError, DataStream, KnnMonitor, MonitorConfig, NonFiniteLossError, Runtime,
                                TrainConfig, Trainer, load_state)
-from tiny_ssl import CollapsingMethod, SyntheticLoader, TinyBackbone, TinyMethod, toy_images
+from support.tiny_ssl import CollapsingMethod, SyntheticLoader, TinyBackbone, TinyMethod, toy_images
 
 CPU = Runtime(device=torch.device("cpu"))
 

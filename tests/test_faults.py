@@ -20,13 +20,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-import tiny_pipeline as tp
+import support.tiny_pipeline as tp
 from stages import common
 from stages import pretrain as stage
 from stages.common import SslcookError, atomic_path, ensure_writable, run_main, write_json
 from test_hostile_inputs import _image_tree, ingested, one_line_error, snapshot  # noqa: F401  (fixture)
 from test_pretrain_stage import shards  # noqa: F401  (fixture)
-from tiny_ssl import make_stage_workspace
+from support.tiny_ssl import make_stage_workspace
 
 ENV = {"PYTHONPATH": str(tp.PROJECT_ROOT)}
 
@@ -186,6 +186,7 @@ def _dead(pid: int) -> bool:
     return state in ("Z", "X")
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_sigkill_of_sslcook_run_stops_the_stage_it_started(tmp_path):
     """SIGKILL gives the CLI no chance to stop dvc's process group: the stage watches the CLI and stops itself."""

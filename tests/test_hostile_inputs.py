@@ -20,14 +20,14 @@ import pytest
 import torch
 import yaml
 
-import tiny_pipeline as tp
+import support.tiny_pipeline as tp
 from conftest import run
-from data_utils import encode, light_workspace, noise_rgb, set_params
+from support.data_utils import encode, light_workspace, noise_rgb, set_params
 from stages import pretrain as stage
 from stages.common import ConfigError, DataError, SslcookError
 from stages.ingest import ingest
 from test_pretrain_stage import shards  # noqa: F401  (fixture)
-from tiny_ssl import make_stage_workspace
+from support.tiny_ssl import make_stage_workspace
 
 
 def snapshot(root: Path, *patterns: str) -> dict[str, str]:
@@ -91,6 +91,7 @@ def pipeline(tmp_path_factory):
     return tp.shared_pipeline(tmp_path_factory)
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(900)
 def test_bad_params_stop_sslcook_run_before_dvc_deletes_anything(pipeline, monkeypatch, capsys):
     """`dvc repro` removes a stage's outputs before the stage runs: a value it would refuse must never reach it.
@@ -436,6 +437,7 @@ def test_checkpoint_with_code_keeps_torchs_warning(tmp_path):
     assert "arbitrary code execution" in message and "Do it only if you got the file from a trusted source" in message
 
 
+@pytest.mark.integration
 def test_evaluate_reports_a_crafted_backbone_in_one_line(pipeline, tmp_path):
     """The evaluate stage, as DVC runs it, on a copy of the finished pipeline whose exported header was crafted."""
     ws = tmp_path / "ws"

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_utils import encode, light_workspace, noise_rgb, read_shards, set_params
+from support.data_utils import encode, light_workspace, noise_rgb, read_shards, set_params
 from stages import images
 from stages.common import DataError
 from stages.ingest import ingest

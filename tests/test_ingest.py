@@ -15,7 +15,7 @@ import yaml
 from PIL import Image
 
 from conftest import PROJECT_ROOT, run
-from data_utils import encode, light_workspace, noise_rgb
+from support.data_utils import encode, light_workspace, noise_rgb
 from stages import ingest as ingest_mod
 from stages.common import ConfigError, DataError
 from stages.ingest import ingest, raw_dir_md5

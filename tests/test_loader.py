@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_utils import light_workspace, pixels, read_shards
+from support.data_utils import light_workspace, pixels, read_shards
 from ssl_models import data as shard_data
 from stages.ingest import ingest
 from stages.shard import shard

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from dist_utils import run_distributed
-from origins_utils import digits, export_loads_in_torchvision, numpy_cross_entropy, twenty_steps_lower_the_loss
 from ssl_models import build_backbone, registry
 from ssl_models.methods.deepcluster import DeepCluster, PseudoLabelLoss, kmeans, pca_whiten
-from tiny_ssl import TinyBackbone, write_tiny_shards
+from support.dist_utils import run_distributed
+from support.origins_utils import digits, export_loads_in_torchvision, numpy_cross_entropy, twenty_steps_lower_the_loss
+from support.tiny_ssl import TinyBackbone, write_tiny_shards
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -76,6 +76,7 @@ def _ddp_clustering_worker(rank: int, world_size: int, images: torch.Tensor, key
     return {"assignments": method.assignments, "keys": method.keys}
 
 
+@pytest.mark.integration
 def test_assignment_under_two_gloo_processes_equals_one_process_on_the_union():
     g = torch.Generator().manual_seed(0)
     images = torch.randn(30, 1, 8, 8, generator=g)

@@ -174,9 +174,10 @@ def centre_worker(rank: int, world_size: int) -> dict:
     return _centres(slice(rank * 4, (rank + 1) * 4))
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(240)
 def test_both_centres_over_two_processes_equal_one_process_on_the_global_batch():
-    from dist_utils import run_distributed
+    from support.dist_utils import run_distributed
 
     single = _centres(slice(0, 8))
     per_rank = run_distributed(centre_worker, 2)
@@ -190,7 +191,7 @@ def test_both_centres_over_two_processes_equal_one_process_on_the_global_batch()
 
 @pytest.mark.timeout(300)
 def test_twenty_steps_on_cifar_lower_the_loss(cifar_tensors):
-    from test_methods_more import N_BATCHES, train, view_batches
+    from support.method_checks import N_BATCHES, train, view_batches
 
     images, _ = cifar_tensors
     torch.manual_seed(0)

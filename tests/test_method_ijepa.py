@@ -172,7 +172,7 @@ def test_target_encoder_gets_no_gradient_and_follows_the_linear_ema():
 
 @pytest.mark.timeout(300)
 def test_twenty_steps_on_cifar_lower_the_loss(cifar_tensors):
-    from test_methods_more import N_BATCHES, train, view_batches
+    from support.method_checks import N_BATCHES, train, view_batches
 
     images, _ = cifar_tensors
     torch.manual_seed(0)

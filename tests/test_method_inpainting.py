@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from origins_utils import digits, export_loads_in_torchvision, twenty_steps_lower_the_loss
 from ssl_models import build_backbone, registry
 from ssl_models.methods.inpainting import Inpainting, MaskedReconstructionLoss, region_mask
-from tiny_ssl import write_tiny_shards
+from support.origins_utils import digits, export_loads_in_torchvision, twenty_steps_lower_the_loss
+from support.tiny_ssl import write_tiny_shards
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

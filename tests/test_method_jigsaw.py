@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from origins_utils import digits, export_loads_in_torchvision, numpy_cross_entropy, twenty_steps_lower_the_loss
 from ssl_models import build_backbone, registry
-from ssl_models.methods.jigsaw import (Jigsaw, PermutationLoss, hamming_permutations, min_hamming_distance,
-                                       shuffle_tiles)
-from tiny_ssl import write_tiny_shards
+from ssl_models.methods.jigsaw import Jigsaw, PermutationLoss, hamming_permutations, min_hamming_distance, shuffle_tiles
+from support.origins_utils import digits, export_loads_in_torchvision, numpy_cross_entropy, twenty_steps_lower_the_loss
+from support.tiny_ssl import write_tiny_shards
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

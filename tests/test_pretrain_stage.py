@@ -18,7 +18,7 @@ from stages import pretrain as stage
 from stages.common import ConfigError, SslcookError
 from stages.config import parse_params
 from stages.lineage import sha256_file
-from tiny_ssl import add_dvc_pipeline, make_stage_workspace, write_tiny_shards
+from support.tiny_ssl import add_dvc_pipeline, make_stage_workspace, write_tiny_shards
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -325,6 +325,7 @@ def test_wandb_offline_run_holds_metrics_lineage_and_checkpoint_reference(tmp_pa
 
 
 # --------------------------------------------------------------------------------------------- dvc repro
+@pytest.mark.integration
 def test_dvc_repro_reruns_only_the_changed_method(tmp_path, shards):
     """Two tiny methods through the project's pretrain stage definition; a param change re-runs one branch."""
     from conftest import run

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from ssl_models.data import DataError, make_loader, read_manifest, shard_urls
-from tiny_ssl import make_stage_workspace, write_tiny_shards
+from support.tiny_ssl import make_stage_workspace, write_tiny_shards
 
 PROJECT = Path(__file__).resolve().parents[1]
 PRETRAIN = {"epochs": 1, "batch_size": 16, "num_workers": 1}

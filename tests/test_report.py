@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import tiny_pipeline as tp
+import support.tiny_pipeline as tp
 
 
 @pytest.fixture(scope="session")

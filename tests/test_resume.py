@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from tiny_ssl import add_dvc_pipeline, make_stage_workspace, write_tiny_shards
+from support.tiny_ssl import add_dvc_pipeline, make_stage_workspace, write_tiny_shards
 
 PROJECT = Path(__file__).resolve().parents[1]
 # 4 epochs x 8 steps (64 images, batch 8), a resume checkpoint every 3 steps; num_workers=1 puts the decoding and

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiny_ssl import TINY_VIT, add_dvc_pipeline, make_stage_workspace, write_tiny_shards
+from support.tiny_ssl import TINY_VIT, add_dvc_pipeline, make_stage_workspace, write_tiny_shards
 
 PROJECT = Path(__file__).resolve().parents[1]
 METHOD = "dino"
@@ -78,6 +78,7 @@ def two_process_repro(shards, tmp_path_factory) -> Path:
     return ws
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_dvc_repro_with_two_processes_equals_torchrun_and_one_process_on_the_double_batch(
         two_process_repro, shards, tmp_path):
@@ -129,6 +130,7 @@ def _initial_state(ws: Path) -> dict:
     return method.state_dict()
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_two_nodes_on_one_machine_equal_one_node(two_process_repro, shards, tmp_path):
     port = _free_port()
@@ -167,6 +169,7 @@ def _worker_pids(launcher: int) -> dict[int, int]:
     return ranks
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_sigkill_of_one_rank_then_dvc_repro_resumes_with_identical_weights(two_process_repro, shards, tmp_path):
     ws = add_dvc_pipeline(_workspace(tmp_path / "killed", shards))
@@ -256,6 +259,7 @@ def test_launch_keys_are_validated(tmp_path):
             resolve_method(load_params(tmp_path / "params.yaml"), "simclr")
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_export_and_evaluate_after_a_ddp_pretrain_run_in_one_process(two_process_repro, tmp_path):
     ws = tmp_path / "eval"

@@ -5,9 +5,10 @@ import json
 
 import pytest
 
-import tiny_pipeline as tp
+import support.tiny_pipeline as tp
 
 
+@pytest.mark.integration
 @pytest.mark.slow  # two tiny pipeline runs (shard, SimCLR 1 epoch, export, evaluate, report): ~1-2 min on 2 cores
 def test_seeds_bench_runs_each_seed_and_leaves_the_workspace_alone(tmp_path, tmp_path_factory):
     from bench import seeds

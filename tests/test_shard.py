@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_utils import light_workspace, pixels, read_shards, set_params
+from support.data_utils import light_workspace, pixels, read_shards, set_params
 from stages import shard as shard_mod
 from stages.ingest import ingest, raw_dir_md5
 from stages.shard import shard

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-import tiny_pipeline as tp
+import support.tiny_pipeline as tp
 
 
 @pytest.fixture(scope="session")

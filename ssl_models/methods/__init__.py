@@ -4,6 +4,7 @@
 #   self-distillation               byol, simsiam, dino, ibot
 #   canonical correlation analysis  vicreg, barlowtwins, swav
 #   masked image modeling           mae, simmim, ijepa (predicts representations, not pixels)
+# isort: off
 from . import barlowtwins, byol, dino, mae, moco, nnclr, simclr, simmim, simsiam, swav, vicreg  # noqa: F401
 # The origins of SSL (the pretext tasks before them), by the Cookbook's category:
 #   information restoration         colorization, inpainting, denoising_ae
@@ -11,3 +12,4 @@ from . import barlowtwins, byol, dino, mae, moco, nnclr, simclr, simmim, simsiam
 #   grouping                        deepcluster
 from . import colorization, deepcluster, denoising_ae, inpainting, jigsaw, rotnet  # noqa: F401,E402
 from . import ibot, ijepa  # noqa: F401,E402
+# isort: on

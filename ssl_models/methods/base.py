@@ -1,7 +1,8 @@
 """The interface every SSL method implements (the training engine relies on nothing else)."""
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
 
 import torch
 from torch import nn

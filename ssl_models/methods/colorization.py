@@ -4,7 +4,8 @@ distribution over quantised ab values of the CIE Lab space."""
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,8 @@ def rgb_to_lab(rgb: Tensor) -> Tensor:
     rgb = rgb.clamp(0, 1)
     linear = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
     m = torch.tensor(_RGB_TO_XYZ, dtype=rgb.dtype, device=rgb.device)
-    xyz = torch.einsum("ij,bjhw->bihw", m, linear) / torch.tensor(_D65, dtype=rgb.dtype, device=rgb.device)[:, None, None]
+    white = torch.tensor(_D65, dtype=rgb.dtype, device=rgb.device)[:, None, None]
+    xyz = torch.einsum("ij,bjhw->bihw", m, linear) / white
     f = torch.where(xyz > (6 / 29) ** 3, xyz.clamp_min(1e-12) ** (1 / 3), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
     return torch.stack([116 * f[:, 1] - 16, 500 * (f[:, 0] - f[:, 1]), 200 * (f[:, 1] - f[:, 2])], dim=1)
 

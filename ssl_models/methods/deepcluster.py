@@ -3,8 +3,8 @@ Features", arXiv 1807.05520): grouping; every epoch k-means clusters the backbon
 training set and the network is trained to predict those cluster assignments as pseudo-labels."""
 from __future__ import annotations
 
-import math
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 import torch.distributed as dist

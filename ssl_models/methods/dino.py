@@ -4,7 +4,8 @@ sharpened output distribution of an EMA teacher across multi-crop views."""
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -31,7 +31,8 @@ def hamming_permutations(num_tiles: int, count: int) -> np.ndarray:
     """
     all_perms = np.array(list(itertools.permutations(range(num_tiles))), dtype=np.int8)
     if not 1 <= count <= len(all_perms):
-        raise ValueError(f"jigsaw: num_permutations must be in [1, {len(all_perms)}] for {num_tiles} tiles, got {count}")
+        raise ValueError(
+            f"jigsaw: num_permutations must be in [1, {len(all_perms)}] for {num_tiles} tiles, got {count}")
     chosen = [0]  # the identity is the lexicographically first permutation
     min_dist = (all_perms != all_perms[0]).sum(axis=1)
     for _ in range(count - 1):

@@ -87,7 +87,8 @@ class MAE(SSLMethod):
         patch_dim = backbone.patch_size ** 2 * backbone.in_chans
         self.decoder_embed = nn.Linear(backbone.embed_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
-        self.decoder_blocks = nn.ModuleList([TransformerBlock(decoder_dim, decoder_heads) for _ in range(decoder_depth)])
+        self.decoder_blocks = nn.ModuleList(
+            [TransformerBlock(decoder_dim, decoder_heads) for _ in range(decoder_depth)])
         self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_dim, patch_dim)
         self.decoder_dim = decoder_dim

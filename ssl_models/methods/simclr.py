@@ -58,8 +58,9 @@ class SimCLR(SSLMethod):
 
     Defaults: SimCLR's 2-layer projector (2048 hidden, 128 out, BN as in SimCLR v2), LARS with weight decay 1e-6,
     10 warmup epochs and the paper's square-root rule lr = 0.075 x sqrt(B) = 1.2 x sqrt(B/256) (appendix B.1: better
-    than the linear 0.3 x B/256 for small batches; both give 4.8 at B = 4096). Temperature 0.2: SimCLR found 0.1 best for batch 4096 on ImageNet; small
-    batches and CIFAR-scale runs do better slightly higher (MoCo v2 and the reference libraries use 0.2).
+    than the linear 0.3 x B/256 for small batches; both give 4.8 at B = 4096). Temperature 0.2: SimCLR found 0.1
+    best for batch 4096 on ImageNet; small batches and CIFAR-scale runs do better slightly higher (MoCo v2 and the
+    reference libraries use 0.2).
     """
 
     augment = "simclr"

@@ -26,8 +26,9 @@ class VICRegLoss(nn.Module):
 
     The paper's eq. 6 sums the two variance terms; the official code (facebookresearch/vicreg, and lightly)
     averages them, and the published lambda = mu = 25, nu = 1 (gamma = 1, eps = 1e-4) were tuned with that code,
-    so the average is what keeps those coefficients' balance (the sum behaves like mu = 50). With ``gather_distributed`` every term is
-    computed on the global batch (as the official implementation does), so each rank gets the same loss.
+    so the average is what keeps those coefficients' balance (the sum behaves like mu = 50). With
+    ``gather_distributed`` every term is computed on the global batch (as the official implementation does), so each
+    rank gets the same loss.
     """
 
     def __init__(self, sim_coeff: float = 25.0, std_coeff: float = 25.0, cov_coeff: float = 1.0, gamma: float = 1.0,

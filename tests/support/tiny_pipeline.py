@@ -14,7 +14,8 @@ from pathlib import Path
 
 import yaml
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+from support import PROJECT_ROOT
+
 METHODS = ["simclr"]
 
 

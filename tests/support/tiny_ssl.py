@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ssl_models.methods.base import SSLMethod
+from support import PROJECT_ROOT
 
 
 class TinyBackbone(nn.Module):
@@ -173,8 +174,8 @@ def write_tiny_shards(dest, *, train: int = 64, test: int = 32, shard_size: int 
             with wds.TarWriter(str(dest / name)) as sink:
                 for i, row in enumerate(chunk[s:s + shard_size]):
                     buf = io.BytesIO()
-                    Image.fromarray(np.array(row[1:], dtype=np.uint8).reshape(28, 28), mode="L").convert(image_mode).save(
-                        buf, "PNG")
+                    digit = Image.fromarray(np.array(row[1:], dtype=np.uint8).reshape(28, 28), mode="L")
+                    digit.convert(image_mode).save(buf, "PNG")
                     key = f"{split}_{s + i:06d}"
                     sink.write({"__key__": key, "png": buf.getvalue(), "cls": row[0],
                                 "json": {"path": f"{split}/{row[0]}/{key}.png", "class": str(row[0])}})
@@ -227,7 +228,7 @@ def make_stage_workspace(dest, shards, *, methods=("simclr",), pretrain: dict | 
 
     import yaml
 
-    root = Path(__file__).resolve().parents[1]
+    root = PROJECT_ROOT
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     if not (dest / "data" / "shards").exists():
@@ -261,7 +262,7 @@ def add_dvc_pipeline(ws):
 
     import yaml
 
-    root = Path(__file__).resolve().parents[1]
+    root = PROJECT_ROOT
     ws = Path(ws)
     for package in ("stages", "ssl_models"):
         shutil.copytree(root / package, ws / package, ignore=shutil.ignore_patterns("__pycache__"))

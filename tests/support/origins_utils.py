@@ -67,7 +67,7 @@ def export_loads_in_torchvision(name: str, tmp_path: Path, shards: Path, **overr
 
     from stages import export as export_stage
     from stages import pretrain as stage
-    from tiny_ssl import make_stage_workspace
+    from support.tiny_ssl import make_stage_workspace
 
     ws = make_stage_workspace(tmp_path / "ws", shards, methods=[name],
                               pretrain={"backbone": {"name": "resnet18", "small_image": True, "width": 64,

@@ -12,7 +12,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+from support import PROJECT_ROOT
 
 
 def set_params(ws: Path, **dotted: Any) -> None:
