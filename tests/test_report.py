@@ -104,6 +104,27 @@ def test_exported_backbone_gives_the_checkpoint_features(pipeline):
         assert torch.allclose(reference.eval()(x), exported(x), atol=1e-6, rtol=0)
 
 
+def test_export_without_a_recorded_size_takes_the_shards_image_size(pipeline, tmp_path):
+    """A checkpoint that records no input size (none in augment, config.json or backbone_config) is exported at
+    the size the shard manifest gives its images; without shards that is a one-line error."""
+    from stages.common import DataError, manifest_image_size
+    from stages.export import input_spec, load_checkpoint
+
+    ws = pipeline["ws"]
+    ckpt_rel = Path("runs") / "simclr" / "checkpoint.pt"
+    ckpt = load_checkpoint(ws / ckpt_rel)
+    assert "image_size" not in ckpt["backbone_config"]
+    bare = {k: v for k, v in ckpt.items() if k not in ("augment", "input")}
+    assert input_spec(bare, {}, ckpt_rel, ws)["image_size"] == 28
+    with pytest.raises(DataError, match="cannot tell the input size"):
+        input_spec(bare, {}, ckpt_rel, tmp_path)
+    # mixed sizes (shard.image_size null): the shorter side of the most common stored size
+    mixed = {"image_size": {"uniform": None, "stored": {"most_common": [[32, 24, 7], [16, 16, 2]]}}}
+    assert manifest_image_size(mixed) == 24
+    assert manifest_image_size({"image_size": {"uniform": [30, 20]}}) == 20
+    assert manifest_image_size({}) is None and manifest_image_size({"image_size": {"max": [28, 28]}}) is None
+
+
 def _metrics_doc(method: str, family: str, knn: float, probe: float) -> dict:
     return {"method": method, "family": family, "architecture": "resnet18", "knn_top1_k20": knn,
             "knn_top5_k20": 0.9, "knn_top1_k200": knn, "knn_top5_k200": 0.95, "linear_probe_top1": probe,
