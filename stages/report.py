@@ -607,20 +607,21 @@ def write_figures(fig_dir: Path, root: Path, order: list[str], metrics: dict[str
     histories = {m: read_history(root / "runs" / m / "history.tsv") for m in order}
     projections = {m: read_projection(root / "metrics" / f"{m}_pca.csv") for m in order}
     families = {m: metrics[m].get("family") for m in order}
-    drawn = [plot_curves(histories, "loss", "training loss", fig_dir / "loss_curves.png", dpi, families)
-             and ("loss_curves.png", "Training loss per epoch"),
-             plot_curves(histories, "rankme", "RankMe (effective rank)", fig_dir / "rankme_curves.png", dpi, families)
-             and ("rankme_curves.png", "RankMe of the embedding per epoch (collapse: towards 1)")]
+    drawn = []
+    if plot_curves(histories, "loss", "training loss", fig_dir / "loss_curves.png", dpi, families):
+        drawn.append(("loss_curves.png", "Training loss per epoch"))
+    if plot_curves(histories, "rankme", "RankMe (effective rank)", fig_dir / "rankme_curves.png", dpi, families):
+        drawn.append(("rankme_curves.png", "RankMe of the embedding per epoch (collapse: towards 1)"))
     plot_accuracy(order, metrics, fig_dir / "accuracy.png", dpi)
     drawn.append(("accuracy.png", "Test top-1 by method, coloured by family (hatched: kNN, solid: linear probe; thick "
                                   "edge: the protocol it is judged by; error bars: 95% bootstrap intervals), "
                                   "baselines as lines"))
-    drawn.append(plot_projections(order, projections, fig_dir / "embeddings_pca.png", dpi)
-                 and ("embeddings_pca.png", "Test embeddings, 2-D PCA, coloured by class"))
-    if view_images is not None:
-        drawn += [plot_views(m, cards[m], view_images, fig_dir / f"views_{m}.png", dpi, seed)
-                  and (f"views_{m}.png", f"Augmented views {m} trains on") for m in order]
-    return [{"name": name, "caption": caption} for name, caption in filter(None, drawn)]
+    if plot_projections(order, projections, fig_dir / "embeddings_pca.png", dpi):
+        drawn.append(("embeddings_pca.png", "Test embeddings, 2-D PCA, coloured by class"))
+    for m in order if view_images is not None else []:
+        if plot_views(m, cards[m], view_images, fig_dir / f"views_{m}.png", dpi, seed):
+            drawn.append((f"views_{m}.png", f"Augmented views {m} trains on"))
+    return [{"name": name, "caption": caption} for name, caption in drawn]
 
 
 def write_curve_tables(curves_dir: Path, root: Path, methods: list[str]) -> None:
