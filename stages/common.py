@@ -208,3 +208,15 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: not valid JSON ({exc})") from None
+
+
+def manifest_image_size(manifest: Any) -> int | None:
+    """The side the shards' images are seen at by default, from the shard manifest's ``image_size`` facts: the
+    shorter side of the stored images (their one size when uniform, else the most common); None without them."""
+    stats = manifest.get("image_size") if isinstance(manifest, dict) else None
+    if not isinstance(stats, dict):
+        return None
+    if stats.get("uniform"):
+        return int(min(stats["uniform"]))
+    common = (stats.get("stored") or {}).get("most_common") or []
+    return int(min(common[0][:2])) if common else None

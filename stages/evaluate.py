@@ -32,6 +32,7 @@ import csv
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -79,9 +80,22 @@ def pick_device(choice: str):
         raise ConfigError(f"params.yaml: evaluate.device: {exc}") from None
 
 
-def load_labelled_splits(root: Path):
-    """(train images, train labels, test images, test labels, class names, manifest) from verified shards."""
+@dataclass
+class Splits:
+    """The labelled train and test images of verified shards (unlabelled test images dropped and counted)."""
+
+    train_x: Any
+    train_y: Any
+    test_x: Any
+    test_y: Any
+    classes: list[str]
+    manifest: dict[str, Any]
+    n_test_unlabelled: int
+
+
+def labelled_splits(root: Path) -> Splits:
     from ssl_models import data as shard_data
+    from ssl_models.evaluation import EvaluationError, check_label_sets
 
     shards = root / SHARDS_DIR
     if not (shards / "manifest.json").is_file():
@@ -97,7 +111,73 @@ def load_labelled_splits(root: Path):
         test_x, test_y, _ = shard_data.load_split(shards, "test")
     except (OSError, ValueError) as exc:  # the loader's errors are ValueErrors with one line naming the shard
         raise DataError(str(exc).splitlines()[0]) from None
-    return train_x, train_y, test_x, test_y, list(classes), manifest
+    try:
+        check_label_sets(train_y, test_y, classes, split="test")
+    except EvaluationError as exc:
+        raise DataError(f"{SHARDS_DIR}: {exc}") from None
+    keep = test_y >= 0  # unlabelled test images cannot be scored: dropped, and counted in the metrics
+    return Splits(train_x, train_y, test_x[keep], test_y[keep], list(classes), manifest, int((~keep).sum()))
+
+
+@dataclass
+class Evaluation:
+    """What every protocol of one evaluation shares: the backbone under test, the splits, its input transform and
+    the evaluation settings. Random-init and raw-pixel baselines are scored with the same features/scores steps."""
+
+    method: str
+    weights: Path  # relative to the workspace, for messages and lineage
+    model: Any
+    splits: Splits
+    transform: Any
+    cfg: Any
+    seed: int
+    device: Any
+
+    def features(self, net, name: str):
+        """(train features, test features) of ``net`` on the splits, through the backbone's input transform."""
+        from ssl_models.evaluation import EvaluationError, extract_features
+
+        try:
+            return tuple(extract_features(net, x, transform=self.transform, batch_size=self.cfg.batch_size,
+                                          device=self.device, desc=f"{name} {split} features")
+                         for split, x in (("train", self.splits.train_x), ("test", self.splits.test_x)))
+        except EvaluationError as exc:
+            raise DataError(f"{self.weights}: {exc}") from None
+
+    def scores(self, train_f, test_f) -> tuple[dict[str, Any], dict[str, Any]]:
+        return evaluate_features(train_f, self.splits.train_y, test_f, self.splits.test_y,
+                                 num_classes=len(self.splits.classes), cfg=self.cfg, seed=self.seed,
+                                 device=self.device)
+
+
+def read_backbone(root: Path, method: str):
+    """(backbone, its input spec) from models/<method>/backbone.safetensors."""
+    from ssl_models.io import BackboneFileError, load_backbone
+
+    weights = backbone_path(method)
+    try:
+        model = load_backbone(root / weights)
+    except BackboneFileError as exc:
+        raise DataError(str(exc)) from None
+    spec = model.export_header.get("input") or {}
+    if not spec.get("image_size"):
+        raise DataError(f"{weights}: the header has no input.image_size (re-export the backbone)")
+    return model, spec
+
+
+def eval_transform(spec: dict[str, Any], model, splits: Splits, weights: Path):
+    """The deterministic input transform of the backbone (resize + normalise), checked against the images."""
+    from ssl_models.augment import build_eval_transform
+
+    try:
+        transform = build_eval_transform(image_size=int(spec["image_size"]), channels=int(splits.train_x.shape[1]),
+                                         grey=spec.get("grey", "skip"), mean=spec.get("mean"), std=spec.get("std"))
+    except ValueError as exc:
+        raise DataError(f"{weights}: input spec does not fit the data ({exc})") from None
+    if transform.out_channels != model.config.get("in_chans", transform.out_channels):
+        raise DataError(f"{SHARDS_DIR}: images give {transform.out_channels} channel(s), the backbone in {weights} "
+                        f"expects {model.config.get('in_chans')}")
+    return transform
 
 
 def headline_names(ks: list[int]) -> list[str]:
@@ -197,14 +277,84 @@ def pca_2d(features, labels, n_points: int, seed: int):
     return (proj * signs).float(), labels[idx]
 
 
-def evaluate(method: str, root: Path | None = None) -> dict[str, Any]:
+def method_metrics(ev: Evaluation, root: Path, counts, family: str) -> tuple[dict[str, Any], dict[str, Any], Any]:
+    """(result, per-test-image hits, test features): every protocol on the backbone's frozen features."""
+    from ssl_models.monitors import embedding_std, healthy_std, rankme
+
+    cfg, splits, model = ev.cfg, ev.splits, ev.model
+    train_f, test_f = ev.features(model, ev.method)
+    metrics, hits = ev.scores(train_f, test_f)
+    result: dict[str, Any] = {"method": ev.method, "family": family, "architecture": model.config.get("name"),
+                              "feature_dim": model.feature_dim,
+                              **with_intervals(metrics, hits, counts, cfg.bootstrap.level),
+                              "bootstrap": {"resamples": cfg.bootstrap.resamples, "level": cfg.bootstrap.level,
+                                            "seed": ev.seed},
+                              "knn_temperature": cfg.knn_temperature, "rankme": rankme(test_f),
+                              "emb_std": embedding_std(test_f), "emb_std_healthy": healthy_std(model.feature_dim),
+                              "primary_metric": primary_metric(family, cfg.knn_k),
+                              "num_classes": len(splits.classes), "n_train": int((splits.train_y >= 0).sum()),
+                              "n_test": len(splits.test_y), "n_test_unlabelled": splits.n_test_unlabelled,
+                              "data_version": splits.manifest.get("data_version") or current_data_version(root),
+                              "pretraining": pretraining_summary(root / ev.weights.parent / "model_card.json")}
+    return result, hits, test_f
+
+
+def pretraining_summary(card_path: Path) -> dict[str, Any]:
+    """The numbers of the model card's training summary (epochs, final loss, ...); {} without a card."""
+    card = read_json(card_path) if card_path.is_file() else {}
+    summary = (card.get("training") or {}).get("summary") or {}
+    return {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def baseline_metrics(ev: Evaluation, root: Path, spec: dict[str, Any], data_version: str, hits: dict[str, Any],
+                     counts) -> dict[str, Any]:
+    """``baselines`` (random init of the same architecture, raw pixels: cached, with intervals) and
+    ``comparisons`` (the method against each, paired on the same resampled test images)."""
     import torch
 
-    from ssl_models.augment import build_eval_transform
-    from ssl_models.evaluation import (EvaluationError, bootstrap_counts, check_label_sets, extract_features,
-                                       paired_bootstrap, raw_pixel_features)
-    from ssl_models.io import BackboneFileError, load_backbone
-    from ssl_models.monitors import embedding_std, healthy_std, rankme
+    from ssl_models.evaluation import paired_bootstrap, raw_pixel_features
+
+    cfg, level, names = ev.cfg, ev.cfg.bootstrap.level, headline_names(ev.cfg.knn_k)
+    # the bootstrap settings change intervals, not a baseline's predictions: not part of the cache key
+    eval_key = cfg.model_dump(exclude={"device", "projection_points", "baselines", "batch_size", "bootstrap"})
+    key = {"data_version": data_version, "splits": digest(ev.splits.manifest.get("splits")), "eval": eval_key,
+           "seed": ev.seed}
+
+    def random_init():
+        from ssl_models.backbones import build_backbone
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(ev.seed)
+            net = build_backbone(**ev.model.config)
+        metrics, b_hits = ev.scores(*ev.features(net, "random-init"))
+        return headline(metrics), b_hits
+
+    def raw_pixels():
+        metrics, b_hits = ev.scores(*(raw_pixel_features(x, max_side=cfg.raw_pixels_max_side)
+                                      for x in (ev.splits.train_x, ev.splits.test_x)))
+        return headline(metrics), b_hits
+
+    n_test = len(ev.splits.test_y)
+    baselines = {"random_init": cached(root, "random_init", {**key, "backbone_config": ev.model.config, "input": spec},
+                                       names, n_test, random_init),
+                 "raw_pixels": cached(root, "raw_pixels", key, names, n_test, raw_pixels)}
+    return {"baselines": {name: with_intervals(b_metrics, b_hits, counts, level)
+                          for name, (b_metrics, b_hits) in baselines.items()},
+            "comparisons": {name: {m: paired_bootstrap(hits[m], b_hits[m], counts, level) for m in names}
+                            for name, (_, b_hits) in baselines.items()}}
+
+
+def write_projection(path: Path, projection, classes: list[str]) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["pc1", "pc2", "label", "class"])
+            for (a, b), y in zip(projection[0].tolist(), projection[1].tolist()):
+                writer.writerow([f"{a:.6g}", f"{b:.6g}", y, classes[y]])
+
+
+def evaluate(method: str, root: Path | None = None) -> dict[str, Any]:
+    from ssl_models.evaluation import bootstrap_counts
 
     started = time.time()
     root = root or workspace()
@@ -213,123 +363,28 @@ def evaluate(method: str, root: Path | None = None) -> dict[str, Any]:
     if method not in params.methods:
         raise ConfigError(f"params.yaml: methods: {method!r} is not listed (listed: {', '.join(params.methods)})")
     device = pick_device(cfg.device)
-
     weights = backbone_path(method)
-    try:
-        model = load_backbone(root / weights)
-    except BackboneFileError as exc:
-        raise DataError(str(exc)) from None
-    header = model.export_header
-    spec = header.get("input") or {}
-    if not spec.get("image_size"):
-        raise DataError(f"{weights}: the header has no input.image_size (re-export the backbone)")
-    family = header.get("family") or "unknown"
+    model, spec = read_backbone(root, method)
+    family = model.export_header.get("family") or "unknown"
+    splits = labelled_splits(root)
+    ev = Evaluation(method, weights, model, splits, eval_transform(spec, model, splits, weights), cfg, params.seed,
+                    device)
 
-    train_x, train_y, test_x, test_y, classes, manifest = load_labelled_splits(root)
-    try:
-        check_label_sets(train_y, test_y, classes, split="test")
-    except EvaluationError as exc:
-        raise DataError(f"{SHARDS_DIR}: {exc}") from None
-    test_keep = test_y >= 0  # unlabelled test images cannot be scored: dropped, and counted in the metrics
-    n_test_unlabelled = int((~test_keep).sum())
-    test_x, test_y = test_x[test_keep], test_y[test_keep]
-    num_classes = len(classes)
-    try:
-        transform = build_eval_transform(image_size=int(spec["image_size"]), channels=int(train_x.shape[1]),
-                                         grey=spec.get("grey", "skip"), mean=spec.get("mean"), std=spec.get("std"))
-    except ValueError as exc:
-        raise DataError(f"{weights}: input spec does not fit the data ({exc})") from None
-    if transform.out_channels != model.config.get("in_chans", transform.out_channels):
-        raise DataError(f"{SHARDS_DIR}: images give {transform.out_channels} channel(s), the backbone in {weights} "
-                        f"expects {model.config.get('in_chans')}")
-
-    def features_of(net, name: str):
-        try:
-            return (extract_features(net, train_x, transform=transform, batch_size=cfg.batch_size, device=device,
-                                     desc=f"{name} train features"),
-                    extract_features(net, test_x, transform=transform, batch_size=cfg.batch_size, device=device,
-                                     desc=f"{name} test features"))
-        except EvaluationError as exc:
-            raise DataError(f"{weights}: {exc}") from None
-
-    train_f, test_f = features_of(model, method)
-    names = headline_names(cfg.knn_k)
-    counts = bootstrap_counts(len(test_y), cfg.bootstrap.resamples, params.seed)
-    level = cfg.bootstrap.level
-    result: dict[str, Any] = {"method": method, "family": family, "architecture": model.config.get("name"),
-                              "feature_dim": model.feature_dim}
-    metrics, hits = evaluate_features(train_f, train_y, test_f, test_y, num_classes=num_classes, cfg=cfg,
-                                      seed=params.seed, device=device)
-    result.update(with_intervals(metrics, hits, counts, level))
-    result["bootstrap"] = {"resamples": cfg.bootstrap.resamples, "level": level, "seed": params.seed}
-    result["knn_temperature"] = cfg.knn_temperature
-    result["rankme"] = rankme(test_f)
-    result["emb_std"] = embedding_std(test_f)
-    result["emb_std_healthy"] = healthy_std(model.feature_dim)
-    result["primary_metric"] = primary_metric(family, cfg.knn_k)
-    result["num_classes"] = num_classes
-    result["n_train"] = int((train_y >= 0).sum())
-    result["n_test"] = len(test_y)
-    result["n_test_unlabelled"] = n_test_unlabelled
-    result["data_version"] = manifest.get("data_version") or current_data_version(root)
-    card = read_json(root / weights.parent / "model_card.json") if (root / weights.parent / "model_card.json").is_file() \
-        else {}
-    summary = ((card.get("training") or {}).get("summary") or {})
-    result["pretraining"] = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
+    counts = bootstrap_counts(len(splits.test_y), cfg.bootstrap.resamples, params.seed)
+    result, hits, test_f = method_metrics(ev, root, counts, family)
     if cfg.baselines:
-        # the bootstrap settings change intervals, not a baseline's predictions: not part of the cache key
-        eval_key = cfg.model_dump(exclude={"device", "projection_points", "baselines", "batch_size", "bootstrap"})
-        data_key = {"data_version": result["data_version"], "splits": digest(manifest.get("splits"))}
-
-        def random_init():
-            from ssl_models.backbones import build_backbone
-
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(params.seed)
-                net = build_backbone(**model.config)
-            f_train, f_test = features_of(net, "random-init")
-            metrics, hits = evaluate_features(f_train, train_y, f_test, test_y, num_classes=num_classes, cfg=cfg,
-                                              seed=params.seed, device=device)
-            return headline(metrics), hits
-
-        def raw_pixels():
-            f_train = raw_pixel_features(train_x, max_side=cfg.raw_pixels_max_side)
-            f_test = raw_pixel_features(test_x, max_side=cfg.raw_pixels_max_side)
-            metrics, hits = evaluate_features(f_train, train_y, f_test, test_y, num_classes=num_classes, cfg=cfg,
-                                              seed=params.seed, device=device)
-            return headline(metrics), hits
-
-        baselines = {
-            "random_init": cached(root, "random_init", {**data_key, "eval": eval_key, "seed": params.seed,
-                                                        "backbone_config": model.config, "input": spec},
-                                  names, len(test_y), random_init),
-            "raw_pixels": cached(root, "raw_pixels", {**data_key, "eval": eval_key, "seed": params.seed},
-                                 names, len(test_y), raw_pixels),
-        }
-        result["baselines"] = {name: with_intervals(b_metrics, b_hits, counts, level)
-                               for name, (b_metrics, b_hits) in baselines.items()}
-        # the method against each baseline on the same resampled test images
-        result["comparisons"] = {name: {m: paired_bootstrap(hits[m], b_hits[m], counts, level) for m in names}
-                                 for name, (_, b_hits) in baselines.items()}
-
-    projection = pca_2d(test_f, test_y, cfg.projection_points, params.seed) if cfg.projection_points else None
+        result.update(baseline_metrics(ev, root, spec, result["data_version"], hits, counts))
+    projection = pca_2d(test_f, splits.test_y, cfg.projection_points, params.seed) if cfg.projection_points else None
     eval_seconds = round(time.time() - started, 2)
-    eval_params = {"seed": params.seed, "evaluate": cfg.model_dump()}
-    result["lineage"] = make_record("evaluate", params=eval_params, root=root, seed=params.seed,
-                                    parents={"backbone": weights, "shards": SHARDS_DIR / "manifest.json"},
-                                    extra={"method": method, "family": family})
     for key, value in result.items():
         if isinstance(value, float) and not math.isfinite(value):
             raise DataError(f"{weights}: {key} is {value} (non-finite features?)")
+
     if projection is not None:
-        with atomic_path(root / projection_path(method)) as tmp:
-            with open(tmp, "w", newline="") as fh:
-                writer = csv.writer(fh)
-                writer.writerow(["pc1", "pc2", "label", "class"])
-                for (a, b), y in zip(projection[0].tolist(), projection[1].tolist()):
-                    writer.writerow([f"{a:.6g}", f"{b:.6g}", y, classes[y]])
-    lineage = result.pop("lineage")
+        write_projection(root / projection_path(method), projection, splits.classes)
+    lineage = make_record("evaluate", params={"seed": params.seed, "evaluate": cfg.model_dump()}, root=root,
+                          seed=params.seed, parents={"backbone": weights, "shards": SHARDS_DIR / "manifest.json"},
+                          extra={"method": method, "family": family})
     result = {**rounded(result), "lineage": lineage}
     write_json(root / metrics_path(method), result)
     write_provenance("evaluate", metrics_path(method), method=method, root=root, extra={"seconds": eval_seconds})

@@ -18,13 +18,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .common import ConfigError, DataError, atomic_path, describe_exception, run_main, workspace
+from .common import (ConfigError, DataError, atomic_path, describe_exception, manifest_image_size, read_json,
+                     run_main, workspace)
 from .config import load_params
 from .lineage import make_record, write_provenance
 from .provenance import embed_ancestors
 
 REQUIRED_KEYS = ("backbone_state", "backbone_config", "method", "family")
 CARD_FORMAT = "sslcook.model_card/1"
+SHARDS_MANIFEST = Path("data") / "shards" / "manifest.json"
 
 
 def checkpoint_path(method: str) -> Path:
@@ -71,22 +73,7 @@ def _find_augment(ckpt: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     return {}
 
 
-def _manifest_image_size(root: Path) -> int | None:
-    manifest = root / "data" / "shards" / "manifest.json"
-    try:
-        stats = json.loads(manifest.read_text()).get("image_size") or {}
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return None
-    for key in ("target", "size", "max", "height"):
-        value = stats.get(key) if isinstance(stats, dict) else None
-        if isinstance(value, int):
-            return value
-        if isinstance(value, (list, tuple)) and value and isinstance(value[0], int):
-            return max(value)
-    return None
-
-
-def input_spec(ckpt: dict[str, Any], run_dir: Path, root: Path) -> dict[str, Any]:
+def input_spec(ckpt: dict[str, Any], augment: dict[str, Any], ckpt_rel: Path, root: Path) -> dict[str, Any]:
     """What a user must feed the backbone: channels, square size, and the normalisation of pretraining."""
     from ssl_models.augment import GREY_MEAN, GREY_STD, RGB_MEAN, RGB_STD
 
@@ -94,24 +81,68 @@ def input_spec(ckpt: dict[str, Any], run_dir: Path, root: Path) -> dict[str, Any
         return dict(ckpt["input"])
     config = ckpt["backbone_config"]
     model_channels = int(config.get("in_chans", 3))
-    augment = _find_augment(ckpt, run_dir)
-    image_size = augment.get("image_size") or config.get("image_size") or _manifest_image_size(root)
+    manifest = root / SHARDS_MANIFEST
+    image_size = (augment.get("image_size") or config.get("image_size")
+                  or (manifest_image_size(read_json(manifest)) if manifest.is_file() else None))
     if not image_size:
-        raise DataError(f"{run_dir / 'checkpoint.pt'}: cannot tell the input size the backbone was trained at "
-                        f"(no augment.image_size in the checkpoint or config.json)")
-    grey = augment.get("grey", "skip")
-    data_channels = int(augment.get("channels", model_channels))
+        raise DataError(f"{ckpt_rel}: cannot tell the input size the backbone was trained at (no augment.image_size "
+                        f"in the checkpoint or config.json, no image size in {SHARDS_MANIFEST})")
     default_mean, default_std = (RGB_MEAN, RGB_STD) if model_channels == 3 else (GREY_MEAN, GREY_STD)
     mean = [float(v) for v in augment.get("mean", default_mean)]
     std = [float(v) for v in augment.get("std", default_std)]
     if len(mean) == 1 and model_channels == 3:
         mean, std = mean * 3, std * 3
-    return {"channels": model_channels, "data_channels": data_channels, "grey": grey, "image_size": int(image_size),
-            "mean": mean, "std": std, "recipe": augment.get("recipe"),
+    return {"channels": model_channels, "data_channels": int(augment.get("channels", model_channels)),
+            "grey": augment.get("grey", "skip"), "image_size": int(image_size), "mean": mean, "std": std,
+            "recipe": augment.get("recipe"),
             "preprocess": "uint8 pixels / 255, resized to image_size, then (x - mean) / std per channel"}
 
 
+def trained_backbone(ckpt: dict[str, Any], ckpt_rel: Path):
+    """The backbone rebuilt from the checkpoint's backbone_config with its trained weights, in eval mode."""
+    from ssl_models.backbones import build_backbone
+
+    config = ckpt["backbone_config"]
+    try:
+        backbone = build_backbone(**config)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{ckpt_rel}: backbone_config cannot be built ({exc})") from None
+    incompatible = backbone.load_state_dict(ckpt["backbone_state"], strict=False)
+    if incompatible.missing_keys or incompatible.unexpected_keys:
+        raise DataError(f"{ckpt_rel}: backbone_state does not match backbone_config {config.get('name')}: "
+                        f"{len(incompatible.missing_keys)} missing, {len(incompatible.unexpected_keys)} unexpected "
+                        f"(e.g. {(incompatible.missing_keys + incompatible.unexpected_keys)[0]})")
+    return backbone.eval()
+
+
+def model_card(method: str, ckpt: dict[str, Any], backbone, spec: dict[str, Any], augment: dict[str, Any],
+               weights: dict[str, str], record: dict[str, Any]) -> dict[str, Any]:
+    """The backbone described for people: what it is, what it expects, how it was trained, where its metrics go."""
+    summary = ckpt.get("summary") or {}
+    return {
+        "format": CARD_FORMAT,
+        "method": method,
+        "family": ckpt["family"],
+        "architecture": ckpt["backbone_config"].get("name"),
+        "backbone_config": ckpt["backbone_config"],
+        "feature_dim": backbone.feature_dim,
+        "parameters": sum(p.numel() for p in backbone.parameters()),
+        "input": spec,
+        # the view recipe of pretraining (build_views(**augment) shows what the method saw)
+        "augment": augment,
+        "training": {"summary": summary, "hparams": ckpt.get("hparams") or {}},
+        # pretraining monitors are known now; the downstream numbers come from evaluate@<method>
+        "metrics": {"pretraining": {k: v for k, v in summary.items() if isinstance(v, (int, float))},
+                    "downstream": None, "downstream_file": f"metrics/{method}.json"},
+        "weights": weights,
+        "usage": "from ssl_models.io import load_backbone; backbone = load_backbone('backbone.safetensors')",
+        "lineage": record,
+    }
+
+
 def export(method: str, root: Path | None = None) -> Path:
+    from ssl_models.io import MODEL_CARD, save_backbone
+
     root = root or workspace()
     params = load_params(root / "params.yaml")
     if method not in params.methods:
@@ -120,24 +151,9 @@ def export(method: str, root: Path | None = None) -> Path:
     ckpt = load_checkpoint(root / ckpt_rel)
     if ckpt["method"] != method:
         raise DataError(f"{ckpt_rel}: holds method {ckpt['method']!r}, not {method!r}")
-
-    from ssl_models.backbones import build_backbone
-    from ssl_models.io import MODEL_CARD, save_backbone
-
-    config = dict(ckpt["backbone_config"])
-    try:
-        backbone = build_backbone(**config)
-    except (TypeError, ValueError) as exc:
-        raise DataError(f"{ckpt_rel}: backbone_config cannot be built ({exc})") from None
-    state = ckpt["backbone_state"]
-    incompatible = backbone.load_state_dict(state, strict=False)
-    if incompatible.missing_keys or incompatible.unexpected_keys:
-        raise DataError(f"{ckpt_rel}: backbone_state does not match backbone_config {config.get('name')}: "
-                        f"{len(incompatible.missing_keys)} missing, {len(incompatible.unexpected_keys)} unexpected "
-                        f"(e.g. {(incompatible.missing_keys + incompatible.unexpected_keys)[0]})")
-    backbone.eval()
-    spec = input_spec(ckpt, root / ckpt_rel.parent, root)
-
+    backbone = trained_backbone(ckpt, ckpt_rel)
+    augment = _find_augment(ckpt, root / ckpt_rel.parent)
+    spec = input_spec(ckpt, augment, ckpt_rel, root)
     record = make_record("export", params={"method": method}, parents={"checkpoint": ckpt_rel}, seed=params.seed,
                          extra={"method": method, "family": ckpt["family"]}, root=root)
     # the checkpoint's own record (and through it the shards') travels inside the backbone file
@@ -149,29 +165,11 @@ def export(method: str, root: Path | None = None) -> Path:
         weights = tmp / "backbone.safetensors"
         digest = save_backbone(weights, backbone, {"input": spec, "method": method, "family": ckpt["family"],
                                                    "lineage": record})
-        summary = ckpt.get("summary") or {}
-        card = {
-            "format": CARD_FORMAT,
-            "method": method,
-            "family": ckpt["family"],
-            "architecture": config.get("name"),
-            "backbone_config": config,
-            "feature_dim": backbone.feature_dim,
-            "parameters": sum(p.numel() for p in backbone.parameters()),
-            "input": spec,
-            # the view recipe of pretraining (build_views(**augment) shows what the method saw)
-            "augment": _find_augment(ckpt, root / ckpt_rel.parent),
-            "training": {"summary": summary, "hparams": ckpt.get("hparams") or {}},
-            # pretraining monitors are known now; the downstream numbers come from evaluate@<method>
-            "metrics": {"pretraining": {k: v for k, v in summary.items() if isinstance(v, (int, float))},
-                        "downstream": None, "downstream_file": f"metrics/{method}.json"},
-            "weights": {"file": weights.name, "format": "safetensors", "sha256": digest},
-            "usage": "from ssl_models.io import load_backbone; backbone = load_backbone('backbone.safetensors')",
-            "lineage": record,
-        }
+        card = model_card(method, ckpt, backbone, spec, augment,
+                          {"file": weights.name, "format": "safetensors", "sha256": digest}, record)
         (tmp / MODEL_CARD).write_text(json.dumps(card, indent=2, sort_keys=True, default=str) + "\n")
     write_provenance("export", model_dir(method) / "backbone.safetensors", method=method, root=root)
-    print(f"export: {out.relative_to(root)}/backbone.safetensors ({config.get('name')}, feature dim "
+    print(f"export: {out.relative_to(root)}/backbone.safetensors ({ckpt['backbone_config'].get('name')}, feature dim "
           f"{backbone.feature_dim}, sha256 {digest[:12]})", file=sys.stderr)
     return out
 

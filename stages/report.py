@@ -1,11 +1,12 @@
 """report: metrics/*.json (+ training curves, embeddings, views) -> reports/.
 
 Writes
-- ``reports/summary.md`` and ``reports/summary.html`` (self-contained: inline CSS, figures embedded as base64, so it
-  opens offline): the results table (README's, every accuracy with its bootstrap interval), each method against
-  each baseline (paired bootstrap: beats / ties / trails with the difference and its interval), one table of
-  every method grouped by Cookbook family (kNN, linear probe, RankMe, pretraining time and images/s), the
-  baselines, the data version, and the figures;
+- ``reports/summary.md``, written by one template (``stages/templates/summary.md.j2``), and
+  ``reports/summary.html``, that Markdown rendered to one self-contained page (inline CSS, figures embedded as
+  base64, so it opens offline): the results table (README's, every accuracy with its bootstrap interval), each
+  method against each baseline (paired bootstrap: beats / ties / trails with the difference and its interval), one
+  table of every method grouped by Cookbook family (kNN, linear probe, RankMe, pretraining time and images/s), the
+  origins methods beside the modern families, the baselines, the data version, and the figures;
 - ``reports/summary.json``: the headline numbers with their intervals and the verdict lines, declared as DVC
   metrics (``dvc metrics show/diff``; results only, no timings, so it is content-stable);
 - ``reports/figures/*.png`` (matplotlib, Agg): loss and RankMe curves per method, accuracy by method and family,
@@ -204,12 +205,8 @@ def _displayable(view, mean, std):
     return img[0].numpy() if img.shape[0] == 1 else img.permute(1, 2, 0).numpy()
 
 
-def plot_views(method: str, card: dict, images, path: Path, dpi: int, seed: int) -> bool:
-    """One row per image: the original, then each view the method's recipe makes of it."""
-    import torch
-
-    from ssl_models.augment import build_views
-
+def view_recipe(method: str, card: dict, channels: int) -> tuple[str, dict[str, Any], Any, Any]:
+    """(recipe, build_views options, mean, std) of the views ``method`` pretrained on, from its model card."""
     augment = dict(card.get("augment") or {})
     augment.pop("out_channels", None)  # recorded by pretrain for information, not a build_views option
     spec = card.get("input") or {}
@@ -218,36 +215,53 @@ def plot_views(method: str, card: dict, images, path: Path, dpi: int, seed: int)
         from ssl_models import registry
 
         recipe = registry.get(method).cls.augment
-    image_size = augment.pop("image_size", None) or spec.get("image_size")
-    channels = augment.pop("channels", None) or int(images.shape[1])
-    grey = augment.pop("grey", spec.get("grey", "skip"))
+    options = {"image_size": augment.pop("image_size", None) or spec.get("image_size"),
+               "channels": augment.pop("channels", None) or channels,
+               "grey": augment.pop("grey", spec.get("grey", "skip")), **augment}
+    return recipe, options, augment.get("mean") or spec.get("mean"), augment.get("std") or spec.get("std")
+
+
+def augmented_views(method: str, recipe: str, options: dict[str, Any], images, seed: int) -> list[list] | None:
+    """[image][view]: the views ``recipe`` makes of each uint8 image, drawn from ``seed``; None (and a note on
+    stderr) when the recipe cannot be built for these images. The report's one call into ssl_models.augment."""
+    import torch
+
+    from ssl_models.augment import build_views
+
     try:
-        views_of = build_views(recipe, image_size=int(image_size), channels=int(channels), grey=grey, **augment)
+        views_of = build_views(recipe, **{**options, "image_size": int(options["image_size"]),
+                                          "channels": int(options["channels"])})
     except (TypeError, ValueError) as exc:
         print(f"report: no view grid for {method} ({exc})", file=sys.stderr)
-        return False
-    mean = augment.get("mean") or spec.get("mean")
-    std = augment.get("std") or spec.get("std")
-    plt = _plt()
-    n_cols = 1 + views_of.num_views
-    fig, axes = plt.subplots(len(images), n_cols, figsize=(1.3 * n_cols, 1.3 * len(images)), squeeze=False)
+        return None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for r, img in enumerate(images):
-            views = views_of(img)
-            original = img.float() / 255
-            cells = [original[0].numpy() if original.shape[0] == 1 else original.permute(1, 2, 0).numpy()]
-            for v in views:
-                vm = mean if mean and len(mean) == v.shape[0] else [0.0] * v.shape[0]
-                vs = std if std and len(std) == v.shape[0] else [1.0] * v.shape[0]
-                cells.append(_displayable(v, vm, vs))
-            for c, cell in enumerate(cells):
-                ax = axes[r][c]
-                ax.imshow(cell, cmap="gray" if cell.ndim == 2 else None, vmin=0, vmax=1)
-                ax.set_xticks([])
-                ax.set_yticks([])
-                if r == 0:
-                    ax.set_title("image" if c == 0 else f"view {c}", fontsize=7)
+        return [list(views_of(img)) for img in images]
+
+
+def plot_views(method: str, card: dict, images, path: Path, dpi: int, seed: int) -> bool:
+    """One row per image: the original, then each view the method's recipe makes of it."""
+    recipe, options, mean, std = view_recipe(method, card, int(images.shape[1]))
+    views = augmented_views(method, recipe, options, images, seed)
+    if views is None:
+        return False
+    plt = _plt()
+    n_cols = 1 + len(views[0])
+    fig, axes = plt.subplots(len(images), n_cols, figsize=(1.3 * n_cols, 1.3 * len(images)), squeeze=False)
+    for r, (img, row) in enumerate(zip(images, views)):
+        original = img.float() / 255
+        cells = [original[0].numpy() if original.shape[0] == 1 else original.permute(1, 2, 0).numpy()]
+        for v in row:
+            vm = mean if mean and len(mean) == v.shape[0] else [0.0] * v.shape[0]
+            vs = std if std and len(std) == v.shape[0] else [1.0] * v.shape[0]
+            cells.append(_displayable(v, vm, vs))
+        for c, cell in enumerate(cells):
+            ax = axes[r][c]
+            ax.imshow(cell, cmap="gray" if cell.ndim == 2 else None, vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title("image" if c == 0 else f"view {c}", fontsize=7)
     fig.suptitle(f"{method}: {recipe} views", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
@@ -448,40 +462,103 @@ def origins_vs_modern_rows(order: list[str], metrics: dict[str, dict]) -> tuple[
     return header, rows
 
 
-def md_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
+def table(header: list[str], rows: list[list[str]]) -> dict[str, list]:
+    return {"header": header, "rows": rows}
 
 
-def html_table(header: list[str], rows: list[list[str]], group_col: int | None = None) -> str:
-    out = ["<table>", "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"]
-    previous = None
-    for r in rows:
-        cls = ""
-        if group_col is not None and r[group_col] != previous:
-            cls = ' class="group"'
-            previous = r[group_col]
-        out.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>")
-    out.append("</table>")
-    return "\n".join(out)
-
-
+# ----------------------------------------------------------------------------------------------- rendering
+TEMPLATES = Path(__file__).parent / "templates"
 CSS = """body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;
 padding:0 1em;color:#222}h1{font-size:1.6em}h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;font-size:.9em;margin:.5em 0}th,td{border:1px solid #ccc;padding:.3em .6em;
-text-align:right}th{background:#f3f3f3}td:nth-child(-n+3){text-align:left}tr.group td{border-top:2px solid #888}
-code{background:#f5f5f5;padding:0 .25em}img{max-width:100%;border:1px solid #eee;margin:.4em 0}
-.meta{color:#555;font-size:.9em}"""
+text-align:right}th{background:#f3f3f3}td:nth-child(-n+3){text-align:left}
+code{background:#f5f5f5;padding:0 .25em}img{max-width:100%;border:1px solid #eee;margin:.4em 0}"""
+
+
+def render_markdown(context: dict[str, Any]) -> str:
+    """reports/summary.md: templates/summary.md.j2 filled with ready-made cells and lines."""
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), trim_blocks=True, lstrip_blocks=True,
+                             keep_trailing_newline=True, undefined=jinja2.StrictUndefined, autoescape=False)
+    return env.get_template("summary.md.j2").render(context)
+
+
+def render_html(md_text: str, title: str, base: Path) -> str:
+    """reports/summary.html: summary.md rendered by markdown-it (CommonMark + tables; raw HTML in the text is
+    escaped, never passed through) as one self-contained page: inline CSS, each figure embedded as base64 from
+    ``base``, so it opens offline."""
+    from markdown_it import MarkdownIt
+
+    md = MarkdownIt("commonmark", {"html": False}).enable("table")
+
+    def embedded_image(self, tokens, idx, options, env):
+        token = tokens[idx]
+        png = base64.b64encode((base / str(token.attrGet("src"))).read_bytes()).decode()
+        token.attrSet("src", f"data:image/png;base64,{png}")
+        return self.image(tokens, idx, options, env)
+
+    md.add_render_rule("image", embedded_image)
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{CSS}"
+            f"</style></head><body>\n{md.render(md_text)}</body></html>\n")
+
+
+def summary_context(root: Path, order: list[str], metrics: dict[str, dict], timed: dict[str, dict],
+                    cards: dict[str, dict], figures: list[dict[str, str]], title: str) -> dict[str, Any]:
+    """Everything the template shows, as text: the tables' cells, the verdict lines, the data version lines."""
+    vh, vrows, verdict_lines = verdict_rows(order, metrics)
+    bootstrap = next(iter(metrics.values())).get("bootstrap") or {}
+    level, resamples = bootstrap.get("level") or 0.95, bootstrap.get("resamples")
+    interval_note = (f"[low, high]: {level:.0%} bootstrap interval over the test images ({resamples} resamples, "
+                     f"one set shared by every method and baseline)." if resamples else "")
+    return {"title": title, **data_version_lines(root, metrics), "order": order,
+            "results": table(*results_rows(order, timed, cards)), "interval_note": interval_note,
+            "verdicts": table(vh, vrows), "verdict_lines": verdict_lines,
+            "by_family": table(*method_rows(order, timed)),
+            "knn_temperature": _fmt(next(iter(metrics.values())).get("knn_temperature"), 2),
+            "origins": table(*origins_vs_modern_rows(order, metrics)), "baselines": table(*baseline_rows(metrics)),
+            "figures": figures, "lineage": [lineage_line(m, metrics[m]) for m in order]}
+
+
+def data_version_lines(root: Path, metrics: dict[str, dict]) -> dict[str, str]:
+    """The data version every result was computed on ("MIXED: ..." when they differ), and a note when data.dvc
+    now points to another one."""
+    versions = sorted({str(m.get("data_version")) for m in metrics.values()})
+    data_ver = versions[0] if len(versions) == 1 else None
+    now_version = current_data_version(root)
+    stale = bool(data_ver and now_version and now_version != data_ver)
+    return {"data_line": data_ver or "MIXED: " + ", ".join(versions),
+            "stale_note": f" (data.dvc now points to {now_version}: these results are stale, run `dvc repro`)"
+            if stale else ""}
+
+
+def lineage_line(method: str, m: dict) -> dict[str, str]:
+    lin = m.get("lineage") or {}
+    backbone = (lin.get("parents") or {}).get("backbone") or {}
+    return {"method": method, "backbone": backbone.get("path", "?"), "sha256": backbone.get("sha256", "")[:16],
+            "data_version": str(m.get("data_version")), "params_digest": str(lin.get("params_digest"))[:12]}
+
+
+def summary_json(order: list[str], metrics: dict[str, dict], context: dict[str, Any]) -> dict[str, Any]:
+    """reports/summary.json (DVC metrics): the headline numbers with their intervals, the paired comparisons and
+    the verdict lines; results only, so it is content-stable."""
+    methods = {}
+    for m in order:
+        keys = (knn_key(metrics[m]), "linear_probe_top1")
+        methods[m] = {k: metrics[m].get(k) for k in ("family", *keys, "rankme", "emb_std", "primary_metric")}
+        methods[m]["intervals"] = {k: iv for k in keys if (iv := interval(metrics[m], k))}
+        methods[m]["comparisons"] = metrics[m].get("comparisons") or {}
+    baselines = {f"{name}{'_' + arch if arch else ''}".replace(" ", "_"):
+                 {k: b.get(k) for k in (b["knn_key"], "linear_probe_top1")}
+                 for (name, arch), b in collect_baselines(metrics).items()}
+    return {"data_version": context["data_line"], "methods": methods, "baselines": baselines,
+            "verdicts": context["verdict_lines"]}
 
 
 # ----------------------------------------------------------------------------------------------- stage
-def report(root: Path | None = None) -> dict[str, Any]:
-    root = root or workspace()
-    params = load_params(root / "params.yaml")
-    cfg = params.report
+def read_metrics(root: Path, methods: list[str]) -> dict[str, dict]:
     metrics: dict[str, dict] = {}
-    for method in params.methods:
+    for method in methods:
         path = root / "metrics" / f"{method}.json"
         if not path.is_file():
             raise DataError(f"metrics/{method}.json: not found (run evaluate@{method} first)")
@@ -489,164 +566,109 @@ def report(root: Path | None = None) -> dict[str, Any]:
         if not isinstance(doc, dict) or "lineage" not in doc:
             raise DataError(f"metrics/{method}.json: not an evaluate output (no lineage)")
         metrics[method] = doc
-    order = family_sorted(list(metrics), metrics)
-    versions = sorted({str(m.get("data_version")) for m in metrics.values()})
-    data_ver = versions[0] if len(versions) == 1 else None
-    timed: dict[str, dict] = {}  # metrics plus the runs' timings, for the tables (the model cards keep content)
-    for method in params.methods:  # timings are facts of the run that made the checkpoint (see above)
+    return metrics
+
+
+def with_run_timings(root: Path, metrics: dict[str, dict]) -> dict[str, dict]:
+    """Each method's metrics plus the pretraining time and images/s of the run that made its checkpoint in runs/
+    (facts of that run, from provenance/: for the tables only; the model cards and summary.json keep content)."""
+    timed = {}
+    for method, m in metrics.items():
         ckpt = root / "runs" / method / "checkpoint.pt"
         prov = read_provenance(root, "pretrain", method, sha256_file(ckpt) if ckpt.is_file() else None) or {}
-        timed[method] = {**metrics[method], "pretraining": {
-            **(metrics[method].get("pretraining") or {}),
-            **{k: prov[k] for k in ("train_seconds", "images_per_s") if k in prov}}}
+        timings = {k: prov[k] for k in ("train_seconds", "images_per_s") if k in prov}
+        timed[method] = {**m, "pretraining": {**(m.get("pretraining") or {}), **timings}}
+    return timed
 
-    cards = {}
-    for method in order:
-        card_path = root / "models" / method / "model_card.json"
-        cards[method] = read_json(card_path) if card_path.is_file() else {}
+
+def read_cards(root: Path, order: list[str]) -> dict[str, dict]:
+    paths = {m: root / "models" / m / "model_card.json" for m in order}
+    return {m: read_json(path) if path.is_file() else {} for m, path in paths.items()}
+
+
+def view_grid_images(root: Path, count: int):
+    """``count`` test images spread over the test split for the view grids; None (and a note) without shards."""
+    shards = root / "data" / "shards"
+    if not (shards / "manifest.json").is_file():
+        return None
+    try:
+        from ssl_models import data as shard_data
+
+        images, _, _ = shard_data.load_split(shards, "test")
+    except (ImportError, OSError, ValueError) as exc:
+        print(f"report: no view grids ({str(exc).splitlines()[0] if str(exc) else exc})", file=sys.stderr)
+        return None
+    return images[:: max(1, len(images) // count)][:count]
+
+
+def write_figures(fig_dir: Path, root: Path, order: list[str], metrics: dict[str, dict], cards: dict[str, dict],
+                  dpi: int, view_images, seed: int) -> list[dict[str, str]]:
+    """Draw every figure into ``fig_dir``: [{"name", "caption"}] of those drawn (no curves without histories)."""
     histories = {m: read_history(root / "runs" / m / "history.tsv") for m in order}
     projections = {m: read_projection(root / "metrics" / f"{m}_pca.csv") for m in order}
     families = {m: metrics[m].get("family") for m in order}
+    drawn = []
+    if plot_curves(histories, "loss", "training loss", fig_dir / "loss_curves.png", dpi, families):
+        drawn.append(("loss_curves.png", "Training loss per epoch"))
+    if plot_curves(histories, "rankme", "RankMe (effective rank)", fig_dir / "rankme_curves.png", dpi, families):
+        drawn.append(("rankme_curves.png", "RankMe of the embedding per epoch (collapse: towards 1)"))
+    plot_accuracy(order, metrics, fig_dir / "accuracy.png", dpi)
+    drawn.append(("accuracy.png", "Test top-1 by method, coloured by family (hatched: kNN, solid: linear probe; thick "
+                                  "edge: the protocol it is judged by; error bars: 95% bootstrap intervals), "
+                                  "baselines as lines"))
+    if plot_projections(order, projections, fig_dir / "embeddings_pca.png", dpi):
+        drawn.append(("embeddings_pca.png", "Test embeddings, 2-D PCA, coloured by class"))
+    for m in order if view_images is not None else []:
+        if plot_views(m, cards[m], view_images, fig_dir / f"views_{m}.png", dpi, seed):
+            drawn.append((f"views_{m}.png", f"Augmented views {m} trains on"))
+    return [{"name": name, "caption": caption} for name, caption in drawn]
 
-    sample_images = None
-    manifest = root / "data" / "shards" / "manifest.json"
-    if manifest.is_file():
-        try:
-            from ssl_models import data as shard_data
 
-            images, _, _ = shard_data.load_split(root / "data" / "shards", "test")
-            step = max(1, len(images) // cfg.view_grid_images)
-            sample_images = images[::step][: cfg.view_grid_images]
-        except (ImportError, OSError, ValueError) as exc:
-            print(f"report: no view grids ({str(exc).splitlines()[0] if str(exc) else exc})", file=sys.stderr)
+def write_curve_tables(curves_dir: Path, root: Path, methods: list[str]) -> None:
+    # methods in params order: dvc.yaml's top-level plots name the columns with ${methods}
+    histories = {m: read_history(root / "runs" / m / "history.tsv") for m in methods}
+    write_curve_table(histories, "loss", curves_dir / "loss.tsv")
+    write_curve_table(histories, "rankme", curves_dir / "rankme.tsv")
+
+
+def write_model_cards(cards_dir: Path, order: list[str], cards: dict[str, dict], metrics: dict[str, dict]) -> None:
+    """Each exported model card with its downstream metrics filled in."""
+    for method in order:
+        if cards[method]:
+            card = dict(cards[method])
+            card["metrics"] = {**(card.get("metrics") or {}),
+                               "downstream": {k: v for k, v in metrics[method].items() if k != "lineage"}}
+            (cards_dir / f"{method}.json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+
+
+def report(root: Path | None = None) -> dict[str, Any]:
+    root = root or workspace()
+    params = load_params(root / "params.yaml")
+    cfg = params.report
+    metrics = read_metrics(root, params.methods)
+    order = family_sorted(list(metrics), metrics)
+    cards = read_cards(root, order)
+    view_images = view_grid_images(root, cfg.view_grid_images)
 
     out_dir = root / REPORTS
     out_dir.mkdir(parents=True, exist_ok=True)
-    figures: list[tuple[str, str]] = []  # (file name, caption)
     with atomic_path(out_dir / "figures") as fig_dir:
         fig_dir.mkdir()
-        if plot_curves(histories, "loss", "training loss", fig_dir / "loss_curves.png", cfg.plot_dpi, families):
-            figures.append(("loss_curves.png", "Training loss per epoch"))
-        if plot_curves(histories, "rankme", "RankMe (effective rank)", fig_dir / "rankme_curves.png", cfg.plot_dpi,
-                       families):
-            figures.append(("rankme_curves.png", "RankMe of the embedding per epoch (collapse: towards 1)"))
-        plot_accuracy(order, metrics, fig_dir / "accuracy.png", cfg.plot_dpi)
-        figures.append(("accuracy.png", "Test top-1 by method, coloured by family (hatched: kNN, solid: linear "
-                                        "probe; thick edge: the protocol it is judged by; error bars: 95% "
-                                        "bootstrap intervals), baselines as lines"))
-        if plot_projections(order, projections, fig_dir / "embeddings_pca.png", cfg.plot_dpi):
-            figures.append(("embeddings_pca.png", "Test embeddings, 2-D PCA, coloured by class"))
-        if sample_images is not None:
-            for method in order:
-                if plot_views(method, cards[method], sample_images, fig_dir / f"views_{method}.png", cfg.plot_dpi,
-                              params.seed):
-                    figures.append((f"views_{method}.png", f"Augmented views {method} trains on"))
-
+        figures = write_figures(fig_dir, root, order, metrics, cards, cfg.plot_dpi, view_images, params.seed)
     with atomic_path(out_dir / "curves") as curves_dir:
         curves_dir.mkdir()
-        # methods in params order: dvc.yaml's top-level plots name the columns with ${methods}
-        ordered = {m: histories[m] for m in params.methods}
-        write_curve_table(ordered, "loss", curves_dir / "loss.tsv")
-        write_curve_table(ordered, "rankme", curves_dir / "rankme.tsv")
-
-    mh, mrows = method_rows(order, timed)
-    bh, brows = baseline_rows(metrics)
-    rh, rrows = results_rows(order, timed, cards)
-    vh, vrows, verdict_lines = verdict_rows(order, metrics)
-    level = next((m.get("bootstrap") or {}).get("level") for m in metrics.values()) or 0.95
-    resamples = next((m.get("bootstrap") or {}).get("resamples") for m in metrics.values())
-    interval_note = (f"[low, high]: {level:.0%} bootstrap interval over the test images ({resamples} resamples, "
-                     f"one set shared by every method and baseline)." if resamples else "")
-    data_line = data_ver if data_ver else "MIXED: " + ", ".join(versions)
-    now_version = current_data_version(root)
-    stale_note = ""
-    if data_ver and now_version and now_version != data_ver:
-        stale_note = f" (data.dvc now points to {now_version}: these results are stale, run `dvc repro`)"
-
-    md = [f"# {cfg.title}", "",
-          f"- data version (md5 of data/raw in data.dvc): `{data_line}`{stale_note}",
-          "- commit, time and flow run of every step: `sslcook trace metrics/<method>.json` (from `provenance/`)",
-          f"- methods: {', '.join(order)}", "",
-          "## Results", "", md_table(rh, rrows), "", interval_note, "",
-          "## Against the baselines", "", md_table(vh, vrows), "",
-          "Paired bootstrap on the same test images: the method's accuracy minus the baseline's, its interval and "
-          "two-sided p-value. \"beats\" only where the whole interval is above 0, \"trails\" where it is below, "
-          "\"ties\" where it holds 0.", "",
-          *[f"- {line}" for line in verdict_lines], "",
-          "## Results by family", "", md_table(mh, mrows), "",
-          "kNN: cosine on l2-normalised frozen features, weighted vote exp(sim/T), "
-          f"T={_fmt(next(iter(metrics.values())).get('knn_temperature'), 2)}; linear probe: L2-regularised "
-          "logistic regression on standardised frozen features, C chosen on a validation split of train, refit on "
-          "all of train. Masked image modeling is judged by the linear probe.",
-          ""]
-    oh, orows = origins_vs_modern_rows(order, metrics)
-    if orows:
-        md += ["## Origins vs modern", "", md_table(oh, orows), "",
-               "The pretext tasks the modern families grew from, on the same data, budget and evaluation.", ""]
-    md += ["## Baselines", "", md_table(bh, brows), "",
-           "## Figures", ""]
-    for name, caption in figures:
-        md += [f"![{caption}](figures/{name})", "", f"*{caption}*", ""]
-    md += ["## Lineage", "",
-           "Every number above comes from `metrics/<method>.json`; `sslcook trace metrics/<method>.json` prints its "
-           "chain (backbone -> checkpoint -> shards -> data version -> commit). To get back the exact inputs of a "
-           "past report: `git checkout <commit> && dvc checkout`.", ""]
-    for method in order:
-        lin = metrics[method].get("lineage") or {}
-        parents = lin.get("parents") or {}
-        sha = (parents.get("backbone") or {}).get("sha256", "")
-        md.append(f"- {method}: backbone `{(parents.get('backbone') or {}).get('path', '?')}` sha256 `{sha[:16]}`, "
-                  f"data version `{metrics[method].get('data_version')}`, params digest "
-                  f"`{str(lin.get('params_digest'))[:12]}`")
-    md_text = "\n".join(md) + "\n"
-
-    body = [f"<h1>{html.escape(cfg.title)}</h1>",
-            f"<p class='meta'>data version (md5 of data/raw in data.dvc): <code>{html.escape(data_line)}</code>"
-            f"{html.escape(stale_note)}<br>commit, time and flow run of every step: "
-            f"<code>sslcook trace metrics/&lt;method&gt;.json</code></p>",
-            "<h2>Results</h2>", html_table(rh, rrows), f"<p class='meta'>{html.escape(interval_note)}</p>",
-            "<h2>Against the baselines</h2>", html_table(vh, vrows),
-            "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in verdict_lines) + "</ul>",
-            "<h2>Results by family</h2>", html_table(mh, mrows, group_col=0)]
-    if orows:
-        body += ["<h2>Origins vs modern</h2>", html_table(oh, orows, group_col=0)]
-    body += ["<h2>Baselines</h2>", html_table(bh, brows), "<h2>Figures</h2>"]
-    for name, caption in figures:
-        encoded = base64.b64encode((out_dir / "figures" / name).read_bytes()).decode()
-        body.append(f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{encoded}'>"
-                    f"<figcaption>{html.escape(caption)}</figcaption></figure>")
-    body.append("<h2>Lineage</h2><p>Trace any number: <code>sslcook trace metrics/&lt;method&gt;.json</code>; "
-                "restore its inputs: <code>git checkout &lt;commit&gt; &amp;&amp; dvc checkout</code>.</p>")
-    page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>" + html.escape(cfg.title) + "</title><style>"
-            + CSS + "</style></head><body>" + "\n".join(body) + "</body></html>\n")
-
-    summary = {
-        "data_version": data_line,
-        "methods": {m: {k: metrics[m].get(k) for k in ("family", knn_key(metrics[m]), "linear_probe_top1", "rankme",
-                                                         "emb_std", "primary_metric")}
-                    for m in order},
-        "baselines": {f"{name}{'_' + arch if arch else ''}".replace(" ", "_"):
-                      {k: b.get(k) for k in (b["knn_key"], "linear_probe_top1")}
-                      for (name, arch), b in collect_baselines(metrics).items()},
-    }
-    summary["verdicts"] = verdict_lines
-    for m in order:
-        summary["methods"][m]["intervals"] = {k: iv for k in (knn_key(metrics[m]), "linear_probe_top1")
-                                              if (iv := interval(metrics[m], k))}
-        summary["methods"][m]["comparisons"] = metrics[m].get("comparisons") or {}
-
+        write_curve_tables(curves_dir, root, params.methods)
     with atomic_path(out_dir / "model_cards") as cards_dir:
         cards_dir.mkdir()
-        for method in order:
-            if cards[method]:
-                card = dict(cards[method])
-                card["metrics"] = {**(card.get("metrics") or {}),
-                                   "downstream": {k: v for k, v in metrics[method].items() if k != "lineage"}}
-                (cards_dir / f"{method}.json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+        write_model_cards(cards_dir, order, cards, metrics)
+
+    context = summary_context(root, order, metrics, with_run_timings(root, metrics), cards, figures, cfg.title)
+    md_text = render_markdown(context)
     with atomic_path(out_dir / "summary.md") as tmp:
         tmp.write_text(md_text)
     with atomic_path(out_dir / "summary.html") as tmp:
-        tmp.write_text(page)
+        tmp.write_text(render_html(md_text, cfg.title, out_dir))
+    summary = summary_json(order, metrics, context)
     summary["lineage"] = make_record("report", params={"report": cfg.model_dump(), "methods": params.methods},
                                      parents={f"metrics_{m}": Path("metrics") / f"{m}.json" for m in order},
                                      root=root, seed=params.seed)

@@ -40,8 +40,8 @@ def untimed(path) -> str:
     """A report file with its pretraining time and images/s cells blanked."""
     text = path.read_text()
     if path.suffix == ".html":  # figures are compared through reports/figures; the table cells are masked
-        text = re.sub(r"data:image/png;base64,[^']*", "", text)
-        return re.sub(r"<td>[\d.]+ (?:s|min)</td><td>\d+</td>", "<td>T</td><td>T</td>", text)
+        text = re.sub(r"data:image/png;base64,[^'\"]*", "", text)
+        return re.sub(r"<td>[\d.]+ (?:s|min)</td>\s*<td>\d+</td>", "<td>T</td><td>T</td>", text)
     return re.sub(r"\| [\d.]+ (?:s|min) \| \d+ \|", "| T | T |", text)
 
 

@@ -104,6 +104,27 @@ def test_exported_backbone_gives_the_checkpoint_features(pipeline):
         assert torch.allclose(reference.eval()(x), exported(x), atol=1e-6, rtol=0)
 
 
+def test_export_without_a_recorded_size_takes_the_shards_image_size(pipeline, tmp_path):
+    """A checkpoint that records no input size (none in augment, config.json or backbone_config) is exported at
+    the size the shard manifest gives its images; without shards that is a one-line error."""
+    from stages.common import DataError, manifest_image_size
+    from stages.export import input_spec, load_checkpoint
+
+    ws = pipeline["ws"]
+    ckpt_rel = Path("runs") / "simclr" / "checkpoint.pt"
+    ckpt = load_checkpoint(ws / ckpt_rel)
+    assert "image_size" not in ckpt["backbone_config"]
+    bare = {k: v for k, v in ckpt.items() if k not in ("augment", "input")}
+    assert input_spec(bare, {}, ckpt_rel, ws)["image_size"] == 28
+    with pytest.raises(DataError, match="cannot tell the input size"):
+        input_spec(bare, {}, ckpt_rel, tmp_path)
+    # mixed sizes (shard.image_size null): the shorter side of the most common stored size
+    mixed = {"image_size": {"uniform": None, "stored": {"most_common": [[32, 24, 7], [16, 16, 2]]}}}
+    assert manifest_image_size(mixed) == 24
+    assert manifest_image_size({"image_size": {"uniform": [30, 20]}}) == 20
+    assert manifest_image_size({}) is None and manifest_image_size({"image_size": {"max": [28, 28]}}) is None
+
+
 def _metrics_doc(method: str, family: str, knn: float, probe: float) -> dict:
     return {"method": method, "family": family, "architecture": "resnet18", "knn_top1_k20": knn,
             "knn_top5_k20": 0.9, "knn_top1_k200": knn, "knn_top5_k200": 0.95, "linear_probe_top1": probe,
@@ -289,3 +310,63 @@ def test_accuracy_figure_has_error_bars_from_the_intervals(tmp_path, monkeypatch
     old = _metrics_doc("simclr", "deep_metric_learning", 0.873, 0.930)
     report_stage.plot_accuracy(["simclr"], {"simclr": old}, tmp_path / "acc.png", 50)
     assert drawn == [None, None]
+
+
+def test_summary_html_is_the_markdown_rendered_with_text_kept_as_text(tmp_path, monkeypatch):
+    """One template: summary.html shows exactly summary.md's headings, table cells and figures; a title with markup
+    in params stays text in both."""
+    import html
+    import re
+
+    from stages.report import report
+
+    ws = tmp_path / "ws"
+    (ws / "metrics").mkdir(parents=True)
+    params = tp.tiny_params()
+    params["methods"] = ["simclr", "rotnet"]
+    params["report"]["title"] = "<b>cookbook</b> & co"
+    tp.write_params(ws, params)
+    for doc in (_with_intervals(_metrics_doc("simclr", "deep_metric_learning", 0.873, 0.930), True),
+                _with_intervals(_metrics_doc("rotnet", "origins", 0.6, 0.75), False)):
+        (ws / "metrics" / f"{doc['method']}.json").write_text(json.dumps(doc))
+    monkeypatch.setenv("SSLCOOK_WORKSPACE", str(ws))
+    report(ws)
+    md = (ws / "reports" / "summary.md").read_text()
+    page = (ws / "reports" / "summary.html").read_text()
+
+    def text(s: str) -> str:
+        return html.escape(s, quote=False)
+
+    headings = [line[3:] for line in md.splitlines() if line.startswith("## ")]
+    assert "Origins vs modern" in headings and "Against the baselines" in headings
+    assert re.findall(r"<h2>(.*?)</h2>", page) == [text(h) for h in headings]
+    md_cells = [cell for line in md.splitlines() if line.startswith("| ") for cell in line[2:-2].split(" | ")]
+    assert len(md_cells) > 100
+    assert re.findall(r"<t[hd]>(.*?)</t[hd]>", page) == [text(c) for c in md_cells]
+    assert f"<li>{text('simclr beats raw pixels on linear probe top-1: +0.030 [+0.012, +0.047], p = 0.001')}</li>" \
+        in page
+    assert md.startswith("# <b>cookbook</b> & co\n")
+    assert "<b>" not in page and page.count("&lt;b&gt;cookbook&lt;/b&gt; &amp; co") == 2  # <title> and <h1>
+    assert page.count("data:image/png;base64,") == md.count("](figures/") == 1  # no runs/, no shards: accuracy only
+
+
+def test_view_grid_views_come_from_the_seed_alone():
+    """The view grid's views: per image one view per pipeline of the recipe, the same for the same seed, the
+    caller's random state untouched; a card the recipe cannot be built from gives no grid."""
+    from ssl_models import registry
+    from stages.report import augmented_views, view_recipe
+
+    images = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    recipe, options, _, _ = view_recipe("simclr", {"input": {"image_size": 24}}, channels=1)
+    assert recipe == registry.get("simclr").cls.augment and options["image_size"] == 24
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    views = augmented_views("simclr", recipe, options, images, seed=0)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert len(views) == 3 and {len(row) for row in views} == {2}
+    assert all(v.shape == (1, 24, 24) and v.is_floating_point() for row in views for v in row)
+    again = augmented_views("simclr", recipe, options, images, seed=0)
+    other = augmented_views("simclr", recipe, options, images, seed=1)
+    assert all(torch.equal(a, b) for ra, rb in zip(views, again) for a, b in zip(ra, rb))
+    assert not all(torch.equal(a, b) for ra, rb in zip(views, other) for a, b in zip(ra, rb))
+    assert augmented_views("simclr", recipe, {**options, "image_size": None}, images, seed=0) is None
