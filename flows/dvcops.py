@@ -23,7 +23,7 @@ from typing import Any, Iterator, Sequence
 
 import yaml
 
-from stages.common import WATCH_ENV, ConfigError, SslcookError, process_identity, workspace
+from stages.common import WATCH_ENV, ConfigError, SslcookError, is_workspace, process_identity, workspace
 
 def prefect_defaults() -> None:
     """Settings the flows want before Prefect is imported (an explicit environment variable still wins).
@@ -60,7 +60,7 @@ def resolve_root(path: str | os.PathLike | None = None) -> Path:
     root = Path(path).expanduser().resolve() if path else workspace()
     if not (root / "dvc.yaml").exists():
         raise ConfigError(f"{root / 'dvc.yaml'}: file not found (not a pipeline workspace)")
-    if not (root / ".dvc").is_dir():
+    if not is_workspace(root):
         raise ConfigError(f"{root}: not a DVC repository (no .dvc/); run `dvc init` there first")
     return root
 
