@@ -1,8 +1,10 @@
-"""What the flows need from DVC: the stage plan, running a DVC command with its log, remotes, the workspace lock.
+"""What the flows need from DVC: the stage plan, running a DVC command with its log, what DVC did with a stage,
+remotes, the workspace lock.
 
 The flows never redefine the pipeline: the stage list and its order come from DVC's own planner (the order
 ``dvc repro`` uses), and each stage runs through ``dvc repro --single-item``, so DVC decides what is up to date.
-Nothing here imports Prefect, so ``sslcook run --no-prefect`` stays light.
+What it did is read from its structured state (``dvc status`` of the stage, its run cache, dvc.lock), never from
+the wording of its log. Nothing here imports Prefect.
 """
 from __future__ import annotations
 
