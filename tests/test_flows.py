@@ -400,3 +400,14 @@ def test_stage_selection_and_user_errors(tmp_path):
         FlowConfig.from_workspace(ws)
     with pytest.raises(ConfigError, match="flow.retries"):
         run_main(["-w", str(ws), "--no-prefect"])
+
+
+def test_every_function_in_flows_reads_in_one_screen():
+    import ast
+
+    long = []
+    for path in sorted((PROJECT_ROOT / "flows").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long.append(f"{path.name}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert long == []
