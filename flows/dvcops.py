@@ -205,8 +205,7 @@ def stage_state(root: Path, address: str) -> StageState:
     restore it, and its dvc.lock entry, read in-process just before the stage runs."""
     from dvc.repo import Repo
 
-    # from the workspace root, as `dvc` runs: DVC resolves some stage paths against the cwd
-    with contextlib.chdir(root), Repo(str(root)) as repo, repo.lock:
+    with Repo(str(root)) as repo, repo.lock:
         stages = [stage for stage, _ in repo.stage.collect_granular(_absolute_target(root, address))]
         changed = any(stage.status() for stage in stages)
         cached = changed and bool(stages) and all(_in_run_cache(repo, stage) for stage in stages)
