@@ -20,15 +20,6 @@ USAGE = "usage: sslcook {" + ",".join(COMMANDS) + "} [options]\n\ncommands:\n" +
     f"  {name:<7} {doc}" for name, (_, doc) in COMMANDS.items()) + "\n\n`sslcook COMMAND --help` for its options."
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the main thread is: it unwinds like Ctrl-C, so a running stage's process group is
-    stopped (flows.dvcops.run_dvc) and Prefect's temporary API server shuts down with the process."""
-
-
-def _on_sigterm(signum, frame):  # noqa: ARG001
-    raise Terminated
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -39,12 +30,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown command {name!r}\n{USAGE}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
-    from stages.common import OUTPUT_FAULTS, SslcookError, os_error_line
+    from stages.common import OUTPUT_FAULTS, SslcookError, Terminated, os_error_line, stop_on_sigterm
 
-    try:
-        signal.signal(signal.SIGTERM, _on_sigterm)
-    except ValueError:  # not the main thread (an embedding program's own thread keeps its handlers)
-        pass
+    stop_on_sigterm()
     try:
         return int(module.main(rest) or 0)
     except SslcookError as exc:

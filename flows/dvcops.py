@@ -1,8 +1,10 @@
-"""What the flows need from DVC: the stage plan, running a DVC command with its log, remotes, the workspace lock.
+"""What the flows need from DVC: the stage plan, running a DVC command with its log, what DVC did with a stage,
+remotes, the workspace lock.
 
 The flows never redefine the pipeline: the stage list and its order come from DVC's own planner (the order
 ``dvc repro`` uses), and each stage runs through ``dvc repro --single-item``, so DVC decides what is up to date.
-Nothing here imports Prefect, so ``sslcook run --no-prefect`` stays light.
+What it did is read from its structured state (``dvc status`` of the stage, its run cache, dvc.lock), never from
+the wording of its log. Nothing here imports Prefect.
 """
 from __future__ import annotations
 
@@ -15,14 +17,15 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
-from stages.common import WATCH_ENV, ConfigError, SslcookError, process_identity, workspace
+import yaml
+
+from stages.common import WATCH_ENV, ConfigError, SslcookError, is_workspace, process_identity, workspace
 
 def prefect_defaults() -> None:
     """Settings the flows want before Prefect is imported (an explicit environment variable still wins).
@@ -59,7 +62,7 @@ def resolve_root(path: str | os.PathLike | None = None) -> Path:
     root = Path(path).expanduser().resolve() if path else workspace()
     if not (root / "dvc.yaml").exists():
         raise ConfigError(f"{root / 'dvc.yaml'}: file not found (not a pipeline workspace)")
-    if not (root / ".dvc").is_dir():
+    if not is_workspace(root):
         raise ConfigError(f"{root}: not a DVC repository (no .dvc/); run `dvc init` there first")
     return root
 
@@ -161,16 +164,69 @@ def stop_group(proc: subprocess.Popen, grace_seconds: float = STOP_GRACE_SECONDS
         proc.wait(timeout=10)
 
 
-def stage_outcome(stage: str, head: str) -> str:
-    """What DVC did with a stage, from its own words: ran | skipped | restored (from the run cache) | checked."""
-    quoted = re.escape(f"'{stage}'")
-    if re.search(rf"Stage {quoted} is cached - skipping run", head):
-        return "restored"
-    if re.search(rf"{quoted} didn't change, skipping", head):
-        return "skipped"
-    if re.search(rf"Running stage {quoted}", head):
+@dataclass
+class StageState:
+    """What DVC knows of a stage before it runs: the facts its outcome is read from afterwards."""
+
+    changed: bool      # `dvc status` lists it: DVC will run it (or restore it from the run cache)
+    cached_run: bool   # DVC's run cache holds the outputs of its current command, deps and params
+    lock: Any          # its dvc.lock entry (for a data source: its .dvc file)
+
+
+def _lock_entry(root: Path, address: str) -> Any:
+    """The stage's record as DVC last wrote it: its dvc.lock entry, or the text of a .dvc file."""
+    if address.endswith(".dvc"):
+        path = root / address
+        return path.read_text() if path.is_file() else None
+    dvcfile, _, name = address.rpartition(":")
+    lock = root / Path(dvcfile).parent / "dvc.lock" if dvcfile else root / "dvc.lock"
+    try:
+        doc = yaml.safe_load(lock.read_text()) if lock.is_file() else None
+    except yaml.YAMLError:
+        return None
+    return ((doc or {}).get("stages") or {}).get(name)
+
+
+def _in_run_cache(repo, stage) -> bool:
+    """Whether DVC's run cache holds a run of ``stage`` with its deps' and params' current values (then
+    ``dvc repro`` restores its outputs instead of running it)."""
+    from dvc.exceptions import DvcException
+
+    try:
+        stage.save_deps()   # the deps' current hashes (in memory): the run cache is keyed by them
+        entry = repo.stage_cache._load(stage)   # DVC's own lookup (the one `repro` does), not re-implemented
+    except DvcException:
+        return False
+    return bool(entry)
+
+
+def stage_state(root: Path, address: str) -> StageState:
+    """``dvc status`` of one stage (the structure ``dvc status --json`` prints), whether DVC's run cache could
+    restore it, and its dvc.lock entry, read in-process just before the stage runs."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo, repo.lock:
+        stages = [stage for stage, _ in repo.stage.collect_granular(_absolute_target(root, address))]
+        changed = any(stage.status() for stage in stages)
+        cached = changed and bool(stages) and all(_in_run_cache(repo, stage) for stage in stages)
+    return StageState(changed, cached, _lock_entry(root, address))
+
+
+def stage_outcome(address: str, before: StageState, forced: bool = False) -> str:
+    """What DVC did with a stage, from its status before the run: ran | restored (from the run cache) |
+    skipped (up to date) | checked (a data source, data.dvc, whose data DVC verified)."""
+    if forced:
         return "ran"
-    return "checked"   # e.g. a data source stage (data.dvc) whose data DVC verified
+    if not before.changed:
+        return "skipped"
+    if address.endswith(".dvc"):
+        return "checked"
+    return "restored" if before.cached_run else "ran"
+
+
+def lock_changed(root: Path, address: str, before: StageState) -> bool:
+    """Whether the run changed the stage's dvc.lock entry (its .dvc file for a data source)."""
+    return _lock_entry(root, address) != before.lock
 
 
 def _absolute_target(root: Path, target: str) -> str:
@@ -229,71 +285,64 @@ def log_path_for(root: Path, name: str) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# One run at a time per workspace. flock(2) is released by the kernel when the holder dies, so a crashed run
-# never leaves a stale lock behind. Re-entrant within a process: the data flow holds it and runs the pipeline.
-_held: dict[Path, list] = {}
-_held_guard = threading.Lock()
+# One run at a time per workspace: an OS file lock (filelock: flock(2) on Unix), which the kernel releases when the
+# holder dies, so a crashed run never leaves a stale lock. Re-entrant within a process (one lock object per path,
+# shared by threads): the data flow holds it and runs the pipeline flow inside.
 
-
-def _holder(fd: int) -> str:
+def _holder(path: Path) -> str:
+    """Who holds the lock, from the note its holder wrote into the lock file."""
     try:
-        info = json.loads(os.pread(fd, 4096, 0).decode(errors="replace").strip())
+        info = json.loads(path.read_text(errors="replace").strip())
         return (f"{info.get('what', 'a run')} (pid {info.get('pid')} on {info.get('host')}, "
                 f"flow run {info.get('flow_run_id') or '-'}, started {info.get('since')})")
-    except (json.JSONDecodeError, AttributeError):
+    except (OSError, json.JSONDecodeError, AttributeError):
         return "another run"
+
+
+def _acquire(lock, root: Path, wait_seconds: float, on_wait) -> None:
+    """Take ``lock`` now, else say who holds it (``on_wait``) and wait up to ``wait_seconds``; then fail."""
+    from filelock import Timeout
+
+    path = Path(lock.lock_file)
+    try:
+        lock.acquire(blocking=False)
+        return
+    except Timeout:
+        who = _holder(path)
+    if wait_seconds > 0:
+        if on_wait is not None:
+            on_wait(who)
+        try:
+            lock.acquire(timeout=wait_seconds, poll_interval=0.5)
+            return
+        except Timeout:
+            who = _holder(path)
+    waited = f" after waiting {wait_seconds:.0f}s" if wait_seconds else ""
+    raise WorkspaceBusy(f"{root}: workspace busy{waited}: {who} holds {LOCK_FILE}; wait for it to finish "
+                        "(two runs on one workspace would corrupt it)") from None
 
 
 @contextlib.contextmanager
 def workspace_lock(root: Path, what: str = "sslcook pipeline run", flow_run_id: str | None = None,
                    wait_seconds: float = 0.0, on_wait=None) -> Iterator[None]:
     """Hold the workspace for one run; another run waits up to ``wait_seconds``, then fails naming the holder."""
-    import fcntl
+    from filelock import FileLock
 
     path = (root / LOCK_FILE).resolve()
-    with _held_guard:
-        if path in _held:
-            _held[path][1] += 1
-            reentered = True
-        else:
-            reentered = False
-    if reentered:
-        try:
-            yield
-        finally:
-            with _held_guard:
-                _held[path][1] -= 1
-        return
-
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    deadline = time.monotonic() + wait_seconds
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except BlockingIOError:
-            who = _holder(fd)
-            if time.monotonic() >= deadline:
-                os.close(fd)
-                waited = f" after waiting {wait_seconds:.0f}s" if wait_seconds else ""
-                raise WorkspaceBusy(f"{root}: workspace busy{waited}: {who} holds {LOCK_FILE}; wait for it to "
-                                    "finish (two runs on one workspace would corrupt it)") from None
-            if on_wait is not None:
-                on_wait(who)
-                on_wait = None   # say it once
-            time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
-    info = {"what": what, "pid": os.getpid(), "host": socket.gethostname(), "flow_run_id": flow_run_id,
-            "since": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(info).encode(), 0)
-    with _held_guard:
-        _held[path] = [fd, 1]
+    lock = FileLock(path, thread_local=False, is_singleton=True)
+    nested = lock.is_locked   # this process holds it already: the outer run's note stays
+    _acquire(lock, root, wait_seconds, on_wait)
     try:
+        if not nested:
+            info = {"what": what, "pid": os.getpid(), "host": socket.gethostname(), "flow_run_id": flow_run_id,
+                    "since": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+            with open(path, "r+") as note:   # the lock's own file, opened without truncating it first
+                note.truncate()
+                note.write(json.dumps(info))
         yield
     finally:
-        with _held_guard:
-            del _held[path]
-        with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)
-        os.close(fd)   # releases the flock
+        if not nested:
+            with contextlib.suppress(OSError), open(path, "r+") as note:
+                note.truncate()
+        lock.release()

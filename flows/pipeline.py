@@ -3,15 +3,19 @@
 DVC owns the DAG and the caching; this flow only runs it. The stage list comes from DVC's planner (foreach
 expanded: one task per ``pretrain@simclr``), and each task is ``dvc repro --single-item <stage>``, so DVC's
 up-to-date check decides: an unchanged stage is skipped, and the resulting dvc.lock is the one ``dvc repro``
-writes. A failing stage is retried (``flow.retries`` / ``flow.retry_delay_seconds`` in params.yaml); a stage that
-keeps failing fails the flow with its name and the tail of its log, and DVC leaves the stages before it recorded
-in dvc.lock (``dvc status`` lists what is stale). At the end the flow publishes Prefect artifacts: the metrics
-per method and family with the data version and git commit, the stage outcomes, and where the report and the
-exported backbones are.
+writes. What DVC did with a stage (ran, restored from its run cache, skipped) is read from ``dvc status`` before
+it and its dvc.lock entry after. A failing stage is retried (``flow.retries`` / ``flow.retry_delay_seconds`` in
+params.yaml); a stage that keeps failing fails the run with its name and the tail of its log, and DVC leaves the
+stages before it recorded in dvc.lock (``dvc status`` lists what is stale). At the end the flow publishes Prefect
+artifacts: the report's own summary (reports/summary.md) with the data version, git commit and flow run, the
+stage outcomes, and where the report and the exported backbones are.
+
+The run sequence (workspace lock, raw data, ``dvc pull``, the stages, ``dvc push``, results) is written once
+(``run_sequence``); a runner decides whether each step is a Prefect task or a plain call:
 
     sslcook run                       # the whole pipeline, in-process (a temporary Prefect server, no setup)
     sslcook run --stage evaluate      # evaluate@* and what they depend on
-    sslcook run --no-prefect          # plain `dvc repro`, same workspace lock and data preparation
+    sslcook run --no-prefect          # the same sequence as plain calls: no Prefect server, no artifacts
 
 Both first validate the whole params.yaml (``validate_params``): DVC removes a stage's outputs before it runs
 the stage, so a value the stage would refuse must never reach DVC.
@@ -21,8 +25,6 @@ From Python: ``from flows.pipeline import pipeline_flow; pipeline_flow(workspace
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import re
 import sys
 import time
@@ -31,8 +33,8 @@ from typing import Any
 
 import yaml
 
-from flows.dvcops import (StageFailed, log_path_for, plan_stages, prefect_defaults, remotes, resolve_root, run_dvc,
-                          stage_env, stage_outcome, workspace_lock)
+from flows.dvcops import (StageFailed, lock_changed, log_path_for, plan_stages, prefect_defaults, remotes, resolve_root,
+                          run_dvc, stage_env, stage_outcome, stage_state, workspace_lock)
 
 prefect_defaults()
 from prefect import flow, get_run_logger, task  # noqa: E402  (after prefect_defaults)
@@ -41,13 +43,6 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 from stages.common import DataError, SslcookError  # noqa: E402
 from stages.config.flow import FlowConfig  # noqa: E402
 from stages.lineage import data_version, git_info  # noqa: E402
-
-# metrics shown first in the table when a metrics file has them (stages/evaluate.py's names); the other top-level
-# numbers follow; nested ones (baselines, pretraining summary) are in the report
-PREFERRED_METRICS = ("linear_probe_top1", "knn_top1_k200", "knn_top1_k20", "knn_top5_k200", "rankme", "emb_std")
-MAX_METRIC_COLUMNS = 10
-REPORT_CANDIDATES = ("reports/summary.html", "reports/summary.md", "reports/index.html", "reports/report.md")
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Params: checked whole before DVC runs anything.
@@ -109,117 +104,55 @@ def ensure_raw_data(root: Path, *, echo: bool = False) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# What a run produced: metrics per method and family, the report, the exported backbones.
+# What a run produced: the report's own summary, where the report and the exported backbones are.
 
-def _family(method: str) -> str:
-    """The registry's family of a method whose metrics file does not say it ("?" for unknown names)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("ssl_models")   # finds the package without importing it (and torch)
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    if not any((Path(loc) / "methods" / f"{method}.py").exists() for loc in locations):
-        return "?"
-    try:
-        from ssl_models import registry
-
-        return registry.get(method).family
-    except Exception:  # a broken or renamed method must not fail the run's summary
-        return "?"
-
-
-def _numbers(doc: dict[str, Any]) -> dict[str, float]:
-    return {key: value for key, value in doc.items()
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)}
-
-
-def collect_metrics(root: Path) -> list[dict[str, Any]]:
-    """One row per metrics/<method>.json: method, family and its numeric values (lineage left out)."""
-    rows = []
-    for path in sorted((root / "metrics").glob("*.json")):
-        try:
-            doc = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-            continue
-        if not isinstance(doc, dict):
-            continue
-        method = str(doc.get("method") or path.stem)
-        family = str(doc.get("family") or _family(method))
-        rows.append({"method": method, "family": family, "file": str(path.relative_to(root)),
-                     "values": _numbers(doc), "primary": doc.get("primary_metric")})
-    return rows
-
-
-def _metric_columns(rows: list[dict[str, Any]]) -> list[str]:
-    """The evaluation's headline metrics when the files have them, else every top-level number (toy pipelines)."""
-    seen = {key for row in rows for key in row["values"]}
-    headline = [key for key in PREFERRED_METRICS if key in seen]
-    return headline or sorted(seen)[:MAX_METRIC_COLUMNS]
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return "" if value is None else str(value)
-
-
-def metrics_markdown(root: Path, rows: list[dict[str, Any]], *, flow_run_id: str | None = None,
-                     report: str | None = None, backbones: list[str] | None = None) -> str:
-    git = git_info(root)
-    commit = git.get("commit") or "not a git checkout"
-    dirty = " (uncommitted changes)" if git.get("dirty") else ""
-    lines = ["# sslcook pipeline results", "",
-             f"- data version: `{data_version(root) or 'untracked'}`",
-             f"- git commit: `{commit}`{dirty}"]
-    if flow_run_id:
-        lines.append(f"- flow run: `{flow_run_id}`")
-    lines.append("")
-    if rows:
-        columns = _metric_columns(rows)
-        with_primary = any(row["primary"] for row in rows)
-        head = ["method", "family"] + (["primary metric"] if with_primary else []) + columns
-        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for row in sorted(rows, key=lambda r: (r["family"], r["method"])):
-            cells = [row["method"], row["family"]]
-            if with_primary:
-                name = row["primary"]
-                cells.append(f"{_fmt(row['values'].get(name))} ({name})" if name else "")
-            cells += [_fmt(row["values"].get(c)) for c in columns]
-            lines.append("| " + " | ".join(cells) + " |")
-        lines.append("\nEvery number, the baselines and the curves: metrics/*.json and the report.")
-    else:
-        lines.append("No metrics/*.json yet.")
-    lines += ["", f"- report: `{report}`" if report else "- report: not produced"]
-    if backbones:
-        lines.append("- exported backbones:")
-        lines += [f"  - `{b}`" for b in backbones]
-    return "\n".join(lines) + "\n"
+SUMMARY = "reports/summary.md"   # written by the report stage; the results artifact publishes it as it is
+REPORT_CANDIDATES = ("reports/summary.html", SUMMARY)
 
 
 def find_outputs(root: Path) -> tuple[str | None, list[str]]:
     report = next((c for c in REPORT_CANDIDATES if (root / c).is_file()), None)
-    if report is None and (root / "reports").is_dir():
-        files = sorted(p for p in (root / "reports").iterdir() if p.is_file())
-        report = str(files[0].relative_to(root)) if files else "reports"
     backbones = sorted(str(p.relative_to(root)) for p in (root / "models").glob("*/backbone.safetensors"))
     return report, backbones
 
 
+def results_markdown(root: Path, *, flow_run_id: str | None = None, report: str | None = None,
+                     backbones: list[str] | None = None) -> str:
+    """The run's facts (data version, commit, flow run, outputs), then reports/summary.md as the report wrote it."""
+    git = git_info(root)
+    dirty = " (uncommitted changes)" if git.get("dirty") else ""
+    lines = [f"- data version: `{data_version(root) or 'untracked'}`",
+             f"- git commit: `{git.get('commit') or 'not a git checkout'}`{dirty}"]
+    if flow_run_id:
+        lines.append(f"- flow run: `{flow_run_id}`")
+    lines.append(f"- report: `{report}`" if report else "- report: not produced")
+    if backbones:
+        lines.append("- exported backbones: " + ", ".join(f"`{b}`" for b in backbones))
+    summary = root / SUMMARY
+    body = summary.read_text() if summary.is_file() else f"No {SUMMARY} yet (the report stage writes it).\n"
+    return "\n".join(lines) + "\n\n" + body
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# The flow.
+# The steps of a run, as plain functions: the Prefect tasks below wrap them, `--no-prefect` calls them directly.
+
+def sync_remote(root: Path, command: str, echo: bool = False) -> None:
+    """``dvc pull`` (missing outputs tolerated) or ``dvc push`` against the configured remote."""
+    args = ["pull", "--allow-missing"] if command == "pull" else ["push"]
+    result = run_dvc(args, root, log_path=log_path_for(root, f"dvc-{command}"), echo=echo)
+    if result.returncode != 0:
+        raise SslcookError(f"dvc {command} failed (exit {result.returncode}):\n{result.tail}")
 
 
-@task(name="dvc-stage", cache_policy=NO_CACHE)
-def run_stage(workspace: str, stage: str, force: bool = False, final_attempt: int = 1, tail_lines: int = 30,
-              echo: bool = False) -> dict[str, Any]:
-    """``dvc repro --single-item <stage>``: DVC runs it, or skips it when nothing it depends on changed."""
-    from prefect.runtime import flow_run, task_run
-
-    root = Path(workspace)
-    attempt = int(task_run.run_count or 1)
+def run_stage_once(root: Path, stage: str, *, force: bool = False, attempt: int = 1, final_attempt: int = 1,
+                   tail_lines: int = 30, echo: bool = False, flow_run_id: str | None = None) -> dict[str, Any]:
+    """``dvc repro --single-item <stage>``: DVC runs it, or skips it when nothing it depends on changed.
+    What DVC did is read from its status before and its dvc.lock entry after, not from its log."""
     log = log_path_for(root, stage)
+    before = stage_state(root, stage)
     started = time.monotonic()
     result = run_dvc(["repro", "--single-item", stage, *(["--force"] if force else [])], root,
-                     env=stage_env(root, flow_run.id), log_path=log, echo=echo, tail_lines=tail_lines,
+                     env=stage_env(root, flow_run_id), log_path=log, echo=echo, tail_lines=tail_lines,
                      append=attempt > 1)
     seconds = round(time.monotonic() - started, 2)
     if result.returncode != 0:
@@ -230,40 +163,157 @@ def run_stage(workspace: str, stage: str, force: bool = False, final_attempt: in
         raise StageFailed(f"stage {stage!r} failed {tries}, dvc exit code {result.returncode}; the stages before it "
                           f"are recorded in dvc.lock, `dvc status` lists what is stale. "
                           f"Last lines of {log.relative_to(root)}:\n{result.tail}")
-    outcome = stage_outcome(stage, result.head)
-    get_run_logger().info("stage %s: %s in %.1fs (attempt %d)", stage, outcome, seconds, attempt)
-    return {"stage": stage, "outcome": outcome, "seconds": seconds, "attempts": attempt,
-            "log": str(log.relative_to(root))}
+    return {"stage": stage, "outcome": stage_outcome(stage, before, force), "seconds": seconds, "attempts": attempt,
+            "lock": "updated" if lock_changed(root, stage, before) else "unchanged", "log": str(log.relative_to(root))}
+
+
+@task(name="dvc-stage", cache_policy=NO_CACHE)
+def run_stage(workspace: str, stage: str, force: bool = False, final_attempt: int = 1, tail_lines: int = 30,
+              echo: bool = False) -> dict[str, Any]:
+    """:func:`run_stage_once` as a Prefect task: Prefect counts the attempts and retries."""
+    from prefect.runtime import flow_run, task_run
+
+    return run_stage_once(Path(workspace), stage, force=force, attempt=int(task_run.run_count or 1),
+                          final_attempt=final_attempt, tail_lines=tail_lines, echo=echo, flow_run_id=flow_run.id)
 
 
 @task(name="dvc-sync", cache_policy=NO_CACHE)
 def dvc_sync(workspace: str, command: str, echo: bool = False) -> None:
-    """``dvc pull`` (missing outputs tolerated) or ``dvc push`` against the configured remote."""
-    root = Path(workspace)
-    args = ["pull", "--allow-missing"] if command == "pull" else ["push"]
-    result = run_dvc(args, root, log_path=log_path_for(root, f"dvc-{command}"), echo=echo)
-    if result.returncode != 0:
-        raise SslcookError(f"dvc {command} failed (exit {result.returncode}):\n{result.tail}")
+    sync_remote(Path(workspace), command, echo)
 
 
 def _publish(root: Path, results: list[dict[str, Any]], flow_run_id: str | None) -> dict[str, Any]:
     from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-    rows = collect_metrics(root)
     report, backbones = find_outputs(root)
-    markdown = metrics_markdown(root, rows, flow_run_id=flow_run_id, report=report, backbones=backbones)
+    markdown = results_markdown(root, flow_run_id=flow_run_id, report=report, backbones=backbones)
     create_markdown_artifact(markdown=markdown, key="sslcook-results",
-                             description="metrics per method and family, data version, git commit, outputs")
+                             description="the report's summary, data version, git commit, outputs")
     if results:
         create_table_artifact(table=results, key="sslcook-stages", description="what DVC did with each stage")
     if report:
         create_link_artifact(link=(root / report).as_uri(), link_text=report, key="sslcook-report",
                              description="the pipeline report")
-    return {"metrics": rows, "report": report, "backbones": backbones, "markdown": markdown}
+    return {"report": report, "backbones": backbones, "markdown": markdown}
 
 
-def _want(flag: bool | None, configured: bool, have_remote: bool) -> bool:
-    return have_remote and (configured if flag is None else flag)
+# ---------------------------------------------------------------------------------------------------------------
+# The run sequence, written once: lock, data, pull, the stages in DVC's order, push, results. A runner says how
+# each step runs: a plain call (`--no-prefect`) or a Prefect task with Prefect's retries and artifacts.
+
+class PlainRunner:
+    """Each step a plain call; a failing stage is retried as the flow's tasks are (``flow.retries``)."""
+
+    what = "sslcook run --no-prefect"
+
+    def __init__(self, root: Path, config: FlowConfig, echo: bool = True):
+        self.root, self.config, self.echo = root, config, echo
+        self.flow_run_id: str | None = None
+
+    def say(self, message: str) -> None:
+        print(message, file=sys.stderr)
+
+    def sync(self, command: str) -> None:
+        sync_remote(self.root, command, self.echo)
+
+    def stage(self, name: str, force: bool) -> dict[str, Any]:
+        final, attempt = self.config.retries + 1, 1
+        while True:
+            try:
+                return run_stage_once(self.root, name, force=force, attempt=attempt, final_attempt=final,
+                                      tail_lines=self.config.log_tail_lines, echo=self.echo)
+            except StageFailed as exc:
+                if attempt >= final:
+                    raise
+                self.say(str(exc).splitlines()[0])
+                time.sleep(self.config.retry_delay_seconds)
+                attempt += 1
+
+    def publish(self, results: list[dict[str, Any]]) -> dict[str, Any]:
+        report, backbones = find_outputs(self.root)
+        return {"report": report, "backbones": backbones,
+                "markdown": results_markdown(self.root, report=report, backbones=backbones)}
+
+
+class PrefectRunner(PlainRunner):
+    """Each step a Prefect task of the running flow: Prefect retries, logs and keeps the artifacts."""
+
+    what = "sslcook pipeline flow"
+
+    def __init__(self, root: Path, config: FlowConfig, echo: bool = False):
+        from prefect.runtime import flow_run
+
+        super().__init__(root, config, echo)
+        self.flow_run_id = str(flow_run.id) if flow_run.id else None
+        self.logger = get_run_logger()
+
+    def say(self, message: str) -> None:
+        self.logger.info("%s", message)
+
+    def sync(self, command: str) -> None:
+        dvc_sync.with_options(retries=self.config.retries, retry_delay_seconds=self.config.retry_delay_seconds)(
+            str(self.root), command, self.echo)
+
+    def stage(self, name: str, force: bool) -> dict[str, Any]:
+        stage_task = run_stage.with_options(name=name, task_run_name=name, retries=self.config.retries,
+                                            retry_delay_seconds=self.config.retry_delay_seconds)
+        result = stage_task(str(self.root), name, force, self.config.retries + 1, self.config.log_tail_lines,
+                            self.echo)
+        self.say(f"stage {name}: {result['outcome']} in {result['seconds']:.1f}s (attempt {result['attempts']})")
+        return result
+
+    def publish(self, results: list[dict[str, Any]]) -> dict[str, Any]:
+        return _publish(self.root, results, self.flow_run_id)
+
+
+def _sync_plan(root: Path, config: FlowConfig, pull: bool | None, push: bool | None) -> tuple[bool, bool]:
+    """Whether to pull and push: the flag when given, else params.yaml, and only with a remote configured."""
+    want_pull = config.dvc_pull if pull is None else pull
+    want_push = config.dvc_push if push is None else push
+    have_remote = bool((want_pull or want_push) and remotes(root))
+    return want_pull and have_remote, want_push and have_remote
+
+
+def _unfinished(results: list[dict[str, Any]], order: list[str]) -> list[dict[str, Any]]:
+    """The stage table of a run that stopped: the stage it stopped in failed, the ones after it did not run."""
+    done = {r["stage"] for r in results}
+    rest = [name for name in order if name not in done]
+    return results + [{"stage": name, "outcome": "failed" if i == 0 else "not run", "seconds": None,
+                       "attempts": None, "lock": None, "log": None} for i, name in enumerate(rest)]
+
+
+def run_sequence(runner: PlainRunner, stages: list[str] | None = None, force: bool = False,
+                 pull: bool | None = None, push: bool | None = None, wait_minutes: float = 0.0) -> dict[str, Any]:
+    """One run of the pipeline of ``runner.root``, each step through ``runner``; the summary of the run."""
+    root, config = runner.root, runner.config
+    with workspace_lock(root, runner.what, runner.flow_run_id, wait_seconds=wait_minutes * 60,
+                        on_wait=lambda who: runner.say(f"waiting for the workspace: {who} holds it")):
+        materialised = ensure_raw_data(root, echo=runner.echo)
+        if materialised:
+            runner.say(materialised)
+        want_pull, want_push = _sync_plan(root, config, pull, push)
+        if want_pull:
+            runner.sync("pull")
+        order, selected = plan_stages(root, stages)
+        forced = set(selected if stages else order) if force else set()
+        runner.say("stages in DVC order: " + ", ".join(order))
+        results: list[dict[str, Any]] = []
+        try:
+            for name in order:
+                results.append(runner.stage(name, name in forced))
+        except BaseException:
+            try:   # publish how far the run came before the failure propagates
+                runner.publish(_unfinished(results, order))
+            except Exception as exc:  # the stage's failure is the error to report, not this one
+                runner.say(f"could not publish the results of the failed run: {exc}")
+            raise
+        if want_push:
+            runner.sync("push")
+        published = runner.publish(results)
+    git = git_info(root)
+    return {"flow_run_id": runner.flow_run_id, "workspace": str(root), "stages": results,
+            "materialised": materialised, "data_version": data_version(root), "git_commit": git.get("commit"),
+            "git_dirty": git.get("dirty"), **published}
 
 
 @flow(name="sslcook-pipeline", description="Run the dvc.yaml pipeline stage by stage (DVC skips unchanged stages)")
@@ -278,81 +328,18 @@ def pipeline_flow(workspace: str | None = None, stages: list[str] | None = None,
     only when a remote is configured); ``echo``: stream the stages' output to stderr; ``wait_minutes``: how long
     to wait for another run that holds the workspace before failing (scheduled deployments wait, the CLI not).
     """
-    from prefect.runtime import flow_run
-
-    logger = get_run_logger()
     root = resolve_root(workspace)
     validate_params(root)   # before DVC, which deletes a stage's outputs before the stage could refuse a value
-    config = FlowConfig.from_workspace(root)
-    run_id = str(flow_run.id) if flow_run.id else None
-    with workspace_lock(root, "sslcook pipeline flow", run_id, wait_seconds=wait_minutes * 60,
-                        on_wait=lambda who: logger.warning("waiting for the workspace: %s holds it", who)):
-        materialised = ensure_raw_data(root, echo=echo)
-        if materialised:
-            logger.info("%s", materialised)
-        have_remote = bool((pull or push or (pull is None and config.dvc_pull) or (push is None and config.dvc_push))
-                           and remotes(root))
-        if _want(pull, config.dvc_pull, have_remote):
-            dvc_sync.with_options(retries=config.retries, retry_delay_seconds=config.retry_delay_seconds)(
-                str(root), "pull", echo)
-        order, selected = plan_stages(root, stages)
-        forced = set(selected if stages else order) if force else set()
-        logger.info("stages in DVC order: %s", ", ".join(order))
-        results: list[dict[str, Any]] = []
-        failed: str | None = None
-        try:
-            for name in order:
-                stage_task = run_stage.with_options(name=name, task_run_name=name, retries=config.retries,
-                                                    retry_delay_seconds=config.retry_delay_seconds)
-                failed = name
-                results.append(stage_task(str(root), name, name in forced, config.retries + 1,
-                                          config.log_tail_lines, echo))
-                failed = None
-        finally:
-            if failed is not None:   # publish how far the run came before the failure propagates
-                done = {r["stage"] for r in results}
-                table = results + [{"stage": name, "outcome": "failed" if name == failed else "not run",
-                                    "seconds": None, "attempts": None, "log": None}
-                                   for name in order if name not in done]
-                try:
-                    _publish(root, table, run_id)
-                except Exception as exc:  # the stage's failure is the error to report, not this one
-                    logger.warning("could not publish the artifacts of the failed run: %s", exc)
-        if _want(push, config.dvc_push, have_remote):
-            dvc_sync.with_options(retries=config.retries, retry_delay_seconds=config.retry_delay_seconds)(
-                str(root), "push", echo)
-        published = _publish(root, results, run_id)
-    git = git_info(root)
-    return {"flow_run_id": run_id, "workspace": str(root), "stages": results, "materialised": materialised,
-            "data_version": data_version(root), "git_commit": git.get("commit"), "git_dirty": git.get("dirty"),
-            **published}
+    runner = PrefectRunner(root, FlowConfig.from_workspace(root), echo)
+    return run_sequence(runner, stages, force, pull, push, wait_minutes)
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# Without Prefect: plain `dvc repro`, same lock, same data preparation.
 
 def run_plain(workspace: str | None = None, stages: list[str] | None = None, force: bool = False,
-              echo: bool = True) -> int:
+              pull: bool | None = None, push: bool | None = None, echo: bool = True) -> dict[str, Any]:
+    """The same run without Prefect: no server, no artifacts."""
     root = resolve_root(workspace)
     validate_params(root)
-    config = FlowConfig.from_workspace(root)
-    with workspace_lock(root, "sslcook run --no-prefect"):
-        materialised = ensure_raw_data(root, echo=echo)
-        if materialised:
-            print(materialised, file=sys.stderr)
-        have_remote = (config.dvc_pull or config.dvc_push) and bool(remotes(root))
-        if have_remote and config.dvc_pull:
-            run_dvc(["pull", "--allow-missing"], root, echo=echo)
-        result = run_dvc(["repro", *(stages or []), *(["--force"] if force else [])], root,
-                         log_path=log_path_for(root, "dvc-repro"), echo=echo, tail_lines=config.log_tail_lines)
-        if result.returncode != 0:
-            raise StageFailed(f"dvc repro failed (exit {result.returncode}); `dvc status` lists what is stale. "
-                              f"Last lines of {log_path_for(root, 'dvc-repro').relative_to(root)}:\n{result.tail}")
-        if have_remote and config.dvc_push:
-            pushed = run_dvc(["push"], root, echo=echo)
-            if pushed.returncode != 0:
-                raise SslcookError(f"dvc push failed (exit {pushed.returncode}):\n{pushed.tail}")
-    return 0
+    return run_sequence(PlainRunner(root, FlowConfig.from_workspace(root), echo), stages, force, pull, push)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -361,7 +348,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", "-s", action="append", dest="stages", metavar="NAME",
                    help="run this stage (name, foreach group or stage@item) and its upstream; repeatable")
     p.add_argument("--force", "-f", action="store_true", help="re-run the named stages (all when none is named)")
-    p.add_argument("--no-prefect", action="store_true", help="plain `dvc repro`: no Prefect, no artifacts")
+    p.add_argument("--no-prefect", action="store_true", help="the same run as plain calls: no Prefect, no artifacts")
     p.add_argument("--no-pull", action="store_true", help="skip `dvc pull` even when a remote is configured")
     p.add_argument("--no-push", action="store_true", help="skip `dvc push` even when a remote is configured")
     p.add_argument("--quiet", "-q", action="store_true", help="do not stream the stages' output")
@@ -370,12 +357,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    options = {"workspace": args.workspace, "stages": args.stages, "force": args.force, "echo": not args.quiet,
+               "pull": False if args.no_pull else None, "push": False if args.no_push else None}
     if args.no_prefect:
-        return run_plain(args.workspace, args.stages, args.force, echo=not args.quiet)
-    validate_params(resolve_root(args.workspace))   # a bad value is one line, before Prefect starts a server
-    summary = pipeline_flow(workspace=args.workspace, stages=args.stages, force=args.force,
-                            pull=False if args.no_pull else None, push=False if args.no_push else None,
-                            echo=not args.quiet)
+        summary = run_plain(**options)
+    else:
+        validate_params(resolve_root(args.workspace))   # a bad value is one line, before Prefect starts a server
+        summary = pipeline_flow(**options)
     width = max((len(r["stage"]) for r in summary["stages"]), default=5)
     print("\n".join(f"{r['stage']:<{width}}  {r['outcome']:<8} {r['seconds']:>8.1f}s" for r in summary["stages"]))
     print()

@@ -196,6 +196,31 @@ def _failure_tail(root: Path, name: str) -> str:
     return result.tail
 
 
+def plan_experiments(root: Path, sets: list[dict[str, Any]], prefix: str) -> list[dict[str, Any]]:
+    """One named experiment per override set, its overrides in ``-S`` syntax; every key checked first."""
+    if not sets:
+        raise ConfigError("params.yaml: flow.sweep: nothing to run (empty grid)")
+    _check_keys(root, sets)
+    return [{"name": f"{prefix}-{i}", "overrides": s, "args": [f"{k}={override_value(v)}" for k, v in s.items()]}
+            for i, s in enumerate(sets, 1)]
+
+
+def sweep_markdown(prefix: str, metric: str, order: str, jobs: int, planned: list[dict[str, Any]],
+                   ranking: list[dict[str, Any]]) -> str:
+    failed = [e for e in planned if e["state"] != "success"]
+    columns = ["rank", "experiment", "overrides", "method", metric]
+    md = [f"# sslcook sweep `{prefix}`", "", f"ranked by `{metric}` ({order}); {len(planned)} experiments, "
+          f"{jobs} at a time, {len(failed)} failed", "",
+          "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in ranking:
+        md.append("| " + " | ".join(" ".join(row[c]) if c == "overrides" else
+                                    (f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]))
+                                    for c in columns) + " |")
+    if failed:
+        md += ["", "failed: " + ", ".join(f"{e['name']} ({' '.join(e['args'])})" for e in failed)]
+    return "\n".join(md) + "\n"
+
+
 @flow(name="sslcook-sweep", description="Run a grid of params overrides as DVC experiments and rank them")
 def sweep_flow(workspace: str | None = None, grid: dict[str, list[Any]] | None = None,
                experiments: list[dict[str, Any]] | None = None, max_parallel: int | None = None,
@@ -212,44 +237,28 @@ def sweep_flow(workspace: str | None = None, grid: dict[str, list[Any]] | None =
     logger = get_run_logger()
     root = resolve_root(workspace)
     config = FlowConfig.from_workspace(root).sweep
-    metric = metric or config.metric
-    order = order or config.order
+    metric, order, jobs = metric or config.metric, order or config.order, max_parallel or config.max_parallel
     if order not in ("max", "min"):
         raise ConfigError(f"sweep order {order!r}: expected max or min")
-    jobs = max_parallel or config.max_parallel
     sets = experiments if experiments is not None else expand_grid(grid if grid is not None else config.grid)
-    if not sets:
-        raise ConfigError("params.yaml: flow.sweep: nothing to run (empty grid)")
-    _check_keys(root, sets)
     prefix = name_prefix or "sweep-" + _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    planned = [{"name": f"{prefix}-{i}", "overrides": s,
-                "args": [f"{k}={override_value(v)}" for k, v in s.items()]} for i, s in enumerate(sets, 1)]
-    run_id = str(flow_run.id) if flow_run.id else None
-    with workspace_lock(root, "sslcook sweep flow", run_id, wait_seconds=wait_minutes * 60,
+    planned = plan_experiments(root, sets, prefix)
+    names = [e["name"] for e in planned]
+    with workspace_lock(root, "sslcook sweep flow", str(flow_run.id) if flow_run.id else None,
+                        wait_seconds=wait_minutes * 60,
                         on_wait=lambda who: logger.warning("waiting for the workspace: %s holds it", who)):
         for exp in planned:
             queue_experiment.with_options(task_run_name=f"queue {exp['name']}")(str(root), exp["name"], exp["args"])
-        names = [e["name"] for e in planned]
         states = run_queue(str(root), names, jobs, (timeout_minutes or config.timeout_minutes) * 60)
         results = collect_experiments(root, names)
     for exp in planned:
         exp["state"] = results.get(exp["name"], {}).get("state") or states.get(exp["name"], "unknown").lower()
     failed = [e for e in planned if e["state"] != "success"]
     ranking = rank(planned, results, metric, order)
-    columns = ["rank", "experiment", "overrides", "method", metric]
-    md = [f"# sslcook sweep `{prefix}`", "", f"ranked by `{metric}` ({order}); {len(planned)} experiments, "
-          f"{jobs} at a time, {len(failed)} failed", "",
-          "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in ranking:
-        md.append("| " + " | ".join(" ".join(row[c]) if c == "overrides" else
-                                    (f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]))
-                                    for c in columns) + " |")
-    if failed:
-        md += ["", "failed: " + ", ".join(f"{e['name']} ({' '.join(e['args'])})" for e in failed)]
-    markdown = "\n".join(md) + "\n"
-    table = [{**row, "overrides": " ".join(row["overrides"])} for row in ranking]
-    if table:
-        create_table_artifact(table=table, key="sslcook-sweep-ranking", description=f"ranked by {metric} ({order})")
+    markdown = sweep_markdown(prefix, metric, order, jobs, planned, ranking)
+    if ranking:
+        create_table_artifact(table=[{**row, "overrides": " ".join(row["overrides"])} for row in ranking],
+                              key="sslcook-sweep-ranking", description=f"ranked by {metric} ({order})")
     create_markdown_artifact(markdown=markdown, key="sslcook-sweep", description=f"sweep {prefix}")
     summary = {"prefix": prefix, "metric": metric, "order": order, "experiments": planned, "ranking": ranking,
                "markdown": markdown, "failed": [e["name"] for e in failed]}

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from stages.common import DataError
+from stages.common import DataError, is_workspace, workspace
 from stages.lineage import DATA_DVC, data_version, read_provenance, sha256_file
 from stages.provenance import Artifact, parent_order, read_artifact, resolve_artifact_path
 
@@ -34,17 +34,6 @@ from stages.provenance import Artifact, parent_order, read_artifact, resolve_art
 STAGE_KIND = {"evaluate": "metrics", "export": "backbone", "pretrain": "checkpoint", "shard": "manifest",
               "report": "report"}
 RAW_DIR = "data/raw"
-
-
-def find_workspace(path: Path) -> Path | None:
-    """The pipeline workspace holding ``path`` (a folder with dvc.yaml), else the current one, else None."""
-    for folder in [path.parent, *path.parent.parents]:
-        if (folder / "dvc.yaml").is_file() and (folder / ".dvc").is_dir():
-            return folder
-    cwd = Path(os.environ.get("SSLCOOK_WORKSPACE", os.getcwd())).resolve()
-    if (cwd / "dvc.yaml").is_file() and (cwd / ".dvc").is_dir():
-        return cwd
-    return None
 
 
 def _git(root: Path, *args: str) -> str | None:
@@ -150,6 +139,32 @@ def run_facts(root: Path | None, record: dict[str, Any], sha256: str | None) -> 
     return read_provenance(root, record.get("stage"), record.get("method"), sha256)
 
 
+def _parent(root: Path | None, name: str, entry: dict[str, Any], ancestors: dict[str, Any]) -> dict[str, Any]:
+    """What is known of one parent: its record (the version on disk when it is the recorded one, else the copy
+    the child embeds), kind, info, the file it was read from, and why it makes the child stale."""
+    ppath, sha = entry["path"], entry.get("sha256")
+    found: dict[str, Any] = {"record": None, "kind": name, "info": {}, "disk": None, "stale": []}
+    parent_file = (root / ppath) if root is not None else None
+    if parent_file is not None and parent_file.exists():
+        resolved = resolve_artifact_path(parent_file)
+        changed = bool(sha and resolved.is_file() and sha256_file(resolved) != sha)
+        if changed:
+            found["stale"].append(f"{name} {ppath} changed since (recorded sha256 {sha[:12]})")
+        try:
+            parent = read_artifact(resolved)
+            found.update(kind=parent.kind, info=parent.info)
+            if not changed or name not in ancestors:  # a changed one only when no embedded copy: marked changed
+                found.update(record=parent.record, disk=resolved)
+        except DataError:
+            pass
+    elif root is not None:
+        found["stale"].append(f"{name} {ppath} is missing")
+    if found["record"] is None and isinstance(ancestors.get(name), dict):
+        embedded = ancestors[name]  # as it was when this artifact was made (from the header)
+        found.update(record=embedded, disk=None, kind=STAGE_KIND.get(embedded.get("stage"), found["kind"]))
+    return found
+
+
 def build_chain(artifact: Artifact, root: Path | None) -> list[dict[str, Any]]:
     """The steps from ``artifact`` back through its parents (depth-first, main line first, each path once)."""
     steps: list[dict[str, Any]] = []
@@ -165,59 +180,31 @@ def build_chain(artifact: Artifact, root: Path | None) -> list[dict[str, Any]]:
                 "provenance": run_facts(root, record, sha256)}
         steps.append(step)
         seen.add(path)
-        if root is not None and record.get("data_version"):
-            now = data_version(root)
-            if now and now != record["data_version"]:
-                step["stale"].append(f"made from data version {record['data_version']}, data.dvc now {now}")
+        now = data_version(root) if root is not None and record.get("data_version") else None
+        if now and now != record["data_version"]:
+            step["stale"].append(f"made from data version {record['data_version']}, data.dvc now {now}")
         upstream_stale = False
         parents = record.get("parents") or {}
-        ancestors = record.get("ancestors") or {}
         for name in parent_order(parents):
             entry = parents[name] if isinstance(parents[name], dict) else {"path": str(parents[name])}
-            ppath = entry.get("path")
-            if not ppath or ppath in seen:
+            if not entry.get("path") or entry["path"] in seen:
                 continue
-            sha = entry.get("sha256")
-            parent_file = (root / ppath) if root is not None else None
-            parent_record, parent_kind, parent_info, parent_disk = None, name, {}, None
-            changed = None
-            if parent_file is not None and parent_file.exists():
-                resolved = resolve_artifact_path(parent_file)
-                if sha and resolved.is_file():
-                    changed = sha256_file(resolved) != sha
-                if changed:
-                    step["stale"].append(f"{name} {ppath} changed since (recorded sha256 {sha[:12]})")
-                try:
-                    parent = read_artifact(resolved)
-                    parent_kind, parent_info = parent.kind, parent.info
-                    if not changed:
-                        parent_record, parent_disk = parent.record, resolved
-                    elif name not in ancestors:  # only the new version is there: show it, marked as changed
-                        parent_record, parent_disk = parent.record, resolved
-                except DataError:
-                    pass
-            elif root is not None:
-                step["stale"].append(f"{name} {ppath} is missing")
-            if parent_record is None and isinstance(ancestors.get(name), dict):
-                parent_record = ancestors[name]  # as it was when this artifact was made (from the header)
-                parent_disk = None
-                parent_kind = STAGE_KIND.get(parent_record.get("stage"), parent_kind)
-            if parent_record is None and ppath.rstrip("/") == RAW_DIR:
-                steps.append({"kind": "raw data", "path": ppath, "via": name, "depth": depth + 1, "record": {},
-                              "info": {"data_version": record.get("data_version")}, "stale": [], "source": "dvc"})
-                continue
-            if parent_record is None:
-                steps.append({"kind": parent_kind, "path": ppath, "via": name, "depth": depth + 1, "record": {},
-                              "info": parent_info, "stale": [], "source": "missing"})
-                continue
-            if visit(parent_record, kind=parent_kind, path=ppath, on_disk=parent_disk, info=parent_info,
-                     depth=depth + 1, via=name, sha256=sha):
+            found = _parent(root, name, entry, record.get("ancestors") or {})
+            step["stale"] += found["stale"]
+            leaf = {"path": entry["path"], "via": name, "depth": depth + 1, "record": {}, "stale": []}
+            if found["record"] is None and entry["path"].rstrip("/") == RAW_DIR:
+                steps.append({**leaf, "kind": "raw data", "info": {"data_version": record.get("data_version")},
+                              "source": "dvc"})
+            elif found["record"] is None:
+                steps.append({**leaf, "kind": found["kind"], "info": found["info"], "source": "missing"})
+            elif visit(found["record"], kind=found["kind"], path=entry["path"], on_disk=found["disk"],
+                       info=found["info"], depth=depth + 1, via=name, sha256=entry.get("sha256")):
                 upstream_stale = True
         step["upstream_stale"] = upstream_stale
         return bool(step["stale"]) or upstream_stale
 
-    visit(artifact.record, kind=artifact.kind, path=_rel(root, artifact.path) if root else str(artifact.path), on_disk=artifact.path,
-          info=artifact.info, depth=0, via=None, sha256=None)
+    visit(artifact.record, kind=artifact.kind, path=_rel(root, artifact.path) if root else str(artifact.path),
+          on_disk=artifact.path, info=artifact.info, depth=0, via=None, sha256=None)
     return steps
 
 
@@ -225,7 +212,8 @@ def trace(path: str | os.PathLike, *, use_dvc: bool = True) -> dict[str, Any]:
     """Everything ``sslcook trace`` prints, as a dict (``--json`` prints it as is)."""
     artifact = read_artifact(Path(path).expanduser())  # errors name the path as the user gave it
     artifact.path = artifact.path.resolve()
-    root = find_workspace(artifact.path)
+    root = workspace(near=artifact.path)
+    root = root if is_workspace(root) else None
     inside = root is not None and str(artifact.path.resolve()).startswith(str(root) + os.sep)
     steps = build_chain(artifact, root)
     records = [s["record"] for s in steps if s["record"]]
@@ -277,6 +265,41 @@ def _params_lines(params: Any, indent: str, width: int = 118) -> list[str]:
                          break_long_words=False, break_on_hyphens=False)
 
 
+def _render_step(s: dict[str, Any], in_workspace: bool) -> list[str]:
+    pad = "  " * s["depth"]
+    rec = s["record"]
+    head = f"{pad}{'<- ' + s['via'] + ': ' if s['via'] else ''}{s['kind']} {s['path']}"
+    if s.get("dvc_stage"):
+        head += f"  [dvc stage {s['dvc_stage']}]"
+    head += {"embedded": "  (record embedded in the child)", "missing": "  (no record available)",
+             "dvc": f"  (tracked by {DATA_DVC}: md5 {s['info'].get('data_version')})"}.get(s["source"], "")
+    lines = [head]
+    if rec:
+        facts = s.get("provenance")
+        if facts:
+            git = facts.get("git") or {}
+            run = (f"made {facts.get('created_at')}, commit {str(git.get('commit'))[:12]}"
+                   f"{' (dirty)' if git.get('dirty') else ''}, flow run {facts.get('prefect_flow_run_id') or '-'}")
+        else:
+            run = ("no provenance file describes this version (commit, time unknown)" if in_workspace else
+                   "run facts (commit, time, flow run) not here: provenance/ of the workspace that made it")
+        lines.append(f"{pad}   stage {rec.get('stage')}, {run}, data version {rec.get('data_version')}, "
+                     f"seed {rec.get('seed')}")
+        if rec.get("params"):
+            lines.extend(_params_lines(rec["params"], f"{pad}   "))
+    if "value" in s["info"]:
+        lines.append(f"{pad}   {s['info'].get('primary_metric', 'value')} = {s['info']['value']}")
+    return lines + [f"{pad}   STALE: {reason}" for reason in s["stale"]]
+
+
+def _render_dvc_status(status: dict[str, Any] | None) -> list[str]:
+    if status is None:
+        return ["dvc status: could not be run"]
+    if not status:
+        return ["dvc status: up to date"]
+    return [f"dvc status: {name}: {json.dumps(changes, sort_keys=True)}" for name, changes in status.items()]
+
+
 def render(result: dict[str, Any]) -> str:
     lines = []
     if not result["workspace"]:
@@ -285,37 +308,7 @@ def render(result: dict[str, Any]) -> str:
     elif not result["inside_workspace"]:
         lines.append(f"  (outside the workspace; compared with {result['workspace']})")
     for s in result["steps"]:
-        pad = "  " * s["depth"]
-        rec = s["record"]
-        head = f"{pad}{'<- ' + s['via'] + ': ' if s['via'] else ''}{s['kind']} {s['path']}"
-        if s.get("dvc_stage"):
-            head += f"  [dvc stage {s['dvc_stage']}]"
-        if s["source"] == "embedded":
-            head += "  (record embedded in the child)"
-        if s["source"] == "missing":
-            head += "  (no record available)"
-        if s["source"] == "dvc":
-            head += f"  (tracked by {DATA_DVC}: md5 {s['info'].get('data_version')})"
-        lines.append(head)
-        if rec:
-            facts = s.get("provenance")
-            if facts:
-                git = facts.get("git") or {}
-                run = (f"made {facts.get('created_at')}, commit {str(git.get('commit'))[:12]}"
-                       f"{' (dirty)' if git.get('dirty') else ''}, flow run {facts.get('prefect_flow_run_id') or '-'}")
-            else:
-                run = ("run facts (commit, time, flow run) not here: provenance/ of the workspace that made it"
-                       if not result["workspace"] else "no provenance file describes this version (commit, time "
-                       "unknown)")
-            lines.append(f"{pad}   stage {rec.get('stage')}, {run}, data version {rec.get('data_version')}, "
-                         f"seed {rec.get('seed')}")
-            if rec.get("params"):
-                lines.extend(_params_lines(rec["params"], f"{pad}   "))
-        for key in ("value",):
-            if key in s["info"]:
-                lines.append(f"{pad}   {s['info'].get('primary_metric', key)} = {s['info'][key]}")
-        for reason in s["stale"]:
-            lines.append(f"{pad}   STALE: {reason}")
+        lines += _render_step(s, bool(result["workspace"]))
     lines.append(f"raw data version (data.dvc md5): {result['data_version']}"
                  + (f"  [data.dvc now: {result['data_version_now']}]" if result.get("data_version_now") else ""))
     if result.get("data_version_commit"):
@@ -333,14 +326,7 @@ def render(result: dict[str, Any]) -> str:
             lines.append(f"restore its inputs: git checkout {restore} && dvc checkout")
         lines.append("verdict: " + ("STALE (inputs changed since it was made)" if result["stale"] else "up to date"))
     if "dvc_status" in result:
-        status = result["dvc_status"]
-        if status is None:
-            lines.append("dvc status: could not be run")
-        elif not status:
-            lines.append("dvc status: up to date")
-        else:
-            for name, changes in status.items():
-                lines.append(f"dvc status: {name}: {json.dumps(changes, sort_keys=True)}")
+        lines += _render_dvc_status(result["dvc_status"])
     return "\n".join(lines)
 
 

@@ -32,8 +32,18 @@ class DataError(SslcookError):
     exit_code = 1
 
 
-def workspace() -> Path:
-    """The pipeline workspace: the folder holding params.yaml and dvc.yaml (stages run from it)."""
+def is_workspace(folder: Path) -> bool:
+    """A pipeline workspace: dvc.yaml and a DVC repository (.dvc/)."""
+    return (folder / "dvc.yaml").is_file() and (folder / ".dvc").is_dir()
+
+
+def workspace(near: Path | None = None) -> Path:
+    """The pipeline workspace: the nearest folder above ``near`` that is one (an artifact's own workspace), else
+    $SSLCOOK_WORKSPACE, else the current directory (stages run from it)."""
+    if near is not None:
+        for folder in [near.parent, *near.parent.parents]:
+            if is_workspace(folder):
+                return folder
     return Path(os.environ.get("SSLCOOK_WORKSPACE", os.getcwd())).resolve()
 
 
@@ -106,6 +116,25 @@ def watch_launcher(interval: float = 0.5) -> threading.Thread | None:
     thread = threading.Thread(target=watch, name="sslcook-watch-launcher", daemon=True)
     thread.start()
     return thread
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (dvc, Prefect or a scheduler cancelling), raised in the main thread: it unwinds like Ctrl-C, so
+    pretraining keeps its last checkpoint, a running stage's process group is stopped (flows.dvcops.run_dvc) and
+    Prefect's temporary API server shuts down with the process."""
+
+
+def stop_on_sigterm() -> None:
+    """Turn SIGTERM into :class:`Terminated` (in the main thread; another thread's caller keeps its handlers)."""
+    import signal
+
+    def handler(signum, frame):  # noqa: ARG001
+        raise Terminated
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (an in-process caller)
+        pass
 
 
 def run_main(main: Callable[[], Any]) -> None:

@@ -30,8 +30,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .common import (ConfigError, DataError, SslcookError, atomic_path, ensure_writable, run_main, workspace,
-                     write_json)
+from .common import (ConfigError, DataError, SslcookError, atomic_path, ensure_writable, run_main, stop_on_sigterm,
+                     workspace, write_json)
 from .config import Params, load_params
 from .config.pretrain import PretrainConfig, resolve_method
 from .lineage import digest, git_info, make_record, run_provenance, sha256_file, write_provenance
@@ -129,19 +129,6 @@ def views_or_config_error(name: str, block: dict[str, Any], recipe: str, image_s
                 got = "" if repr(strengths[key]) in str(own) else f" (got {strengths[key]!r})"
                 raise ConfigError(f"params.yaml: {_augment_key(name, block, key)}: {own}{got}") from None
         raise ConfigError(f"params.yaml: {_where(name, block, 'augment')}: {exc}") from None
-
-
-def _install_sigterm() -> None:
-    """SIGTERM (dvc/Prefect cancelling) ends like Ctrl-C: the last checkpoint stays for the next run."""
-    import signal
-
-    def handler(signum, frame):  # noqa: ARG001
-        raise KeyboardInterrupt
-
-    try:
-        signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread (in-process callers)
-        pass
 
 
 class Run:
@@ -552,7 +539,7 @@ def pretrain(name: str, root: Path | None = None) -> dict[str, Any] | None:
             trainer.on_epoch_end = lambda r: tracker.log(r, step=int(r["step"]))
             trainer.on_log = lambda step, values: tracker.log(values, step=step)
         trainer.extra_state.update(wandb_run_id=run_id, resume_key=key, lineage=record)
-        _install_sigterm()
+        stop_on_sigterm()   # SIGTERM ends like Ctrl-C: the last checkpoint stays for the next run
         try:
             result = trainer.fit()
         except engine.NonFiniteLossError as exc:

@@ -55,6 +55,35 @@ def test_prefect_yaml_matches_params_and_sslcook_serve(capsys):
         assert f"{spec['flow']}/nightly: cron '{spec['cron']}' (UTC)" in out
 
 
+def test_schedule_crons_are_checked_as_prefect_parses_them(tmp_path):
+    from prefect.client.schemas.schedules import CronSchedule
+    from pydantic import ValidationError
+
+    from stages.common import ConfigError
+    from stages.config.flow import FlowConfig
+
+    verdicts = set()
+    for value in ("0 2 * * *", "*/15 3 * * mon-fri", "0 0 L * *", "@daily", "61 2 * * *", "0 2 * *", "0 25 * * *",
+                  "H 2 * * *", "nightly"):
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump({"flow": {"schedule": {"sweep": value}}}))
+        try:
+            CronSchedule(cron=value)
+            prefect_accepts = True
+        except ValidationError:
+            prefect_accepts = False
+        try:
+            FlowConfig.from_workspace(tmp_path)
+            accepted, message = True, ""
+        except ConfigError as exc:
+            accepted, message = False, str(exc)
+        assert accepted == prefect_accepts, value
+        if not accepted:   # one line naming the key and the value
+            assert message.startswith("params.yaml: flow.schedule.sweep: ") and repr(value) in message
+            assert "\n" not in message
+        verdicts.add(accepted)
+    assert verdicts == {True, False}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -46,8 +46,10 @@ def toy_stages(methods_key: str = "${methods}") -> dict:
                       "score=round(p['method']['${item}']['lr']*10,6)),open(w+'/metrics/${item}.json','w'))"),
             "deps": ["runs/${item}.txt"], "params": ["method.${item}"],
             "metrics": [{"metrics/${item}.json": {"cache": False}}]}},
-        "report": {"cmd": py("import os,glob; os.makedirs('reports',exist_ok=True); "
-                             "open('reports/summary.md','w').write(str(sorted(glob.glob('metrics/*'))))"),
+        "report": {"cmd": py("import glob,json,os; os.makedirs('reports',exist_ok=True); "
+                             "rows=[json.load(open(f)) for f in sorted(glob.glob('metrics/*.json'))]; "
+                             "open('reports/summary.md','w').write('# toy report\\n\\n| method | family | score |\\n|---|---|---|\\n'"
+                             "+''.join('| %s | %s | %g |\\n' % (r['method'],r['family'],r['score']) for r in rows))"),
                    "deps": ["metrics"], "outs": ["reports"]},
     }
 
@@ -105,12 +107,15 @@ def test_pipeline_flow_matches_dvc_repro_and_skips_everything_on_rerun(tmp_path)
 
     head = run(["git", "rev-parse", "HEAD"], flow_ws).stdout.strip()
     assert summary["git_commit"] == head and summary["report"] == "reports/summary.md"
+    # the results artifact publishes the report's own summary, as the report stage wrote it
+    report_summary = (flow_ws / "reports/summary.md").read_text()
+    assert "| alpha | toy | 1 |" in report_summary and "| beta | toy | 2 |" in report_summary
     markdown = summary["markdown"]
-    assert "| alpha | toy | 1 (score) | 1 |" in markdown and "| beta | toy | 2 (score) | 2 |" in markdown
+    assert markdown.endswith(report_summary)
     assert head in markdown and summary["flow_run_id"] in markdown
     artifacts = flow_artifacts(summary["flow_run_id"])
     assert {"sslcook-results", "sslcook-stages", "sslcook-report"} <= set(artifacts)
-    assert "| alpha | toy |" in artifacts["sslcook-results"].data
+    assert artifacts["sslcook-results"].data == markdown
     assert f"]({(flow_ws / 'reports/summary.md').as_uri()})" in artifacts["sslcook-report"].data
 
     again = pipeline_flow(workspace=str(flow_ws))
@@ -119,16 +124,18 @@ def test_pipeline_flow_matches_dvc_repro_and_skips_everything_on_rerun(tmp_path)
     assert "up to date" in run([*DVC, "status"], flow_ws).stdout
 
 
+# fails on its first attempt (leaving a marker outside its outputs), succeeds on the retry
+FLAKY = {"cmd": py("import os,sys; m='.flaky-tried'; first=not os.path.exists(m); open(m,'a').close(); "
+                   "print('flaky attempt, first' if first else 'flaky attempt, again'); "
+                   "sys.exit(1) if first else open('flaky.txt','w').write(open('data/x.txt').read())"),
+         "deps": ["data/x.txt"], "outs": ["flaky.txt"]}
+
+
 def test_retry_rescues_a_stage_that_fails_once_and_a_stage_that_keeps_failing_fails_the_flow(tmp_path):
     from flows.dvcops import StageFailed
     from flows.pipeline import pipeline_flow
 
-    # fails on its first attempt (leaving a marker outside its outputs), succeeds on the retry
-    flaky = {"cmd": py("import os,sys; m='.flaky-tried'; first=not os.path.exists(m); open(m,'a').close(); "
-                       "print('flaky attempt, first' if first else 'flaky attempt, again'); "
-                       "sys.exit(1) if first else open('flaky.txt','w').write(open('data/x.txt').read())"),
-             "deps": ["data/x.txt"], "outs": ["flaky.txt"]}
-    ws = make_toy(tmp_path / "ws", extra_stages={"flaky": flaky})
+    ws = make_toy(tmp_path / "ws", extra_stages={"flaky": FLAKY})
     run([*DVC, "remote", "add", "-d", "store", str(tmp_path / "store")], ws)   # so the run pulls and pushes
     summary = pipeline_flow(workspace=str(ws))
     by_stage = {s["stage"]: s for s in summary["stages"]}
@@ -157,6 +164,37 @@ def test_retry_rescues_a_stage_that_fails_once_and_a_stage_that_keeps_failing_fa
     status = run([*DVC, "status"], ws).stdout
     assert "broken:" in status and "after:" in status and "flaky:" not in status
     assert not (ws / "after.txt").exists()
+
+
+def test_no_prefect_runs_the_same_sequence_and_honours_no_pull_and_no_push(tmp_path, capsys):
+    from flows.pipeline import main as run_main
+    from flows.pipeline import run_plain
+
+    ws = make_toy(tmp_path / "ws", extra_stages={"flaky": FLAKY})
+    run([*DVC, "remote", "add", "-d", "store", str(tmp_path / "store")], ws)
+    logs = ws / ".dvc/tmp/sslcook-logs"
+    assert run_main(["--no-prefect", "-q", "--no-pull", "--no-push", "-w", str(ws)]) == 0
+    table = dict(line.split()[:2] for line in capsys.readouterr().out.splitlines()[:len(TOY_ORDER) + 1])
+    assert table == {name: "ran" for name in TOY_ORDER + ["flaky"]}       # DVC's order, each stage on its own
+    flaky_log = (logs / "flaky.log").read_text()
+    assert "flaky attempt, first" in flaky_log and "flaky attempt, again" in flaky_log   # retried, as in the flow
+    assert not (logs / "dvc-pull.log").exists() and not (logs / "dvc-push.log").exists()
+    assert "in sync" not in run([*DVC, "status", "--cloud"], ws).stdout   # nothing pushed
+
+    # what DVC did, from its status and dvc.lock: alpha's branch re-runs for a new lr, then comes back from DVC's
+    # run cache when the lr is set back; the rest is skipped
+    alpha_branch = {"train@alpha", "evaluate@alpha", "report"}
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    for lr, outcome in ((0.5, "ran"), (0.1, "restored")):
+        params["method"]["alpha"]["lr"] = lr
+        (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        summary = run_plain(str(ws), echo=False)   # params.yaml's flow.dvc_pull / flow.dvc_push: both
+        assert [(s["stage"], s["outcome"], s["lock"]) for s in summary["stages"]] == \
+            [(name, outcome, "updated") if name in alpha_branch else (name, "skipped", "unchanged")
+             for name in TOY_ORDER + ["flaky"]]
+        assert json.loads((ws / "metrics/alpha.json").read_text())["score"] == lr * 10
+    assert (logs / "dvc-pull.log").exists() and "in sync" in run([*DVC, "status", "--cloud"], ws).stdout
+    assert summary["flow_run_id"] is None and summary["markdown"].endswith((ws / "reports/summary.md").read_text())
 
 
 def _lock_holder(ws: Path) -> str:
@@ -362,3 +400,14 @@ def test_stage_selection_and_user_errors(tmp_path):
         FlowConfig.from_workspace(ws)
     with pytest.raises(ConfigError, match="flow.retries"):
         run_main(["-w", str(ws), "--no-prefect"])
+
+
+def test_every_function_in_flows_reads_in_one_screen():
+    import ast
+
+    long = []
+    for path in sorted((PROJECT_ROOT / "flows").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long.append(f"{path.name}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert long == []

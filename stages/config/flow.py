@@ -15,9 +15,11 @@ from .base import Section, first_problem, read_yaml
 
 
 def _check_cron(value: str) -> str:
-    fields = value.split()
-    if len(fields) != 5:
-        raise ValueError("a cron expression has 5 fields: minute hour day-of-month month day-of-week")
+    """A cron string as Prefect's own schedules parse it (croniter; Prefect refuses its random and hashed forms)."""
+    from croniter import croniter
+
+    if not croniter.is_valid(value) or any(field.casefold() in ("r", "h") for field in value.split()):
+        raise ValueError(f"{value!r} is not a cron expression (minute hour day-of-month month day-of-week)")
     return value
 
 
