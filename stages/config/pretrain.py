@@ -70,6 +70,8 @@ class PretrainConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: Optional[int] = Field(None, ge=1)  # torch CPU threads; null: torch's default
     num_workers: int = Field(0, ge=0)           # loader worker processes per training process
+    # the loader scales each image's shorter side to N and centre-crops N x N; null: as stored (one size per split)
+    loader_image_size: Optional[int] = Field(None, ge=1)
     shuffle_buffer: int = Field(1000, ge=0)     # samples in the loader's shuffle buffer
     checkpoint_every_steps: int = Field(0, ge=0)  # resume checkpoint every N steps (0: at epoch ends only)
     on_bad_resume: Literal["fresh", "fail"] = "fresh"  # unreadable resume state: moved aside, then start over | stop
