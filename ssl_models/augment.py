@@ -82,7 +82,9 @@ class MultiView:
     def num_views(self) -> int:
         return len(self.pipelines)
 
-    def __call__(self, img: Tensor) -> list[Tensor]:
+    def __call__(self, img: Tensor, generator: torch.Generator | None = None) -> list[Tensor]:
+        if img.dtype == torch.uint8 and img.ndim == 4:
+            return self._batch_bridge(img, generator)
         if img.dtype != torch.uint8 or img.ndim != 3:
             raise ValueError(f"views expect a uint8 C x H x W image, got {img.dtype} {tuple(img.shape)}")
         previous = torch.get_num_threads()
@@ -96,6 +98,18 @@ class MultiView:
             return [p(img) for p in self.pipelines]
         finally:
             torch.set_num_threads(previous)
+
+    # BRIDGE (until the batched recipes replace this module): the batch call of the data-path contract,
+    # ``views(uint8 B x C x H x W, generator) -> [float view batch, ...]`` on images.device, made image by image
+    # with the per-sample pipelines under a global RNG forked and seeded from ``generator`` (so the caller's
+    # random state is untouched and the views depend only on the generator).
+    def _batch_bridge(self, images: Tensor, generator: torch.Generator | None) -> list[Tensor]:
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if generator is not None else None
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            per_image = [self(img) for img in images.cpu()]
+        return [torch.stack([views[v] for views in per_image]).to(images.device) for v in range(self.num_views)]
 
     def __repr__(self) -> str:
         return f"MultiView({self.recipe!r}, views={self.num_views}, sizes={self.sizes}, channels={self.out_channels})"
@@ -270,3 +284,13 @@ class EvalTransform:
 
 def build_eval_transform(*, image_size: int, channels: int, grey: str = "skip", mean=None, std=None) -> EvalTransform:
     return EvalTransform(image_size=image_size, channels=channels, grey=grey, mean=mean, std=std)
+
+
+# BRIDGE (until the batched recipes replace this module): THE seeding rule of the per-batch view parameters.
+def view_generator(seed: int, epoch: int, step: int, rank: int) -> torch.Generator:
+    """The CPU generator a batch's views draw from: a function of (seed, epoch, step, rank) only, so a resumed
+    run redraws the same views and DDP ranks draw different ones."""
+    import numpy as np
+
+    state = np.random.SeedSequence([int(seed), int(epoch), int(step), int(rank), 0x76696577]).generate_state(2)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]) >> 1)

@@ -1,8 +1,16 @@
-"""Streaming WebDataset shards into training: split by rank and worker, shuffled, decoded, viewed, batched.
+"""Streaming WebDataset shards into training: split by rank and worker, shuffled, decoded, batched as uint8.
 
-Knows nothing of the pipeline: it reads tar shards whose samples hold an image (``png`` or ``jpg``), an integer
-``cls`` (-1 when unlabelled) and optionally ``json``, plus (when there is one) the ``manifest.json`` written
-beside them: ``{"splits": {split: {"shards": [{"name", "sha256", "count", "bytes"}]}}, "image_mode": ...}``.
+Knows nothing of the pipeline: it reads tar shards of format ``sslcook-shards/2`` (:data:`SHARD_FORMAT`), whose
+samples are two members, an image (``png`` or ``jpg``) and a ``json`` holding ``{"cls": int (-1 unlabelled), ...}``,
+plus (when there is one) the ``manifest.json`` written beside them: ``{"format": "sslcook-shards/2", "splits":
+{split: {"image_sizes": [[H, W], ...], "shards": [{"name", "sha256", "count", "bytes"}]}}, "image_mode": ...}``.
+A manifest of another (or no) format is refused with a "re-run the shard stage" :class:`DataError`.
+
+The loader only decodes: batches are ``(images uint8 B x C x H x W, labels int64 B)`` (``(..., keys)`` with
+``return_keys``); the views are made from them per batch on the training device (``ssl_models.augment``), so the
+workers never compete with the step for augmentation work. Batching needs one image size per split: the
+manifest's ``image_sizes``, or ``resize=N`` (shorter side to N, centre crop N x N, in the workers); mixed sizes
+without it are a DataError naming the split and two of the sizes.
 
 How an epoch is cut (:func:`make_loader`):
 
@@ -15,8 +23,8 @@ How an epoch is cut (:func:`make_loader`):
   ``shuffle_buffer`` samples is shuffled with ``(seed, epoch, rank, worker)``. Order is thus a function of
   ``seed`` and ``epoch`` (and of world_size/num_workers), never of timing: DataLoader delivers its workers'
   batches in a fixed round-robin order.
-- Workers decode and apply ``transform`` per sample, and batch; the main process merges the workers' partial
-  batches. ``drop_last=True`` (training): every rank yields the same number of full batches,
+- Workers decode (and resize) each sample and batch; the main process merges the workers' partial batches and,
+  for a CUDA consumer (``pin_memory``), hands them over in pinned memory. ``drop_last=True`` (training): every rank yields the same number of full batches,
   ``len(loader)``, fixed for all epochs: what the rank that receives the fewest samples can fill, so no sample
   is repeated and ranks never wait on each other. ``drop_last=False`` (evaluation, coverage checks): every
   sample of the rank's units exactly once, the last batch partial; batch counts can then differ by one
@@ -42,7 +50,7 @@ import os
 import random
 import tarfile
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 from urllib.parse import urlparse
 
 import numpy as np
@@ -60,6 +68,7 @@ except ImportError:  # a torchvision without image codecs: Pillow decodes
     _TORCHVISION_DECODE = None
 
 MANIFEST = "manifest.json"
+SHARD_FORMAT = "sslcook-shards/2"   # the stage stages/shard.py writes and this module reads
 IMAGE_KEYS = ("png", "jpg", "jpeg")
 MODE_CHANNELS = {"L": 1, "RGB": 3}  # the manifest's image_mode -> channels of the decoded tensors
 
@@ -76,9 +85,22 @@ def read_manifest(shards_dir: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise DataError(f"{path}: manifest not found (shard the data first)")
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: not valid JSON ({exc})") from None
+    return check_format(manifest, str(path))
+
+
+def check_format(manifest: Any, where: str) -> dict[str, Any]:
+    """``manifest`` if it describes shards of :data:`SHARD_FORMAT`; a DataError asking for a re-shard otherwise."""
+    if not isinstance(manifest, dict):
+        raise DataError(f"{where}: not a shard manifest (a JSON object)")
+    found = manifest.get("format")
+    if found != SHARD_FORMAT:
+        what = "an older format (no format key)" if found is None else f"format {found!r}"
+        raise DataError(f"{where}: shards of {what}, this loader reads {SHARD_FORMAT}; re-run the shard stage "
+                        f"(dvc repro shard)")
+    return manifest
 
 
 def _split_entry(manifest: Mapping[str, Any], split: str, where: str) -> Mapping[str, Any]:
@@ -167,9 +189,10 @@ class RemoteShards:
         with open_url(url) as fh:
             data = fh.read()
         try:
-            return json.loads(data)
+            manifest = json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise DataError(f"{url}: not valid JSON ({exc})") from None
+        return check_format(manifest, url)
 
 
 def open_url(url: str):
@@ -256,8 +279,41 @@ def _image_entry(sample: Mapping[str, Any]) -> bytes:
 
 
 def _label(sample: Mapping[str, Any]) -> int:
-    raw = sample.get("cls")
-    return -1 if raw is None else int(raw)
+    """The class index from the sample's one metadata member (``json``: ``{"cls": int, ...}``)."""
+    try:
+        meta = json.loads(sample["json"])
+        return int(meta["cls"])
+    except (KeyError, TypeError, ValueError, UnicodeDecodeError):
+        raise DataError(f"{sample.get('__url__')}: sample {sample.get('__key__')!r} has no json member with a "
+                        f"\"cls\" label (shards of an older format?); re-run the shard stage (dvc repro shard)"
+                        ) from None
+
+
+def resize_and_crop(image: Tensor, size: int) -> Tensor:
+    """uint8 C x H x W -> C x size x size: the shorter side scaled to ``size`` (antialiased), then centre-cropped."""
+    if tuple(image.shape[-2:]) == (size, size):
+        return image
+    from torchvision.transforms.v2 import functional as tvf
+
+    return tvf.center_crop(tvf.resize(image, size, antialias=True), [size, size])
+
+
+def _size_text(hw: Sequence[int]) -> str:
+    return f"{hw[-2]}x{hw[-1]}"
+
+
+def mixed_sizes_error(split: str, sizes: Sequence[Sequence[int]], where: str) -> DataError:
+    a, b = sizes[0], next(s for s in sizes if tuple(s[-2:]) != tuple(sizes[0][-2:]))
+    return DataError(f"{where}: split {split!r} mixes image sizes ({_size_text(a)} and {_size_text(b)} H x W); "
+                     f"batching needs one: shard with one image size (shard.image_size) or resize in the loader "
+                     f"(resize=N; params: pretrain.loader_image_size)")
+
+
+def _stack(images: Sequence[Tensor], split: str, where: str) -> Tensor:
+    first = images[0].shape
+    if any(im.shape != first for im in images):
+        raise mixed_sizes_error(split, [tuple(im.shape) for im in images], where)
+    return torch.stack(list(images))
 
 
 # -------------------------------------------------------------------------------------------- the loader
@@ -308,7 +364,7 @@ def _read_units(units: Iterable[_Unit], expected: Mapping[str, Mapping[str, Any]
 
 
 class _WorkerStream(torch.utils.data.IterableDataset):
-    """What one DataLoader worker (or the main process) yields: decoded, viewed, batched samples."""
+    """What one DataLoader worker (or the main process) yields: decoded uint8 samples, batched."""
 
     def __init__(self, loader: "ShardLoader"):
         super().__init__()
@@ -333,16 +389,18 @@ class _WorkerStream(torch.utils.data.IterableDataset):
 class ShardLoader:
     """The iterable :func:`make_loader` returns; ``len()`` is the number of batches this rank yields per epoch."""
 
-    def __init__(self, urls: Sequence[str], counts: Sequence[int], *, batch_size: int,
-                 transform: Callable[[Tensor], list[Tensor]] | None, shuffle_buffer: int, seed: int, epoch: int,
-                 rank: int, world_size: int, num_workers: int, drop_last: bool, channels: int | None,
-                 return_keys: bool, pin_memory: bool, expected: Mapping[str, Mapping[str, Any]] | None = None):
+    def __init__(self, urls: Sequence[str], counts: Sequence[int], *, batch_size: int, shuffle_buffer: int,
+                 seed: int, epoch: int, rank: int, world_size: int, num_workers: int, drop_last: bool,
+                 channels: int | None, return_keys: bool, pin_memory: bool, resize: int | None = None,
+                 split: str = "?", expected: Mapping[str, Mapping[str, Any]] | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
+        if resize is not None and (isinstance(resize, bool) or not isinstance(resize, int) or resize < 1):
+            raise ValueError(f"resize must be a positive int or None (got {resize!r})")
         self.urls, self.counts = list(urls), list(counts)
-        self.batch_size, self.transform = batch_size, transform
+        self.batch_size, self.resize, self.split = batch_size, resize, split
         self.shuffle_buffer, self.seed, self.epoch = shuffle_buffer, seed, epoch
         self.rank, self.world_size = rank, world_size
         self.num_workers, self.workers = num_workers, max(1, num_workers)
@@ -379,21 +437,20 @@ class ShardLoader:
         except RuntimeError as exc:
             raise DataError(f"{sample.get('__url__')}: sample {sample.get('__key__')!r}: undecodable image "
                             f"({exc})") from None
-        views = self.transform(image) if self.transform is not None else [image]
-        return views, _label(sample), sample["__key__"]
+        if self.resize is not None:
+            image = resize_and_crop(image, self.resize)
+        return image, _label(sample), sample["__key__"]
 
-    @staticmethod
-    def collate(samples: list[tuple]) -> tuple:
-        views = [torch.stack([s[0][v] for s in samples]) for v in range(len(samples[0][0]))]
-        return views, torch.tensor([s[1] for s in samples], dtype=torch.long), [s[2] for s in samples]
+    def collate(self, samples: list[tuple]) -> tuple:
+        images = _stack([s[0] for s in samples], self.split, str(self.urls[0]))
+        return images, torch.tensor([s[1] for s in samples], dtype=torch.long), [s[2] for s in samples]
 
     # -- main process
     def _worker_batches(self) -> Iterator[tuple]:
         stream = _WorkerStream(self)
         if self.num_workers == 0:
-            # Per-sample transforms on small tensors run single-threaded, as DataLoader workers do: torch's
-            # intra-op threads only add barrier waits there, and on a busy machine each costs a time slice
-            # (measured: 10 img/s with 2 threads under load, against 400 img/s in 2 workers).
+            # Decoding small images runs single-threaded, as DataLoader workers do: torch's intra-op threads
+            # only add barrier waits there, and on a busy machine each costs a time slice.
             batches = iter(stream)
             while True:
                 threads = torch.get_num_threads()
@@ -405,7 +462,8 @@ class ShardLoader:
                 finally:
                     torch.set_num_threads(threads)
                 yield batch
-        # Worker seeds (hence the transforms' random draws) follow from (seed, epoch, rank), not the global RNG.
+        # Worker seeds follow from (seed, epoch, rank), not the global RNG (the workers draw nothing random
+        # today; this keeps it so should a decoder ever do).
         generator = torch.Generator().manual_seed(_derive_seed("workers", self.seed, self.epoch, self.rank))
         try:
             yield from torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.num_workers,
@@ -422,7 +480,10 @@ class ShardLoader:
         bs = self.batch_size
 
         def emit(batch: tuple) -> tuple:
-            return batch if self.return_keys else batch[:2]
+            images = batch[0]
+            if self.pin_memory and not images.is_pinned():  # merged batches are new tensors
+                images = images.pin_memory()
+            return (images, batch[1], batch[2]) if self.return_keys else (images, batch[1])
 
         if limit == 0:
             return
@@ -435,7 +496,7 @@ class ShardLoader:
                 pending.append(batch)
                 pending_size += n
                 while pending_size >= bs and produced != limit:
-                    merged = _concat(pending)
+                    merged = self._concat(pending)
                     head, tail = _take(merged, bs), _drop(merged, bs)
                     pending, pending_size = ([tail] if len(tail[1]) else []), len(tail[1])
                     produced += 1
@@ -444,25 +505,26 @@ class ShardLoader:
                 return  # leaving the DataLoader iterator shuts its workers down
         if limit is None and pending_size:
             produced += 1
-            yield emit(_concat(pending))
+            yield emit(self._concat(pending))
         if limit is not None and produced < limit:
             raise DataError(f"rank {self.rank} got {produced} of {limit} batches: the shards hold fewer samples "
                             f"than their manifest counts")
 
-
-def _concat(batches: list[tuple]) -> tuple:
-    if len(batches) == 1:
-        return batches[0]
-    views = [torch.cat([b[0][v] for b in batches]) for v in range(len(batches[0][0]))]
-    return views, torch.cat([b[1] for b in batches]), [k for b in batches for k in b[2]]
+    def _concat(self, batches: list[tuple]) -> tuple:
+        if len(batches) == 1:
+            return batches[0]
+        images = [b[0] for b in batches]
+        if any(im.shape[1:] != images[0].shape[1:] for im in images):  # two workers' batches of other sizes
+            raise mixed_sizes_error(self.split, [tuple(im.shape[1:]) for im in images], str(self.urls[0]))
+        return torch.cat(images), torch.cat([b[1] for b in batches]), [k for b in batches for k in b[2]]
 
 
 def _take(batch: tuple, n: int) -> tuple:
-    return [v[:n] for v in batch[0]], batch[1][:n], batch[2][:n]
+    return batch[0][:n], batch[1][:n], batch[2][:n]
 
 
 def _drop(batch: tuple, n: int) -> tuple:
-    return [v[n:] for v in batch[0]], batch[1][n:], batch[2][n:]
+    return batch[0][n:], batch[1][n:], batch[2][n:]
 
 
 def _shard_counts(urls: Sequence[str], manifest: Mapping[str, Any] | None, verify: bool) -> list[int]:
@@ -496,26 +558,38 @@ def _count_local(path: Path) -> int:
         raise DataError(f"{path}: unreadable shard ({exc})") from None
 
 
-def make_loader(urls: str | Sequence[str], *, batch_size: int, transform: Callable[[Tensor], list[Tensor]] | None,
-                shuffle_buffer: int = 2000, seed: int = 0, epoch: int = 0, rank: int = 0, world_size: int = 1,
-                num_workers: int = 0, manifest: Mapping[str, Any] | str | os.PathLike | None = None,
-                drop_last: bool = True, return_keys: bool = False, pin_memory: bool = False,
+def _split_of(urls: Sequence[str], manifest: Mapping[str, Any] | None) -> tuple[str, Mapping[str, Any] | None]:
+    """(the split the shards belong to, its manifest entry): by the manifest, else by the ``{split}-`` prefix."""
+    names = {os.path.basename(urlparse(u).path if not _is_local(u) else u) for u in urls}
+    for split, entry in ((manifest or {}).get("splits") or {}).items():
+        if names & {s["name"] for s in entry.get("shards", [])}:
+            return split, entry
+    return os.path.basename(urlparse(urls[0]).path).split("-", 1)[0], None
+
+
+def make_loader(urls: str | Sequence[str], *, batch_size: int, shuffle_buffer: int = 2000, seed: int = 0,
+                epoch: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 0,
+                manifest: Mapping[str, Any] | str | os.PathLike | None = None, drop_last: bool = True,
+                return_keys: bool = False, pin_memory: bool = False, resize: int | None = None,
                 verify: bool = True) -> ShardLoader:
-    """Iterable of ``(views, labels)`` batches over WebDataset shards (see the module docstring).
+    """Iterable of ``(images, labels)`` uint8 batches over WebDataset shards (see the module docstring).
 
     ``urls``: shard paths or URLs (a list, or a brace pattern such as ``train-{000000..000003}.tar``).
-    ``transform``: uint8 C x H x W tensor -> list of view tensors (None: the image itself as the only view).
     ``manifest``: the shards' manifest (dict or path); by default the ``manifest.json`` beside local shards.
-    It gives the sample counts and the checksums verified before use (``verify``). ``shuffle_buffer`` 0 or 1:
-    no shuffling at all (units in order, samples in shard order). ``return_keys``: batches are
-    ``(views, labels, keys)``. The image is decoded to the manifest's ``image_mode`` channels.
+    It gives the sample counts, the image sizes and the checksums verified before use (``verify``).
+    ``shuffle_buffer`` 0 or 1: no shuffling at all (units in order, samples in shard order). ``return_keys``:
+    batches are ``(images, labels, keys)``. Images are decoded to the manifest's ``image_mode`` channels, as
+    uint8 B x C x H x W; ``resize=N``: each image's shorter side scaled to N and centre-cropped to N x N (needed
+    when a split mixes sizes). ``pin_memory``: batches in pinned memory (for a CUDA consumer).
     """
     urls = wds.shardlists.expand_urls(urls) if isinstance(urls, str) else list(urls)
     if not urls:
         raise DataError("no shards given")
+    where = urls[0]
     if manifest is None and _is_local(urls[0]):
         beside = _local_path(urls[0]).parent / MANIFEST
         manifest = read_manifest(beside.parent) if beside.is_file() else None
+        where = str(beside)
     elif manifest is None and urlparse(urls[0]).scheme != "pipe":
         manifest = read_manifest(urls[0].rsplit("/", 1)[0])
     elif isinstance(manifest, str) and not _is_local(manifest):
@@ -523,13 +597,20 @@ def make_loader(urls: str | Sequence[str], *, batch_size: int, transform: Callab
     elif isinstance(manifest, (str, os.PathLike)):
         path = Path(manifest)
         manifest = read_manifest(path.parent if path.name == MANIFEST else path)
+        where = str(path if path.name == MANIFEST else path / MANIFEST)
+    elif manifest is not None:
+        check_format(manifest, "manifest")
     counts = _shard_counts(urls, manifest, verify)
+    split, entry = _split_of(urls, manifest)
+    sizes = (entry or {}).get("image_sizes") or []
+    if resize is None and len({tuple(hw) for hw in sizes}) > 1:
+        raise mixed_sizes_error(split, sizes, where)
     mode = (manifest or {}).get("image_mode")
     channels = MODE_CHANNELS.get(mode) if mode else None
-    loader = ShardLoader(urls, counts, batch_size=batch_size, transform=transform, shuffle_buffer=shuffle_buffer,
-                         seed=seed, epoch=epoch, rank=rank, world_size=world_size, num_workers=num_workers,
-                         drop_last=drop_last, channels=channels, return_keys=return_keys, pin_memory=pin_memory,
-                         expected=_manifest_entries([u for u in urls if not _is_local(u)], manifest))
+    loader = ShardLoader(urls, counts, batch_size=batch_size, shuffle_buffer=shuffle_buffer, seed=seed, epoch=epoch,
+                         rank=rank, world_size=world_size, num_workers=num_workers, drop_last=drop_last,
+                         channels=channels, return_keys=return_keys, pin_memory=pin_memory, resize=resize,
+                         split=split, expected=_manifest_entries([u for u in urls if not _is_local(u)], manifest))
     if drop_last and len(loader) == 0:
         raise DataError(f"{urls[0]}{' ...' if len(urls) > 1 else ''}: a rank is only sure to get "
                         f"{loader.min_rank_samples} samples, fewer than batch_size {batch_size} (world_size "
@@ -538,16 +619,21 @@ def make_loader(urls: str | Sequence[str], *, batch_size: int, transform: Callab
 
 
 # ---------------------------------------------------------------------------------------- whole splits
-def load_split(shards_dir: str | os.PathLike, split: str, *, labelled_only: bool = True,
-               verify: bool = True) -> tuple[Tensor, Tensor, list[str]]:
+def load_split(shards_dir: str | os.PathLike, split: str, *, labelled_only: bool = True, verify: bool = True,
+               resize: int | None = None) -> tuple[Tensor, Tensor, list[str]]:
     """A whole split in memory: (uint8 N x C x H x W, labels, class names), in shard order.
 
     For evaluation and baselines on small datasets. Unlabelled samples (label -1) are left out unless
-    ``labelled_only`` is False. Every image must have the same size (shard with ``image_size`` otherwise).
+    ``labelled_only`` is False. Every image must have the same size, or ``resize=N`` makes them N x N (as
+    :func:`make_loader` does).
     """
     shards_dir = Path(shards_dir)
     manifest = read_manifest(shards_dir)
-    entry = _split_entry(manifest, split, str(shards_dir / MANIFEST))
+    where = str(shards_dir / MANIFEST)
+    entry = _split_entry(manifest, split, where)
+    sizes = entry.get("image_sizes") or []
+    if resize is None and len({tuple(hw) for hw in sizes}) > 1:
+        raise mixed_sizes_error(split, sizes, where)
     channels = MODE_CHANNELS.get(manifest.get("image_mode"))
     images: list[Tensor] = []
     labels: list[int] = []
@@ -560,15 +646,13 @@ def load_split(shards_dir: str | os.PathLike, split: str, *, labelled_only: bool
             if labelled_only and label < 0:
                 continue
             image = decode_image_bytes(_image_entry(sample), channels)
-            if images and image.shape != images[0].shape:
-                raise DataError(f"{path}: sample {sample['__key__']!r} is {tuple(image.shape)}, others "
-                                f"{tuple(images[0].shape)}; shard with shard.image_size set to load a split at once")
-            images.append(image)
+            images.append(resize_and_crop(image, resize) if resize is not None else image)
             labels.append(label)
     if not images:
-        raise DataError(f"{shards_dir / MANIFEST}: split {split!r} has no {'labelled ' if labelled_only else ''}images")
-    return torch.stack(images), torch.tensor(labels, dtype=torch.long), list(manifest.get("classes") or [])
+        raise DataError(f"{where}: split {split!r} has no {'labelled ' if labelled_only else ''}images")
+    return _stack(images, split, where), torch.tensor(labels, dtype=torch.long), list(manifest.get("classes") or [])
 
 
-__all__ = ["DataError", "MANIFEST", "RemoteShards", "ShardLoader", "decode_image_bytes", "fetch_verified",
-           "load_split", "make_loader", "open_url", "read_manifest", "shard_urls", "verify_shards"]
+__all__ = ["DataError", "MANIFEST", "SHARD_FORMAT", "RemoteShards", "ShardLoader", "check_format",
+           "decode_image_bytes", "fetch_verified", "load_split", "make_loader", "open_url", "read_manifest",
+           "resize_and_crop", "shard_urls", "verify_shards"]

@@ -9,9 +9,15 @@
 The engine knows nothing about params files or pipelines; it relies only on the :class:`SSLMethod` interface
 (``forward(views) -> {"loss", "embedding", diagnostics...}`` and the step hooks).
 
+Views. With ``views=`` (a ViewMaker of :mod:`ssl_models.augment`), the loader yields uint8 image batches: each
+goes to the device first (non-blocking; pinned by the loader on CUDA), then ``views(images, generator)`` makes the
+float view batches there, with every random parameter drawn from
+``view_generator(seed, epoch, step, rank)``: a function of the step alone, so a resumed run redraws the same
+views and every DDP rank draws its own. Without ``views`` the loader yields the views itself.
+
 Reproducibility. Model randomness (MAE masks, dropout) and data randomness (shuffling, augmentations) use
 separate random streams: every ``next()`` on the loader runs under a data stream seeded from
-(seed, epoch, rank), the model under the global generators. So the batches of an epoch depend only on
+(seed, epoch, rank), the model under the global generators, the views under their per-step generator. So the batches of an epoch depend only on
 (seed, epoch, rank), and resuming in the middle of an epoch replays the same batches: the loader of that
 epoch is rebuilt and the batches already consumed are drawn and dropped. With the model's own RNG state
 restored from the checkpoint, a resumed run ends with weights equal to an uninterrupted one (CPU).
@@ -287,8 +293,9 @@ def _scalar(v: Any) -> torch.Tensor | float | None:
 class Trainer:
     """Trains one :class:`SSLMethod` (see the module docstring).
 
-    ``make_loader(epoch)`` returns that epoch's iterable of ``(views, labels)`` for this rank; it is called
-    once per epoch and must give the same batches for the same epoch. ``scheduler`` steps once per
+    ``make_loader(epoch)`` returns that epoch's iterable of ``(views, labels)`` for this rank (``(images,
+    labels)`` uint8 batches when ``views`` makes the views, see the module docstring); it is called once per
+    epoch and must give the same batches for the same epoch. ``scheduler`` steps once per
     optimisation step. ``on_epoch_end(record)`` and ``on_log(step, values)`` run on rank 0 only (logging);
     ``extra_state`` (plain data) is stored in every checkpoint and returned by :meth:`resume_info`.
     ``dataset_pass()`` (for methods with ``uses_dataset``): this rank's share of the training set, once, in a
@@ -302,8 +309,10 @@ class Trainer:
                  on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
                  on_log: Callable[[int, dict[str, float]], None] | None = None,
                  extra_state: Mapping[str, Any] | None = None,
-                 dataset_pass: Callable[[], Iterable] | None = None):
+                 dataset_pass: Callable[[], Iterable] | None = None,
+                 views: Callable[[torch.Tensor, torch.Generator], list[torch.Tensor]] | None = None):
         self.method = method
+        self.views = views
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.config = config
@@ -431,7 +440,8 @@ class Trainer:
 
     # -- loop
     def _new_accumulators(self) -> dict[str, Any]:
-        return {"loss_sum": 0.0, "steps": 0, "images": 0, "seconds": 0.0, "diag_sums": {}, "embeddings": []}
+        return {"loss_sum": 0.0, "steps": 0, "images": 0, "seconds": 0.0, "data_wait": 0.0, "diag_sums": {},
+                "embeddings": []}
 
     def _to_device(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
         fmt = torch.channels_last if (self.device.type == "cuda" and self.config.channels_last) else None
@@ -442,6 +452,13 @@ class Trainer:
                 v = v.contiguous(memory_format=fmt)
             out.append(v)
         return out
+
+    def _make_views(self, images: torch.Tensor, epoch: int, step: int) -> list[torch.Tensor]:
+        """A uint8 batch -> its float views, made on the training device from the step's own generator."""
+        from .augment import view_generator
+
+        images = images.to(self.device, non_blocking=True)
+        return list(self.views(images, view_generator(self.config.seed, epoch, step, self.runtime.rank)))
 
     def _params(self) -> list[nn.Parameter]:
         return [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -478,6 +495,8 @@ class Trainer:
             "lr": float(self.optimizer.param_groups[0]["lr"]),
             "images_per_s": images / seconds if seconds > 0 else float("nan"),
             "epoch_seconds": seconds,
+            # time the loop waited on the loader (this rank): a measurement of the run, not of the weights
+            "data_wait_seconds": float(acc.get("data_wait", 0.0)),
         }
         emb = acc["embeddings"]
         if emb:
@@ -535,12 +554,16 @@ class Trainer:
                 t0 = time.perf_counter()
                 for step_in_epoch in range(skip, cfg.steps_per_epoch):
                     step = epoch * cfg.steps_per_epoch + step_in_epoch
+                    waited = time.perf_counter()
                     try:
                         views, _labels, *keys = next(data)
                     except StopIteration:
                         raise TrainingError(f"the loader of epoch {epoch + 1} ended after {step_in_epoch} batches; "
                                             f"expected {cfg.steps_per_epoch}") from None
-                    if isinstance(views, torch.Tensor):
+                    acc["data_wait"] = acc.get("data_wait", 0.0) + time.perf_counter() - waited
+                    if self.views is not None:
+                        views = self._make_views(views, epoch, step)
+                    elif isinstance(views, torch.Tensor):
                         views = [views]
                     if keys and getattr(self.method, "uses_dataset", False):
                         self.method.on_batch(list(keys[0]))
@@ -662,6 +685,7 @@ class Trainer:
             "steps": self.config.total_steps,
             "train_seconds": seconds,
             "images_per_s": images / seconds if seconds > 0 else float("nan"),
+            "data_wait_seconds": sum(r.get("data_wait_seconds", 0.0) for r in self.history),
             "world_size": self.runtime.world_size,
             "device": str(self.device.type),
             "collapsed": any(r.get("collapsed") for r in self.history),
@@ -683,7 +707,7 @@ def _portable(acc: dict[str, Any]) -> dict[str, Any]:
     """Accumulators as plain numbers/CPU tensors (they go into checkpoints)."""
     return {
         "loss_sum": float(acc["loss_sum"]), "steps": int(acc["steps"]), "images": int(acc["images"]),
-        "seconds": float(acc["seconds"]),
+        "seconds": float(acc["seconds"]), "data_wait": float(acc.get("data_wait", 0.0)),
         "diag_sums": {k: float(v) for k, v in acc["diag_sums"].items()},
         "embeddings": [e.detach().cpu() for e in acc["embeddings"]],
     }

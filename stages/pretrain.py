@@ -7,7 +7,8 @@ Outputs (rank 0): runs/<method>/checkpoint.pt (final: backbone_state, backbone_c
 augment, summary, lineage, and the full method state), metrics.json (summary), history.tsv (one row per epoch),
 config.json (the resolved configuration) and lineage.json: content only, so a re-run on the same shards, params
 and code (same hardware) writes the same bytes and the DVC hash of runs/ stays. What differs from run to run (time,
-commit, wandb run id, seconds and images/s per epoch, the step a run resumed from) goes to
+commit, wandb run id, seconds, images/s and seconds waited on the loader per epoch, the step a run resumed from)
+goes to
 provenance/pretrain/<method>.json, which no stage depends on.
 
 Resume. While training, a checkpoint goes to .sslcook/resume/<method>/<key>.pt every
@@ -41,7 +42,7 @@ MANIFEST = SHARDS_DIR / "manifest.json"
 RESUME_DIR = Path(".sslcook") / "resume"
 HISTORY_COLUMNS = ("epoch", "step", "loss", "lr", "emb_std", "rankme", "collapsed")
 # measurements of one run, not of the weights: they live in the run's provenance, never in the hashed outputs
-RUN_TIMING = ("train_seconds", "images_per_s", "epoch_seconds", "resumed_from_step")
+RUN_TIMING = ("train_seconds", "images_per_s", "epoch_seconds", "data_wait_seconds", "resumed_from_step")
 # knobs that change no weight: a resume state stays valid when only these change
 # (the layout is keyed as world_size and nodes; shards by their manifest)
 _NOT_IN_RESUME_KEY = ("wandb", "monitor", "log_every_steps", "checkpoint_every_steps", "on_bad_resume",
@@ -114,7 +115,8 @@ def views_or_config_error(name: str, block: dict[str, Any], recipe: str, image_s
         views = build_views(recipe, image_size=image_size, channels=channels, grey=grey, **chosen)
         import torch
 
-        views(torch.zeros(channels, image_size, image_size, dtype=torch.uint8))  # values checked only when used
+        # values checked only when used: one batch of one image, as training calls it
+        views(torch.zeros(1, channels, image_size, image_size, dtype=torch.uint8), torch.Generator().manual_seed(0))
         return views
 
     refused = (ValueError, TypeError, RuntimeError, IndexError)
@@ -183,7 +185,7 @@ class Run:
         aug = dict(self.cfg.augment)
         self.recipe = aug.pop("recipe", None) or self.spec.cls.augment
         self.grey = aug.pop("grey", "skip")
-        size = aug.pop("image_size", None) or _image_size_from_manifest(self.manifest)
+        size = aug.pop("image_size", None) or self.cfg.loader_image_size or _image_size_from_manifest(self.manifest)
         if not size and not self.verify:   # shards not made yet: any size checks the values
             size = self.params.shard.image_size or 32
         if not size:
@@ -335,8 +337,8 @@ def _knn_monitor(run: Run, cfg: PretrainConfig):
     from ssl_models.engine import KnnMonitor
 
     try:
-        bank_x, bank_y, _ = load_split(run.root / SHARDS_DIR, "train")
-        query_x, query_y, _ = load_split(run.root / SHARDS_DIR, "test")
+        bank_x, bank_y, _ = load_split(run.root / SHARDS_DIR, "train", resize=cfg.loader_image_size)
+        query_x, query_y, _ = load_split(run.root / SHARDS_DIR, "test", resize=cfg.loader_image_size)
     except LoaderError as exc:
         print(f"pretrain {run.name}: online kNN off ({exc})", file=sys.stderr)
         return None
@@ -466,20 +468,23 @@ def pretrain(name: str, root: Path | None = None) -> dict[str, Any] | None:
         uses_dataset = bool(getattr(run.spec.cls, "uses_dataset", False))
 
         def loader(epoch: int):
-            return make_loader(urls, batch_size=cfg.batch_size, transform=run.views, shuffle_buffer=cfg.shuffle_buffer,
-                               seed=params.seed, epoch=epoch, rank=runtime.rank, world_size=runtime.world_size,
+            """This rank's uint8 batches of the epoch (decode only: the Trainer makes the views on the device)."""
+            return make_loader(urls, batch_size=cfg.batch_size, shuffle_buffer=cfg.shuffle_buffer, seed=params.seed,
+                               epoch=epoch, rank=runtime.rank, world_size=runtime.world_size,
                                num_workers=cfg.num_workers, manifest=run.manifest, return_keys=uses_dataset,
-                               pin_memory=runtime.device.type == "cuda")
+                               pin_memory=runtime.device.type == "cuda", resize=cfg.loader_image_size)
 
         def dataset_pass():
-            """This rank's share of the train split, each image once, unshuffled, with the evaluation transform."""
+            """This rank's share of the train split, each image once, unshuffled, as ``([x], labels, keys)`` with
+            the evaluation transform (on the uint8 batch)."""
             from ssl_models.augment import build_eval_transform
 
             transform = build_eval_transform(image_size=run.image_size, channels=run.channels, grey=run.grey,
                                              mean=run.strengths.get("mean"), std=run.strengths.get("std"))
-            return make_loader(urls, batch_size=cfg.batch_size, transform=lambda img: [transform(img)],
-                               shuffle_buffer=0, rank=runtime.rank, world_size=runtime.world_size, num_workers=0,
-                               manifest=run.manifest, drop_last=False, return_keys=True)
+            batches = make_loader(urls, batch_size=cfg.batch_size, shuffle_buffer=0, rank=runtime.rank,
+                                  world_size=runtime.world_size, num_workers=0, manifest=run.manifest,
+                                  drop_last=False, return_keys=True, resize=cfg.loader_image_size)
+            return (([transform(images)], labels, keys) for images, labels, keys in batches)
 
         too_big = ConfigError(f"params.yaml: {_where(name, run.block, 'batch_size')}: {cfg.batch_size} x "
                               f"{runtime.world_size} process(es) is more than the train split can fill "
@@ -526,7 +531,7 @@ def pretrain(name: str, root: Path | None = None) -> dict[str, Any] | None:
                                        monitor=monitor, desc=f"pretrain {name}")
         trainer = engine.Trainer(method, optimizer, scheduler=scheduler, config=train_cfg, make_loader=loader,
                                  runtime=runtime, checkpoint_path=state_path, knn=_knn_monitor(run, cfg),
-                                 dataset_pass=dataset_pass if uses_dataset else None)
+                                 dataset_pass=dataset_pass if uses_dataset else None, views=run.views)
         previous = trainer.resume_info() if state_path.exists() else None
         run_id = (previous or {}).get("extra", {}).get("wandb_run_id")
 

@@ -6,12 +6,16 @@ Each split found in data/raw (train, val, test) is listed in sorted path order, 
 shard mixes classes and the order is reproducible) and cut into shards of ``shard.shard_size`` samples. Every image
 is decoded and checked again (users can drop files into data/raw by hand) with the same checks as ingest, in
 ``shard.workers`` processes (0: one per CPU), converted to ``data.image_mode`` and stored as ``shard.image_format``;
-a file already in that format and mode, which the loader's decoder reads, keeps its original bytes. A sample is
-``__key__`` (``{split}-{index:07d}``), the image (``png``/``jpg``), ``cls`` (class index, -1 for ``_unlabelled``)
-and ``json`` (``{"path": path under data/raw, "class": name}``).
+a file already in that format and mode, which the loader's decoder reads, keeps its original bytes.
 
-The manifest holds per split the counts (total and per class) and every shard's name, sha256, sample count and size;
-the class names; image mode, format and size statistics; the skipped files with their reasons (and those skipped at
+Shard format ``sslcook-shards/2``: a sample is two tar members, ``{key}.png`` (or ``.jpg``) and ``{key}.json``
+= ``{"cls": class index (-1 for _unlabelled), "path": path under data/raw, "class": name}``, with ``key`` =
+``{split}-{index:07d}`` (one member besides the image: every member read costs the decode-only loader time).
+
+The manifest holds the format (``"format": "sslcook-shards/2"``; the loader refuses shards without it), per split
+the counts (total and per class), the distinct stored image sizes (``image_sizes``: sorted [H, W] pairs, one when
+the split can be batched as it is) and every shard's name, sha256, sample count and size; the class names; image
+mode, format and size statistics; the skipped files with their reasons (and those skipped at
 ingest); the conversions made; the data version, i.e. DVC's md5 of data/raw as read here (with whether it matches
 data.dvc); and the lineage record (content only: a re-run on the same data/raw and params writes the same bytes,
 so data/shards keeps its DVC hash). The run's time, commit and flow run go to provenance/shard.json. Everything is written into a temporary folder that replaces data/shards only when
@@ -186,6 +190,9 @@ def _size_text(size) -> str:
 
 def shard(root: Path | None = None) -> dict[str, Any]:
     """Run the stage in workspace ``root``; returns the manifest."""
+    # the format the loader reads: defined once, beside it
+    from ssl_models.data import SHARD_FORMAT as shard_format
+
     started = time.perf_counter()
     root = root or workspace()
     params = load_params(root / "params.yaml")  # every check on params happens before any work
@@ -211,6 +218,7 @@ def shard(root: Path | None = None) -> dict[str, Any]:
         jobs += [(split, rel, cls) for rel, cls in files]
     workers = shard_cfg.workers or os.cpu_count() or 1
     per_split: dict[str, Counter] = {split: Counter() for split in splits}
+    split_sizes: dict[str, set[tuple[int, int]]] = {split: set() for split in splits}
     writers: dict[str, ShardWriter] = {}
     first_size: dict[str, tuple[tuple[int, ...], str]] = {}   # split -> (size of its first image, that image)
 
@@ -237,9 +245,10 @@ def shard(root: Path | None = None) -> dict[str, Any]:
             writers[split].write({
                 "__key__": f"{split}-{sum(per_class.values()):07d}",
                 fmt: res["payload"],
-                "cls": str(label_of.get(cls, -1)).encode(),
-                "json": json.dumps({"path": rel, "class": cls}, ensure_ascii=False).encode("utf-8"),
+                "json": json.dumps({"cls": label_of.get(cls, -1), "path": rel, "class": cls},
+                                   ensure_ascii=False).encode("utf-8"),
             })
+            split_sizes[split].add((res["size"][1], res["size"][0]))   # (H, W) as the loader's tensors have it
             per_class[cls] += 1
             kept_bytes += res["kept"]
             source_sizes[res["source_size"]] += 1
@@ -248,6 +257,7 @@ def shard(root: Path | None = None) -> dict[str, Any]:
                 conversions[res["conversion"]] += 1
         manifest_splits = {split: {"count": sum(per_split[split].values()),
                                    "per_class": dict(sorted(per_split[split].items())),
+                                   "image_sizes": [list(hw) for hw in sorted(split_sizes[split])],
                                    "shards": writers[split].close() if split in writers else []}
                            for split in SPLITS if split in splits}
         if not manifest_splits.get("train", {}).get("count"):
@@ -262,6 +272,7 @@ def shard(root: Path | None = None) -> dict[str, Any]:
         source = read_json(raw / SOURCE_FILE) if (raw / SOURCE_FILE).is_file() else {}
         lineage_params = {"seed": params.seed, "data": data_cfg.model_dump(), "shard": shard_cfg.model_dump()}
         manifest = {
+            "format": shard_format,
             "splits": manifest_splits,
             "classes": classes,
             "image_mode": data_cfg.image_mode,

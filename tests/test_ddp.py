@@ -88,3 +88,45 @@ def test_torchrun_runs_the_stage_with_two_processes(tmp_path):
     assert config["lr"] != pytest.approx(scaled_lr(recipe["base_lr"], 16, recipe["lr_scaling"]))
     ckpt = torch.load(ws / "runs" / "simclr" / "checkpoint.pt", weights_only=True)
     assert ckpt["summary"]["world_size"] == 2
+
+
+class _RecordingViews:
+    """The simclr views, keeping a copy of every first view batch the Trainer asks for."""
+
+    def __init__(self):
+        from ssl_models.augment import build_views
+
+        self.views = build_views("simclr", image_size=12, channels=1, flip_prob=0.5)
+        self.made: list[torch.Tensor] = []
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
+        out = self.views(images, generator)
+        self.made.append(out[0].clone())
+        return out
+
+
+def _views_run(rank: int, world_size: int) -> dict:
+    """Two steps on the same uint8 batch on every rank: the views differ only through the rank's generator."""
+    engine.seed_everything(0)
+    images = torch.randint(0, 256, (8, 1, 12, 12), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
+    batches = [(images, torch.zeros(8, dtype=torch.long))] * 2
+    method = TinyMethod(TinyBackbone(), dropout=0.0)
+    recording = _RecordingViews()
+    trainer = engine.Trainer(method, torch.optim.SGD(method.parameters(), lr=0.1),
+                             runtime=engine.Runtime(device=torch.device("cpu"), rank=rank, world_size=world_size),
+                             config=engine.TrainConfig(epochs=1, steps_per_epoch=2, seed=7, progress=False),
+                             make_loader=lambda epoch: batches, views=recording)
+    trainer.fit()
+    return {"views": torch.stack(recording.made)}
+
+
+def test_ddp_ranks_draw_different_view_parameters_from_the_same_images():
+    ranks = run_distributed(_views_run, world_size=2)
+    first, second = ranks[0]["views"], ranks[1]["views"]
+    assert first.shape == second.shape == (2, 8, 1, 12, 12)
+    for step in range(2):  # every step, each image's view differs between the ranks
+        assert all(not torch.allclose(a, b) for a, b in zip(first[step], second[step]))
+    assert not torch.allclose(first[0], first[1])  # and between the steps of one rank
+    # a rank's views are a function of (seed, epoch, step, rank): a 1-process run as rank 0 draws rank 0's
+    alone = _views_run(0, 1)["views"]
+    torch.testing.assert_close(alone, first, rtol=0, atol=0)

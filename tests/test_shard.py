@@ -46,6 +46,8 @@ def test_manifest_describes_the_shards(sharded):
         assert hashlib.sha256(data).hexdigest() == entry["sha256"] and len(data) == entry["bytes"]
     assert (manifest["image_mode"], manifest["channels"], manifest["image_format"]) == ("RGB", 3, "png")
     assert manifest["image_size"]["uniform"] == [32, 32]
+    assert manifest["format"] == "sslcook-shards/2"
+    assert train["image_sizes"] == [[32, 32]] == test["image_sizes"]
     assert manifest["image_size"]["source"]["min"] == [32, 32] == manifest["image_size"]["source"]["max"]
     assert manifest["skipped"] == [] and manifest["skipped_count"] == 0
     assert manifest["data_version"] == raw_dir_md5(ws / "data" / "raw")
@@ -65,9 +67,10 @@ def test_every_image_and_label_round_trips(sharded):
         seen = set()
         for s in samples:
             meta = json.loads(s["json"])
-            assert set(s) == {"__key__", "png", "cls", "json"}
+            assert set(s) == {"__key__", "png", "json"}  # format 2: one member besides the image
+            assert set(meta) == {"cls", "path", "class"}
             assert meta["path"].startswith(f"{split}/{meta['class']}/")
-            assert int(s["cls"]) == manifest["classes"].index(meta["class"])
+            assert meta["cls"] == manifest["classes"].index(meta["class"])
             assert np.array_equal(pixels(s["png"], "RGB"), pixels((raw / meta["path"]).read_bytes(), "RGB"))
             seen.add(meta["path"])
         assert seen == {p.relative_to(raw).as_posix() for p in (raw / split).rglob("*.jpg")}

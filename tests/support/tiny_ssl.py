@@ -177,14 +177,14 @@ def write_tiny_shards(dest, *, train: int = 64, test: int = 32, shard_size: int 
                     digit = Image.fromarray(np.array(row[1:], dtype=np.uint8).reshape(28, 28), mode="L")
                     digit.convert(image_mode).save(buf, "PNG")
                     key = f"{split}_{s + i:06d}"
-                    sink.write({"__key__": key, "png": buf.getvalue(), "cls": row[0],
-                                "json": {"path": f"{split}/{row[0]}/{key}.png", "class": str(row[0])}})
+                    sink.write({"__key__": key, "png": buf.getvalue(),
+                                "json": {"cls": row[0], "path": f"{split}/{row[0]}/{key}.png", "class": str(row[0])}})
             data = (dest / name).read_bytes()
             shards.append({"name": name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
                            "count": len(chunk[s:s + shard_size])})
         per_class = {str(c): sum(1 for r in chunk if r[0] == c) for c in range(10)}
-        splits[split] = {"count": len(chunk), "per_class": per_class, "shards": shards}
-    manifest = {"splits": splits, "classes": [str(c) for c in range(10)], "image_mode": image_mode,
+        splits[split] = {"count": len(chunk), "per_class": per_class, "image_sizes": [[28, 28]], "shards": shards}
+    manifest = {"format": "sslcook-shards/2", "splits": splits, "classes": [str(c) for c in range(10)], "image_mode": image_mode,
                 "image_size": {"stored": {"min": [28, 28], "max": [28, 28], "most_common": [[28, 28, train + test]]},
                                "uniform": [28, 28]}, "skipped": [], "data_version": "test-data",
                 "lineage": {"stage": "shard", "parents": {}}}
