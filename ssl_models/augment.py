@@ -433,16 +433,16 @@ def _blur(x: Tensor, sigma: Tensor, k: int) -> Tensor:
 
 
 def _apply_to(x: Tensor, chosen: Tensor, fn) -> Tensor:
-    """``fn`` on the samples where the CPU mask ``chosen`` is True (all, some or none), in place of ``x``'s."""
+    """``fn`` on the samples where the CPU mask ``chosen`` is True (all, some or none); ``x`` is a view batch
+    the caller owns, overwritten in place for a subset."""
     if not bool(chosen.any()):
         return x
     if bool(chosen.all()):
         return fn(x, slice(None))
     idx = chosen.nonzero()[:, 0]
-    out = x.clone()
     dev_idx = idx.to(x.device, non_blocking=True)
-    out[dev_idx] = fn(x[dev_idx], idx)
-    return out
+    x[dev_idx] = fn(x[dev_idx], idx)
+    return x
 
 
 # ----------------------------------------------------------------------------------------------- the maker
@@ -525,18 +525,24 @@ class ViewMaker:
     def _view(self, x: Tensor, p: ViewParams, size: int, blur_on: bool) -> Tensor:
         v = self._geometry(x, p, size)
         if self.colour:
-            for position in range(4):
-                for op in self.jitter_ops:
-                    chosen = p.jitter & (p.order[:, position] == op)
-                    factor = p.factors[:, op].to(v.device, non_blocking=True)
-                    v = _apply_to(v, chosen, lambda y, i, op=op, factor=factor: _jitter_op(op, y, factor[i]))
+            v = self._jitter(v, p)
             if self.grayscale_prob > 0:
-                v = _apply_to(v, p.grayscale, lambda y, i: _grey(y).expand_as(y))
+                v = _apply_to(v, p.grayscale, lambda y, i: _grey(y).repeat(1, 3, 1, 1))
             if blur_on:
                 sigma, k = p.sigma.to(v.device, non_blocking=True), blur_kernel_size(size)
                 v = _apply_to(v, p.blur, lambda y, i: _blur(y, sigma[i], k))
         v = _apply_to(v, p.solarize, lambda y, i: torch.where(y >= _SOLARIZE_THRESHOLD, 1 - y, y))
         return v.contiguous()
+
+    def _jitter(self, v: Tensor, p: ViewParams) -> Tensor:
+        """Colour jitter in each sample's own order: at each of the 4 positions, each op runs once on the
+        samples whose permutation puts it there."""
+        factors = p.factors.to(v.device, non_blocking=True)
+        for position in range(4):
+            for op in self.jitter_ops:
+                chosen = p.jitter & (p.order[:, position] == op)
+                v = _apply_to(v, chosen, lambda y, i, op=op: _jitter_op(op, y, factors[i, op]))
+        return v
 
     def _geometry(self, x: Tensor, p: ViewParams, size: int) -> Tensor:
         """Crop, affine and flip as one sampling matrix per sample (output coords -> input coords, both in
