@@ -550,7 +550,7 @@ class ViewMaker:
         D and c the crop box's half-extent and centre."""
         n, _, height, width = x.shape
         top, left, h, w = p.box.unbind(1)
-        a = torch.deg2rad(p.angle)
+        a = torch.deg2rad(-p.angle)   # torchvision's sign: a positive angle turns the image counter-clockwise
         cos, sin = torch.cos(a), torch.sin(a)
         f = torch.where(p.flip, -1.0, 1.0)
         dx, dy = w / width, h / height

@@ -291,6 +291,22 @@ def test_geometry_identity_flip_and_crop_equal_torchvision():
         assert torch.allclose(ours[i], ref, atol=0.02), i
 
 
+def test_rotation_and_shift_equal_torchvision_affine():
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    smooth = (torch.sin(xx / 5 + yy / 9) * torch.cos(yy / 7) * 0.5 + 0.5).expand(1, 3, 32, 32).contiguous()
+    views = build_views("mim", image_size=32, channels=3, crop_scale=(1, 1), crop_ratio=(1, 1), flip_prob=0.0,
+                        affine_degrees=20, affine_translate=0.1)
+    p = views.sample_params(1, 32, 32, gen())[0]
+    for angle, (tx, ty) in [(15.0, (3, -2)), (-8.0, (0, 4))]:
+        p = dataclasses.replace(p, angle=torch.tensor([angle]), shift=torch.tensor([[tx / 32, ty / 32]]))
+        ours = views._geometry(smooth, p, 32)[0]
+        ref = TF.affine(smooth[0], angle=angle, translate=[tx, ty], scale=1.0, shear=[0.0, 0.0],
+                        interpolation=v2.InterpolationMode.BILINEAR)
+        assert torch.allclose(ours[:, 6:26, 6:26], ref[:, 6:26, 6:26], atol=1e-4)   # inside: no fill differences
+        if angle == 15.0:
+            assert ours[:, 0, 0].abs().max() < 1e-6   # this corner comes from outside the image: black
+
+
 def test_shrinking_views_are_antialiased():
     # a 1-pixel checkerboard shrunk 4x: point sampling would alias it into stripes, area averaging greys it
     checker = ((torch.arange(32)[:, None] + torch.arange(32)[None, :]) % 2 * 255).to(torch.uint8)
