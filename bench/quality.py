@@ -99,9 +99,8 @@ def train_side(side: str, method: str, wl, *, epochs: int, batch_size: int, warm
     start = time.perf_counter()
     losses: list[float] = []
     if side == "project":
-        if backbone_cfg is not None:  # the pipeline's own backbone (mnist5k)
-            steps.project_backbone = _fixed_backbone(backbone_cfg, wl.channels, wl.image_size)
-        sided, trainer = steps.project_side(method, **common)
+        # backbone_cfg: the pipeline's own backbone (mnist5k)
+        sided, trainer = steps.project_side(method, backbone_cfg=backbone_cfg, **common)
         trainer.config.epochs, trainer.config.steps_per_epoch = epochs, steps_per_epoch
         trainer.make_loader = lambda epoch: batches(wl.train_images, wl.train_labels, transform,
                                                     batch_size=batch_size, epoch=epoch, seed=seed)
@@ -124,18 +123,6 @@ def train_side(side: str, method: str, wl, *, epochs: int, batch_size: int, warm
     seconds = time.perf_counter() - start
     return {"backbone": backbone, "train_seconds": seconds, "images_per_s": total * batch_size / seconds,
             "epoch_losses": losses, "steps": total}
-
-
-def _fixed_backbone(cfg: dict[str, Any], channels: int, image_size: int):
-    from ssl_models.backbones import build_backbone
-
-    def build(method, stem, image_size_, channels_):
-        kw = {k: v for k, v in cfg.items() if k != "name"}
-        if cfg["name"].startswith("vit"):
-            kw.setdefault("image_size", image_size)
-        return build_backbone(cfg["name"], in_chans=channels, **kw)
-
-    return build
 
 
 def evaluate(backbone, wl, *, probe: bool, device: str) -> dict[str, float]:
@@ -166,7 +153,7 @@ def baselines(wl, methods, *, stem: str, device: str, backbone_cfg=None) -> dict
         torch.manual_seed(0)
         method = "mae" if kind == "vit" else "simclr"
         if backbone_cfg is not None and kind == "resnet":
-            bb = _fixed_backbone(backbone_cfg, wl.channels, wl.image_size)(method, stem, wl.image_size, wl.channels)
+            bb = steps.project_backbone(method, stem, wl.image_size, wl.channels, backbone_cfg)
         else:
             bb = steps.project_backbone(method, stem, wl.image_size, wl.channels)
         out[f"random_init_{kind}"] = evaluate(bb, wl, probe=kind == "vit", device=device)

@@ -92,9 +92,17 @@ def torchvision_resnet18(stem: str, channels: int) -> nn.Module:
     return net
 
 
-def project_backbone(method: str, stem: str, image_size: int, channels: int) -> nn.Module:
+def project_backbone(method: str, stem: str, image_size: int, channels: int,
+                     backbone_cfg: dict[str, Any] | None = None) -> nn.Module:
+    """The project's backbone for a method: ``backbone_cfg`` (a pipeline ``build_backbone`` config) when given,
+    else the ResNet-18 of the stem asked (width 64) or, for ViT methods, ViT-Tiny with patch 4."""
     from ssl_models.backbones import build_backbone
 
+    if backbone_cfg is not None:
+        kw = {k: v for k, v in backbone_cfg.items() if k != "name"}
+        if backbone_cfg["name"].startswith("vit"):
+            kw.setdefault("image_size", image_size)
+        return build_backbone(backbone_cfg["name"], in_chans=channels, **kw)
     if is_vit_method(method):
         return build_backbone(**vit_config(image_size, channels))
     return build_backbone("resnet18", in_chans=channels, small_image=stem == "small", width=64)
@@ -120,13 +128,15 @@ def make_views(method: str, images: Tensor, *, channels: int, image_size: int, s
 def project_side(method: str, *, stem: str = "standard", image_size: int = 32, channels: int = 3,
                  total_steps: int = 1000, warmup_steps: int = 0, batch_size: int = 256, precision: str = "fp32",
                  device: torch.device | str = "cpu", overrides: dict[str, Any] | None = None,
-                 recipe_overrides: dict[str, Any] | None = None) -> tuple[Side, Any]:
-    """(Side, Trainer): the project's method, optimizer recipe and engine step."""
+                 recipe_overrides: dict[str, Any] | None = None,
+                 backbone_cfg: dict[str, Any] | None = None) -> tuple[Side, Any]:
+    """(Side, Trainer): the project's method, optimizer recipe and engine step (``backbone_cfg``: see
+    :func:`project_backbone`)."""
     from ssl_models.engine import Runtime, TrainConfig, Trainer
     from ssl_models.optim import build_optimizer, build_scheduler
 
     device = torch.device(device)
-    backbone = project_backbone(method, stem, image_size, channels)
+    backbone = project_backbone(method, stem, image_size, channels, backbone_cfg)
     model = method_class(method)(backbone, **hparams(method, overrides))
     rec = recipe(method, recipe_overrides)
     optimizer = build_optimizer(model, rec, batch_size)
