@@ -115,13 +115,11 @@ def amp(device: torch.device, precision: str) -> contextlib.AbstractContextManag
 
 
 def make_views(method: str, images: Tensor, *, channels: int, image_size: int, seed: int = 0) -> list[Tensor]:
-    """The method's views of ``images`` (uint8 B x C x H x W) by the project's augmentation recipe."""
-    from ssl_models.augment import build_views
+    """The method's views of ``images`` (uint8 B x C x H x W) by the project's augmentation recipe (per batch)."""
+    from bench.viewpath import view_generator, view_maker
 
-    torch.manual_seed(seed)
-    transform = build_views(method_class(method).augment, image_size=image_size, channels=channels)
-    per_image = [transform(img) for img in images]
-    return [torch.stack([views[i] for views in per_image]) for i in range(len(per_image[0]))]
+    maker = view_maker(method_class(method).augment, image_size=image_size, channels=channels)
+    return maker(images, view_generator(seed, 0, 0, 0))
 
 
 # --------------------------------------------------------------------------------------------- project
