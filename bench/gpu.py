@@ -94,6 +94,54 @@ def throughput(wl, args, device) -> dict[str, Any]:
     return out
 
 
+def _run_path(path: str, repeat: int, *, side, maker, per_image, urls, args, device) -> dict[str, float]:
+    """One timed pass of one data path (see ``datapath``)."""
+    import torch
+
+    from bench import viewpath
+
+    cuda = device.type == "cuda"
+    if path == "batched":
+        loader = viewpath.decode_loader(urls, batch_size=args.batch_size, num_workers=args.workers,
+                                        epoch=repeat, pin_memory=cuda)
+    else:
+        loader = viewpath.sample_loader(urls, per_image, pil=False, mode="RGB",
+                                        batch_size=args.batch_size, num_workers=args.workers,
+                                        seed=repeat, pin_memory=cuda)
+    it = iter(loader)
+    wait = views_s = 0.0
+    images = 0
+    for i in range(args.datapath_steps + 1):
+        if i == 1:  # step 0 is the untimed warm-up (worker start-up, cuDNN autotuning)
+            _sync(device)
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            wait = views_s = 0.0
+            images, begin = 0, time.perf_counter()
+        t0 = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            break
+        t1 = time.perf_counter()
+        if path == "batched":
+            views = maker(batch[0].to(device, non_blocking=True), viewpath.view_generator(0, repeat, i))
+        else:
+            views = [v.to(device, non_blocking=True) for v in batch[0]]
+        t2 = time.perf_counter()
+        side.step(views, i)
+        if i >= 1:
+            wait += t1 - t0
+            views_s += t2 - t1
+            images += len(batch[1])
+    _sync(device)
+    total = time.perf_counter() - begin
+    del it
+    return {"images_per_s": images / total, "data_wait_share": wait / total,
+            "views_share": views_s / total,
+            "peak_cuda_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else float("nan")}
+
+
 def datapath(wl, args, device) -> dict[str, Any]:
     """End-to-end images/s, data-wait share and peak memory: batched vs per-sample views (see the docstring)."""
     import tempfile
@@ -119,51 +167,11 @@ def datapath(wl, args, device) -> dict[str, Any]:
             if not cuda:
                 engine_cpu_mode()
 
-            def run_path(path: str, repeat: int) -> dict[str, float]:
-                if path == "batched":
-                    loader = viewpath.decode_loader(urls, batch_size=args.batch_size, num_workers=args.workers,
-                                                    epoch=repeat, pin_memory=cuda)
-                else:
-                    loader = viewpath.sample_loader(urls, per_image, pil=False, mode="RGB",
-                                                    batch_size=args.batch_size, num_workers=args.workers,
-                                                    seed=repeat, pin_memory=cuda)
-                it = iter(loader)
-                wait = views_s = 0.0
-                images = 0
-                for i in range(args.datapath_steps + 1):
-                    if i == 1:  # step 0 is the untimed warm-up (worker start-up, cuDNN autotuning)
-                        _sync(device)
-                        if cuda:
-                            torch.cuda.reset_peak_memory_stats()
-                        wait = views_s = 0.0
-                        images, begin = 0, time.perf_counter()
-                    t0 = time.perf_counter()
-                    try:
-                        batch = next(it)
-                    except StopIteration:
-                        break
-                    t1 = time.perf_counter()
-                    if path == "batched":
-                        views = maker(batch[0].to(device, non_blocking=True), viewpath.view_generator(0, repeat, i))
-                    else:
-                        views = [v.to(device, non_blocking=True) for v in batch[0]]
-                    t2 = time.perf_counter()
-                    side.step(views, i)
-                    if i >= 1:
-                        wait += t1 - t0
-                        views_s += t2 - t1
-                        images += len(batch[1])
-                _sync(device)
-                total = time.perf_counter() - begin
-                del it
-                return {"images_per_s": images / total, "data_wait_share": wait / total,
-                        "views_share": views_s / total,
-                        "peak_cuda_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else float("nan")}
-
             runs: dict[str, list[dict[str, float]]] = {"batched": [], "persample": []}
             for r in range(args.datapath_repeats):
                 for path in (["batched", "persample"] if r % 2 == 0 else ["persample", "batched"]):
-                    runs[path].append(run_path(path, r))
+                    runs[path].append(_run_path(path, r, side=side, maker=maker, per_image=per_image, urls=urls,
+                                                      args=args, device=device))
             ratios = [b["images_per_s"] / p["images_per_s"] for b, p in zip(runs["batched"], runs["persample"])]
             out["methods"][method] = {
                 **{path: {k: median(x[k] for x in v) for k in v[0]} for path, v in runs.items()},
