@@ -225,3 +225,17 @@ def train_urls(shards: Path) -> list[str]:
     from ssl_models.data import shard_urls
 
     return shard_urls(shards, "train")
+
+
+class Viewed:
+    """A decode-only loader with the views made per batch in this process (as the engine does): (views, labels)."""
+
+    def __init__(self, loader, maker, *, seed: int = 0, epoch: int = 0) -> None:
+        self.loader, self.maker, self.seed, self.epoch = loader, maker, seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[list[Tensor], Tensor]]:
+        for step, (images, labels, *_) in enumerate(self.loader):
+            yield self.maker(images, view_generator(self.seed, self.epoch, step)), labels
