@@ -25,11 +25,23 @@ from torch import Tensor
 
 
 # --------------------------------------------------------------------------------------------- project side
-def batched() -> bool:
-    """Whether the tree has the batched data path (decode-only loader + views per batch)."""
-    from ssl_models import augment, data
+def batched_views() -> bool:
+    """Whether ``ssl_models.augment`` makes views per batch (it has the seeding rule ``view_generator``)."""
+    from ssl_models import augment
 
-    return hasattr(augment, "view_generator") and "transform" not in inspect.signature(data.make_loader).parameters
+    return hasattr(augment, "view_generator")
+
+
+def decode_only_loader() -> bool:
+    """Whether ``ssl_models.data.make_loader`` decodes only (it no longer takes ``transform``)."""
+    from ssl_models import data
+
+    return "transform" not in inspect.signature(data.make_loader).parameters
+
+
+def batched() -> bool:
+    """Whether the tree has the whole batched data path (decode-only loader + views per batch)."""
+    return batched_views() and decode_only_loader()
 
 
 def view_generator(seed: int, epoch: int, step: int, rank: int = 0) -> torch.Generator:
@@ -56,7 +68,7 @@ class _PerSampleOnBatch:
 
 def view_maker(recipe: str, *, image_size: int, channels: int, grey: str = "skip", **strengths: Any):
     """``maker(images uint8 B x C x H x W, generator) -> list of float view batches`` for a recipe."""
-    if batched():
+    if batched_views():
         from ssl_models.augment import build_views
 
         return build_views(recipe, image_size=image_size, channels=channels, grey=grey, **strengths)
@@ -72,7 +84,7 @@ def decode_loader(urls: list[str], *, batch_size: int, num_workers: int, seed: i
 
     kw = dict(batch_size=batch_size, num_workers=num_workers, seed=seed, epoch=epoch, shuffle_buffer=shuffle_buffer,
               pin_memory=pin_memory)
-    if batched():
+    if decode_only_loader():
         return make_loader(urls, **kw)
     return _FirstView(make_loader(urls, transform=None, **kw))
 
