@@ -5,10 +5,10 @@
 In one run, in a temporary workspace:
 1. ``sslcook data ingest`` of the full CIFAR-10 archive (60,000 JPEGs) and the shard stage over it
    (RGB, jpg shards: original bytes kept), then the same for mnist5k (grey PNG);
-2. loader images/s with two SimCLR views (ssl_models.augment ``simclr`` recipe, per-sample, as training
-   uses it) at num_workers 0 and 2, and decode only: ssl_models.data.make_loader over the shards vs torchvision
-   ImageFolder + DataLoader over data/raw/train (the same images, the same transform, batch 256, shuffled),
-   alternating, best of 2;
+2. loader images/s with two SimCLR views at num_workers 0 and 2, and decode only: ssl_models.data.make_loader
+   over the shards (views per batch in this process, as the engine makes them: ``bench.viewpath``) vs
+   torchvision ImageFolder + DataLoader over data/raw/train (the same images, the per-sample baseline's views
+   ``bench.persample`` in its workers, batch 256, shuffled), alternating, best of 2;
 3. the training step's images/s for the default CPU backbone (params.yaml pretrain.backbone) with SimCLR on
    28x28 grey digits, to check the loader keeps ahead of training by the 3x the issue asks for.
 Prints a markdown table and writes bench/results/data.json. Timings on a shared 2-core machine are noisy: the
@@ -25,15 +25,16 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities", category=DeprecationWarning)
 
-import torch  # noqa: E402
-import yaml  # noqa: E402
+import torch
+import yaml
 
 RESULTS = ROOT / "bench" / "results" / "data.json"
 BATCH = 256
@@ -81,18 +82,22 @@ def loader_rate(batches: Any, limit: int) -> dict[str, Any]:
     return {"images_per_s": round(images / seconds, 1), "images": images, "batches": n, "seconds": round(seconds, 2)}
 
 
-def bench_loaders(ws: Path, views: Callable, mode: str, limit: int, repeats: int = 2) -> list[dict[str, Any]]:
+def bench_loaders(ws: Path, views: Callable, mode: str, limit: int, repeats: int = 2, maker: Callable | None = None
+                  ) -> list[dict[str, Any]]:
     """Both loaders at num_workers 0 and 2, alternating, best of ``repeats`` (other jobs share the machine);
     plus decode-only runs (no views) that show each loader's own cost."""
     from torchvision.datasets import ImageFolder
     from torchvision.transforms.v2.functional import pil_to_tensor
 
-    from ssl_models.data import make_loader, shard_urls
+    from ssl_models.data import shard_urls
 
     urls = shard_urls(ws / "data" / "shards", "train")
 
+    from bench.viewpath import Viewed, decode_loader
+
     def ours(workers: int, transform: Callable | None):
-        return make_loader(urls, batch_size=BATCH, transform=transform, num_workers=workers, seed=0)
+        loader = decode_loader(urls, batch_size=BATCH, num_workers=workers, seed=0)
+        return loader if transform is None else Viewed(loader, maker)
 
     def theirs(workers: int, transform: Callable | None):
         folder = ImageFolder(str(ws / "data" / "raw" / "train"), loader=lambda p: _open(p, mode),
@@ -157,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.archive}: CIFAR-10 archive not found (--archive)", file=sys.stderr)
         return 2
 
-    from ssl_models.augment import build_views
+    from bench.persample import build_views
+    from bench.viewpath import view_maker
 
     load_before = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="sslcook-bench-data-"))
@@ -167,9 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         prep = {"cifar10": prepare(cifar_ws, "cifar10", args.archive), "mnist5k": prepare(mnist_ws, "mnist5k", None)}
         loaders = {
             "cifar10": bench_loaders(cifar_ws, build_views("simclr", image_size=32, channels=3), "RGB",
-                                     args.loader_batches),
+                                     args.loader_batches, maker=view_maker("simclr", image_size=32, channels=3)),
             "mnist5k": bench_loaders(mnist_ws, build_views("simclr", image_size=28, channels=1), "L",
-                                     args.loader_batches),
+                                     args.loader_batches, maker=view_maker("simclr", image_size=28, channels=1)),
         }
         train = train_step_rate()
     finally:

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The CUDA benchmark (throughput of every method + a time-boxed SimCLR quality run, bf16, about 8 minutes).
+# The CUDA benchmark (data path batched vs per-sample, throughput of every method, a time-boxed SimCLR quality
+# run; bf16, about 7 minutes).
 #   bench/gpu.sh           on a machine with a CUDA GPU
 #   bench/gpu.sh --tiny    anywhere (CPU, about a minute): proves the script runs
 # Options are passed to `python -m bench.gpu` (see its --help). Uses .venv/bin/python when present.

@@ -42,15 +42,15 @@ def child(steps: int) -> dict:
     import torch
 
     torch.set_num_threads(1)
+    from bench.viewpath import view_generator, view_maker
     from ssl_models import registry
-    from ssl_models.augment import build_views
     from ssl_models.backbones import build_backbone
     from ssl_models.engine import seed_everything
     from ssl_models.optim import build_optimizer
 
     seed_everything(0)
     images = torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    views_of = build_views("simclr", image_size=28, channels=1, crop_scale=[0.4, 1.0], brightness=0.4, contrast=0.4,
+    views_of = view_maker("simclr", image_size=28, channels=1, crop_scale=[0.4, 1.0], brightness=0.4, contrast=0.4,
                            blur_prob=0.0)
     backbone = build_backbone(name="resnet18", small_image=True, width=16, in_chans=views_of.out_channels,
                               image_size=28)
@@ -59,8 +59,7 @@ def child(steps: int) -> dict:
     optimizer = build_optimizer(method, dict(cls.optimizer), len(images))
     losses, views_digest = [], None
     for step in range(steps):
-        per_image = [views_of(img) for img in images]
-        views = [torch.stack([v[i] for v in per_image]) for i in range(2)]
+        views = views_of(images, view_generator(0, 0, step, 0))
         if step == 0:
             views_digest = hashlib.sha256(views[0].numpy().tobytes()).hexdigest()[:12]
         out = method(views)

@@ -5,8 +5,8 @@
 
 For each method both sides train ``--epochs`` epochs on the workload's train split (cifar10k: 10,000 images,
 39 steps of 256 per epoch) from the same initial seed on batches drawn in the same order with the same view
-recipe (the project's ``ssl_models.augment`` recipe of the method, per image, as the project's loader applies
-it), the same optimizer recipe (the method's, with ``--warmup-epochs`` of linear warmup then cosine; lightly's
+recipe (the project's ``ssl_models.augment`` recipe of the method, made per batch as the engine makes it:
+``bench.viewpath.view_maker``), the same optimizer recipe (the method's, with ``--warmup-epochs`` of linear warmup then cosine; lightly's
 side uses lightly's LARS and CosineWarmupScheduler) and the same head sizes (the project's defaults). The
 project side trains through the project's engine (``ssl_models.engine.Trainer.fit``); lightly's side through
 the loop of lightly's examples. Then the frozen backbone's features (eval transform: normalise only) give kNN
@@ -48,15 +48,18 @@ from bench.common import machine, publish, table, write_results  # noqa: E402
 QUALITY_METHODS = ("simclr", "byol", "vicreg", "mae")
 
 
-def batches(images, labels, transform: Callable, *, batch_size: int, epoch: int, seed: int) -> Iterator[tuple]:
-    """One epoch of (views, labels): a seeded permutation, full batches only, the transform per image."""
+def batches(images, labels, maker: Callable, *, batch_size: int, epoch: int, seed: int,
+            device: str = "cpu") -> Iterator[tuple]:
+    """One epoch of (views, labels): a seeded permutation, full batches only, the ViewMaker on each batch (on
+    ``device``) with the project's seeding rule (``bench.viewpath.view_generator``)."""
     import torch
 
+    from bench.viewpath import view_generator
+
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
-    for start in range(0, len(order) - batch_size + 1, batch_size):
+    for step, start in enumerate(range(0, len(order) - batch_size + 1, batch_size)):
         idx = order[start:start + batch_size]
-        per_image = [transform(images[i]) for i in idx]
-        views = [torch.stack([v[k] for v in per_image]) for k in range(len(per_image[0]))]
+        views = maker(images[idx].to(device, non_blocking=True), view_generator(seed, epoch, step, 0))
         yield views, labels[idx]
 
 
@@ -85,13 +88,13 @@ def train_side(side: str, method: str, wl, *, epochs: int, batch_size: int, warm
     import torch
 
     from bench import steps
-    from ssl_models.augment import build_views
+    from bench.viewpath import view_maker
 
     steps_per_epoch = len(wl.train_images) // batch_size
     total = epochs * steps_per_epoch
     warmup = int(round(warmup_epochs * steps_per_epoch))
-    transform = build_views(steps.method_class(method).augment, image_size=wl.image_size, channels=wl.channels,
-                            **augment)
+    transform = view_maker(steps.method_class(method).augment, image_size=wl.image_size, channels=wl.channels,
+                           **augment)
     common = dict(stem=stem, image_size=wl.image_size, channels=wl.channels, total_steps=total,
                   warmup_steps=warmup, batch_size=batch_size, device=device, precision=precision,
                   overrides=hparams, recipe_overrides=recipe)
@@ -99,9 +102,8 @@ def train_side(side: str, method: str, wl, *, epochs: int, batch_size: int, warm
     start = time.perf_counter()
     losses: list[float] = []
     if side == "project":
-        if backbone_cfg is not None:  # the pipeline's own backbone (mnist5k)
-            steps.project_backbone = _fixed_backbone(backbone_cfg, wl.channels, wl.image_size)
-        sided, trainer = steps.project_side(method, **common)
+        # backbone_cfg: the pipeline's own backbone (mnist5k)
+        sided, trainer = steps.project_side(method, backbone_cfg=backbone_cfg, **common)
         trainer.config.epochs, trainer.config.steps_per_epoch = epochs, steps_per_epoch
         trainer.make_loader = lambda epoch: batches(wl.train_images, wl.train_labels, transform,
                                                     batch_size=batch_size, epoch=epoch, seed=seed)
@@ -124,18 +126,6 @@ def train_side(side: str, method: str, wl, *, epochs: int, batch_size: int, warm
     seconds = time.perf_counter() - start
     return {"backbone": backbone, "train_seconds": seconds, "images_per_s": total * batch_size / seconds,
             "epoch_losses": losses, "steps": total}
-
-
-def _fixed_backbone(cfg: dict[str, Any], channels: int, image_size: int):
-    from ssl_models.backbones import build_backbone
-
-    def build(method, stem, image_size_, channels_):
-        kw = {k: v for k, v in cfg.items() if k != "name"}
-        if cfg["name"].startswith("vit"):
-            kw.setdefault("image_size", image_size)
-        return build_backbone(cfg["name"], in_chans=channels, **kw)
-
-    return build
 
 
 def evaluate(backbone, wl, *, probe: bool, device: str) -> dict[str, float]:
@@ -166,7 +156,7 @@ def baselines(wl, methods, *, stem: str, device: str, backbone_cfg=None) -> dict
         torch.manual_seed(0)
         method = "mae" if kind == "vit" else "simclr"
         if backbone_cfg is not None and kind == "resnet":
-            bb = _fixed_backbone(backbone_cfg, wl.channels, wl.image_size)(method, stem, wl.image_size, wl.channels)
+            bb = steps.project_backbone(method, stem, wl.image_size, wl.channels, backbone_cfg)
         else:
             bb = steps.project_backbone(method, stem, wl.image_size, wl.channels)
         out[f"random_init_{kind}"] = evaluate(bb, wl, probe=kind == "vit", device=device)

@@ -1,8 +1,11 @@
 """Every benchmark of issue 7, one after the other (``make bench``).
 
-    python -m bench.run_all [--tiny] [--skip throughput quality mnist5k data overhead] [--epochs E]
+    python -m bench.run_all [--tiny] [--skip throughput datapath e2e quality mnist5k data overhead] [--epochs E]
 
 1. ``bench.throughput``: training-step images/s and peak RSS, project vs lightly vs the bare backbone (10 methods);
+   ``bench.datapath``: the data path alone (decode + SimCLR views), batched vs per-sample vs lightly's transforms,
+   beside the default SimCLR step; ``bench.e2e``: end-to-end pretraining images/s of every registered method,
+   project vs lightly, each with its own data path;
 2. ``bench.quality``: kNN top-1 at equal budget on cifar10k (SimCLR, BYOL, VICReg, MAE; default 20 epochs, about
    10 minutes a run on 2 CPU cores, 8 runs), then the same on mnist5k with the default pipeline's settings
    (backbones, per-method recipes, epochs), both sides;
@@ -23,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-PARTS = ("throughput", "quality", "mnist5k", "data", "overhead")
+PARTS = ("throughput", "datapath", "e2e", "quality", "mnist5k", "data", "overhead")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     extra = (["--tiny"] if args.tiny else []) + (["--results-dir", str(args.results_dir)] if args.results_dir else [])
 
-    from bench import overhead, quality, throughput
+    from bench import datapath, e2e, overhead, quality, throughput
 
     status = 0
     for part in PARTS:
@@ -45,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         if part == "throughput":
             rc = throughput.main(extra)
+        elif part == "datapath":
+            rc = datapath.main(extra)
+        elif part == "e2e":
+            rc = e2e.main(extra + (["--methods", "simclr", "mae", "rotnet"] if args.tiny else []))
         elif part == "quality":
             rc = quality.main(extra + (["--epochs", str(args.epochs)] if args.epochs else []))
         elif part == "mnist5k":

@@ -92,9 +92,17 @@ def torchvision_resnet18(stem: str, channels: int) -> nn.Module:
     return net
 
 
-def project_backbone(method: str, stem: str, image_size: int, channels: int) -> nn.Module:
+def project_backbone(method: str, stem: str, image_size: int, channels: int,
+                     backbone_cfg: dict[str, Any] | None = None) -> nn.Module:
+    """The project's backbone for a method: ``backbone_cfg`` (a pipeline ``build_backbone`` config) when given,
+    else the ResNet-18 of the stem asked (width 64) or, for ViT methods, ViT-Tiny with patch 4."""
     from ssl_models.backbones import build_backbone
 
+    if backbone_cfg is not None:
+        kw = {k: v for k, v in backbone_cfg.items() if k != "name"}
+        if backbone_cfg["name"].startswith("vit"):
+            kw.setdefault("image_size", image_size)
+        return build_backbone(backbone_cfg["name"], in_chans=channels, **kw)
     if is_vit_method(method):
         return build_backbone(**vit_config(image_size, channels))
     return build_backbone("resnet18", in_chans=channels, small_image=stem == "small", width=64)
@@ -107,26 +115,26 @@ def amp(device: torch.device, precision: str) -> contextlib.AbstractContextManag
 
 
 def make_views(method: str, images: Tensor, *, channels: int, image_size: int, seed: int = 0) -> list[Tensor]:
-    """The method's views of ``images`` (uint8 B x C x H x W) by the project's augmentation recipe."""
-    from ssl_models.augment import build_views
+    """The method's views of ``images`` (uint8 B x C x H x W) by the project's augmentation recipe (per batch)."""
+    from bench.viewpath import view_generator, view_maker
 
-    torch.manual_seed(seed)
-    transform = build_views(method_class(method).augment, image_size=image_size, channels=channels)
-    per_image = [transform(img) for img in images]
-    return [torch.stack([views[i] for views in per_image]) for i in range(len(per_image[0]))]
+    maker = view_maker(method_class(method).augment, image_size=image_size, channels=channels)
+    return maker(images, view_generator(seed, 0, 0, 0))
 
 
 # --------------------------------------------------------------------------------------------- project
 def project_side(method: str, *, stem: str = "standard", image_size: int = 32, channels: int = 3,
                  total_steps: int = 1000, warmup_steps: int = 0, batch_size: int = 256, precision: str = "fp32",
                  device: torch.device | str = "cpu", overrides: dict[str, Any] | None = None,
-                 recipe_overrides: dict[str, Any] | None = None) -> tuple[Side, Any]:
-    """(Side, Trainer): the project's method, optimizer recipe and engine step."""
+                 recipe_overrides: dict[str, Any] | None = None,
+                 backbone_cfg: dict[str, Any] | None = None) -> tuple[Side, Any]:
+    """(Side, Trainer): the project's method, optimizer recipe and engine step (``backbone_cfg``: see
+    :func:`project_backbone`)."""
     from ssl_models.engine import Runtime, TrainConfig, Trainer
     from ssl_models.optim import build_optimizer, build_scheduler
 
     device = torch.device(device)
-    backbone = project_backbone(method, stem, image_size, channels)
+    backbone = project_backbone(method, stem, image_size, channels, backbone_cfg)
     model = method_class(method)(backbone, **hparams(method, overrides))
     rec = recipe(method, recipe_overrides)
     optimizer = build_optimizer(model, rec, batch_size)

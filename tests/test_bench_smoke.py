@@ -8,7 +8,6 @@ from __future__ import annotations
 import ast
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -88,6 +87,9 @@ def test_quality_and_gpu_script_tiny(bench_cache, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     g = json.loads((tmp_path / "gpu-tiny.json").read_text())
     assert g["device"] == "cpu" and g["throughput"]["simclr"]["ratio_project_over_lightly"] > 0
+    d = g["datapath"]["methods"]["simclr"]
+    assert d["batched"]["images_per_s"] > 0 and d["persample"]["images_per_s"] > 0
+    assert 0.0 <= d["batched"]["data_wait_share"] <= 1.0 and 0.0 <= d["persample"]["data_wait_share"] <= 1.0
     assert 0.0 <= g["quality"]["project"]["knn_top1"] <= 1.0
 
 
@@ -162,3 +164,68 @@ def test_project_code_never_imports_the_peer():
                 names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                     [node.module or ""] if isinstance(node, ast.ImportFrom) else []
                 assert not any(n.split(".")[0] == "lightly" for n in names), f"{path} imports lightly"
+
+
+@pytest.mark.parametrize("recipe", ["simclr", "byol", "multicrop", "mim"])
+def test_batched_views_keep_the_per_sample_baselines_shapes_and_are_seeded(recipe):
+    """bench.viewpath's ViewMaker (the batched path, or its per-sample stand-in before it exists) makes the
+    views the per-sample baseline makes, one batch at a time; the same generator gives the same views."""
+    import torch
+
+    from bench import persample, viewpath
+
+    images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    baseline = persample.build_views(recipe, image_size=16, channels=3)(images[0])
+    maker = viewpath.view_maker(recipe, image_size=16, channels=3)
+    views = maker(images, viewpath.view_generator(0, 1, 2, 0))
+    assert [tuple(v.shape) for v in views] == [(4, *b.shape) for b in baseline]
+    assert all(v.dtype == torch.float32 for v in views)
+    again = maker(images, viewpath.view_generator(0, 1, 2, 0))
+    assert all(torch.equal(a, b) for a, b in zip(views, again))
+    other = maker(images, viewpath.view_generator(0, 1, 3, 0))
+    assert not all(torch.equal(a, b) for a, b in zip(views, other))
+
+
+def test_decode_loader_yields_uint8_batches_of_the_shards(tmp_path):
+    import torch
+
+    from bench import viewpath
+    from bench.workload import mnist5k
+
+    wl = mnist5k(train_per_class=2, test_per_class=1)
+    urls = viewpath.train_urls(viewpath.make_shards(wl, tmp_path))
+    batches = list(viewpath.decode_loader(urls, batch_size=4, num_workers=0, shuffle_buffer=0))
+    assert len(batches) == 5 and all(b[0].dtype == torch.uint8 and b[0].shape == (4, 1, 28, 28) for b in batches)
+    assert sorted(torch.cat([b[1] for b in batches]).tolist()) == sorted(wl.train_labels.tolist())
+    # the per-sample and lightly sides read the same shards
+    lightly_views = viewpath.lightly_views("simclr", image_size=28, channels=1, strengths={"crop_scale": [0.4, 1]})
+    views, labels = next(iter(viewpath.sample_loader(urls, lightly_views, pil=True, mode="L", batch_size=4,
+                                                     num_workers=0)))
+    assert len(views) == 2 and views[0].shape == (4, 1, 28, 28) and labels.shape == (4,)
+
+
+def test_datapath_tiny_times_every_side_and_the_step(tmp_path):
+    from bench import datapath
+
+    assert datapath.main(["--tiny", "--workloads", "mnist5k", "--workers", "0", "--results-dir", str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "datapath-tiny.json").read_text())
+    w = r["workloads"]["mnist5k"]
+    assert set(w["images_per_s"]) == {"batched/w0", "persample/w0", "lightly/w0", "step"}
+    assert all(v > 0 for v in w["images_per_s"].values())
+    assert w["ratios"]["batched/step w0"] == pytest.approx(w["images_per_s"]["batched/w0"] / w["images_per_s"]["step"])
+    assert isinstance(r["batched_path_in_tree"], bool) and r["machine"]["load_average"]
+    assert r["settings"]["augment"]["crop_scale"] == [0.4, 1.0]  # params.yaml's method.simclr.augment
+
+
+def test_e2e_tiny_project_vs_lightly_and_project_only_methods(bench_cache, tmp_path):
+    from bench import e2e
+
+    assert e2e.main(["--tiny", "--methods", "simclr", "rotnet", "deepcluster", "--workers", "0",
+                     "--results-dir", str(tmp_path)]) == 0
+    m = json.loads((tmp_path / "e2e-tiny.json").read_text())["methods"]
+    assert m["simclr"]["images_per_s"]["project"] > 0 and m["simclr"]["images_per_s"]["lightly"] > 0
+    assert m["simclr"]["ratio_project_over_lightly"] > 0
+    assert set(m["rotnet"]["images_per_s"]) == {"project"} and "no lightly counterpart" in m["rotnet"]["note"]
+    assert "not timed" in m["deepcluster"]["note"]
+    with pytest.raises(SystemExit):
+        e2e.main(["--tiny", "--methods", "nosuchmethod"])
