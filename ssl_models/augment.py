@@ -473,6 +473,7 @@ class ViewMaker:
             raise ValueError(f"augment: mean/std need {self.work_channels} value(s), got {mean}, {std}")
         self.mean, self.std = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
         fields = {f.name: _jsonable(getattr(recipe, f.name)) for f in dataclasses.fields(recipe)}
+        fields.update(mean=list(mean), std=list(std))   # the statistics used, so export normalises the same way
         self.config = {"recipe": recipe.name, "image_size": image_size, "channels": channels, "grey": grey, **fields}
 
     @property

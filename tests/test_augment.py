@@ -70,9 +70,18 @@ def test_recipe_defaults_are_todays_strengths(name):
     with pytest.raises(dataclasses.FrozenInstanceError):
         recipe.flip_prob = 0.0
     views = build_views(name, image_size=32, channels=3)
-    assert {k: v for k, v in views.config.items() if k not in ("recipe", "image_size", "channels", "grey")} == {
-        k: list(v) if isinstance(v, tuple) else v for k, v in TODAY[name].items()}
+    recorded = {k: list(v) if isinstance(v, tuple) else v for k, v in TODAY[name].items()}
+    recorded.update(mean=list(RGB_MEAN), std=list(RGB_STD))   # the statistics in use, not None
+    assert {k: v for k, v in views.config.items() if k not in ("recipe", "image_size", "channels", "grey")} == recorded
     assert views.config["recipe"] == name and views.config["grey"] == "skip"
+    # a run's recorded config rebuilds the same views
+    config = dict(views.config)
+    again = build_views(config.pop("recipe"), image_size=config.pop("image_size"), channels=config.pop("channels"),
+                        grey=config.pop("grey"), **config)
+    images = batch(4)
+    assert all(torch.equal(a, b) for a, b in zip(views(images, gen()), again(images, gen())))
+    assert build_views(name, image_size=28, channels=1, grey="expand").config["mean"] == list(RGB_MEAN)
+    assert build_views(name, image_size=28, channels=1).config["std"] == list(GREY_STD)
 
 
 def test_recipes_take_yaml_values_and_the_jitter_shorthand():
