@@ -31,8 +31,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .common import (ConfigError, DataError, SslcookError, atomic_path, ensure_writable, run_main, stop_on_sigterm,
-                     workspace, write_json)
+from .common import (ConfigError, DataError, SslcookError, atomic_path, ensure_writable, manifest_image_size, run_main,
+                     stop_on_sigterm, workspace, write_json)
 from .config import Params, load_params
 from .config.pretrain import PretrainConfig, resolve_method
 from .lineage import digest, git_info, make_record, run_provenance, sha256_file, write_provenance
@@ -80,19 +80,6 @@ def code_digest(method_cls: type) -> str:
         h.update(f.name.encode())
         h.update(f.read_bytes())
     return h.hexdigest()
-
-
-def _image_size_from_manifest(manifest: dict[str, Any]) -> int | None:
-    """The side the views are cropped to by default: the stored images' (shorter) side."""
-    stats = manifest.get("image_size") or {}
-    if not isinstance(stats, dict):
-        return None
-    if stats.get("uniform"):
-        return int(min(stats["uniform"]))
-    common = (stats.get("stored") or {}).get("most_common") or []
-    if common:
-        return int(min(common[0][:2]))
-    return None
 
 
 def _where(name: str, block: dict[str, Any], key: str) -> str:
@@ -185,7 +172,7 @@ class Run:
         aug = dict(self.cfg.augment)
         self.recipe = aug.pop("recipe", None) or self.spec.cls.augment
         self.grey = aug.pop("grey", "skip")
-        size = aug.pop("image_size", None) or self.cfg.loader_image_size or _image_size_from_manifest(self.manifest)
+        size = aug.pop("image_size", None) or self.cfg.loader_image_size or manifest_image_size(self.manifest)
         if not size and not self.verify:   # shards not made yet: any size checks the values
             size = self.params.shard.image_size or 32
         if not size:

@@ -224,9 +224,7 @@ def view_recipe(method: str, card: dict, channels: int) -> tuple[str, dict[str, 
 def augmented_views(method: str, recipe: str, options: dict[str, Any], images, seed: int) -> list[list] | None:
     """[image][view]: the views ``recipe`` makes of each uint8 image, drawn from ``seed``; None (and a note on
     stderr) when the recipe cannot be built for these images. The report's one call into ssl_models.augment."""
-    import torch
-
-    from ssl_models.augment import build_views
+    from ssl_models.augment import build_views, view_generator
 
     try:
         views_of = build_views(recipe, **{**options, "image_size": int(options["image_size"]),
@@ -234,9 +232,8 @@ def augmented_views(method: str, recipe: str, options: dict[str, Any], images, s
     except (TypeError, ValueError) as exc:
         print(f"report: no view grid for {method} ({exc})", file=sys.stderr)
         return None
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return [list(views_of(img)) for img in images]
+    batches = views_of(images, view_generator(seed, 0, 0, 0))  # the parameters come from the generator alone
+    return [[batch[i] for batch in batches] for i in range(len(images))]
 
 
 def plot_views(method: str, card: dict, images, path: Path, dpi: int, seed: int) -> bool:
