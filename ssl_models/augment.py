@@ -30,6 +30,10 @@ draws the ones it would have drawn. The distributions are torchvision v2's (the 
   sample, reflect padding, kernel side :func:`blur_kernel_size`), solarize (values >= 128/255 inverted),
   normalisation.
 
+The ops are plain vectorised torch rather than kornia.augmentation: on the CPU kornia was as fast or slower on
+every op measured, and its colour jitter draws one order per batch (``python -m bench.augment_ops``,
+BENCHMARKS.md "Batched augmentation ops").
+
 Recipes are typed: one frozen dataclass per recipe (:data:`RECIPES`), its fields the strengths and their defaults;
 :func:`make_recipe` refuses an unknown key (TypeError naming it) and a bad value (ValueError naming the key).
 Grey inputs (``channels=1``): ``grey="skip"`` keeps one channel and drops the colour operations that mean nothing

@@ -404,3 +404,21 @@ def test_cuda_views_equal_cpu_views():
         for a, b in zip(cpu, cuda):
             assert b.device.type == "cuda"
             assert torch.allclose(a, b.cpu(), atol=1e-3), recipe
+
+
+def test_augment_ops_bench_runs_in_its_tiny_mode(tmp_path, capsys):
+    import json
+
+    pytest.importorskip("kornia")
+    from bench import augment_ops
+
+    assert augment_ops.main(["--tiny", "--results-dir", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "augment_ops-tiny.json").read_text())
+    sides = {(r["input"], r["op"], r["side"]) for r in results["rows"]}
+    for name in augment_ops.INPUTS:
+        for op in augment_ops.OPS:
+            assert (name, op, "torch") in sides
+        for op in ("crop", "jitter", "blur", "simclr"):
+            assert (name, op, "kornia") in sides
+    assert all(r["images_per_s"] > 0 and r["threads"] == 1 for r in results["rows"])
+    assert "| 1 | rgb32 | simclr |" in capsys.readouterr().out
