@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from data_utils import PROJECT_ROOT, light_workspace, set_params
 
 # (override as data_utils.set_params keywords, or raw YAML text) -> what the one-line error must name
