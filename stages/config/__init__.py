@@ -19,8 +19,8 @@ from ..common import ConfigError, workspace
 from .base import Section, first_problem, read_yaml
 from .evaluate import EvaluateConfig, ReportConfig
 from .flow import FlowConfig
-from .sections import DataConfig, ShardConfig
 from .pretrain import PretrainConfig, validate_methods
+from .sections import DataConfig, ShardConfig
 
 PARAMS_FILE = "params.yaml"
 
