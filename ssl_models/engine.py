@@ -12,14 +12,16 @@ The engine knows nothing about params files or pipelines; it relies only on the 
 Views. With ``views=`` (a ViewMaker of :mod:`ssl_models.augment`), the loader yields uint8 image batches: each
 goes to the device first (non-blocking; pinned by the loader on CUDA), then ``views(images, generator)`` makes the
 float view batches there, every random parameter drawn from ``view_generator(seed, epoch, step, rank)``: a
-function of the step alone, so a resumed run redraws the same views and every DDP rank draws its own. Without ``views`` the loader yields the views itself.
+function of the step alone, so a resumed run redraws the same views and every DDP rank draws its own. Without
+``views`` the loader yields the views itself.
 
 Reproducibility. Model randomness (MAE masks, dropout) and data randomness (shuffling, augmentations) use
 separate random streams: every ``next()`` on the loader runs under a data stream seeded from
 (seed, epoch, rank), the views under their per-step generator, the model under the global generators. So the
-batches of an epoch depend only on (seed, epoch, rank), and resuming in the middle of an epoch replays the same batches: the loader of that
-epoch is rebuilt and the batches already consumed are drawn and dropped. With the model's own RNG state
-restored from the checkpoint, a resumed run ends with weights equal to an uninterrupted one (CPU).
+batches of an epoch depend only on (seed, epoch, rank), and resuming in the middle of an epoch replays the same
+batches: the loader of that epoch is rebuilt and the batches already consumed are drawn and dropped. With the
+model's own RNG state restored from the checkpoint, a resumed run ends with weights equal to an uninterrupted one
+(CPU).
 
 Checkpoints are written atomically (temporary file + ``os.replace``) by rank 0 only, and loaded with
 ``torch.load(weights_only=True)``: tensors, numbers, strings, lists and dicts, nothing pickled.
