@@ -32,12 +32,14 @@ import random
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import webdataset as wds
 from tqdm import tqdm
+
+from ssl_models.data import MODE_CHANNELS
 
 from . import images
 from .common import DataError, atomic_path, read_json, run_main, workspace, write_json
@@ -188,11 +190,120 @@ def _size_text(size) -> str:
     return "x".join(str(v) for v in size)
 
 
+def _jobs(splits: dict[str, list[tuple[str, str]]], seed: int) -> list[tuple[str, str, str]]:
+    """(split, path under raw, class) in shard order: each split's files shuffled from the seed, so shards mix
+    classes reproducibly."""
+    jobs: list[tuple[str, str, str]] = []
+    for split in (s for s in SPLITS if s in splits):
+        files = list(splits[split])
+        random.Random(f"sslcook-shard:{seed}:{split}").shuffle(files)
+        jobs += [(split, rel, cls) for rel, cls in files]
+    return jobs
+
+
+@dataclass
+class _Tally:
+    """What the manifest says about the images written: counts per class, sizes, conversions, digests."""
+
+    file_md5: list[tuple[str, str]]
+    per_split: dict[str, Counter] = field(default_factory=dict)
+    split_sizes: dict[str, set] = field(default_factory=dict)   # split -> {(H, W)} as the loader's tensors have it
+    first: dict[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)  # split -> (first size, its file)
+    source_sizes: Counter = field(default_factory=Counter)
+    stored_sizes: Counter = field(default_factory=Counter)
+    conversions: Counter = field(default_factory=Counter)
+    kept_bytes: int = 0
+
+    def size_problem(self, split: str, rel: str, size: tuple[int, int]) -> str | None:
+        first = self.first.setdefault(split, (tuple(size), rel))
+        if first[0] == tuple(size):
+            return None
+        return (f"{RAW_DIR.as_posix()}: split {split!r} mixes image sizes: {first[1]} is {_size_text(first[0])}, "
+                f"{rel} is {_size_text(size)}; set shard.image_size to scale every image to one size")
+
+    def add(self, split: str, cls: str, res: dict[str, Any]) -> int:
+        """Count one written sample; returns its index in the split."""
+        per_class = self.per_split.setdefault(split, Counter())
+        index = sum(per_class.values())
+        per_class[cls] += 1
+        self.split_sizes.setdefault(split, set()).add((res["size"][1], res["size"][0]))
+        self.kept_bytes += res["kept"]
+        self.source_sizes[res["source_size"]] += 1
+        self.stored_sizes[res["size"]] += 1
+        if res["conversion"]:
+            self.conversions[res["conversion"]] += 1
+        return index
+
+    def image_size(self) -> dict[str, Any]:
+        return {"source": _size_stats(self.source_sizes), "stored": _size_stats(self.stored_sizes),
+                "uniform": list(next(iter(self.stored_sizes))) if len(self.stored_sizes) == 1 else None}
+
+
+def _write_samples(out: Path, jobs, results, *, tally: _Tally, policy, label_of: dict[str, int], fmt: str,
+                   shard_size: int, one_size: bool) -> dict[str, list[dict[str, Any]]]:
+    """Write each good image with its one json member into ``{split}-NNNNNN.tar``; returns the shards per split."""
+    writers: dict[str, ShardWriter] = {}
+    try:
+        for (split, rel, cls), res in tqdm(zip(jobs, results), total=len(jobs), desc="shard", unit="img",
+                                           file=sys.stderr, mininterval=0.5):
+            tally.file_md5.append((rel, res["md5"]))
+            if "bad" in res:
+                policy.bad(f"{RAW_DIR.as_posix()}/{rel}", res["bad"])
+                continue
+            problem = tally.size_problem(split, rel, res["size"]) if one_size else None
+            if problem:  # evaluation stacks a split into one batch: refuse now, not after the training
+                raise DataError(problem)
+            writer = writers.get(split) or writers.setdefault(split, ShardWriter(out, split, shard_size))
+            index = tally.add(split, cls, res)
+            writer.write({"__key__": f"{split}-{index:07d}", fmt: res["payload"],
+                          "json": json.dumps({"cls": label_of.get(cls, -1), "path": rel, "class": cls},
+                                             ensure_ascii=False).encode("utf-8")})
+    finally:   # closed before a refused run's temporary folder goes
+        shards = {split: writer.close() for split, writer in writers.items()}
+    return shards
+
+
+def _data_version(root: Path, file_md5: list[tuple[str, str]]) -> tuple[str, str | None]:
+    """(md5 of data/raw as read here, the one data.dvc records); a mismatch is warned about, not refused."""
+    version, recorded = dvc_dir_md5(file_md5), dvc_file_version(root)
+    if recorded != version:
+        state = f"differs from data.dvc ({recorded})" if recorded else "is not versioned (no data.dvc)"
+        print(f"warning: data/raw (md5 {version}) {state}: `dvc add data/raw` (or `sslcook data ingest`) "
+              f"versions what you shard", file=sys.stderr)
+    return version, recorded
+
+
+def _manifest(root: Path, params, splits: dict[str, Any], shards: dict[str, list], tally: _Tally, policy,
+              classes: list[str], ignored: list[str]) -> dict[str, Any]:
+    from ssl_models.data import SHARD_FORMAT  # the format the loader reads: defined once, beside it
+
+    data_cfg, shard_cfg = params.data, params.shard
+    manifest_splits = {split: {"count": sum(tally.per_split.get(split, Counter()).values()),
+                               "per_class": dict(sorted(tally.per_split.get(split, Counter()).items())),
+                               "image_sizes": [list(hw) for hw in sorted(tally.split_sizes.get(split, ()))],
+                               "shards": shards.get(split, [])}
+                       for split in SPLITS if split in splits}
+    if not manifest_splits.get("train", {}).get("count"):
+        raise DataError(f"{RAW_DIR.as_posix()}: no usable training images ({len(policy.skipped)} skipped)")
+    version, recorded = _data_version(root, tally.file_md5)
+    raw = root / RAW_DIR
+    source = read_json(raw / SOURCE_FILE) if (raw / SOURCE_FILE).is_file() else {}
+    lineage_params = {"seed": params.seed, "data": data_cfg.model_dump(), "shard": shard_cfg.model_dump()}
+    return {
+        "format": SHARD_FORMAT, "splits": manifest_splits, "classes": classes, "image_mode": data_cfg.image_mode,
+        "channels": MODE_CHANNELS[data_cfg.image_mode], "image_format": shard_cfg.image_format,
+        "image_size": tally.image_size(), "original_bytes_kept": tally.kept_bytes,
+        "conversions": dict(sorted(tally.conversions.items())), "skipped": policy.skipped,
+        "skipped_count": len(policy.skipped), "skipped_at_ingest": source.get("skipped", []), "ignored": ignored,
+        "source": source.get("name"), "data_version": version,
+        "data_dvc": {"md5": recorded, "matches": recorded == version}, "seed": params.seed,
+        "lineage": make_record("shard", params=lineage_params, parents={"raw": RAW_DIR.as_posix()},
+                               seed=params.seed, root=root, extra={"data_version": version, "data_dvc_md5": recorded}),
+    }
+
+
 def shard(root: Path | None = None) -> dict[str, Any]:
     """Run the stage in workspace ``root``; returns the manifest."""
-    # the format the loader reads: defined once, beside it
-    from ssl_models.data import SHARD_FORMAT as shard_format
-
     started = time.perf_counter()
     root = root or workspace()
     params = load_params(root / "params.yaml")  # every check on params happens before any work
@@ -200,105 +311,23 @@ def shard(root: Path | None = None) -> dict[str, Any]:
     raw = root / RAW_DIR
     splits, others, ignored = scan_raw(raw)
     classes = sorted({cls for files in splits.values() for _, cls in files if cls != UNLABELLED})
-    label_of = {cls: i for i, cls in enumerate(classes)}
-    channels = 1 if data_cfg.image_mode == "L" else 3
-    fmt = shard_cfg.image_format
-    prepare = _Prepare(str(raw), data_cfg.image_mode, channels, data_cfg.max_image_pixels, shard_cfg.image_size, fmt,
-                       shard_cfg.jpeg_quality)
+    prepare = _Prepare(str(raw), data_cfg.image_mode, MODE_CHANNELS[data_cfg.image_mode], data_cfg.max_image_pixels,
+                       shard_cfg.image_size, shard_cfg.image_format, shard_cfg.jpeg_quality)
     policy = images.BadImagePolicy(data_cfg.on_bad_image)
-    file_md5: list[tuple[str, str]] = [(rel, hashlib.md5((raw / rel).read_bytes()).hexdigest()) for rel in others]
-    source_sizes: Counter = Counter()
-    stored_sizes: Counter = Counter()
-    conversions: Counter = Counter()
-    kept_bytes = 0
-    jobs: list[tuple[str, str, str]] = []  # (split, path under raw, class) in shard order
-    for split in (s for s in SPLITS if s in splits):
-        files = list(splits[split])
-        random.Random(f"sslcook-shard:{params.seed}:{split}").shuffle(files)  # shards mix classes, reproducibly
-        jobs += [(split, rel, cls) for rel, cls in files]
+    tally = _Tally([(rel, hashlib.md5((raw / rel).read_bytes()).hexdigest()) for rel in others])
+    jobs = _jobs(splits, params.seed)
     workers = shard_cfg.workers or os.cpu_count() or 1
-    per_split: dict[str, Counter] = {split: Counter() for split in splits}
-    split_sizes: dict[str, set[tuple[int, int]]] = {split: set() for split in splits}
-    writers: dict[str, ShardWriter] = {}
-    first_size: dict[str, tuple[tuple[int, ...], str]] = {}   # split -> (size of its first image, that image)
-
     with atomic_path(root / SHARDS_DIR) as out, _mapper(workers) as mapper:
         out.mkdir()
-        results = mapper(prepare, [rel for _, rel, _ in jobs])
-        for (split, rel, cls), res in tqdm(zip(jobs, results), total=len(jobs), desc="shard", unit="img",
-                                           file=sys.stderr, mininterval=0.5):
-            file_md5.append((rel, res["md5"]))
-            if "bad" in res:
-                policy.bad(f"{RAW_DIR.as_posix()}/{rel}", res["bad"])
-                continue
-            first = first_size.setdefault(split, (tuple(res["size"]), rel))
-            if shard_cfg.image_size is None and first[0] != tuple(res["size"]):
-                # evaluation stacks a split into one batch: refuse now, not after the training
-                for writer in writers.values():   # closed before the temporary folder goes
-                    writer.close()
-                raise DataError(f"{RAW_DIR.as_posix()}: split {split!r} mixes image sizes: {first[1]} is "
-                                f"{_size_text(first[0])}, {rel} is {_size_text(res['size'])}; set shard.image_size "
-                                f"to scale every image to one size")
-            if split not in writers:
-                writers[split] = ShardWriter(out, split, shard_cfg.shard_size)
-            per_class = per_split[split]
-            writers[split].write({
-                "__key__": f"{split}-{sum(per_class.values()):07d}",
-                fmt: res["payload"],
-                "json": json.dumps({"cls": label_of.get(cls, -1), "path": rel, "class": cls},
-                                   ensure_ascii=False).encode("utf-8"),
-            })
-            split_sizes[split].add((res["size"][1], res["size"][0]))   # (H, W) as the loader's tensors have it
-            per_class[cls] += 1
-            kept_bytes += res["kept"]
-            source_sizes[res["source_size"]] += 1
-            stored_sizes[res["size"]] += 1
-            if res["conversion"]:
-                conversions[res["conversion"]] += 1
-        manifest_splits = {split: {"count": sum(per_split[split].values()),
-                                   "per_class": dict(sorted(per_split[split].items())),
-                                   "image_sizes": [list(hw) for hw in sorted(split_sizes[split])],
-                                   "shards": writers[split].close() if split in writers else []}
-                           for split in SPLITS if split in splits}
-        if not manifest_splits.get("train", {}).get("count"):
-            raise DataError(f"{RAW_DIR.as_posix()}: no usable training images ({len(policy.skipped)} skipped)")
-
-        version = dvc_dir_md5(file_md5)
-        recorded = dvc_file_version(root)
-        if recorded != version:
-            state = f"differs from data.dvc ({recorded})" if recorded else "is not versioned (no data.dvc)"
-            print(f"warning: data/raw (md5 {version}) {state}: `dvc add data/raw` (or `sslcook data ingest`) "
-                  f"versions what you shard", file=sys.stderr)
-        source = read_json(raw / SOURCE_FILE) if (raw / SOURCE_FILE).is_file() else {}
-        lineage_params = {"seed": params.seed, "data": data_cfg.model_dump(), "shard": shard_cfg.model_dump()}
-        manifest = {
-            "format": shard_format,
-            "splits": manifest_splits,
-            "classes": classes,
-            "image_mode": data_cfg.image_mode,
-            "channels": channels,
-            "image_format": fmt,
-            "image_size": {"source": _size_stats(source_sizes), "stored": _size_stats(stored_sizes),
-                           "uniform": list(next(iter(stored_sizes))) if len(stored_sizes) == 1 else None},
-            "original_bytes_kept": kept_bytes,
-            "conversions": dict(sorted(conversions.items())),
-            "skipped": policy.skipped,
-            "skipped_count": len(policy.skipped),
-            "skipped_at_ingest": source.get("skipped", []),
-            "ignored": ignored,
-            "source": source.get("name"),
-            "data_version": version,
-            "data_dvc": {"md5": recorded, "matches": recorded == version},
-            "seed": params.seed,
-            "lineage": make_record("shard", params=lineage_params, parents={"raw": RAW_DIR.as_posix()},
-                                   seed=params.seed, root=root,
-                                   extra={"data_version": version, "data_dvc_md5": recorded}),
-        }
+        shards = _write_samples(out, jobs, mapper(prepare, [rel for _, rel, _ in jobs]), tally=tally, policy=policy,
+                                label_of={cls: i for i, cls in enumerate(classes)}, fmt=shard_cfg.image_format,
+                                shard_size=shard_cfg.shard_size, one_size=shard_cfg.image_size is None)
+        manifest = _manifest(root, params, splits, shards, tally, policy, classes, ignored)
         write_json(out / MANIFEST, manifest)
     write_provenance("shard", SHARDS_DIR / MANIFEST, root=root,
                      extra={"seconds": round(time.perf_counter() - started, 2), "workers": workers})
-    counts = ", ".join(f"{s} {e['count']} in {len(e['shards'])} shards" for s, e in manifest_splits.items())
-    print(f"{SHARDS_DIR.as_posix()}: {counts}; {len(policy.skipped)} skipped; data version {version}",
+    counts = ", ".join(f"{s} {e['count']} in {len(e['shards'])} shards" for s, e in manifest["splits"].items())
+    print(f"{SHARDS_DIR.as_posix()}: {counts}; {len(policy.skipped)} skipped; data version {manifest['data_version']}",
           file=sys.stderr)
     return manifest
 
