@@ -87,11 +87,12 @@ class Inpainting(SSLMethod):
     the mean colour) -> its feature map -> :class:`ConvDecoder` -> the removed pixels (decoder dropped at export).
 
     Defaults (paper and its official code): the central square of half the side; L2 on the region and on an
-    overlap ring of 4 px of 128 (``overlap`` 0.03125 of the side) weighted 10x; Adam lr 2e-4 (here AdamW, x B/256 from batch 64), betas
-    (0.5, 0.999). Only the reconstruction loss: the adversarial discriminator (lambda_adv 0.001 in the paper,
-    sharper inpaintings but not better features in its feature-learning experiments, which used the L2 loss
-    alone for AlexNet) is not implemented. The paper's features came from random-block / random-region masks
-    ("the network latches on the constant boundary" of a fixed centre): ``mask: random_block``.
+    overlap ring of 4 px of 128 (``overlap`` 0.03125 of the side) weighted 10x; Adam lr 2e-4 (here AdamW,
+    x B/256 from batch 64), betas (0.5, 0.999). Only the reconstruction loss: the adversarial discriminator
+    (lambda_adv 0.001 in the paper, sharper inpaintings but not better features in its feature-learning
+    experiments, which used the L2 loss alone for AlexNet) is not implemented. With the central region the
+    paper's network learnt low-level features tied to the mask's fixed boundary, so its feature-learning results
+    use random masks: ``mask: random_block``.
     """
 
     augment = "mim"
