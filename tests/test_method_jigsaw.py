@@ -56,6 +56,27 @@ def test_tiles_are_shuffled_by_the_permutation_the_label_names(grid):
     assert torch.allclose(normalised.mean(dim=(2, 3, 4)), torch.zeros(5, grid * grid), atol=1e-5)
 
 
+def test_jitter_crops_each_tile_at_its_own_offset_inside_its_cell():
+    cell, tile, n = 8, 5, 64
+    ys, xs = torch.meshgrid(torch.arange(2 * cell), torch.arange(2 * cell), indexing="ij")
+    images = (ys * 100 + xs).float().expand(n, 1, -1, -1).contiguous()  # a pixel's value names its place
+    perms = torch.from_numpy(hamming_permutations(4, 24))
+    labels = torch.zeros(n, dtype=torch.long)  # the identity: tile p is cell p
+    torch.manual_seed(0)
+    tiles = shuffle_tiles(images, perms, labels, grid=2, tile_size=tile, jitter=True, normalize_tiles=False)
+    offsets = set()
+    for b in range(n):
+        for p in range(4):
+            r, c = divmod(p, 2)
+            y0, x0 = divmod(int(tiles[b, p, 0, 0, 0]), 100)
+            assert r * cell <= y0 <= (r + 1) * cell - tile and c * cell <= x0 <= (c + 1) * cell - tile
+            assert torch.equal(tiles[b, p, 0], images[b, 0, y0:y0 + tile, x0:x0 + tile])  # a contiguous crop
+            offsets.add((p, y0 - r * cell, x0 - c * cell))
+    assert len(offsets) > 4 * 9  # offsets differ between images, not one per cell for the whole batch
+    fixed = shuffle_tiles(images, perms, labels, grid=2, tile_size=tile, jitter=False, normalize_tiles=False)
+    assert int(fixed[0, 0, 0, 0, 0]) == 101  # no jitter: the centred crop (slack 3 -> offset 1)
+
+
 def test_loss_is_the_cross_entropy_over_the_permutation_set():
     g = torch.Generator().manual_seed(0)
     logits, labels = torch.randn(6, 24, generator=g), torch.randint(0, 24, (6,), generator=g)

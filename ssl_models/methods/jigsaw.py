@@ -54,24 +54,30 @@ def shuffle_tiles(images: Tensor, permutations: Tensor, labels: Tensor, *, grid:
 
     images (B, C, H, W), labels (B,): the permutation index of each image. Returns (B, grid**2, C, t, t): tile
     position p of image b holds cell ``permutations[labels[b], p]`` (cells in row-major order). Against
-    shortcuts (paper, sec. 3.3): the tile sits at a random offset within its cell (``jitter``: the gap between
-    tiles hides edge continuity), and each tile is normalised by its own mean and std (``normalize_tiles``: no
-    low-level statistics shared across tiles).
+    shortcuts (paper, sec. 3.3): each tile sits at its own random offset within its cell, drawn per image and
+    per cell (``jitter``: the gap between tiles hides edge continuity, and no two puzzles share the gaps), and
+    each tile is normalised by its own mean and std (``normalize_tiles``: no low-level statistics shared across
+    tiles).
     """
     b, c, h, w = images.shape
     cell = min(h, w) // grid
     if tile_size > cell:
         raise ValueError(f"jigsaw: tile_size {tile_size} exceeds the {cell}-pixel cells of a {grid}x{grid} grid")
     slack = cell - tile_size
+    span = torch.arange(tile_size, device=images.device)
     cells = []
     for r in range(grid):
         for col in range(grid):
+            block = images[:, :, r * cell:(r + 1) * cell, col * cell:(col + 1) * cell]
             if jitter and slack:
-                dy, dx = (int(v) for v in torch.randint(0, slack + 1, (2,)))
+                dy, dx = torch.randint(0, slack + 1, (2, b, 1), device=images.device)
+                rows = (dy + span).view(b, 1, tile_size, 1).expand(b, c, tile_size, cell)
+                block = torch.gather(block, 2, rows)
+                cols = (dx + span).view(b, 1, 1, tile_size).expand(b, c, tile_size, tile_size)
+                cells.append(torch.gather(block, 3, cols))
             else:
-                dy = dx = slack // 2
-            y0, x0 = r * cell + dy, col * cell + dx
-            cells.append(images[:, :, y0:y0 + tile_size, x0:x0 + tile_size])
+                o = slack // 2
+                cells.append(block[:, :, o:o + tile_size, o:o + tile_size])
     cells_t = torch.stack(cells, dim=1)                                    # B x T x C x t x t, row-major cells
     order = permutations[labels]                                           # B x T
     tiles = torch.gather(cells_t, 1, order[:, :, None, None, None].expand_as(cells_t))
