@@ -57,7 +57,7 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
 
 
 def prepare(ws: Path, source: str, path: Path | None) -> dict[str, Any]:
-    from stages.ingest import ingest
+    from stages.workspace.ingest import ingest
     from stages.shard import shard
 
     result, ingest_s = timed(lambda: ingest(source, path, run_dvc=False, root=ws))

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(child(args.steps)))
         return 0
-    from stages.lineage import cpu_name
+    from stages.workspace.lineage import cpu_name
 
     clean = {k: v for k, v in os.environ.items()
              if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_CBWR",

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from ssl_models.evaluation import linear_probe
-    from stages.config import load_params
+    from stages.workspace.config import load_params
 
     torch.set_num_threads(args.threads)
     info = machine()

@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import yaml
 
-    from stages.lineage import cpu_name
+    from stages.workspace.lineage import cpu_name
 
     scratch = Path(tempfile.mkdtemp(prefix="sslcook-seeds-", dir=args.scratch))
     try:

@@ -215,7 +215,7 @@ def make_shards(wl, root: Path, *, test_images: int = 100) -> Path:
     from PIL import Image
 
     from bench.bench_data import workspace
-    from stages.ingest import ingest
+    from stages.workspace.ingest import ingest
     from stages.shard import shard
 
     mode = "L" if wl.channels == 1 else "RGB"

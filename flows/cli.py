@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown command {name!r}\n{USAGE}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
-    from stages.common import OUTPUT_FAULTS, SslcookError, Terminated, os_error_line, stop_on_sigterm
+    from stages.workspace.common import OUTPUT_FAULTS, SslcookError, Terminated, os_error_line, stop_on_sigterm
 
     stop_on_sigterm()
     try:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 
-from stages.common import ConfigError
-from stages.ingest import SOURCES, ingest
+from stages.workspace.common import ConfigError
+from stages.workspace.ingest import SOURCES, ingest
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _ingest_locked(source: str | None, path: str | None, *, run_dvc: bool):
     """Ingest holding the workspace lock: data/raw and data.dvc are never replaced under a running pipeline."""
     from flows.dvcops import workspace_lock
-    from stages.common import workspace
+    from stages.workspace.common import workspace
 
     root = workspace()
     if not (root / ".dvc").is_dir():   # no DVC repository: no pipeline can run here to be disturbed

@@ -3,7 +3,7 @@
     sslcook data update folder --path /data/new-images            # ingest + pipeline, nothing committed
     sslcook data update mnist5k --commit                          # + `git commit` of data.dvc
 
-Ingest is the data slice's (``stages.ingest.ingest``: data/raw replaced atomically, then ``dvc add``). The flow
+Ingest is the data slice's (``stages.workspace.ingest.ingest``: data/raw replaced atomically, then ``dvc add``). The flow
 commits nothing unless asked: with ``commit``, only data.dvc (and data/.gitignore) are committed, before the
 pipeline runs, so every artifact's lineage names a commit that holds the data version it was made from.
 """
@@ -22,13 +22,13 @@ from prefect import flow, get_run_logger, task  # noqa: E402  (after prefect_def
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from flows.pipeline import pipeline_flow  # noqa: E402
-from stages.common import SslcookError  # noqa: E402
-from stages.lineage import data_version  # noqa: E402
+from stages.workspace.common import SslcookError  # noqa: E402
+from stages.workspace.lineage import data_version  # noqa: E402
 
 
 @task(name="ingest", cache_policy=NO_CACHE)
 def ingest_source(workspace: str, source: str | None, path: str | None) -> dict[str, Any]:
-    from stages.ingest import ingest
+    from stages.workspace.ingest import ingest
 
     result = ingest(source, path, root=Path(workspace))
     return {"source": result.source, "images": result.total, "counts": result.counts,
@@ -112,6 +112,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from stages.common import run_main
+    from stages.workspace.common import run_main
 
     run_main(lambda: sys.exit(main()))

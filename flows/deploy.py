@@ -16,7 +16,7 @@ import argparse
 from typing import Any
 
 from flows.dvcops import resolve_root
-from stages.config.flow import FlowConfig
+from stages.workspace.config.flow import FlowConfig
 
 DEPLOYMENT_NAME = "nightly"
 WORK_POOL = "sslcook-process"

@@ -25,7 +25,7 @@ from typing import Any, Iterator, Sequence
 
 import yaml
 
-from stages.common import WATCH_ENV, ConfigError, SslcookError, is_workspace, process_identity, workspace
+from stages.workspace.common import WATCH_ENV, ConfigError, SslcookError, is_workspace, process_identity, workspace
 
 def prefect_defaults() -> None:
     """Settings the flows want before Prefect is imported (an explicit environment variable still wins).

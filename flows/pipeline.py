@@ -40,9 +40,9 @@ prefect_defaults()
 from prefect import flow, get_run_logger, task  # noqa: E402  (after prefect_defaults)
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
-from stages.common import DataError, SslcookError  # noqa: E402
-from stages.config.flow import FlowConfig  # noqa: E402
-from stages.lineage import data_version, git_info  # noqa: E402
+from stages.workspace.common import DataError, SslcookError  # noqa: E402
+from stages.workspace.config.flow import FlowConfig  # noqa: E402
+from stages.workspace.lineage import data_version, git_info  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------------------
 # Params: checked whole before DVC runs anything.
@@ -93,7 +93,7 @@ def ensure_raw_data(root: Path, *, echo: bool = False) -> str | None:
         if run_dvc(["pull", "data.dvc"], root, env=env, log_path=log, append=True, echo=echo).returncode == 0 \
                 and raw.exists():
             return f"pulled data version {recorded} from the DVC remote"
-    from stages.ingest import ingest
+    from stages.workspace.ingest import ingest
 
     result = ingest(root=root)   # the source params.yaml names (data.source, data.path)
     if recorded and result.data_version != recorded:
@@ -372,6 +372,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from stages.common import run_main
+    from stages.workspace.common import run_main
 
     run_main(lambda: sys.exit(main()))

@@ -30,8 +30,8 @@ prefect_defaults()
 from prefect import flow, get_run_logger, task  # noqa: E402  (after prefect_defaults)
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
-from stages.common import ConfigError, SslcookError  # noqa: E402
-from stages.config.flow import FlowConfig  # noqa: E402
+from stages.workspace.common import ConfigError, SslcookError  # noqa: E402
+from stages.workspace.config.flow import FlowConfig  # noqa: E402
 
 _PLAIN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
 ACTIVE = {"Queued", "Running"}

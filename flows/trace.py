@@ -25,9 +25,9 @@ from typing import Any
 
 import yaml
 
-from stages.common import DataError, is_workspace, workspace
-from stages.lineage import DATA_DVC, data_version, read_provenance, sha256_file
-from stages.provenance import Artifact, parent_order, read_artifact, resolve_artifact_path
+from stages.workspace.common import DataError, is_workspace, workspace
+from stages.workspace.lineage import DATA_DVC, data_version, read_provenance, sha256_file
+from stages.workspace.provenance import Artifact, parent_order, read_artifact, resolve_artifact_path
 
 
 # what a record's stage made, for records read from a child's embedded ancestors

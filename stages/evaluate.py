@@ -36,10 +36,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .common import ConfigError, DataError, atomic_path, read_json, run_main, workspace, write_json
-from .config import load_params
-from .lineage import data_version as current_data_version
-from .lineage import digest, make_record, write_provenance
+from .workspace.common import ConfigError, DataError, atomic_path, read_json, run_main, workspace, write_json
+from .workspace.config import load_params
+from .workspace.lineage import data_version as current_data_version
+from .workspace.lineage import digest, make_record, write_provenance
 
 SHARDS_DIR = Path("data") / "shards"
 BASELINE_CACHE = Path(".cache") / "baselines"

@@ -18,11 +18,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .common import (ConfigError, DataError, atomic_path, describe_exception, manifest_image_size, read_json,
+from .workspace.common import (ConfigError, DataError, atomic_path, describe_exception, manifest_image_size, read_json,
                      run_main, workspace)
-from .config import load_params
-from .lineage import make_record, write_provenance
-from .provenance import embed_ancestors
+from .workspace.config import load_params
+from .workspace.lineage import make_record, write_provenance
+from .workspace.provenance import embed_ancestors
 
 REQUIRED_KEYS = ("backbone_state", "backbone_config", "method", "family")
 CARD_FORMAT = "sslcook.model_card/1"

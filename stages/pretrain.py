@@ -31,11 +31,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .common import (ConfigError, DataError, SslcookError, atomic_path, ensure_writable, manifest_image_size, run_main,
+from .workspace.common import (ConfigError, DataError, SslcookError, atomic_path, ensure_writable, manifest_image_size, run_main,
                      stop_on_sigterm, workspace, write_json)
-from .config import Params, load_params
-from .config.pretrain import PretrainConfig, resolve_method
-from .lineage import digest, git_info, make_record, run_provenance, sha256_file, write_provenance
+from .workspace.config import Params, load_params
+from .workspace.config.pretrain import PretrainConfig, resolve_method
+from .workspace.lineage import digest, git_info, make_record, run_provenance, sha256_file, write_provenance
 
 SHARDS_DIR = Path("data") / "shards"
 MANIFEST = SHARDS_DIR / "manifest.json"
@@ -261,7 +261,7 @@ def resume_problem(path: Path, method, steps_per_epoch: int, world_size: int) ->
     this format, or of another architecture or schedule. Read with weights_only: nothing in it can run code."""
     from ssl_models import engine
 
-    from .common import describe_exception
+    from .workspace.common import describe_exception
 
     try:
         state = engine.load_state(path)
@@ -597,7 +597,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m stages.pretrain", description=__doc__.splitlines()[0])
     parser.add_argument("--method", required=True, help="a registered method (see params.yaml methods)")
     args = parser.parse_args(argv)
-    from .launch import launch_if_needed  # processes x nodes > 1: torchrun runs this same command
+    from .workspace.launch import launch_if_needed  # processes x nodes > 1: torchrun runs this same command
 
     root = workspace()
     try:

@@ -34,10 +34,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .common import DataError, atomic_path, read_json, run_main, workspace, write_json
-from .config import load_params
-from .lineage import data_version as current_data_version
-from .lineage import make_record, read_provenance, sha256_file, write_provenance
+from .workspace.common import DataError, atomic_path, read_json, run_main, workspace, write_json
+from .workspace.config import load_params
+from .workspace.lineage import data_version as current_data_version
+from .workspace.lineage import make_record, read_provenance, sha256_file, write_provenance
 
 REPORTS = Path("reports")
 FAMILY_ORDER = ("deep_metric_learning", "self_distillation", "canonical_correlation_analysis",

@@ -41,12 +41,12 @@ from tqdm import tqdm
 
 from ssl_models.data import MODE_CHANNELS
 
-from . import images
-from .common import DataError, atomic_path, read_json, run_main, workspace, write_json
-from .config import load_params
-from .ingest import RAW_DIR, SOURCE_FILE, SPLITS, UNLABELLED, dvc_dir_md5
-from .lineage import data_version as dvc_file_version
-from .lineage import make_record, sha256_file, write_provenance
+from .workspace import images
+from .workspace.common import DataError, atomic_path, read_json, run_main, workspace, write_json
+from .workspace.config import load_params
+from .workspace.rawdata import RAW_DIR, SOURCE_FILE, SPLITS, UNLABELLED, dvc_dir_md5
+from .workspace.lineage import data_version as dvc_file_version
+from .workspace.lineage import make_record, sha256_file, write_provenance
 
 SHARDS_DIR = Path("data") / "shards"
 MANIFEST = "manifest.json"

@@ -31,7 +31,7 @@ def _params_flow() -> dict:
 def test_prefect_yaml_matches_params_and_sslcook_serve(capsys):
     from flows.deploy import DEPLOYMENT_NAME, WORK_POOL, deployment_specs
     from flows.deploy import main as serve_main
-    from stages.config.flow import FlowConfig
+    from stages.workspace.config.flow import FlowConfig
 
     config = FlowConfig.from_workspace(PROJECT_ROOT)
     specs = {spec["entrypoint"]: spec for spec in deployment_specs(config)}
@@ -59,8 +59,8 @@ def test_schedule_crons_are_checked_as_prefect_parses_them(tmp_path):
     from prefect.client.schemas.schedules import CronSchedule
     from pydantic import ValidationError
 
-    from stages.common import ConfigError
-    from stages.config.flow import FlowConfig
+    from stages.workspace.common import ConfigError
+    from stages.workspace.config.flow import FlowConfig
 
     verdicts = set()
     for value in ("0 2 * * *", "*/15 3 * * mon-fri", "0 0 L * *", "@daily", "61 2 * * *", "0 2 * *", "0 25 * * *",

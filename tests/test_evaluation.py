@@ -171,8 +171,8 @@ def test_unlabelled_test_rows_are_dropped_and_an_unlabelled_test_split_refused()
 def test_old_probe_keys_are_refused_with_one_line():
     import yaml
 
-    from stages.common import ConfigError
-    from stages.config import parse_params
+    from stages.workspace.common import ConfigError
+    from stages.workspace.config import parse_params
 
     raw = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
     assert parse_params(raw).evaluate.linear_probe.c_grid[0] == 1e-4
@@ -249,7 +249,7 @@ def test_paired_bootstrap_ties_for_identical_predictions_and_separates_clear_dif
 
 def test_baseline_cache_recomputes_entries_without_fitting_hits(tmp_path):
     from stages.evaluate import BASELINE_CACHE, cached, decode_hits, encode_hits
-    from stages.lineage import digest
+    from stages.workspace.lineage import digest
 
     names = ["knn_top1_k20", "linear_probe_top1"]
     calls = []

@@ -23,7 +23,7 @@ import yaml
 import support.tiny_pipeline as tp
 from stages import common
 from stages import pretrain as stage
-from stages.common import SslcookError, atomic_path, ensure_writable, run_main, write_json
+from stages.workspace.common import SslcookError, atomic_path, ensure_writable, run_main, write_json
 from test_hostile_inputs import _image_tree, ingested, one_line_error, snapshot  # noqa: F401  (fixture)
 from test_pretrain_stage import shards  # noqa: F401  (fixture)
 from support.tiny_ssl import make_stage_workspace
@@ -196,7 +196,7 @@ def test_sigkill_of_sslcook_run_stops_the_stage_it_started(tmp_path):
     params["methods"] = ["simclr"]
     tp.write_params(ws, params)
     started = ws / "stage.pid"
-    sleeper = ("import os, time; from stages.common import run_main; "
+    sleeper = ("import os, time; from stages.workspace.common import run_main; "
                f"open({str(started)!r}, 'w').write(str(os.getpid())); run_main(lambda: time.sleep(120))")
     (ws / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"sleeper": {"cmd": f'python -c "{sleeper}"',
                                                                          "outs": ["out.txt"]}}}))

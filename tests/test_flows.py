@@ -28,7 +28,7 @@ def py(code: str) -> str:
 
 
 def toy_stages(methods_key: str = "${methods}") -> dict:
-    lineage = (f"import json,sys; sys.path.insert(0,'{PROJECT_ROOT}'); from stages.lineage import run_provenance; "
+    lineage = (f"import json,sys; sys.path.insert(0,'{PROJECT_ROOT}'); from stages.workspace.lineage import run_provenance; "
                "json.dump(run_provenance(), open('.lineage_seen.json','w'))")
     return {
         "make": {"cmd": [py("import yaml,os; p=yaml.safe_load(open('params.yaml')); os.makedirs('data',exist_ok=True); "
@@ -38,7 +38,7 @@ def toy_stages(methods_key: str = "${methods}") -> dict:
             "cmd": py("import os; os.makedirs('runs',exist_ok=True); "
                       "open('runs/${item}.txt','w').write(open('data/x.txt').read()+'${item}')"),
             "deps": ["data/x.txt"], "params": ["method.${item}"], "outs": ["runs/${item}.txt"]}},
-        # finds its workspace as the real stages do (stages.common.workspace(): $SSLCOOK_WORKSPACE, else the cwd)
+        # finds its workspace as the real stages do (stages.workspace.common.workspace(): $SSLCOOK_WORKSPACE, else the cwd)
         "evaluate": {"foreach": methods_key, "do": {
             "cmd": py("import json,os,yaml; w=os.environ.get('SSLCOOK_WORKSPACE','.'); "
                       "p=yaml.safe_load(open(w+'/params.yaml')); os.makedirs(w+'/metrics',exist_ok=True); "
@@ -329,7 +329,7 @@ def test_new_data_version_flow_and_a_fresh_clone_getting_its_data_back(tmp_path,
     from flows.data_flow import new_data_flow
     from flows.pipeline import ensure_raw_data
     from flows.pipeline import main as run_main
-    from stages.lineage import data_version
+    from stages.workspace.lineage import data_version
 
     first = extract_cifar_subset(cifar_archive, tmp_path / "first", {"train": 2, "test": 1})
     second = extract_cifar_subset(cifar_archive, tmp_path / "second", {"train": 3, "test": 1})
@@ -377,8 +377,8 @@ def test_stage_selection_and_user_errors(tmp_path):
     from flows.dvcops import plan_stages, resolve_root
     from flows.pipeline import main as run_main
     from flows.sweep import parse_grid_args, sweep_flow
-    from stages.common import ConfigError
-    from stages.config.flow import FlowConfig
+    from stages.workspace.common import ConfigError
+    from stages.workspace.config.flow import FlowConfig
 
     ws = make_toy(tmp_path / "ws")
     assert plan_stages(ws, ["evaluate@beta"]) == (["make", "train@beta", "evaluate@beta"], ["evaluate@beta"])

@@ -24,8 +24,8 @@ import support.tiny_pipeline as tp
 from conftest import run
 from support.data_utils import encode, light_workspace, noise_rgb, set_params
 from stages import pretrain as stage
-from stages.common import ConfigError, DataError, SslcookError
-from stages.ingest import ingest
+from stages.workspace.common import ConfigError, DataError
+from stages.workspace.ingest import ingest
 from test_pretrain_stage import shards  # noqa: F401  (fixture)
 from support.tiny_ssl import make_stage_workspace
 

@@ -14,8 +14,8 @@ from PIL import Image
 
 from support.data_utils import encode, light_workspace, noise_rgb, read_shards, set_params
 from stages import images
-from stages.common import DataError
-from stages.ingest import ingest
+from stages.workspace.common import DataError
+from stages.workspace.ingest import ingest
 from stages.shard import shard
 
 # torchvision 0.29 (pinned) warns that its image codecs will move to TorchCodec; the loader copes without them

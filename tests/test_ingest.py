@@ -17,8 +17,8 @@ from PIL import Image
 from conftest import PROJECT_ROOT, run
 from support.data_utils import encode, light_workspace, noise_rgb
 from stages import ingest as ingest_mod
-from stages.common import ConfigError, DataError
-from stages.ingest import ingest, raw_dir_md5
+from stages.workspace.common import ConfigError, DataError
+from stages.workspace.ingest import ingest, raw_dir_md5
 
 
 def _committed_md5() -> str:
@@ -40,7 +40,7 @@ def test_mnist5k_reproduces_the_committed_data_dvc(workspace):
 
 
 def test_mnist5k_layout_and_bytes_are_deterministic(tmp_path):
-    from stages.config.sections import DataConfig
+    from stages.workspace.config.sections import DataConfig
 
     cfg = DataConfig(train_per_class=40, test_per_class=10)
     first, second = tmp_path / "a", tmp_path / "b"

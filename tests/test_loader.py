@@ -12,7 +12,7 @@ import torch
 
 from support.data_utils import light_workspace, pixels, read_shards
 from ssl_models import data as shard_data
-from stages.ingest import ingest
+from stages.workspace.ingest import ingest
 from stages.shard import shard
 
 # torchvision 0.29 (pinned) warns that its image codecs will move to TorchCodec; the loader copes without them

@@ -13,7 +13,7 @@ from ssl_models import build_backbone, registry
 from ssl_models.augment import RGB_MEAN, RGB_STD
 from ssl_models.methods.colorization import Colorization, ColorizationLoss, ab_bins, lab_to_rgb, rgb_to_lab, soft_encode
 from stages import pretrain as stage
-from stages.common import ConfigError
+from stages.workspace.common import ConfigError
 from support.origins_utils import twenty_steps_lower_the_loss
 from support.tiny_ssl import make_stage_workspace, write_tiny_shards
 

@@ -49,7 +49,7 @@ def test_invalid_params_stop_the_shard_stage_with_one_line(tmp_path):
 
 
 def test_the_project_params_are_valid():
-    from stages.config import load_params
+    from stages.workspace.config import load_params
 
     params = load_params(PROJECT_ROOT / "params.yaml")
     assert params.data.source == "mnist5k" and params.shard.shard_size >= 1
@@ -73,7 +73,7 @@ def test_the_schema_defaults_are_the_project_params():
     are choices with no schema default)."""
     import yaml
 
-    from stages.config import Params, parse_params
+    from stages.workspace.config import Params, parse_params
 
     shipped = parse_params(yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())).model_dump()
     defaults = Params().model_dump()
@@ -89,7 +89,7 @@ def test_the_engine_monitor_is_built_from_the_params_monitor():
     import torch
 
     from ssl_models import engine, monitors
-    from stages.config.pretrain import MonitorConfig
+    from stages.workspace.config.pretrain import MonitorConfig
 
     assert engine.MonitorConfig is monitors.MonitorConfig and engine.detect_collapse is monitors.detect_collapse
     params_fields = {k: f.default for k, f in MonitorConfig.model_fields.items() if k != "online_knn"}
@@ -126,8 +126,8 @@ def test_method_hyperparameters_are_checked_against_the_constructor():
     import yaml
 
     from ssl_models import registry
-    from stages.common import ConfigError
-    from stages.config import parse_params
+    from stages.workspace.common import ConfigError
+    from stages.workspace.config import parse_params
 
     raw = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
     checked = 0
@@ -157,7 +157,7 @@ def test_one_device_rule():
     import torch
 
     from ssl_models.device import DeviceError, select_device
-    from stages.common import ConfigError
+    from stages.workspace.common import ConfigError
     from stages.evaluate import pick_device
 
     assert select_device("cpu") == torch.device("cpu") == pick_device("cpu")

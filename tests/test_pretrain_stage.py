@@ -15,9 +15,9 @@ import yaml
 from ssl_models import registry
 from ssl_models.backbones import build_backbone
 from stages import pretrain as stage
-from stages.common import ConfigError, SslcookError
-from stages.config import parse_params
-from stages.lineage import sha256_file
+from stages.workspace.common import ConfigError, SslcookError
+from stages.workspace.config import parse_params
+from stages.workspace.lineage import sha256_file
 from support.tiny_ssl import add_dvc_pipeline, make_stage_workspace, write_tiny_shards
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -86,7 +86,7 @@ def test_project_params_have_a_block_per_registered_method():
 
 
 def test_no_method_hyperparameter_is_shadowed_by_a_pretrain_key():
-    from stages.config.pretrain import PRETRAIN_KEYS
+    from stages.workspace.config.pretrain import PRETRAIN_KEYS
 
     for name in registry.names():  # method.<name>.<key> reads a pretrain key first: the two sets must not meet
         assert not PRETRAIN_KEYS & set(registry.get(name).defaults()), name
@@ -109,7 +109,7 @@ def test_params_errors_name_the_key(edit, message):
 
 
 def test_method_block_overrides_common_block_key_by_key():
-    from stages.config.pretrain import resolve_method
+    from stages.workspace.config.pretrain import resolve_method
 
     raw = project_params()
     raw["pretrain"]["monitor"]["fatal"] = True

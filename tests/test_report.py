@@ -107,7 +107,7 @@ def test_exported_backbone_gives_the_checkpoint_features(pipeline):
 def test_export_without_a_recorded_size_takes_the_shards_image_size(pipeline, tmp_path):
     """A checkpoint that records no input size (none in augment, config.json or backbone_config) is exported at
     the size the shard manifest gives its images; without shards that is a one-line error."""
-    from stages.common import DataError, manifest_image_size
+    from stages.workspace.common import DataError, manifest_image_size
     from stages.export import input_spec, load_checkpoint
 
     ws = pipeline["ws"]
@@ -168,7 +168,7 @@ def test_report_groups_methods_by_family_and_judges_mim_by_linear_probe(tmp_path
 
 
 def _stage_error(capsys, fn) -> tuple[int, str]:
-    from stages.common import run_main
+    from stages.workspace.common import run_main
 
     with pytest.raises(SystemExit) as exited:
         run_main(fn)

@@ -122,7 +122,7 @@ def test_dvc_repro_with_two_processes_equals_torchrun_and_one_process_on_the_dou
 
 def _initial_state(ws: Path) -> dict:
     """The method's weights at step 0 (built as the stage builds them)."""
-    from stages.config import load_params
+    from stages.workspace.config import load_params
     from stages.pretrain import Run
 
     os.environ.pop("WORLD_SIZE", None)
@@ -216,9 +216,9 @@ def test_sigkill_of_one_rank_then_dvc_repro_resumes_with_identical_weights(two_p
 
 
 def test_more_processes_than_gpus_is_a_one_line_error_naming_the_key(monkeypatch):
-    from stages.common import ConfigError
-    from stages.config.pretrain import PretrainConfig
-    from stages.launch import resolve_layout, torchrun_args
+    from stages.workspace.common import ConfigError
+    from stages.workspace.config.pretrain import PretrainConfig
+    from stages.workspace.launch import resolve_layout, torchrun_args
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
@@ -245,9 +245,9 @@ def test_more_processes_than_gpus_is_a_one_line_error_naming_the_key(monkeypatch
 def test_launch_keys_are_validated(tmp_path):
     import yaml
 
-    from stages.config import load_params
-    from stages.config.pretrain import resolve_method
-    from stages.common import ConfigError
+    from stages.workspace.config import load_params
+    from stages.workspace.config.pretrain import resolve_method
+    from stages.workspace.common import ConfigError
 
     params = yaml.safe_load((PROJECT / "params.yaml").read_text())
     for key, value, message in (("processes", 0, "pretrain.processes: Value error, expected auto or an integer"),

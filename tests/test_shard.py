@@ -14,7 +14,7 @@ from PIL import Image
 
 from support.data_utils import light_workspace, pixels, read_shards, set_params
 from stages import shard as shard_mod
-from stages.ingest import ingest, raw_dir_md5
+from stages.workspace.ingest import ingest, raw_dir_md5
 from stages.shard import shard
 
 # torchvision 0.29 (pinned) warns that its image codecs will move to TorchCodec; the loader copes without them
@@ -136,7 +136,7 @@ def test_grey_mode_and_resize(sharded, tmp_path):
 
 
 def test_unexpected_raw_layout_is_a_one_line_error(tmp_path):
-    from stages.common import DataError
+    from stages.workspace.common import DataError
 
     ws = light_workspace(tmp_path / "ws")
     (ws / "data" / "raw" / "cats").mkdir(parents=True)

@@ -1,7 +1,7 @@
 """Typed schema of params.yaml, validated before any stage does work.
 
-``load_params()`` returns a :class:`Params` or raises :class:`~stages.common.ConfigError` with one line naming
-the key and the problem (exit code 2 through :func:`stages.common.run_main`). Each stage's section lives in
+``load_params()`` returns a :class:`Params` or raises :class:`~stages.workspace.common.ConfigError` with one line naming
+the key and the problem (exit code 2 through :func:`stages.workspace.common.run_main`). Each stage's section lives in
 its own module here; this module assembles the root.
 
 The schema holds types, bounds and the rules between keys; its defaults are the shipped params.yaml's values

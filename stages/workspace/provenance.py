@@ -1,6 +1,6 @@
 """Reading the lineage record of any pipeline artifact, and the ancestors it embeds.
 
-Every artifact carries a record (:mod:`stages.lineage`): metrics files and shard manifests under "lineage",
+Every artifact carries a record (:mod:`stages.workspace.lineage`): metrics files and shard manifests under "lineage",
 checkpoints as a "lineage" entry, exported backbones in their safetensors header. :func:`read_artifact` finds it
 whatever the file is; :func:`embed_ancestors` copies the records of an artifact's parents (recursively) into its
 own record under "ancestors", so a file that leaves the workspace (a backbone sent to a colleague) still carries its

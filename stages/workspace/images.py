@@ -17,7 +17,7 @@ What happens to an image:
   animated images use their first frame.
 
 Policy (``data.on_bad_image``): ``skip`` lists the file with its reason and carries on; ``fail`` stops at the first
-one with a one-line :class:`~stages.common.DataError` and nothing is written (see :class:`BadImagePolicy`).
+one with a one-line :class:`~stages.workspace.common.DataError` and nothing is written (see :class:`BadImagePolicy`).
 """
 from __future__ import annotations
 

@@ -17,16 +17,14 @@ Sources (``data.source`` or the CLI's SOURCE):
 
 Without split folders, a stratified share ``data.test_fraction`` of each class goes to test, chosen by a fixed
 per-class shuffle of the sorted names (independent of ``seed``, so changing the training seed never changes
-the data version). Every image is decoded and checked at ingest (stages.images); the bad-input policy decides
+the data version). Every image is decoded and checked at ingest (stages.workspace.images); the bad-input policy decides
 between leaving a file out (listed in data/raw/SOURCE.json) and stopping with nothing written. data/raw is
 replaced as a whole, atomically.
 """
 from __future__ import annotations
 
 import gzip
-import hashlib
 import importlib.resources
-import json
 import lzma
 import os
 import random
@@ -48,35 +46,14 @@ from . import images
 from .common import ConfigError, DataError, atomic_path, workspace, write_json
 from .config import load_params
 from .config.sections import DataConfig
+from .rawdata import RAW_DIR, SOURCE_FILE, SPLITS, UNLABELLED, dvc_dir_md5, raw_dir_md5
 from .lineage import DATA_DVC, data_version, sha256_file
 
-RAW_DIR = Path("data") / "raw"
-SOURCE_FILE = "SOURCE.json"
-SPLITS = ("train", "val", "test")
-UNLABELLED = "_unlabelled"
 SOURCES = ("mnist5k", "folder", "archive", "cifar10")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 _IGNORED_EXAMPLES = 20
 
 
-# ----------------------------------------------------------------------------------------------- DVC hash
-def dvc_dir_md5(files: Iterable[tuple[str, str]]) -> str:
-    """DVC 3's hash of a directory from (posix relpath, md5 of content) pairs: ``md5(json(sorted entries)).dir``.
-
-    Lets the shard stage (and ``ingest --no-dvc``) state the data version of what it actually read without
-    running dvc inside a dvc stage (dvc holds its repo lock there). tests/test_ingest.py checks it against
-    ``dvc add``.
-    """
-    entries = sorted(({"md5": md5, "relpath": rel} for rel, md5 in files), key=lambda e: e["relpath"])
-    return hashlib.md5(json.dumps(entries, sort_keys=True).encode("utf-8")).hexdigest() + ".dir"
-
-
-def raw_dir_md5(raw: Path) -> str:
-    """:func:`dvc_dir_md5` of every file under ``raw`` (what ``dvc add`` would record)."""
-    files = []
-    for path in sorted(p for p in raw.rglob("*") if p.is_file()):
-        files.append((path.relative_to(raw).as_posix(), hashlib.md5(path.read_bytes()).hexdigest()))
-    return dvc_dir_md5(files)
 
 
 # ------------------------------------------------------------------------------------------------ mnist5k
