@@ -510,7 +510,7 @@ class Trainer:
         return record
 
     def fit(self) -> TrainResult:
-        cfg, rt = self.config, self.runtime
+        cfg = self.config
         total = cfg.total_steps
         det_before = torch.are_deterministic_algorithms_enabled()
         fill_before = torch.utils.deterministic.fill_uninitialized_memory
@@ -539,90 +539,106 @@ class Trainer:
                       f"(epoch {start_epoch + 1}, batch {start_step}) of {self.checkpoint_path}")
         self.method.train()
         bar = _progress(total, resumed_from or 0, cfg.desc, disable=not (cfg.progress and rt.is_main))
-        dim_hint = 0
         try:
             for epoch in range(start_epoch, cfg.epochs):
-                if epoch != start_epoch or start_step == 0:
+                skip = start_step if epoch == start_epoch else 0
+                if skip == 0:
                     acc = self._new_accumulators()
                     if hasattr(self.method, "on_epoch_start"):
                         self.method.on_epoch_start(epoch, self.dataset_pass)
-                data = DataStream(self.make_loader(epoch), _stream_seed(cfg.seed, epoch, rt.rank))
-                skip = start_step if epoch == start_epoch else 0
-                for _ in range(skip):  # replay the batches the interrupted run already trained on
-                    next(data)
-                pending: list[tuple[int, int, torch.Tensor]] = []
-                on_cpu = self.device.type == "cpu"
-                t0 = time.perf_counter()
-                for step_in_epoch in range(skip, cfg.steps_per_epoch):
-                    step = epoch * cfg.steps_per_epoch + step_in_epoch
-                    waited = time.perf_counter()
-                    try:
-                        views, _labels, *keys = next(data)
-                    except StopIteration:
-                        raise TrainingError(f"the loader of epoch {epoch + 1} ended after {step_in_epoch} batches; "
-                                            f"expected {cfg.steps_per_epoch}") from None
-                    acc["data_wait"] = acc.get("data_wait", 0.0) + time.perf_counter() - waited
-                    if self.views is not None:
-                        views = self._make_views(views, epoch, step)
-                    elif isinstance(views, torch.Tensor):
-                        views = [views]
-                    if keys and getattr(self.method, "uses_dataset", False):
-                        self.method.on_batch(list(keys[0]))
-                    loss, out = self._train_step(self._to_device(list(views)), step, total)
-                    if on_cpu:  # the value is at hand: check every step
-                        value = float(loss)
-                        if not math.isfinite(value):
-                            self._check_finite([(step, epoch, loss)])
-                        acc["loss_sum"] += value
-                    else:  # reading a GPU value waits for the GPU: check every log_every_steps
-                        pending.append((step, epoch, loss))
-                        if len(pending) >= cfg.log_every_steps:
-                            self._check_finite(pending)
-                        acc["loss_sum"] += loss
-                    acc["steps"] += 1
-                    acc["images"] += int(views[0].shape[0])
-                    self._accumulate(acc, out)
-                    bar.update(1)
-                    if (step + 1) % cfg.log_every_steps == 0:
-                        self._log_step(bar, epoch, step, loss, acc, t0)
-                    done_epoch = step_in_epoch + 1 == cfg.steps_per_epoch
-                    if cfg.checkpoint_every_steps and (step + 1) % cfg.checkpoint_every_steps == 0 and not done_epoch:
-                        self._check_finite(pending)
-                        acc["seconds"] += time.perf_counter() - t0
-                        self._save(epoch, step_in_epoch + 1, _portable(acc))
-                        t0 = time.perf_counter()
-                self._check_finite(pending)
-                acc["seconds"] += time.perf_counter() - t0
-                data.close()
-                acc = _portable(acc)
-                record = self._epoch_metrics(epoch, acc)
-                if self.knn is not None and ((epoch + 1) % self.knn.every_epochs == 0 or epoch + 1 == cfg.epochs):
-                    if rt.is_main:
-                        record.update(self.knn(self.method.backbone, self.device))
-                dim_hint = int(record.get("emb_dim", 0))
-                reasons = detect_collapse(record, cfg.monitor, dim=dim_hint,
-                                          loss_level=getattr(self.method, "collapse_loss_level", None))
-                if rt.distributed:  # rank 0's verdict for everyone, so a fatal collapse stops every rank
-                    verdict = [reasons]
-                    dist.broadcast_object_list(verdict, src=0)
-                    reasons = verdict[0]
-                record["collapsed"] = bool(reasons)
-                if reasons:
-                    record["collapse_reason"] = "; ".join(reasons)
-                self.history.append(record)
-                self._say(_format_epoch(cfg.desc, record, cfg.epochs))
-                if reasons:
-                    self._say(f"{'!' * 72}\n!! COLLAPSE in {cfg.desc} after epoch {epoch + 1}: {'; '.join(reasons)}"
-                              f"\n{'!' * 72}")
-                if rt.is_main and self.on_epoch_end is not None:
-                    self.on_epoch_end(record)
-                self._save(epoch + 1, 0, self._new_accumulators())
-                if reasons and cfg.monitor.fatal:
-                    raise CollapseError(epoch, reasons)
-                start_step = 0
+                self._end_epoch(epoch, self._train_epoch(epoch, skip, acc, bar, total))
         finally:
             bar.close()
         return TrainResult(history=self.history, summary=self._summary(), resumed_from_step=resumed_from)
+
+    def _train_epoch(self, epoch: int, skip: int, acc: dict[str, Any], bar, total: int) -> dict[str, Any]:
+        """Steps ``skip..steps_per_epoch`` of ``epoch`` (the first ``skip`` batches are drawn and dropped: the
+        interrupted run trained on them), with the mid-epoch checkpoints; returns the epoch's accumulators."""
+        cfg, rt = self.config, self.runtime
+        data = DataStream(self.make_loader(epoch), _stream_seed(cfg.seed, epoch, rt.rank))
+        for _ in range(skip):
+            next(data)
+        pending: list[tuple[int, int, torch.Tensor]] = []
+        t0 = time.perf_counter()
+        for step_in_epoch in range(skip, cfg.steps_per_epoch):
+            step = epoch * cfg.steps_per_epoch + step_in_epoch
+            views = self._next_views(data, epoch, step_in_epoch, acc)
+            loss, out = self._train_step(self._to_device(views), step, total)
+            self._add_loss(acc, pending, loss, step, epoch)
+            acc["steps"] += 1
+            acc["images"] += int(views[0].shape[0])
+            self._accumulate(acc, out)
+            bar.update(1)
+            if (step + 1) % cfg.log_every_steps == 0:
+                self._log_step(bar, epoch, step, loss, acc, t0)
+            done_epoch = step_in_epoch + 1 == cfg.steps_per_epoch
+            if cfg.checkpoint_every_steps and (step + 1) % cfg.checkpoint_every_steps == 0 and not done_epoch:
+                self._check_finite(pending)
+                acc["seconds"] += time.perf_counter() - t0
+                self._save(epoch, step_in_epoch + 1, _portable(acc))
+                t0 = time.perf_counter()
+        self._check_finite(pending)
+        acc["seconds"] += time.perf_counter() - t0
+        data.close()
+        return _portable(acc)
+
+    def _next_views(self, data: "DataStream", epoch: int, step_in_epoch: int, acc: dict[str, Any]) -> list:
+        """The next batch's views (made here from the uint8 images when the Trainer has ``views``); the time spent
+        waiting on the loader is added to ``acc``."""
+        waited = time.perf_counter()
+        try:
+            views, _labels, *keys = next(data)
+        except StopIteration:
+            raise TrainingError(f"the loader of epoch {epoch + 1} ended after {step_in_epoch} batches; "
+                                f"expected {self.config.steps_per_epoch}") from None
+        acc["data_wait"] = acc.get("data_wait", 0.0) + time.perf_counter() - waited
+        if self.views is not None:
+            views = self._make_views(views, epoch, epoch * self.config.steps_per_epoch + step_in_epoch)
+        elif isinstance(views, torch.Tensor):
+            views = [views]
+        if keys and getattr(self.method, "uses_dataset", False):
+            self.method.on_batch(list(keys[0]))
+        return list(views)
+
+    def _add_loss(self, acc: dict[str, Any], pending: list, loss: torch.Tensor, step: int, epoch: int) -> None:
+        if self.device.type == "cpu":  # the value is at hand: check every step
+            value = float(loss)
+            if not math.isfinite(value):
+                self._check_finite([(step, epoch, loss)])
+            acc["loss_sum"] += value
+        else:  # reading a GPU value waits for the GPU: check every log_every_steps
+            pending.append((step, epoch, loss))
+            if len(pending) >= self.config.log_every_steps:
+                self._check_finite(pending)
+            acc["loss_sum"] += loss
+
+    def _end_epoch(self, epoch: int, acc: dict[str, Any]) -> None:
+        """The epoch's record (metrics, online kNN, collapse verdict) into the history and the log, then the
+        epoch-end checkpoint; a fatal collapse stops here."""
+        cfg, rt = self.config, self.runtime
+        record = self._epoch_metrics(epoch, acc)
+        if self.knn is not None and ((epoch + 1) % self.knn.every_epochs == 0 or epoch + 1 == cfg.epochs):
+            if rt.is_main:
+                record.update(self.knn(self.method.backbone, self.device))
+        reasons = detect_collapse(record, cfg.monitor, dim=int(record.get("emb_dim", 0)),
+                                  loss_level=getattr(self.method, "collapse_loss_level", None))
+        if rt.distributed:  # rank 0's verdict for everyone, so a fatal collapse stops every rank
+            verdict = [reasons]
+            dist.broadcast_object_list(verdict, src=0)
+            reasons = verdict[0]
+        record["collapsed"] = bool(reasons)
+        if reasons:
+            record["collapse_reason"] = "; ".join(reasons)
+        self.history.append(record)
+        self._say(_format_epoch(cfg.desc, record, cfg.epochs))
+        if reasons:
+            self._say(f"{'!' * 72}\n!! COLLAPSE in {cfg.desc} after epoch {epoch + 1}: {'; '.join(reasons)}"
+                      f"\n{'!' * 72}")
+        if rt.is_main and self.on_epoch_end is not None:
+            self.on_epoch_end(record)
+        self._save(epoch + 1, 0, self._new_accumulators())
+        if reasons and cfg.monitor.fatal:
+            raise CollapseError(epoch, reasons)
 
     def _train_step(self, views: list[torch.Tensor], step: int, total: int) -> tuple[torch.Tensor, dict]:
         cfg = self.config

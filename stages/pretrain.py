@@ -167,8 +167,6 @@ class Run:
 
     # -- resolution
     def _resolve_views(self) -> None:
-        from ssl_models.augment import build_views
-
         aug = dict(self.cfg.augment)
         self.recipe = aug.pop("recipe", None) or self.spec.cls.augment
         self.grey = aug.pop("grey", "skip")
@@ -428,164 +426,192 @@ def split_timing(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]
             {k: v for k, v in values.items() if k in RUN_TIMING})
 
 
+class Batches:
+    """The train split as the Trainer reads it: this rank's uint8 batches per epoch (decode only: the Trainer
+    makes the views on the device) and, for methods with ``uses_dataset``, one unshuffled pass with the
+    evaluation transform."""
+
+    def __init__(self, run: Run, runtime, seed: int):
+        from ssl_models.data import shard_urls
+
+        self.run, self.runtime, self.seed = run, runtime, seed
+        self.urls = shard_urls(run.shards, "train")
+        self.uses_dataset = bool(getattr(run.spec.cls, "uses_dataset", False))
+
+    def __call__(self, epoch: int):
+        from ssl_models.data import make_loader
+
+        cfg, rt = self.run.cfg, self.runtime
+        return make_loader(self.urls, batch_size=cfg.batch_size, shuffle_buffer=cfg.shuffle_buffer, seed=self.seed,
+                           epoch=epoch, rank=rt.rank, world_size=rt.world_size, num_workers=cfg.num_workers,
+                           manifest=self.run.manifest, return_keys=self.uses_dataset,
+                           pin_memory=rt.device.type == "cuda", resize=cfg.loader_image_size)
+
+    def dataset_pass(self):
+        """This rank's share of the train split, each image once, unshuffled, as ``([x], labels, keys)``."""
+        from ssl_models.augment import build_eval_transform
+        from ssl_models.data import make_loader
+
+        run, rt = self.run, self.runtime
+        transform = build_eval_transform(image_size=run.image_size, channels=run.channels, grey=run.grey,
+                                         mean=run.strengths.get("mean"), std=run.strengths.get("std"))
+        batches = make_loader(self.urls, batch_size=run.cfg.batch_size, shuffle_buffer=0, rank=rt.rank,
+                              world_size=rt.world_size, num_workers=0, manifest=run.manifest, drop_last=False,
+                              return_keys=True, resize=run.cfg.loader_image_size)
+        return (([transform(images)], labels, keys) for images, labels, keys in batches)
+
+    def steps_per_epoch(self) -> int:
+        from ssl_models.data import DataError as LoaderError
+
+        run = self.run
+        too_big = ConfigError(f"params.yaml: {_where(run.name, run.block, 'batch_size')}: {run.cfg.batch_size} x "
+                              f"{self.runtime.world_size} process(es) is more than the train split can fill "
+                              f"({run.manifest['splits']['train'].get('count')} images)")
+        try:
+            steps = len(self(0))
+        except LoaderError as exc:
+            raise (too_big if "batch" in str(exc) else DataError(str(exc))) from None
+        if steps == 0:
+            raise too_big
+        return steps
+
+
+def prepare_resume(root: Path, name: str, key: str, method, steps_per_epoch: int, runtime, cfg) -> Path:
+    """The resume state's path under ``key``; rank 0 checks the outputs are writable, drops states no run can
+    resume (another key: params, data or code changed; a save cut short by a kill) and sets aside a bad one."""
+    state_path = root / resume_path(name, key)
+    if runtime.is_main:
+        ensure_writable(root / run_dir(name))   # before training: a read-only or full disk found now
+        ensure_writable(state_path.parent)
+        for stale in (root / RESUME_DIR / name).glob("*.pt"):
+            if stale != state_path:
+                stale.unlink(missing_ok=True)
+        for torn in (root / RESUME_DIR / name).glob(".*.tmp"):
+            torn.unlink(missing_ok=True)
+        gitignore = root / RESUME_DIR.parent / ".gitignore"
+        if not gitignore.exists():
+            gitignore.parent.mkdir(parents=True, exist_ok=True)
+            gitignore.write_text("*\n")
+        set_aside_bad_resume(state_path, method, steps_per_epoch, runtime.world_size, cfg.on_bad_resume, name)
+    if runtime.distributed:   # every rank sees the state only once rank 0 has judged it
+        import torch.distributed as dist
+
+        dist.barrier()
+    return state_path
+
+
+def make_trainer(run: Run, runtime, batches: Batches, method, optimizer, steps_per_epoch: int, state_path: Path):
+    from ssl_models import engine
+
+    cfg = run.cfg
+    train_cfg = engine.TrainConfig(epochs=cfg.epochs, steps_per_epoch=steps_per_epoch, seed=run.params.seed,
+                                   grad_clip=cfg.grad_clip, precision=cfg.precision,
+                                   checkpoint_every_steps=cfg.checkpoint_every_steps,
+                                   deterministic=cfg.deterministic, log_every_steps=cfg.log_every_steps,
+                                   monitor=engine.MonitorConfig(**cfg.monitor.model_dump(exclude={"online_knn"})),
+                                   desc=f"pretrain {run.name}")
+    return engine.Trainer(method, optimizer, scheduler=run.scheduler(optimizer, steps_per_epoch), config=train_cfg,
+                          make_loader=batches, runtime=runtime, checkpoint_path=state_path,
+                          knn=_knn_monitor(run, cfg), views=run.views,
+                          dataset_pass=batches.dataset_pass if batches.uses_dataset else None)
+
+
+def fit(trainer, name: str):
+    """Train (resuming when a state is there); SIGTERM ends like Ctrl-C, the last checkpoint kept."""
+    from ssl_models import engine
+    from ssl_models.data import DataError as LoaderError
+
+    stop_on_sigterm()
+    try:
+        return trainer.fit()
+    except engine.TrainingError as exc:   # non-finite losses and collapses included
+        raise SslcookError(f"pretrain {name}: {exc}") from None
+    except LoaderError as exc:
+        raise DataError(str(exc)) from None
+
+
+def write_run(root: Path, run: Run, method, result, resolved: dict[str, Any], record: dict[str, Any],
+              run_id: str | None) -> tuple[dict[str, Any], Path]:
+    """runs/<method>/: config, lineage, history.tsv, metrics and the final checkpoint (content only); the run's
+    timings go to provenance. Returns (summary, checkpoint path)."""
+    import torch
+
+    from ssl_models import engine
+
+    name = run.name
+    summary = dict(result.summary, method=name, family=run.spec.family, effective_batch=run.effective_batch,
+                   resumed_from_step=result.resumed_from_step)
+    collapses = [r["epoch"] for r in result.history if r.get("collapsed")]
+    summary["first_collapse_epoch"] = collapses[0] if collapses else None
+    content, timing = split_timing(summary)
+    history = [split_timing(r)[0] for r in result.history]
+    out = root / run_dir(name)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", _finite(resolved))
+    write_json(out / "lineage.json", _finite(record))
+    with atomic_path(out / "history.tsv") as tmp:
+        tmp.write_text(_history_tsv(history))
+    write_json(out / "metrics.json", _finite(content))
+    engine.save_state(out / "checkpoint.pt", {
+        "format": "sslcook-checkpoint/1", "method": name, "family": run.spec.family,
+        "backbone_state": method.backbone.state_dict(), "backbone_config": dict(method.backbone.config),
+        "hparams": run.hparams, "augment": dict(run.views.config, out_channels=run.views.out_channels),
+        "optimizer": run.optimizer_recipe, "summary": _finite(content), "history": _finite(history),
+        "lineage": record, "config": _finite(resolved), "method_state": method.state_dict()})
+    write_provenance("pretrain", run_dir(name) / "checkpoint.pt", method=name, root=root, extra=_finite({
+        "wandb_run_id": run_id, "threads": torch.get_num_threads(), **timing,
+        "epochs": [{"epoch": r.get("epoch"), **split_timing(r)[1]} for r in result.history]}))
+    return summary, out / "checkpoint.pt"
+
+
 def pretrain(name: str, root: Path | None = None) -> dict[str, Any] | None:
     """Train method ``name``; returns the summary on rank 0 (None on other ranks)."""
     root = root or workspace()
     params = load_params(root / "params.yaml")
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    run = Run(params, name, root, world_size)
-    cfg = run.cfg
-
+    run = Run(params, name, root, int(os.environ.get("WORLD_SIZE", "1")))
     import torch
 
     from ssl_models import engine
-    from ssl_models.data import DataError as LoaderError, make_loader, shard_urls
 
     try:
-        runtime = engine.setup_runtime(cfg.device)
+        runtime = engine.setup_runtime(run.cfg.device)
     except engine.TrainingError as exc:
         raise ConfigError(f"params.yaml: {_where(name, run.block, 'device')}: {exc}") from None
     threads_before = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    tracker = None
-    ok = False
+    if run.cfg.threads:
+        torch.set_num_threads(run.cfg.threads)
+    tracker, ok = None, False
     try:
-        urls = shard_urls(run.shards, "train")
-        uses_dataset = bool(getattr(run.spec.cls, "uses_dataset", False))
-
-        def loader(epoch: int):
-            """This rank's uint8 batches of the epoch (decode only: the Trainer makes the views on the device)."""
-            return make_loader(urls, batch_size=cfg.batch_size, shuffle_buffer=cfg.shuffle_buffer, seed=params.seed,
-                               epoch=epoch, rank=runtime.rank, world_size=runtime.world_size,
-                               num_workers=cfg.num_workers, manifest=run.manifest, return_keys=uses_dataset,
-                               pin_memory=runtime.device.type == "cuda", resize=cfg.loader_image_size)
-
-        def dataset_pass():
-            """This rank's share of the train split, each image once, unshuffled, as ``([x], labels, keys)`` with
-            the evaluation transform (on the uint8 batch)."""
-            from ssl_models.augment import build_eval_transform
-
-            transform = build_eval_transform(image_size=run.image_size, channels=run.channels, grey=run.grey,
-                                             mean=run.strengths.get("mean"), std=run.strengths.get("std"))
-            batches = make_loader(urls, batch_size=cfg.batch_size, shuffle_buffer=0, rank=runtime.rank,
-                                  world_size=runtime.world_size, num_workers=0, manifest=run.manifest,
-                                  drop_last=False, return_keys=True, resize=cfg.loader_image_size)
-            return (([transform(images)], labels, keys) for images, labels, keys in batches)
-
-        too_big = ConfigError(f"params.yaml: {_where(name, run.block, 'batch_size')}: {cfg.batch_size} x "
-                              f"{runtime.world_size} process(es) is more than the train split can fill "
-                              f"({run.manifest['splits']['train'].get('count')} images)")
-        try:
-            steps_per_epoch = len(loader(0))
-        except LoaderError as exc:
-            if "batch" in str(exc):
-                raise too_big from None
-            raise DataError(str(exc)) from None
-        if steps_per_epoch == 0:
-            raise too_big
+        batches = Batches(run, runtime, params.seed)
+        steps_per_epoch = batches.steps_per_epoch()
         method, optimizer = run.build()
-        scheduler = run.scheduler(optimizer, steps_per_epoch)
         key = run.resume_key()
-        state_path = root / resume_path(name, key)
-        if runtime.is_main:
-            ensure_writable(root / run_dir(name))   # before training: a read-only or full disk found now
-            ensure_writable(state_path.parent)
-        if runtime.is_main:  # a state under another key can never be resumed: params, data or code changed
-            for stale in (root / RESUME_DIR / name).glob("*.pt"):
-                if stale != state_path:
-                    stale.unlink(missing_ok=True)
-            for torn in (root / RESUME_DIR / name).glob(".*.tmp"):  # a save cut short by a kill
-                torn.unlink(missing_ok=True)
-            gitignore = root / RESUME_DIR.parent / ".gitignore"
-            if not gitignore.exists():
-                gitignore.parent.mkdir(parents=True, exist_ok=True)
-                gitignore.write_text("*\n")
-            set_aside_bad_resume(state_path, method, steps_per_epoch, runtime.world_size, cfg.on_bad_resume, name)
-        if runtime.distributed:   # every rank sees the state only once rank 0 has judged it
-            import torch.distributed as dist
-
-            dist.barrier()
-
-        resolved = run.resolved()
-        resolved.update(steps_per_epoch=steps_per_epoch, total_steps=cfg.epochs * steps_per_epoch,
+        state_path = prepare_resume(root, name, key, method, steps_per_epoch, runtime, run.cfg)
+        trainer = make_trainer(run, runtime, batches, method, optimizer, steps_per_epoch, state_path)
+        resolved = dict(run.resolved(), steps_per_epoch=steps_per_epoch, total_steps=run.cfg.epochs * steps_per_epoch,
                         lr=optimizer.param_groups[0]["lr"], device=runtime.device.type)
-        monitor = engine.MonitorConfig(**cfg.monitor.model_dump(exclude={"online_knn"}))
-        train_cfg = engine.TrainConfig(epochs=cfg.epochs, steps_per_epoch=steps_per_epoch, seed=params.seed,
-                                       grad_clip=cfg.grad_clip, precision=cfg.precision,
-                                       checkpoint_every_steps=cfg.checkpoint_every_steps,
-                                       deterministic=cfg.deterministic, log_every_steps=cfg.log_every_steps,
-                                       monitor=monitor, desc=f"pretrain {name}")
-        trainer = engine.Trainer(method, optimizer, scheduler=scheduler, config=train_cfg, make_loader=loader,
-                                 runtime=runtime, checkpoint_path=state_path, knn=_knn_monitor(run, cfg),
-                                 dataset_pass=dataset_pass if uses_dataset else None, views=run.views)
-        previous = trainer.resume_info() if state_path.exists() else None
-        run_id = (previous or {}).get("extra", {}).get("wandb_run_id")
-
-        record = make_record("pretrain", params=resolved, parents={"shards": MANIFEST}, seed=params.seed,
-                             extra={"method": name, "family": run.spec.family, "manifest_sha256": run.manifest_sha256,
-                                    "resume_key": key}, root=root)
+        record = make_record("pretrain", params=resolved, parents={"shards": MANIFEST}, seed=params.seed, root=root,
+                             extra={"method": name, "family": run.spec.family,
+                                    "manifest_sha256": run.manifest_sha256, "resume_key": key})
+        run_id = ((trainer.resume_info() if state_path.exists() else None) or {}).get("extra", {}).get("wandb_run_id")
         if runtime.is_main:
             tracker = Tracker(run, record, run_id)
             run_id = tracker.run_id
             trainer.on_epoch_end = lambda r: tracker.log(r, step=int(r["step"]))
             trainer.on_log = lambda step, values: tracker.log(values, step=step)
         trainer.extra_state.update(wandb_run_id=run_id, resume_key=key, lineage=record)
-        stop_on_sigterm()   # SIGTERM ends like Ctrl-C: the last checkpoint stays for the next run
-        try:
-            result = trainer.fit()
-        except engine.NonFiniteLossError as exc:
-            raise SslcookError(f"pretrain {name}: {exc}") from None
-        except engine.TrainingError as exc:
-            raise SslcookError(f"pretrain {name}: {exc}") from None
-        except LoaderError as exc:
-            raise DataError(str(exc)) from None
-        if not runtime.is_main:
-            ok = True
-            return None
-
-        summary = dict(result.summary, method=name, family=run.spec.family, effective_batch=run.effective_batch,
-                       resumed_from_step=result.resumed_from_step)
-        collapses = [r["epoch"] for r in result.history if r.get("collapsed")]
-        summary["first_collapse_epoch"] = collapses[0] if collapses else None
-        content, timing = split_timing(summary)
-        history = [split_timing(r)[0] for r in result.history]
-        out = root / run_dir(name)
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", _finite(resolved))
-        write_json(out / "lineage.json", _finite(record))
-        with atomic_path(out / "history.tsv") as tmp:
-            tmp.write_text(_history_tsv(history))
-        write_json(out / "metrics.json", _finite(content))
-        checkpoint = {
-            "format": "sslcook-checkpoint/1",
-            "method": name,
-            "family": run.spec.family,
-            "backbone_state": method.backbone.state_dict(),
-            "backbone_config": dict(method.backbone.config),
-            "hparams": run.hparams,
-            "augment": dict(run.views.config, out_channels=run.views.out_channels),
-            "optimizer": run.optimizer_recipe,
-            "summary": _finite(content),
-            "history": _finite(history),
-            "lineage": record,
-            "config": _finite(resolved),
-            "method_state": method.state_dict(),
-        }
-        ckpt_path = out / "checkpoint.pt"
-        engine.save_state(ckpt_path, checkpoint)
-        write_provenance("pretrain", run_dir(name) / "checkpoint.pt", method=name, root=root, extra=_finite({
-            "wandb_run_id": run_id, "threads": torch.get_num_threads(), **timing,
-            "epochs": [{"epoch": r.get("epoch"), **split_timing(r)[1]} for r in result.history]}))
-        tracker.finish(summary, ckpt_path, name, record)
-        tracker = None
-        state_path.unlink(missing_ok=True)  # finished: the final checkpoint replaces the resume state
-        loss = summary.get("final_loss")
-        print(f"pretrain {name}: {summary['epochs']} epochs, {summary['steps']} steps, "
-              f"loss {loss if loss is None else round(loss, 4)}, {summary['images_per_s']:.0f} images/s, "
-              f"{summary['train_seconds']:.0f}s -> {run_dir(name)}/", file=sys.stderr)
+        result = fit(trainer, name)
+        if runtime.is_main:
+            summary, checkpoint = write_run(root, run, method, result, resolved, record, run_id)
+            tracker.finish(summary, checkpoint, name, record)
+            tracker = None
+            state_path.unlink(missing_ok=True)  # finished: the final checkpoint replaces the resume state
+            loss = summary.get("final_loss")
+            print(f"pretrain {name}: {summary['epochs']} epochs, {summary['steps']} steps, "
+                  f"loss {loss if loss is None else round(loss, 4)}, {summary['images_per_s']:.0f} images/s, "
+                  f"{summary['train_seconds']:.0f}s -> {run_dir(name)}/", file=sys.stderr)
         ok = True
-        return summary
+        return summary if runtime.is_main else None
     finally:
         if tracker is not None:
             tracker.close()
