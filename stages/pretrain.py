@@ -70,7 +70,7 @@ def code_files(method_cls: type) -> list[Path]:
 
     package = Path(ssl_models.__file__).parent
     return ([package / name for name in LIBRARY_DEPS] + [Path(inspect.getfile(method_cls))]
-            + [Path(__file__), Path(__file__).parent / "config" / "pretrain.py"])
+            + [Path(__file__), Path(inspect.getfile(PretrainConfig))])
 
 
 def code_digest(method_cls: type) -> str:
