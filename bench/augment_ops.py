@@ -11,6 +11,7 @@ tensors. Sides and settings are interleaved (repeat -> threads -> input -> op ->
 repeats is reported, as images/s. The per-image side is ``bench/persample.py`` (ssl_models/augment.py as it was
 before views were made per batch), or the file given with ``--persample``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,10 +79,13 @@ def _sides(channels: int, size: int, persample):
 
     k_jitter = K.ColorJitter(b, c, s, h, p=1.0)
     k_simclr = K.AugmentationSequential(
-        K.RandomResizedCrop((size, size), scale=(0.08, 1.0)), K.RandomHorizontalFlip(),
-        K.ColorJitter(b, c, s, h, p=0.8), *([K.RandomGrayscale(p=0.2)] if colour else []),
+        K.RandomResizedCrop((size, size), scale=(0.08, 1.0)),
+        K.RandomHorizontalFlip(),
+        K.ColorJitter(b, c, s, h, p=0.8),
+        *([K.RandomGrayscale(p=0.2)] if colour else []),
         K.RandomGaussianBlur(3, (0.1, 2.0), p=0.5),
-        K.Normalize(torch.tensor([0.449] * channels), torch.tensor([0.226] * channels)))
+        K.Normalize(torch.tensor([0.449] * channels), torch.tensor([0.226] * channels)),
+    )
     k_crop = K.RandomResizedCrop((size, size), scale=(0.08, 1.0))
     k_blur = K.RandomGaussianBlur(3, (0.1, 2.0), p=1.0)
     sides = {
@@ -92,24 +96,28 @@ def _sides(channels: int, size: int, persample):
         "simclr": {"torch": lambda x: simclr(x, g), "kornia": lambda x: [k_simclr(floats(x)) for _ in range(2)]},
     }
     if persample is not None:
-        sides["crop"]["per-image"] = per_image(v2.Compose([v2.RandomResizedCrop(size, scale=(0.08, 1.0)),
-                                                           v2.ToDtype(torch.float32, scale=True)]))
-        sides["jitter"]["per-image"] = per_image(v2.Compose([v2.ColorJitter(b, c, s, h),
-                                                             v2.ToDtype(torch.float32, scale=True)]))
-        sides["blur"]["per-image"] = per_image(v2.Compose([v2.GaussianBlur(3, (0.1, 2.0)),
-                                                           v2.ToDtype(torch.float32, scale=True)]))
-        sides["simclr"]["per-image"] = per_image(persample.build_views("simclr", image_size=size,
-                                                                       channels=channels))
+        sides["crop"]["per-image"] = per_image(
+            v2.Compose([v2.RandomResizedCrop(size, scale=(0.08, 1.0)), v2.ToDtype(torch.float32, scale=True)])
+        )
+        sides["jitter"]["per-image"] = per_image(
+            v2.Compose([v2.ColorJitter(b, c, s, h), v2.ToDtype(torch.float32, scale=True)])
+        )
+        sides["blur"]["per-image"] = per_image(
+            v2.Compose([v2.GaussianBlur(3, (0.1, 2.0)), v2.ToDtype(torch.float32, scale=True)])
+        )
+        sides["simclr"]["per-image"] = per_image(persample.build_views("simclr", image_size=size, channels=channels))
     return sides
 
 
 def run(batch: int, repeats: int, threads: list[int], persample) -> dict:
     import torch
 
-    images = {name: torch.randint(0, 256, (batch, c, s, s), dtype=torch.uint8,
-                                  generator=torch.Generator().manual_seed(0)) for name, (c, s) in INPUTS.items()}
+    images = {
+        name: torch.randint(0, 256, (batch, c, s, s), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        for name, (c, s) in INPUTS.items()
+    }
     sides = {name: _sides(c, s, persample) for name, (c, s) in INPUTS.items()}
-    for name, ops in sides.items():   # warm up every side once (kernels, kornia's first-call setup)
+    for name, ops in sides.items():  # warm up every side once (kernels, kornia's first-call setup)
         for fns in ops.values():
             for fn in fns.values():
                 fn(images[name][:8])
@@ -130,15 +138,25 @@ def run(batch: int, repeats: int, threads: list[int], persample) -> dict:
     rows = []
     for key, values in times.items():
         t, name, op, side = key.split("|")
-        rows.append({"threads": int(t), "input": name, "op": op, "side": side,
-                     "images_per_s": batch / median(values), "seconds": values})
+        rows.append(
+            {
+                "threads": int(t),
+                "input": name,
+                "op": op,
+                "side": side,
+                "images_per_s": batch / median(values),
+                "seconds": values,
+            }
+        )
     return {"batch": batch, "repeats": repeats, "rows": rows}
 
 
 def report(results: dict) -> str:
     by = {(r["threads"], r["input"], r["op"], r["side"]): r["images_per_s"] for r in results["rows"]}
-    lines = ["| threads | input | op | torch (ours) | kornia | per-image torchvision | ours / kornia | ours / per-image |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| threads | input | op | torch (ours) | kornia | per-image torchvision | ours / kornia | ours / per-image |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for (t, name, op, side), ours in sorted(by.items()):
         if side != "torch":
             continue
@@ -154,7 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--persample", type=Path, default=None, help="the per-image module (default bench/persample.py)")
+    parser.add_argument(
+        "--persample", type=Path, default=None, help="the per-image module (default bench/persample.py)"
+    )
     parser.add_argument("--tiny", action="store_true", help="smoke run: batch 16, 1 repeat, 1 thread")
     parser.add_argument("--results-dir", type=Path, default=None)
     args = parser.parse_args(argv)

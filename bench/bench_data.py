@@ -14,6 +14,7 @@ In one run, in a temporary workspace:
 Prints a markdown table and writes bench/results/data.json. Timings on a shared 2-core machine are noisy: the
 load average is recorded beside them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,15 +58,21 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
 
 
 def prepare(ws: Path, source: str, path: Path | None) -> dict[str, Any]:
-    from stages.workspace.ingest import ingest
     from stages.shard import shard
+    from stages.workspace.ingest import ingest
 
     result, ingest_s = timed(lambda: ingest(source, path, run_dvc=False, root=ws))
     manifest, shard_s = timed(lambda: shard(ws))
-    return {"images": result.total, "ingest_s": round(ingest_s, 2), "ingest_images_per_s": round(result.total / ingest_s),
-            "shard_s": round(shard_s, 2), "shard_images_per_s": round(result.total / shard_s),
-            "shards": sum(len(s["shards"]) for s in manifest["splits"].values()),
-            "shard_workers": os.cpu_count(), "image_format": manifest["image_format"]}
+    return {
+        "images": result.total,
+        "ingest_s": round(ingest_s, 2),
+        "ingest_images_per_s": round(result.total / ingest_s),
+        "shard_s": round(shard_s, 2),
+        "shard_images_per_s": round(result.total / shard_s),
+        "shards": sum(len(s["shards"]) for s in manifest["splits"].values()),
+        "shard_workers": os.cpu_count(),
+        "image_format": manifest["image_format"],
+    }
 
 
 def loader_rate(batches: Any, limit: int) -> dict[str, Any]:
@@ -73,7 +80,7 @@ def loader_rate(batches: Any, limit: int) -> dict[str, Any]:
     start = time.perf_counter()
     images = 0
     n = 0
-    for views, labels in batches:
+    for _views, labels in batches:
         images += len(labels)
         n += 1
         if n == limit:
@@ -82,8 +89,9 @@ def loader_rate(batches: Any, limit: int) -> dict[str, Any]:
     return {"images_per_s": round(images / seconds, 1), "images": images, "batches": n, "seconds": round(seconds, 2)}
 
 
-def bench_loaders(ws: Path, views: Callable, mode: str, limit: int, repeats: int = 2, maker: Callable | None = None
-                  ) -> list[dict[str, Any]]:
+def bench_loaders(
+    ws: Path, views: Callable, mode: str, limit: int, repeats: int = 2, maker: Callable | None = None
+) -> list[dict[str, Any]]:
     """Both loaders at num_workers 0 and 2, alternating, best of ``repeats`` (other jobs share the machine);
     plus decode-only runs (no views) that show each loader's own cost."""
     from torchvision.datasets import ImageFolder
@@ -100,14 +108,26 @@ def bench_loaders(ws: Path, views: Callable, mode: str, limit: int, repeats: int
         return loader if transform is None else Viewed(loader, maker)
 
     def theirs(workers: int, transform: Callable | None):
-        folder = ImageFolder(str(ws / "data" / "raw" / "train"), loader=lambda p: _open(p, mode),
-                             transform=lambda img: (transform or (lambda t: [t]))(pil_to_tensor(img)))
-        return torch.utils.data.DataLoader(folder, batch_size=BATCH, shuffle=True, drop_last=True,
-                                           num_workers=workers, generator=torch.Generator().manual_seed(0))
+        folder = ImageFolder(
+            str(ws / "data" / "raw" / "train"),
+            loader=lambda p: _open(p, mode),
+            transform=lambda img: (transform or (lambda t: [t]))(pil_to_tensor(img)),
+        )
+        return torch.utils.data.DataLoader(
+            folder,
+            batch_size=BATCH,
+            shuffle=True,
+            drop_last=True,
+            num_workers=workers,
+            generator=torch.Generator().manual_seed(0),
+        )
 
     rows = []
-    for workers, transform, label in [(0, None, "decode only"), (0, views, "2 SimCLR views"),
-                                      (2, views, "2 SimCLR views")]:
+    for workers, transform, label in [
+        (0, None, "decode only"),
+        (0, views, "2 SimCLR views"),
+        (2, views, "2 SimCLR views"),
+    ]:
         best: dict[str, dict[str, Any]] = {}
         for _ in range(repeats):
             for name, build in (("sslcook WebDataset", ours), ("torchvision ImageFolder + DataLoader", theirs)):
@@ -136,8 +156,9 @@ def train_step_rate(steps: int = 6) -> dict[str, Any]:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     backbone_cfg = dict(params["pretrain"]["backbone"])
     name = backbone_cfg.pop("name")
-    hparams = {k: v for k, v in params.get("method", {}).get("simclr", {}).items()
-               if k in registry.get("simclr").defaults()}
+    hparams = {
+        k: v for k, v in params.get("method", {}).get("simclr", {}).items() if k in registry.get("simclr").defaults()
+    }
     method = registry.get("simclr").cls(build_backbone(name, in_chans=1, **backbone_cfg), **hparams)
     opt = torch.optim.SGD(method.parameters(), lr=0.1, momentum=0.9)
     views = [torch.randn(BATCH, 1, 28, 28), torch.randn(BATCH, 1, 28, 28)]
@@ -149,8 +170,14 @@ def train_step_rate(steps: int = 6) -> dict[str, Any]:
 
     step()  # warm-up
     _, seconds = timed(lambda: [step() for _ in range(steps)])
-    return {"images_per_s": round(BATCH * steps / seconds, 1), "backbone": {"name": name, **backbone_cfg},
-            "method": "simclr", "batch_size": BATCH, "steps": steps, "torch_threads": torch.get_num_threads()}
+    return {
+        "images_per_s": round(BATCH * steps / seconds, 1),
+        "backbone": {"name": name, **backbone_cfg},
+        "method": "simclr",
+        "batch_size": BATCH,
+        "steps": steps,
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,26 +199,45 @@ def main(argv: list[str] | None = None) -> int:
         mnist_ws = workspace(tmp / "mnist5k")
         prep = {"cifar10": prepare(cifar_ws, "cifar10", args.archive), "mnist5k": prepare(mnist_ws, "mnist5k", None)}
         loaders = {
-            "cifar10": bench_loaders(cifar_ws, build_views("simclr", image_size=32, channels=3), "RGB",
-                                     args.loader_batches, maker=view_maker("simclr", image_size=32, channels=3)),
-            "mnist5k": bench_loaders(mnist_ws, build_views("simclr", image_size=28, channels=1), "L",
-                                     args.loader_batches, maker=view_maker("simclr", image_size=28, channels=1)),
+            "cifar10": bench_loaders(
+                cifar_ws,
+                build_views("simclr", image_size=32, channels=3),
+                "RGB",
+                args.loader_batches,
+                maker=view_maker("simclr", image_size=32, channels=3),
+            ),
+            "mnist5k": bench_loaders(
+                mnist_ws,
+                build_views("simclr", image_size=28, channels=1),
+                "L",
+                args.loader_batches,
+                maker=view_maker("simclr", image_size=28, channels=1),
+            ),
         }
         train = train_step_rate()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    mnist_wds = {r["num_workers"]: r["images_per_s"] for r in loaders["mnist5k"]
-                 if r["loader"].startswith("sslcook") and r["views"] != "decode only"}
+    mnist_wds = {
+        r["num_workers"]: r["images_per_s"]
+        for r in loaders["mnist5k"]
+        if r["loader"].startswith("sslcook") and r["views"] != "decode only"
+    }
     results = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "torch": torch.__version__, "load_average_before": [round(x, 2) for x in load_before],
-                    "load_average_after": [round(x, 2) for x in os.getloadavg()]},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "load_average_before": [round(x, 2) for x in load_before],
+            "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        },
         "prepare": prep,
         "loaders": loaders,
         "train_step": train,
-        "loader_over_train_step": {f"num_workers={w}": round(v / train["images_per_s"], 2)
-                                   for w, v in mnist_wds.items()},
+        "loader_over_train_step": {
+            f"num_workers={w}": round(v / train["images_per_s"], 2) for w, v in mnist_wds.items()
+        },
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
@@ -200,20 +246,27 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|")
     for name, p in prep.items():
         print(f"| {name} | ingest | {p['images']} | {p['ingest_s']} | {p['ingest_images_per_s']} |")
-        print(f"| {name} | shard stage ({p['image_format']}, {p['shard_workers']} processes) | {p['images']} | "
-              f"{p['shard_s']} | {p['shard_images_per_s']} |")
+        print(
+            f"| {name} | shard stage ({p['image_format']}, {p['shard_workers']} processes) | {p['images']} | "
+            f"{p['shard_s']} | {p['shard_images_per_s']} |"
+        )
     print()
     print(f"| dataset | loader (batch {BATCH}, best of 2) | per-sample work | num_workers | images | images/s |")
     print("|---|---|---|---|---|---|")
     for name, rows in loaders.items():
         for r in rows:
-            print(f"| {name} | {r['loader']} | {r['views']} | {r['num_workers']} | {r['images']} | "
-                  f"{r['images_per_s']} |")
+            print(
+                f"| {name} | {r['loader']} | {r['views']} | {r['num_workers']} | {r['images']} | {r['images_per_s']} |"
+            )
     print()
-    print(f"training step (SimCLR, {train['backbone']}, batch {BATCH}, 28x28 grey, {train['torch_threads']} threads):"
-          f" {train['images_per_s']} images/s; loader / training: {results['loader_over_train_step']}")
-    print(f"load average before {results['machine']['load_average_before']}, after "
-          f"{results['machine']['load_average_after']}; written to {RESULTS.relative_to(ROOT)}")
+    print(
+        f"training step (SimCLR, {train['backbone']}, batch {BATCH}, 28x28 grey, {train['torch_threads']} threads):"
+        f" {train['images_per_s']} images/s; loader / training: {results['loader_over_train_step']}"
+    )
+    print(
+        f"load average before {results['machine']['load_average_before']}, after "
+        f"{results['machine']['load_average_after']}; written to {RESULTS.relative_to(ROOT)}"
+    )
     return 0
 
 

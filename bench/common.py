@@ -1,4 +1,5 @@
 """Small helpers shared by the benchmark scripts: machine description, results files, markdown tables."""
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -8,8 +9,9 @@ import platform
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "bench" / "results"
@@ -38,11 +40,16 @@ def _command() -> str:
 def machine() -> dict[str, Any]:
     import torch
 
-    info = {"cpu": cpu_model(), "cpus": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "load_average": [round(x, 2) for x in os.getloadavg()],
-            "command": _command()}
+    info = {
+        "cpu": cpu_model(),
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "command": _command(),
+    }
     try:
         import lightly
 
@@ -69,13 +76,16 @@ def write_results(name: str, data: dict[str, Any], results_dir: Path | None = No
     return path
 
 
-def publish(name: str, results: dict[str, Any], results_dir: Path | None,
-            report: Callable[[dict[str, Any]], str]) -> Path:
+def publish(
+    name: str, results: dict[str, Any], results_dir: Path | None, report: Callable[[dict[str, Any]], str]
+) -> Path:
     """Write a run's results file and print its report table with the load average before and after the run."""
     path = write_results(name, results, results_dir)
     print(report(results))
-    print(f"\nload average {results['machine']['load_average']} -> {results['machine']['load_average_after']}; "
-          f"written to {path}")
+    print(
+        f"\nload average {results['machine']['load_average']} -> {results['machine']['load_average_after']}; "
+        f"written to {path}"
+    )
     return path
 
 

@@ -24,6 +24,7 @@ batched / step (target >= 3), batched / lightly (target >= 3) and batched / per-
 
 Writes bench/results/datapath.json (datapath-tiny.json with --tiny).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -99,12 +100,16 @@ def build_sides(wl, shards: Path, settings: dict[str, Any], batch_size: int) -> 
         return timed_rate(loader, count, lambda b, i: maker(b[0], viewpath.view_generator(0, 0, i, 0)))
 
     def persample(workers: int, count: int) -> float:
-        return timed_rate(viewpath.sample_loader(urls, per_image, pil=False, mode=mode, batch_size=batch_size,
-                                                 num_workers=workers), count)
+        return timed_rate(
+            viewpath.sample_loader(urls, per_image, pil=False, mode=mode, batch_size=batch_size, num_workers=workers),
+            count,
+        )
 
     def lightly_side(workers: int, count: int) -> float:
-        return timed_rate(viewpath.sample_loader(urls, lightly, pil=True, mode=mode, batch_size=batch_size,
-                                                 num_workers=workers), count)
+        return timed_rate(
+            viewpath.sample_loader(urls, lightly, pil=True, mode=mode, batch_size=batch_size, num_workers=workers),
+            count,
+        )
 
     return {"batched": batched, "persample": persample, "lightly": lightly_side}
 
@@ -116,9 +121,16 @@ def build_step(wl, settings: dict[str, Any], batch_size: int, steps: int) -> Cal
     from bench import steps as S
     from bench import viewpath
 
-    side, _ = S.project_side("simclr", image_size=wl.image_size, channels=wl.channels, batch_size=batch_size,
-                             total_steps=10_000, overrides=settings["hparams"], recipe_overrides=settings["recipe"],
-                             backbone_cfg=settings["backbone"])
+    side, _ = S.project_side(
+        "simclr",
+        image_size=wl.image_size,
+        channels=wl.channels,
+        batch_size=batch_size,
+        total_steps=10_000,
+        overrides=settings["hparams"],
+        recipe_overrides=settings["recipe"],
+        backbone_cfg=settings["backbone"],
+    )
     S.engine_cpu_mode()
     maker = viewpath.view_maker("simclr", image_size=wl.image_size, channels=wl.channels, **settings["augment"])
     idx = torch.arange(batch_size) % len(wl.train_images)
@@ -145,11 +157,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(1)
     settings = simclr_settings()
     results: dict[str, Any] = {
-        "machine": machine(), "batched_path_in_tree": viewpath.batched(),
-        "settings": {"workers": args.workers, "repeats": args.repeats, "batches": args.batches,
-                     "batch_size": args.batch_size, "step_steps": args.step_steps, "torch_threads": 1,
-                     "recipe": "simclr", "augment": settings["augment"], "backbone": settings["backbone"]},
-        "workloads": {}}
+        "machine": machine(),
+        "batched_path_in_tree": viewpath.batched(),
+        "settings": {
+            "workers": args.workers,
+            "repeats": args.repeats,
+            "batches": args.batches,
+            "batch_size": args.batch_size,
+            "step_steps": args.step_steps,
+            "torch_threads": 1,
+            "recipe": "simclr",
+            "augment": settings["augment"],
+            "backbone": settings["backbone"],
+        },
+        "workloads": {},
+    }
     with tempfile.TemporaryDirectory(prefix="sslcook-bench-datapath-") as tmp:
         for name in args.workloads:
             wl = load_workload(name, args.tiny)
@@ -168,8 +190,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         rates["step"].append(step())
                     else:
                         rates[f"{side}/w{workers}"].append(sides[side](workers, args.batches))
-                print(f"{name} repeat {r + 1}/{args.repeats}: " +
-                      ", ".join(f"{k} {v[-1]:.0f}" for k, v in rates.items()), file=sys.stderr, flush=True)
+                print(
+                    f"{name} repeat {r + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in rates.items()),
+                    file=sys.stderr,
+                    flush=True,
+                )
             ratios: dict[str, list[float]] = {}
             for w in args.workers:
                 b = rates[f"batched/w{w}"]
@@ -178,8 +203,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 ratios[f"batched/persample w{w}"] = [x / y for x, y in zip(b, rates[f"persample/w{w}"])]
                 ratios[f"persample/step w{w}"] = [x / y for x, y in zip(rates[f"persample/w{w}"], rates["step"])]
             results["workloads"][name] = {
-                "workload": wl.describe(), "images_per_s": {k: median(v) for k, v in rates.items()},
-                "runs": rates, "ratios": {k: median(v) for k, v in ratios.items()}, "ratios_per_repeat": ratios}
+                "workload": wl.describe(),
+                "images_per_s": {k: median(v) for k, v in rates.items()},
+                "runs": rates,
+                "ratios": {k: median(v) for k, v in ratios.items()},
+                "ratios_per_repeat": ratios,
+            }
             write_results(_name(args), results, args.results_dir)
     results["machine"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     return results
@@ -194,12 +223,42 @@ def report(results: dict[str, Any]) -> str:
     for name, r in results["workloads"].items():
         ips, q = r["images_per_s"], r["ratios"]
         for w in results["settings"]["workers"]:
-            rows.append([name, w, ips[f"batched/w{w}"], ips[f"persample/w{w}"], ips[f"lightly/w{w}"], ips["step"],
-                         q[f"batched/step w{w}"], q[f"batched/lightly w{w}"], q[f"batched/persample w{w}"]])
-    note = "" if results["batched_path_in_tree"] else \
-        "\n(batched path not in this tree: the 'batched' column is the per-sample views run in the training process)"
-    return table(["workload", "workers", "batched img/s", "per-sample img/s", "lightly img/s", "SimCLR step img/s",
-                  "batched/step", "batched/lightly", "batched/per-sample"], rows) + note
+            rows.append(
+                [
+                    name,
+                    w,
+                    ips[f"batched/w{w}"],
+                    ips[f"persample/w{w}"],
+                    ips[f"lightly/w{w}"],
+                    ips["step"],
+                    q[f"batched/step w{w}"],
+                    q[f"batched/lightly w{w}"],
+                    q[f"batched/persample w{w}"],
+                ]
+            )
+    note = (
+        ""
+        if results["batched_path_in_tree"]
+        else "\n(batched path not in this tree: the 'batched' column is the per-sample views run in the training "
+        "process)"
+    )
+    return (
+        table(
+            [
+                "workload",
+                "workers",
+                "batched img/s",
+                "per-sample img/s",
+                "lightly img/s",
+                "SimCLR step img/s",
+                "batched/step",
+                "batched/lightly",
+                "batched/per-sample",
+            ],
+            rows,
+        )
+        + note
+    )
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

@@ -23,6 +23,7 @@ ratios project/lightly (target >= 1.3 on CPU).
 
 Writes bench/results/e2e.json (e2e-tiny.json with --tiny).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,10 @@ if str(ROOT) not in sys.path:
 from bench.common import machine, median, publish, table, write_results
 
 # the step alone cannot train these: they need what only Trainer.fit runs around the steps
-NOT_TIMED = {"deepcluster": "needs the per-epoch clustering pass over the dataset (Trainer.fit's dataset_pass): "
-                            "not timed step by step"}
+NOT_TIMED = {
+    "deepcluster": "needs the per-epoch clustering pass over the dataset (Trainer.fit's dataset_pass): "
+    "not timed step by step"
+}
 
 
 def registered() -> list[str]:
@@ -89,26 +92,32 @@ def build(method: str, side: str, urls: list[str], wl, args: argparse.Namespace)
     from bench import steps as S
     from bench import viewpath
 
-    kw = {"image_size": wl.image_size, "channels": wl.channels, "batch_size": args.batch_size,
-          "total_steps": 10_000, "stem": args.stem}
+    kw = {
+        "image_size": wl.image_size,
+        "channels": wl.channels,
+        "batch_size": args.batch_size,
+        "total_steps": 10_000,
+        "stem": args.stem,
+    }
     if side == "project":
         sided, _ = S.project_side(method, backbone_cfg=backbone_for(method, wl.image_size), **kw)
         maker = viewpath.view_maker(S.method_class(method).augment, image_size=wl.image_size, channels=wl.channels)
 
         def rate(repeat: int) -> float:
             S.engine_cpu_mode()
-            loader = viewpath.decode_loader(urls, batch_size=args.batch_size, num_workers=args.workers,
-                                            epoch=repeat)
-            return timed_steps(loader, sided.step, lambda b, i: maker(b[0], viewpath.view_generator(0, repeat, i)),
-                               args.steps)
+            loader = viewpath.decode_loader(urls, batch_size=args.batch_size, num_workers=args.workers, epoch=repeat)
+            return timed_steps(
+                loader, sided.step, lambda b, i: maker(b[0], viewpath.view_generator(0, repeat, i)), args.steps
+            )
     else:
         sided = S.lightly_side(method, **kw)
         transform = viewpath.lightly_views(method, image_size=wl.image_size, channels=wl.channels)
 
         def rate(repeat: int) -> float:
             torch.use_deterministic_algorithms(False)
-            loader = viewpath.sample_loader(urls, transform, pil=True, mode="RGB", batch_size=args.batch_size,
-                                            num_workers=args.workers, seed=repeat)
+            loader = viewpath.sample_loader(
+                urls, transform, pil=True, mode="RGB", batch_size=args.batch_size, num_workers=args.workers, seed=repeat
+            )
             return timed_steps(loader, sided.step, lambda b, i: b[0], args.steps)
 
     return rate
@@ -125,11 +134,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     wl = cifar10k(train_per_class=8, test_per_class=1) if args.tiny else cifar10k()
     results: dict[str, Any] = {
-        "machine": machine(), "workload": wl.describe(), "batched_path_in_tree": viewpath.batched(),
-        "settings": {"batch_size": args.batch_size, "steps": args.steps, "repeats": args.repeats,
-                     "threads": args.threads, "workers": args.workers, "stem": args.stem,
-                     "backbone": f"torchvision ResNet-18 (width 64), {args.stem} stem; ViT methods: ViT-Tiny patch 4"},
-        "methods": {}}
+        "machine": machine(),
+        "workload": wl.describe(),
+        "batched_path_in_tree": viewpath.batched(),
+        "settings": {
+            "batch_size": args.batch_size,
+            "steps": args.steps,
+            "repeats": args.repeats,
+            "threads": args.threads,
+            "workers": args.workers,
+            "stem": args.stem,
+            "backbone": f"torchvision ResNet-18 (width 64), {args.stem} stem; ViT methods: ViT-Tiny patch 4",
+        },
+        "methods": {},
+    }
     with tempfile.TemporaryDirectory(prefix="sslcook-bench-e2e-") as tmp:
         urls = viewpath.train_urls(viewpath.make_shards(wl, Path(tmp)))
         for method in args.methods:
@@ -143,10 +161,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 rates = {s: build(method, s, urls, wl, args) for s in sides}
                 runs: dict[str, list[float]] = {s: [] for s in sides}
                 for r in range(args.repeats):
-                    for s in (sides if r % 2 == 0 else sides[::-1]):
+                    for s in sides if r % 2 == 0 else sides[::-1]:
                         runs[s].append(rates[s](r))
-                    print(f"{method} repeat {r + 1}/{args.repeats}: " +
-                          ", ".join(f"{s} {v[-1]:.1f}" for s, v in runs.items()), file=sys.stderr, flush=True)
+                    print(
+                        f"{method} repeat {r + 1}/{args.repeats}: "
+                        + ", ".join(f"{s} {v[-1]:.1f}" for s, v in runs.items()),
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 entry["images_per_s"] = {s: median(v) for s, v in runs.items()}
                 entry["runs"] = runs
                 if "lightly" in runs:
@@ -172,13 +194,25 @@ def report(results: dict[str, Any]) -> str:
     rows = []
     for method, r in results["methods"].items():
         ips = r.get("images_per_s", {})
-        rows.append([method, ips.get("project", float("nan")), ips.get("lightly", float("nan")),
-                     r.get("ratio_project_over_lightly", float("nan")),
-                     ", ".join(f"{x:.2f}" for x in r.get("ratios", [])) or r.get("note", r.get("error", ""))])
-    note = "" if results["batched_path_in_tree"] else \
-        "\n(batched path not in this tree: the project's views are the per-sample ones, made in the training process)"
-    return table(["method", "project img/s", "lightly img/s", "project/lightly (median)", "per repeat / note"],
-                 rows) + note
+        rows.append(
+            [
+                method,
+                ips.get("project", float("nan")),
+                ips.get("lightly", float("nan")),
+                r.get("ratio_project_over_lightly", float("nan")),
+                ", ".join(f"{x:.2f}" for x in r.get("ratios", [])) or r.get("note", r.get("error", "")),
+            ]
+        )
+    note = (
+        ""
+        if results["batched_path_in_tree"]
+        else "\n(batched path not in this tree: the project's views are the per-sample ones, made in the training "
+        "process)"
+    )
+    return (
+        table(["method", "project img/s", "lightly img/s", "project/lightly (median)", "per repeat / note"], rows)
+        + note
+    )
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

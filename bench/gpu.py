@@ -17,11 +17,13 @@ then a time-boxed quality run.
    ...) with ``torch.cuda.synchronize`` around each timed block; reports images/s, the median ratio
    project/lightly, the bare backbone's images/s and peak CUDA memory per side (``max_memory_allocated``).
 2. Quality (``--quality-seconds`` per side, default 90): SimCLR on cifar10k (standard-stem ResNet-18), project
-   vs lightly, each trained for the same wall-clock budget, views made per batch on the GPU (``bench.quality.batches``), then kNN top-1 (k=200).
+   vs lightly, each trained for the same wall-clock budget, views made per batch on the GPU
+   (``bench.quality.batches``), then kNN top-1 (k=200).
    The number of epochs each side reached is recorded beside its accuracy (equal time, not equal epochs).
 
 Writes bench/results/gpu.json (gpu-tiny.json in tiny mode) and prints markdown tables.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,12 +56,19 @@ def throughput(wl, args, device) -> dict[str, Any]:
 
     from bench.steps import build_side, make_views
 
-    images = wl.train_images[:args.batch_size]
+    images = wl.train_images[: args.batch_size]
     out: dict[str, Any] = {}
     for method in args.methods:
         views = [v.to(device) for v in make_views(method, images, channels=wl.channels, image_size=wl.image_size)]
-        kw = dict(stem=args.stem, image_size=wl.image_size, channels=wl.channels, batch_size=args.batch_size,
-                  total_steps=1000, device=device, precision=args.precision)
+        kw = dict(
+            stem=args.stem,
+            image_size=wl.image_size,
+            channels=wl.channels,
+            batch_size=args.batch_size,
+            total_steps=1000,
+            device=device,
+            precision=args.precision,
+        )
         rates: dict[str, list[float]] = {"project": [], "lightly": [], "bare": []}
         memory: dict[str, float] = {}
         sides = {}
@@ -84,9 +93,13 @@ def throughput(wl, args, device) -> dict[str, Any]:
                 rates[name].append(args.steps * args.batch_size / (time.perf_counter() - start))
         ratios = [p / q for p, q in zip(rates["project"], rates["lightly"])]
         ips = {k: median(v) for k, v in rates.items()}
-        out[method] = {"images_per_s": ips, "ratio_project_over_lightly": median(ratios), "ratios": ratios,
-                       "ratio_to_bare": {k: ips[k] / ips["bare"] for k in ("project", "lightly")},
-                       "peak_cuda_memory_mb": memory}
+        out[method] = {
+            "images_per_s": ips,
+            "ratio_project_over_lightly": median(ratios),
+            "ratios": ratios,
+            "ratio_to_bare": {k: ips[k] / ips["bare"] for k in ("project", "lightly")},
+            "peak_cuda_memory_mb": memory,
+        }
         print(f"{method}: project/lightly {median(ratios):.3f}", file=sys.stderr, flush=True)
         del sides
         if device.type == "cuda":
@@ -102,12 +115,20 @@ def _run_path(path: str, repeat: int, *, side, maker, per_image, urls, args, dev
 
     cuda = device.type == "cuda"
     if path == "batched":
-        loader = viewpath.decode_loader(urls, batch_size=args.batch_size, num_workers=args.workers,
-                                        epoch=repeat, pin_memory=cuda)
+        loader = viewpath.decode_loader(
+            urls, batch_size=args.batch_size, num_workers=args.workers, epoch=repeat, pin_memory=cuda
+        )
     else:
-        loader = viewpath.sample_loader(urls, per_image, pil=False, mode="RGB",
-                                        batch_size=args.batch_size, num_workers=args.workers,
-                                        seed=repeat, pin_memory=cuda)
+        loader = viewpath.sample_loader(
+            urls,
+            per_image,
+            pil=False,
+            mode="RGB",
+            batch_size=args.batch_size,
+            num_workers=args.workers,
+            seed=repeat,
+            pin_memory=cuda,
+        )
     it = iter(loader)
     wait = views_s = 0.0
     images = 0
@@ -137,9 +158,12 @@ def _run_path(path: str, repeat: int, *, side, maker, per_image, urls, args, dev
     _sync(device)
     total = time.perf_counter() - begin
     del it
-    return {"images_per_s": images / total, "data_wait_share": wait / total,
-            "views_share": views_s / total,
-            "peak_cuda_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else float("nan")}
+    return {
+        "images_per_s": images / total,
+        "data_wait_share": wait / total,
+        "views_share": views_s / total,
+        "peak_cuda_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else float("nan"),
+    }
 
 
 def datapath(wl, args, device) -> dict[str, Any]:
@@ -162,20 +186,34 @@ def datapath(wl, args, device) -> dict[str, Any]:
             recipe = method_class(method).augment
             maker = viewpath.view_maker(recipe, image_size=wl.image_size, channels=wl.channels)
             per_image = persample_views(recipe, image_size=wl.image_size, channels=wl.channels)
-            side, _ = project_side(method, image_size=wl.image_size, channels=wl.channels, batch_size=args.batch_size,
-                                   total_steps=10_000, stem=args.stem, device=device, precision=args.precision)
+            side, _ = project_side(
+                method,
+                image_size=wl.image_size,
+                channels=wl.channels,
+                batch_size=args.batch_size,
+                total_steps=10_000,
+                stem=args.stem,
+                device=device,
+                precision=args.precision,
+            )
             if not cuda:
                 engine_cpu_mode()
 
             runs: dict[str, list[dict[str, float]]] = {"batched": [], "persample": []}
             for r in range(args.datapath_repeats):
-                for path in (["batched", "persample"] if r % 2 == 0 else ["persample", "batched"]):
-                    runs[path].append(_run_path(path, r, side=side, maker=maker, per_image=per_image, urls=urls,
-                                                      args=args, device=device))
+                for path in ["batched", "persample"] if r % 2 == 0 else ["persample", "batched"]:
+                    runs[path].append(
+                        _run_path(
+                            path, r, side=side, maker=maker, per_image=per_image, urls=urls, args=args, device=device
+                        )
+                    )
             ratios = [b["images_per_s"] / p["images_per_s"] for b, p in zip(runs["batched"], runs["persample"])]
             out["methods"][method] = {
                 **{path: {k: median(x[k] for x in v) for k in v[0]} for path, v in runs.items()},
-                "ratio_batched_over_persample": median(ratios), "ratios": ratios, "runs": runs}
+                "ratio_batched_over_persample": median(ratios),
+                "ratios": ratios,
+                "runs": runs,
+            }
             print(f"datapath {method}: batched/per-sample {median(ratios):.2f}", file=sys.stderr, flush=True)
             del side
             if cuda:
@@ -198,13 +236,28 @@ def quality(wl, args, device) -> dict[str, Any]:
     out: dict[str, Any] = {"method": method, "seconds_per_side": args.quality_seconds}
     for name in ("project", "lightly"):
         torch.manual_seed(args.seed)
-        kw = dict(stem=args.stem, image_size=wl.image_size, channels=wl.channels, batch_size=args.batch_size,
-                  total_steps=total, warmup_steps=steps_per_epoch, device=device, precision=args.precision)
+        kw = dict(
+            stem=args.stem,
+            image_size=wl.image_size,
+            channels=wl.channels,
+            batch_size=args.batch_size,
+            total_steps=total,
+            warmup_steps=steps_per_epoch,
+            device=device,
+            precision=args.precision,
+        )
         side = project_side(method, **kw)[0] if name == "project" else lightly_side(method, **kw)
         start, step, epoch = time.perf_counter(), 0, 0
         while time.perf_counter() - start < args.quality_seconds:
-            for views, _ in batches(wl.train_images, wl.train_labels, transform, batch_size=args.batch_size,
-                                    epoch=epoch, seed=args.seed, device=str(device)):
+            for views, _ in batches(
+                wl.train_images,
+                wl.train_labels,
+                transform,
+                batch_size=args.batch_size,
+                epoch=epoch,
+                seed=args.seed,
+                device=str(device),
+            ):
                 side.step([v.to(device, non_blocking=True) for v in views], step)
                 step += 1
                 if time.perf_counter() - start >= args.quality_seconds:
@@ -264,9 +317,12 @@ def main(argv: list[str] | None = None) -> int:
         wl = cifar10k()
         if args.workers is None:
             args.workers = max(1, min(12, (os.cpu_count() or 4) - 2))
-    results: dict[str, Any] = {"machine": machine(), "workload": wl.describe(),
-                               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                               "device": str(device)}
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "workload": wl.describe(),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "device": str(device),
+    }
     t0 = time.perf_counter()
     for part in args.parts:
         start = time.perf_counter()
@@ -276,24 +332,68 @@ def main(argv: list[str] | None = None) -> int:
     results["machine"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     path = write_results("gpu-tiny" if args.tiny else "gpu", results, args.results_dir)
     if "datapath" in results:
-        print(table(["method", "batched img/s", "per-sample img/s", "batched/per-sample", "data wait (batched)",
-                     "data wait (per-sample)", "views share (batched)", "peak MB batched", "peak MB per-sample"],
-                    [[m, r["batched"]["images_per_s"], r["persample"]["images_per_s"],
-                      r["ratio_batched_over_persample"], r["batched"]["data_wait_share"],
-                      r["persample"]["data_wait_share"], r["batched"]["views_share"],
-                      r["batched"]["peak_cuda_memory_mb"], r["persample"]["peak_cuda_memory_mb"]]
-                     for m, r in results["datapath"]["methods"].items()]))
+        print(
+            table(
+                [
+                    "method",
+                    "batched img/s",
+                    "per-sample img/s",
+                    "batched/per-sample",
+                    "data wait (batched)",
+                    "data wait (per-sample)",
+                    "views share (batched)",
+                    "peak MB batched",
+                    "peak MB per-sample",
+                ],
+                [
+                    [
+                        m,
+                        r["batched"]["images_per_s"],
+                        r["persample"]["images_per_s"],
+                        r["ratio_batched_over_persample"],
+                        r["batched"]["data_wait_share"],
+                        r["persample"]["data_wait_share"],
+                        r["batched"]["views_share"],
+                        r["batched"]["peak_cuda_memory_mb"],
+                        r["persample"]["peak_cuda_memory_mb"],
+                    ]
+                    for m, r in results["datapath"]["methods"].items()
+                ],
+            )
+        )
     if "throughput" in results:
-        print(table(["method", "project img/s", "lightly img/s", "project/lightly", "bare img/s", "project/bare",
-                     "lightly/bare"],
-                    [[m, r["images_per_s"]["project"], r["images_per_s"]["lightly"], r["ratio_project_over_lightly"],
-                      r["images_per_s"]["bare"], r["ratio_to_bare"]["project"], r["ratio_to_bare"]["lightly"]]
-                     for m, r in results["throughput"].items()]))
+        print(
+            table(
+                [
+                    "method",
+                    "project img/s",
+                    "lightly img/s",
+                    "project/lightly",
+                    "bare img/s",
+                    "project/bare",
+                    "lightly/bare",
+                ],
+                [
+                    [
+                        m,
+                        r["images_per_s"]["project"],
+                        r["images_per_s"]["lightly"],
+                        r["ratio_project_over_lightly"],
+                        r["images_per_s"]["bare"],
+                        r["ratio_to_bare"]["project"],
+                        r["ratio_to_bare"]["lightly"],
+                    ]
+                    for m, r in results["throughput"].items()
+                ],
+            )
+        )
     if "quality" in results:
         q = results["quality"]
-        print(f"\nquality ({q['method']}, {q['seconds_per_side']:.0f} s per side): project kNN "
-              f"{q['project']['knn_top1']:.3f} ({q['project']['epochs']:.1f} epochs), lightly kNN "
-              f"{q['lightly']['knn_top1']:.3f} ({q['lightly']['epochs']:.1f} epochs)")
+        print(
+            f"\nquality ({q['method']}, {q['seconds_per_side']:.0f} s per side): project kNN "
+            f"{q['project']['knn_top1']:.3f} ({q['project']['epochs']:.1f} epochs), lightly kNN "
+            f"{q['lightly']['knn_top1']:.3f} ({q['lightly']['epochs']:.1f} epochs)"
+        )
     print(f"total {time.perf_counter() - t0:.0f} s; written to {path}")
     return 0
 

@@ -13,6 +13,7 @@ inside a PyTorch CPU wheel:
 - ``ONEDNN_MAX_CPU_ISA`` (SSE41 | AVX2 | AVX512_CORE ...): oneDNN, which runs the float convolutions;
 - ``MKL_ENABLE_INSTRUCTIONS`` / ``MKL_CBWR`` (AVX2 ...): MKL, which runs the matrix products (linear layers).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,15 +26,26 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS: list[dict[str, str]] = [
-    {}, {},  # twice: the same machine and settings give the same bits
-    {"ATEN_CPU_CAPABILITY": "default"}, {"ATEN_CPU_CAPABILITY": "avx2"}, {"ATEN_CPU_CAPABILITY": "avx512"},
-    {"ONEDNN_MAX_CPU_ISA": "SSE41"}, {"ONEDNN_MAX_CPU_ISA": "AVX2"}, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"},
-    {"MKL_ENABLE_INSTRUCTIONS": "AVX2"}, {"MKL_CBWR": "AVX2"}, {"MKL_CBWR": "COMPATIBLE"},
+    {},
+    {},  # twice: the same machine and settings give the same bits
+    {"ATEN_CPU_CAPABILITY": "default"},
+    {"ATEN_CPU_CAPABILITY": "avx2"},
+    {"ATEN_CPU_CAPABILITY": "avx512"},
+    {"ONEDNN_MAX_CPU_ISA": "SSE41"},
+    {"ONEDNN_MAX_CPU_ISA": "AVX2"},
+    {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"},
+    {"MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    {"MKL_CBWR": "AVX2"},
+    {"MKL_CBWR": "COMPATIBLE"},
     {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
     # what an AVX2-only x86 machine (e.g. AMD EPYC Zen 3) picks by itself
     {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
-    {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
-     "MKL_CBWR": "AVX2"},
+    {
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+        "MKL_CBWR": "AVX2",
+    },
 ]
 
 
@@ -50,10 +62,12 @@ def child(steps: int) -> dict:
 
     seed_everything(0)
     images = torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    views_of = view_maker("simclr", image_size=28, channels=1, crop_scale=[0.4, 1.0], brightness=0.4, contrast=0.4,
-                           blur_prob=0.0)
-    backbone = build_backbone(name="resnet18", small_image=True, width=16, in_chans=views_of.out_channels,
-                              image_size=28)
+    views_of = view_maker(
+        "simclr", image_size=28, channels=1, crop_scale=[0.4, 1.0], brightness=0.4, contrast=0.4, blur_prob=0.0
+    )
+    backbone = build_backbone(
+        name="resnet18", small_image=True, width=16, in_chans=views_of.out_channels, image_size=28
+    )
     cls = registry.get("simclr").cls
     method = cls(backbone, projector_hidden_dim=512, temperature=0.2)
     optimizer = build_optimizer(method, dict(cls.optimizer), len(images))
@@ -68,8 +82,12 @@ def child(steps: int) -> dict:
         optimizer.step()
         losses.append(float(out["loss"]))
     weights = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in method.parameters())).hexdigest()[:12]
-    return {"aten_capability": torch.backends.cpu.get_cpu_capability(), "losses": losses, "views": views_digest,
-            "weights": weights}
+    return {
+        "aten_capability": torch.backends.cpu.get_cpu_capability(),
+        "losses": losses,
+        "views": views_digest,
+        "weights": weights,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,27 +101,43 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from stages.workspace.lineage import cpu_name
 
-    clean = {k: v for k, v in os.environ.items()
-             if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_CBWR",
-                          "MKL_ENABLE_INSTRUCTIONS")}
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS")
+    }
     clean.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + clean.get("PYTHONPATH", ""))
     runs = []
     for setting in SETTINGS:
-        proc = subprocess.run([sys.executable, "-m", "bench.isa", "--child", "--steps", str(args.steps)], cwd=ROOT,
-                              env={**clean, **setting}, capture_output=True, text=True, check=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "bench.isa", "--child", "--steps", str(args.steps)],
+            cwd=ROOT,
+            env={**clean, **setting},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         result = json.loads(proc.stdout.strip().splitlines()[-1])
         runs.append({"env": setting, **result})
         label = " ".join(f"{k}={v}" for k, v in setting.items()) or "(defaults)"
-        print(f"{label:<95} {result['aten_capability']:<7} weights {result['weights']} views {result['views']} "
-              f"losses {' '.join(f'{x:.6f}' for x in result['losses'])}", file=sys.stderr)
+        print(
+            f"{label:<95} {result['aten_capability']:<7} weights {result['weights']} views {result['views']} "
+            f"losses {' '.join(f'{x:.6f}' for x in result['losses'])}",
+            file=sys.stderr,
+        )
     reference = runs[0]
     for r in runs:
         differs = [i + 1 for i, (a, b) in enumerate(zip(r["losses"], reference["losses"])) if a != b]
         r["first_step_that_differs"] = differs[0] if differs else None
         r["identical_to_defaults"] = r["weights"] == reference["weights"]
     args.results_dir.mkdir(parents=True, exist_ok=True)
-    doc = {"cpu": cpu_name(), "steps": args.steps, "runs": runs,
-           "command": "python -m bench.isa " + " ".join(sys.argv[1:] if argv is None else argv)}
+    doc = {
+        "cpu": cpu_name(),
+        "steps": args.steps,
+        "runs": runs,
+        "command": "python -m bench.isa " + " ".join(sys.argv[1:] if argv is None else argv),
+    }
     (args.results_dir / "isa.json").write_text(json.dumps(doc, indent=2) + "\n")
     return 0
 

@@ -10,6 +10,7 @@ repro) and ``sslcook run`` (the Prefect flow: DVC's plan, one task per stage, wo
 Every command is a fresh process, so interpreter and import start-up are part of the figure, as for a user.
 Writes bench/results/overhead.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,9 +32,16 @@ from bench.common import machine, median, table, write_results  # noqa: E402
 
 def _env(ws: Path, home: Path) -> dict[str, str]:
     path = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
-    return {**os.environ, "PATH": path, "DVC_NO_ANALYTICS": "1", "SSLCOOK_WORKSPACE": str(ws),
-            "WANDB_MODE": "disabled", "PREFECT_HOME": str(home / "prefect"),
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
+    return {
+        **os.environ,
+        "PATH": path,
+        "DVC_NO_ANALYTICS": "1",
+        "SSLCOOK_WORKSPACE": str(ws),
+        "WANDB_MODE": "disabled",
+        "PREFECT_HOME": str(home / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+    }
 
 
 def timed(cmd: list[str], ws: Path, env: dict[str, str]) -> float:
@@ -76,10 +84,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         status = subprocess.run(["git", "status", "--porcelain"], cwd=ws, capture_output=True, text=True).stdout
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"machine": machine(), "repeats": args.repeats, "workspace_build_seconds": build_s,
-            "seconds": {k: {"median": median(v), "all": v} for k, v in times.items()},
-            "workspace_changed_by_noop_runs": [line for line in status.splitlines() if line.strip()],
-            "target": "no-op dvc repro < 2 s"}
+    return {
+        "machine": machine(),
+        "repeats": args.repeats,
+        "workspace_build_seconds": build_s,
+        "seconds": {k: {"median": median(v), "all": v} for k, v in times.items()},
+        "workspace_changed_by_noop_runs": [line for line in status.splitlines() if line.strip()],
+        "target": "no-op dvc repro < 2 s",
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,8 +104,12 @@ def main(argv: list[str] | None = None) -> int:
         args.repeats = 1
     results = run(args)
     path = write_results("overhead-tiny" if args.tiny else "overhead", results, args.results_dir)
-    print(table(["command (everything up to date)", "median s", "runs"],
-                [[k, v["median"], ", ".join(f"{x:.2f}" for x in v["all"])] for k, v in results["seconds"].items()]))
+    print(
+        table(
+            ["command (everything up to date)", "median s", "runs"],
+            [[k, v["median"], ", ".join(f"{x:.2f}" for x in v["all"])] for k, v in results["seconds"].items()],
+        )
+    )
     print(f"\nworkspace built in {results['workspace_build_seconds']:.0f} s; written to {path}")
     return 0
 

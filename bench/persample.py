@@ -10,6 +10,7 @@ Recipes: ``simclr`` (crop, flip, colour jitter, grayscale, blur), ``byol`` (blur
 ``multicrop`` (2 global + ``n_local`` local crops), ``mim`` (crop + flip). Grey inputs: ``grey="skip"`` keeps one
 channel and drops saturation, hue and grayscale; ``"expand"`` repeats the channel to RGB first.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -26,13 +27,22 @@ RGB_MEAN, RGB_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 GREY_MEAN, GREY_STD = (0.449,), (0.226,)
 
 _COMMON = {"mean", "std", "flip_prob", "crop_ratio", "affine_degrees", "affine_translate"}
-_COLOUR = {"jitter_strength", "brightness", "contrast", "saturation", "hue", "jitter_prob", "grayscale_prob",
-           "blur_sigma"}
+_COLOUR = {
+    "jitter_strength",
+    "brightness",
+    "contrast",
+    "saturation",
+    "hue",
+    "jitter_prob",
+    "grayscale_prob",
+    "blur_sigma",
+}
 _ALLOWED = {
     "simclr": _COMMON | _COLOUR | {"crop_scale", "blur_prob", "solarize_prob"},
     "byol": _COMMON | _COLOUR | {"crop_scale", "blur_probs", "solarize_probs"},
-    "multicrop": _COMMON | _COLOUR | {"global_scale", "local_scale", "n_local", "local_size", "blur_probs",
-                                      "solarize_probs"},
+    "multicrop": _COMMON
+    | _COLOUR
+    | {"global_scale", "local_scale", "n_local", "local_size", "blur_probs", "solarize_probs"},
     "mim": _COMMON | {"crop_scale"},
 }
 
@@ -66,8 +76,15 @@ class _MatchChannels(torch.nn.Module):
 class MultiView:
     """The callable :func:`build_views` returns: one pipeline per view, applied to the same input image."""
 
-    def __init__(self, recipe: str, pipelines: Sequence[v2.Transform], out_channels: int, sizes: Sequence[int],
-                 config: dict[str, Any], threads: int = 1) -> None:
+    def __init__(
+        self,
+        recipe: str,
+        pipelines: Sequence[v2.Transform],
+        out_channels: int,
+        sizes: Sequence[int],
+        config: dict[str, Any],
+        threads: int = 1,
+    ) -> None:
         self.recipe = recipe
         self.threads = threads
         self.pipelines = list(pipelines)
@@ -98,8 +115,9 @@ class MultiView:
         return f"MultiView({self.recipe!r}, views={self.num_views}, sizes={self.sizes}, channels={self.out_channels})"
 
 
-def build_views(recipe: str, *, image_size: int, channels: int, grey: str = "skip", threads: int = 1,
-                **strengths: Any) -> MultiView:
+def build_views(
+    recipe: str, *, image_size: int, channels: int, grey: str = "skip", threads: int = 1, **strengths: Any
+) -> MultiView:
     """The view generator of a recipe (see the module docstring); ``strengths`` override the recipe defaults.
 
     Common: mean, std, flip_prob (0.5; 0 for digits), crop_ratio ((3/4, 4/3)), affine_degrees and
@@ -126,7 +144,7 @@ def build_views(recipe: str, *, image_size: int, channels: int, grey: str = "ski
     unknown = sorted(set(strengths) - _ALLOWED[recipe])
     if unknown:
         raise ValueError(f"augment recipe {recipe}: unknown option(s) {', '.join(unknown)}")
-    for key, upper in _RANGES.items():   # torchvision only warns on these, or fails on the first image
+    for key, upper in _RANGES.items():  # torchvision only warns on these, or fails on the first image
         if key in strengths:
             _check_range(key, strengths[key], upper)
 
@@ -144,8 +162,11 @@ def build_views(recipe: str, *, image_size: int, channels: int, grey: str = "ski
     affine_degrees = float(s.pop("affine_degrees", 0.0))
     affine_translate = float(s.pop("affine_translate", 0.0))
 
-    jitter_default = {"simclr": (0.4, 0.4, 0.4, 0.1), "byol": (0.4, 0.4, 0.2, 0.1),
-                      "multicrop": (0.4, 0.4, 0.2, 0.1)}.get(recipe, (0, 0, 0, 0))
+    jitter_default = {
+        "simclr": (0.4, 0.4, 0.4, 0.1),
+        "byol": (0.4, 0.4, 0.2, 0.1),
+        "multicrop": (0.4, 0.4, 0.2, 0.1),
+    }.get(recipe, (0, 0, 0, 0))
     if "jitter_strength" in s:
         js = float(s.pop("jitter_strength"))
         jitter_default = (0.8 * js, 0.8 * js, 0.8 * js, 0.2 * js)
@@ -206,8 +227,10 @@ def build_views(recipe: str, *, image_size: int, channels: int, grey: str = "ski
             raise ValueError(f"augment multicrop: need n_local >= 0 and local_size >= 2 ({n_local}, {local_size})")
         blur_ps = _pair(s.pop("blur_probs", (1.0, 0.1, 0.5)), "blur_probs", 3)
         sol_ps = _pair(s.pop("solarize_probs", (0.0, 0.2, 0.0)), "solarize_probs", 3)
-        pipes = [pipeline(image_size, global_scale, blur_ps[0], sol_ps[0]),
-                 pipeline(image_size, global_scale, blur_ps[1], sol_ps[1])]
+        pipes = [
+            pipeline(image_size, global_scale, blur_ps[0], sol_ps[0]),
+            pipeline(image_size, global_scale, blur_ps[1], sol_ps[1]),
+        ]
         pipes += [pipeline(local_size, local_scale, blur_ps[2], sol_ps[2]) for _ in range(n_local)]
         sizes = [image_size] * 2 + [local_size] * n_local
     else:  # mim
@@ -223,8 +246,11 @@ _RANGES = {"crop_scale": 1.0, "global_scale": 1.0, "local_scale": 1.0, "crop_rat
 
 
 def _check_range(key: str, value: Any, upper: float | None) -> None:
-    ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    ok = (
+        isinstance(value, (list, tuple))
+        and len(value) == 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    )
     if ok:
         lo, hi = value
         ok = 0 < lo <= hi and (upper is None or hi <= upper)

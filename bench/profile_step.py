@@ -4,6 +4,7 @@
 
 Prints the operators with the largest self CPU time (the table BENCHMARKS.md quotes where a target is missed).
 """
+
 from __future__ import annotations
 
 import argparse

@@ -6,7 +6,8 @@
 For each method both sides train ``--epochs`` epochs on the workload's train split (cifar10k: 10,000 images,
 39 steps of 256 per epoch) from the same initial seed on batches drawn in the same order with the same view
 recipe (the project's ``ssl_models.augment`` recipe of the method, made per batch as the engine makes it:
-``bench.viewpath.view_maker``), the same optimizer recipe (the method's, with ``--warmup-epochs`` of linear warmup then cosine; lightly's
+``bench.viewpath.view_maker``), the same optimizer recipe (the method's, with ``--warmup-epochs`` of linear warmup
+then cosine; lightly's
 side uses lightly's LARS and CosineWarmupScheduler) and the same head sizes (the project's defaults). The
 project side trains through the project's engine (``ssl_models.engine.Trainer.fit``); lightly's side through
 the loop of lightly's examples. Then the frozen backbone's features (eval transform: normalise only) give kNN
@@ -28,6 +29,7 @@ see the same machine conditions (the kNN depends on the epochs, not on the threa
     python -m bench.quality --sides lightly --threads 1 --tag lightly --skip-baselines &
     wait; python -m bench.quality --combine bench/results/quality-cifar10k-{project,lightly}.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +38,9 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -48,8 +51,9 @@ from bench.common import machine, publish, table, write_results  # noqa: E402
 QUALITY_METHODS = ("simclr", "byol", "vicreg", "mae")
 
 
-def batches(images, labels, maker: Callable, *, batch_size: int, epoch: int, seed: int,
-            device: str = "cpu") -> Iterator[tuple]:
+def batches(
+    images, labels, maker: Callable, *, batch_size: int, epoch: int, seed: int, device: str = "cpu"
+) -> Iterator[tuple]:
     """One epoch of (views, labels): a seeded permutation, full batches only, the ViewMaker on each batch (on
     ``device``) with the project's seeding rule (``bench.viewpath.view_generator``)."""
     import torch
@@ -58,7 +62,7 @@ def batches(images, labels, maker: Callable, *, batch_size: int, epoch: int, see
 
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
     for step, start in enumerate(range(0, len(order) - batch_size + 1, batch_size)):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         views = maker(images[idx].to(device, non_blocking=True), view_generator(seed, epoch, step, 0))
         yield views, labels[idx]
 
@@ -72,8 +76,7 @@ def pipeline_settings(method: str) -> dict[str, Any]:
     backbone = dict(block.pop("backbone", None) or pre["backbone"])
     augment = {**(pre.get("augment") or {}), **(block.pop("augment", None) or {})}
     schedule = {k: block.pop(k, pre.get(k)) for k in ("epochs", "batch_size", "warmup_epochs")}
-    recipe = {k: block.pop(k) for k in ("optimizer", "base_lr", "weight_decay", "momentum", "lr_scaling")
-              if k in block}
+    recipe = {k: block.pop(k) for k in ("optimizer", "base_lr", "weight_decay", "momentum", "lr_scaling") if k in block}
     for k in ("optimizer", "base_lr", "weight_decay", "momentum", "lr_scaling"):
         if pre.get(k) is not None and k not in recipe:
             recipe[k] = pre[k]
@@ -82,9 +85,23 @@ def pipeline_settings(method: str) -> dict[str, Any]:
     return {"backbone": backbone, "hparams": block, "augment": augment, "recipe": recipe, **schedule}
 
 
-def train_side(side: str, method: str, wl, *, epochs: int, batch_size: int, warmup_epochs: float, stem: str,
-               seed: int, augment: dict[str, Any], hparams: dict[str, Any], recipe: dict[str, Any],
-               backbone_cfg: dict[str, Any] | None, device: str, precision: str) -> dict[str, Any]:
+def train_side(
+    side: str,
+    method: str,
+    wl,
+    *,
+    epochs: int,
+    batch_size: int,
+    warmup_epochs: float,
+    stem: str,
+    seed: int,
+    augment: dict[str, Any],
+    hparams: dict[str, Any],
+    recipe: dict[str, Any],
+    backbone_cfg: dict[str, Any] | None,
+    device: str,
+    precision: str,
+) -> dict[str, Any]:
     import torch
 
     from bench import steps
@@ -93,11 +110,21 @@ def train_side(side: str, method: str, wl, *, epochs: int, batch_size: int, warm
     steps_per_epoch = len(wl.train_images) // batch_size
     total = epochs * steps_per_epoch
     warmup = int(round(warmup_epochs * steps_per_epoch))
-    transform = view_maker(steps.method_class(method).augment, image_size=wl.image_size, channels=wl.channels,
-                           **augment)
-    common = dict(stem=stem, image_size=wl.image_size, channels=wl.channels, total_steps=total,
-                  warmup_steps=warmup, batch_size=batch_size, device=device, precision=precision,
-                  overrides=hparams, recipe_overrides=recipe)
+    transform = view_maker(
+        steps.method_class(method).augment, image_size=wl.image_size, channels=wl.channels, **augment
+    )
+    common = dict(
+        stem=stem,
+        image_size=wl.image_size,
+        channels=wl.channels,
+        total_steps=total,
+        warmup_steps=warmup,
+        batch_size=batch_size,
+        device=device,
+        precision=precision,
+        overrides=hparams,
+        recipe_overrides=recipe,
+    )
     torch.manual_seed(seed)
     start = time.perf_counter()
     losses: list[float] = []
@@ -105,8 +132,9 @@ def train_side(side: str, method: str, wl, *, epochs: int, batch_size: int, warm
         # backbone_cfg: the pipeline's own backbone (mnist5k)
         sided, trainer = steps.project_side(method, backbone_cfg=backbone_cfg, **common)
         trainer.config.epochs, trainer.config.steps_per_epoch = epochs, steps_per_epoch
-        trainer.make_loader = lambda epoch: batches(wl.train_images, wl.train_labels, transform,
-                                                    batch_size=batch_size, epoch=epoch, seed=seed)
+        trainer.make_loader = lambda epoch: batches(
+            wl.train_images, wl.train_labels, transform, batch_size=batch_size, epoch=epoch, seed=seed
+        )
         result = trainer.fit()
         losses = [r["loss"] for r in result.history]
         backbone = sided.backbone
@@ -114,8 +142,9 @@ def train_side(side: str, method: str, wl, *, epochs: int, batch_size: int, warm
         sided = steps.lightly_side(method, backbone_cfg=backbone_cfg, **common)
         for epoch in range(epochs):
             epoch_losses = []
-            for i, (views, _) in enumerate(batches(wl.train_images, wl.train_labels, transform,
-                                                   batch_size=batch_size, epoch=epoch, seed=seed)):
+            for i, (views, _) in enumerate(
+                batches(wl.train_images, wl.train_labels, transform, batch_size=batch_size, epoch=epoch, seed=seed)
+            ):
                 value = sided.step(views, epoch * steps_per_epoch + i)
                 if not math.isfinite(value):
                     raise FloatingPointError(f"lightly {method}: non-finite loss at epoch {epoch + 1}")
@@ -124,8 +153,13 @@ def train_side(side: str, method: str, wl, *, epochs: int, batch_size: int, warm
             print(f"lightly {method} epoch {epoch + 1}/{epochs} loss {losses[-1]:.4f}", file=sys.stderr, flush=True)
         backbone = sided.backbone
     seconds = time.perf_counter() - start
-    return {"backbone": backbone, "train_seconds": seconds, "images_per_s": total * batch_size / seconds,
-            "epoch_losses": losses, "steps": total}
+    return {
+        "backbone": backbone,
+        "train_seconds": seconds,
+        "images_per_s": total * batch_size / seconds,
+        "epoch_losses": losses,
+        "steps": total,
+    }
 
 
 def evaluate(backbone, wl, *, probe: bool, device: str) -> dict[str, float]:
@@ -135,8 +169,11 @@ def evaluate(backbone, wl, *, probe: bool, device: str) -> dict[str, float]:
     transform = build_eval_transform(image_size=wl.image_size, channels=wl.channels)
     train = extract_features(backbone, wl.train_images, transform=transform, device=device, progress=False)
     test = extract_features(backbone, wl.test_images, transform=transform, device=device, progress=False)
-    out = {"knn_top1": knn_evaluate(train, wl.train_labels, test, wl.test_labels, ks=(200,),
-                                    temperature=0.1)["knn_top1_k200"]}
+    out = {
+        "knn_top1": knn_evaluate(train, wl.train_labels, test, wl.test_labels, ks=(200,), temperature=0.1)[
+            "knn_top1_k200"
+        ]
+    }
     if probe:
         out["linear_probe_top1"] = linear_probe(train, wl.train_labels, test, wl.test_labels, device=device)["top1"]
     return out
@@ -148,9 +185,18 @@ def baselines(wl, methods, *, stem: str, device: str, backbone_cfg=None) -> dict
     from bench import steps
     from ssl_models.evaluation import knn_evaluate, raw_pixel_features
 
-    out: dict[str, Any] = {"raw_pixels": {"knn_top1": knn_evaluate(
-        raw_pixel_features(wl.train_images), wl.train_labels, raw_pixel_features(wl.test_images), wl.test_labels,
-        ks=(200,), temperature=0.1)["knn_top1_k200"]}}
+    out: dict[str, Any] = {
+        "raw_pixels": {
+            "knn_top1": knn_evaluate(
+                raw_pixel_features(wl.train_images),
+                wl.train_labels,
+                raw_pixel_features(wl.test_images),
+                wl.test_labels,
+                ks=(200,),
+                temperature=0.1,
+            )["knn_top1_k200"]
+        }
+    }
     kinds = sorted({"vit" if steps.is_vit_method(m) else "resnet" for m in methods})
     for kind in kinds:
         torch.manual_seed(0)
@@ -174,26 +220,59 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         wl = cifar10k(args.archive, train_per_class=args.train_per_class, test_per_class=args.test_per_class)
     else:
         wl = mnist5k()
-    results: dict[str, Any] = {"machine": machine(), "workload": wl.describe(), "settings": vars_clean(args),
-                               "methods": {}}
-    results["baselines"] = {} if args.skip_baselines else baselines(
-        wl, args.methods, stem=args.stem, device=args.device,
-        backbone_cfg=None if args.workload == "cifar10k" else pipeline_settings("simclr")["backbone"])
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "workload": wl.describe(),
+        "settings": vars_clean(args),
+        "methods": {},
+    }
+    results["baselines"] = (
+        {}
+        if args.skip_baselines
+        else baselines(
+            wl,
+            args.methods,
+            stem=args.stem,
+            device=args.device,
+            backbone_cfg=None if args.workload == "cifar10k" else pipeline_settings("simclr")["backbone"],
+        )
+    )
     for method in args.methods:
         results["methods"][method] = {}
         for side in args.sides:
             if args.workload == "mnist5k":
                 ps = pipeline_settings(method)
-                cfg = dict(epochs=args.epochs or ps["epochs"], batch_size=ps["batch_size"],
-                           warmup_epochs=ps["warmup_epochs"], augment=ps["augment"], hparams=ps["hparams"],
-                           recipe=ps["recipe"], backbone_cfg=ps["backbone"])
+                cfg = dict(
+                    epochs=args.epochs or ps["epochs"],
+                    batch_size=ps["batch_size"],
+                    warmup_epochs=ps["warmup_epochs"],
+                    augment=ps["augment"],
+                    hparams=ps["hparams"],
+                    recipe=ps["recipe"],
+                    backbone_cfg=ps["backbone"],
+                )
             else:
-                cfg = dict(epochs=args.epochs, batch_size=args.batch_size, warmup_epochs=args.warmup_epochs,
-                           augment={}, hparams={}, recipe={}, backbone_cfg=None)
+                cfg = dict(
+                    epochs=args.epochs,
+                    batch_size=args.batch_size,
+                    warmup_epochs=args.warmup_epochs,
+                    augment={},
+                    hparams={},
+                    recipe={},
+                    backbone_cfg=None,
+                )
             print(f"== {method} / {side}: {cfg['epochs']} epochs", file=sys.stderr, flush=True)
             try:
-                trained = train_side(side, method, wl, stem=args.stem, seed=args.seed, device=args.device,
-                                     precision=args.precision, **cfg)
+                trained = train_side(
+                    side,
+                    method,
+                    wl,
+                    stem=args.stem,
+                    seed=args.seed,
+                    device=args.device,
+                    precision=args.precision,
+                    **cfg,
+                )
                 metrics = evaluate(trained.pop("backbone"), wl, probe=method == "mae", device=args.device)
                 row = {**metrics, **trained, "epochs": cfg["epochs"]}
             except (FloatingPointError, RuntimeError) as exc:
@@ -218,17 +297,38 @@ def report(results: dict[str, Any]) -> str:
     for method, sides in results["methods"].items():
         p, l_ = sides.get("project", {}), sides.get("lightly", {})
         diff = p.get("knn_top1", float("nan")) - l_.get("knn_top1", float("nan"))
-        rows.append([method, p.get("epochs"), p.get("knn_top1", p.get("error", "-")),
-                     l_.get("knn_top1", l_.get("error", "-")), round(diff * 100, 1) if diff == diff else "-",
-                     p.get("linear_probe_top1", "-"), l_.get("linear_probe_top1", "-"),
-                     round(p.get("train_seconds", float("nan")) / 60, 1),
-                     round(l_.get("train_seconds", float("nan")) / 60, 1)])
+        rows.append(
+            [
+                method,
+                p.get("epochs"),
+                p.get("knn_top1", p.get("error", "-")),
+                l_.get("knn_top1", l_.get("error", "-")),
+                round(diff * 100, 1) if diff == diff else "-",
+                p.get("linear_probe_top1", "-"),
+                l_.get("linear_probe_top1", "-"),
+                round(p.get("train_seconds", float("nan")) / 60, 1),
+                round(l_.get("train_seconds", float("nan")) / 60, 1),
+            ]
+        )
     base = results["baselines"]
-    text = table(["method", "epochs", "project kNN top-1", "lightly kNN top-1", "difference (points)",
-                  "project probe", "lightly probe", "project min", "lightly min"], rows)
-    text += "\n\nbaselines: " + ", ".join(f"{k} kNN {v['knn_top1']:.3f}" +
-                                          (f" probe {v['linear_probe_top1']:.3f}" if "linear_probe_top1" in v else "")
-                                          for k, v in base.items())
+    text = table(
+        [
+            "method",
+            "epochs",
+            "project kNN top-1",
+            "lightly kNN top-1",
+            "difference (points)",
+            "project probe",
+            "lightly probe",
+            "project min",
+            "lightly min",
+        ],
+        rows,
+    )
+    text += "\n\nbaselines: " + ", ".join(
+        f"{k} kNN {v['knn_top1']:.3f}" + (f" probe {v['linear_probe_top1']:.3f}" if "linear_probe_top1" in v else "")
+        for k, v in base.items()
+    )
     return text
 
 
@@ -237,8 +337,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workload", choices=("cifar10k", "mnist5k"), default="cifar10k")
     p.add_argument("--methods", nargs="+", default=list(QUALITY_METHODS))
     p.add_argument("--sides", nargs="+", default=["project", "lightly"], choices=("project", "lightly"))
-    p.add_argument("--epochs", type=int, default=None, help="cifar10k default 20 (about 10 min a run on 2 cores); "
-                                                            "mnist5k default: params.yaml pretrain.epochs")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="cifar10k default 20 (about 10 min a run on 2 cores); mnist5k default: params.yaml pretrain.epochs",
+    )
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--warmup-epochs", type=float, default=1.0)
     p.add_argument("--stem", choices=("standard", "small"), default="standard")
@@ -249,14 +353,21 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--archive", type=Path, default=None)
     p.add_argument("--train-per-class", type=int, default=1000)
     p.add_argument("--test-per-class", type=int, default=None)
-    p.add_argument("--tiny", action="store_true", help="smoke mode: 16 train / 4 test images per class, batch 16, "
-                                                       "1 epoch")
+    p.add_argument(
+        "--tiny", action="store_true", help="smoke mode: 16 train / 4 test images per class, batch 16, 1 epoch"
+    )
     p.add_argument("--skip-baselines", action="store_true", help="no random-init / raw-pixel baselines")
     p.add_argument("--tag", default="", help="suffix of the results file name (runs split over processes)")
     p.add_argument("--results-dir", type=Path, default=None)
-    p.add_argument("--combine", type=Path, nargs="+", default=None, metavar="JSON",
-                   help="merge results files of runs split over processes into quality-<workload>[-<tag>].json "
-                        "and print the table (no training)")
+    p.add_argument(
+        "--combine",
+        type=Path,
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="merge results files of runs split over processes into quality-<workload>[-<tag>].json "
+        "and print the table (no training)",
+    )
     args = p.parse_args(argv)
     if args.tiny:
         # tiny sizes where the command line gave none
@@ -281,10 +392,11 @@ def combine(paths: list[Path], name: str, results_dir: Path | None) -> dict[str,
         try:
             part = json.loads(Path(path).read_text())
         except (OSError, ValueError) as exc:
-            raise SystemExit(f"bench.quality --combine: cannot read {path}: {exc}")
+            raise SystemExit(f"bench.quality --combine: cannot read {path}: {exc}") from None
         workloads.add(json.dumps(part.get("workload"), sort_keys=True))
-        merged["parts"].append({"file": Path(path).name, "machine": part.get("machine"),
-                                "settings": part.get("settings")})
+        merged["parts"].append(
+            {"file": Path(path).name, "machine": part.get("machine"), "settings": part.get("settings")}
+        )
         merged["baselines"].update(part.get("baselines") or {})
         for method, sides in (part.get("methods") or {}).items():
             merged["methods"].setdefault(method, {}).update(sides)

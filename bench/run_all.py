@@ -15,6 +15,7 @@
 Results go to bench/results/*.json; BENCHMARKS.md explains them. The full set takes about 2.5 hours of exclusive
 CPU; ``--tiny`` runs every script in its smoke mode in a few minutes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,10 +56,24 @@ def main(argv: list[str] | None = None) -> int:
         elif part == "quality":
             rc = quality.main(extra + (["--epochs", str(args.epochs)] if args.epochs else []))
         elif part == "mnist5k":
-            rc = quality.main(["--workload", "mnist5k",
-                               *(["--epochs", "1", "--methods", "simclr", "--results-dir",
-                                  str(args.results_dir or ROOT / "bench" / "results")] if args.tiny else
-                                 (["--results-dir", str(args.results_dir)] if args.results_dir else []))])
+            rc = quality.main(
+                [
+                    "--workload",
+                    "mnist5k",
+                    *(
+                        [
+                            "--epochs",
+                            "1",
+                            "--methods",
+                            "simclr",
+                            "--results-dir",
+                            str(args.results_dir or ROOT / "bench" / "results"),
+                        ]
+                        if args.tiny
+                        else (["--results-dir", str(args.results_dir)] if args.results_dir else [])
+                    ),
+                ]
+            )
         elif part == "data":
             from bench import bench_data
 

@@ -17,6 +17,7 @@ metrics/<method>.json (and the epoch-1 loss from runs/<method>/history.tsv), the
 Float results also depend on the CPU's kernels (BENCHMARKS.md, "Seeds and machines"): run it with e.g.
 ``ATEN_CPU_CAPABILITY=avx2`` to see a second machine's draw on this one; the environment reaches every stage.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 # the CPU-dispatch knobs that change float results (recorded with the numbers)
-ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS",
-           "OMP_NUM_THREADS")
+ISA_ENV = (
+    "ATEN_CPU_CAPABILITY",
+    "ONEDNN_MAX_CPU_ISA",
+    "DNNL_MAX_CPU_ISA",
+    "MKL_CBWR",
+    "MKL_ENABLE_INSTRUCTIONS",
+    "OMP_NUM_THREADS",
+)
 
 
 def sh(cmd: list[str], cwd: Path, timeout: float | None = None) -> str:
@@ -68,8 +75,11 @@ def scratch_clone(workspace: Path, scratch: Path, name: str = "ws") -> Path:
 
 def headline(doc: dict[str, Any]) -> dict[str, float]:
     """kNN top-1 at every k and the probe's top-1 (the numbers the README states)."""
-    return {k: float(v) for k, v in doc.items()
-            if (k.startswith("knn_top1_k") or k == "linear_probe_top1") and isinstance(v, (int, float))}
+    return {
+        k: float(v)
+        for k, v in doc.items()
+        if (k.startswith("knn_top1_k") or k == "linear_probe_top1") and isinstance(v, (int, float))
+    }
 
 
 def rows_of(metrics: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -111,26 +121,36 @@ def summarise(per_seed: dict[int, dict[str, dict[str, float]]], single: dict[str
         for key in keys:
             values = [runs[row][key] for runs in per_seed.values() if key in runs.get(row, {})]
             table.setdefault(row, {})[key] = {
-                "values": values, "mean": statistics.fmean(values),
+                "values": values,
+                "mean": statistics.fmean(values),
                 "sd": statistics.stdev(values) if len(values) > 1 else None,
-                "single_run": (single.get(row) or {}).get(key)}
+                "single_run": (single.get(row) or {}).get(key),
+            }
     return table
 
 
 def markdown(table: dict, seeds: list[int], losses: dict[int, dict[str, float | None]], machine: dict) -> str:
-    lines = [f"Seeds {', '.join(map(str, seeds))}; {machine['cpu']}; knobs: "
-             + (", ".join(f"{k}={v}" for k, v in machine["env"].items()) or "none set"), "",
-             "| row | metric | committed single run | mean +- sd | per seed |", "|---|---|---|---|---|"]
+    lines = [
+        f"Seeds {', '.join(map(str, seeds))}; {machine['cpu']}; knobs: "
+        + (", ".join(f"{k}={v}" for k, v in machine["env"].items()) or "none set"),
+        "",
+        "| row | metric | committed single run | mean +- sd | per seed |",
+        "|---|---|---|---|---|",
+    ]
     for row, metrics in table.items():
         for key, s in metrics.items():
             sd = "" if s["sd"] is None else f" +- {s['sd']:.3f}"
             single = "–" if s["single_run"] is None else f"{s['single_run']:.3f}"
-            lines.append(f"| {row} | {key} | {single} | {s['mean']:.3f}{sd} | "
-                         f"{' / '.join(f'{v:.3f}' for v in s['values'])} |")
+            lines.append(
+                f"| {row} | {key} | {single} | {s['mean']:.3f}{sd} | {' / '.join(f'{v:.3f}' for v in s['values'])} |"
+            )
     methods = sorted({m for per in losses.values() for m in per})
     if methods:
-        lines += ["", "| epoch-1 loss | " + " | ".join(f"seed {s}" for s in seeds) + " |",
-                  "|---|" + "---|" * len(seeds)]
+        lines += [
+            "",
+            "| epoch-1 loss | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+            "|---|" + "---|" * len(seeds),
+        ]
         for m in methods:
             cells = [losses[s].get(m) for s in seeds]
             lines.append(f"| {m} | " + " | ".join("–" if c is None else f"{c:.4f}" for c in cells) + " |")
@@ -174,12 +194,21 @@ def main(argv: list[str] | None = None) -> int:
         per_seed = {seed: done[seed][0] for seed in args.seeds}
         losses = {seed: done[seed][1] for seed in args.seeds}
         single = rows_of(read_metrics(workspace, methods))  # read last: the workspace may be re-run meanwhile
-        machine = {"cpu": cpu_name(), "threads": os.cpu_count(),
-                   "env": {k: os.environ[k] for k in ISA_ENV if k in os.environ}}
+        machine = {
+            "cpu": cpu_name(),
+            "threads": os.cpu_count(),
+            "env": {k: os.environ[k] for k in ISA_ENV if k in os.environ},
+        }
         table = summarise(per_seed, single)
-        doc = {"seeds": args.seeds, "workspace": str(workspace), "methods": methods, "machine": machine,
-               "rows": table, "epoch1_loss": {str(s): v for s, v in losses.items()},
-               "command": "python -m bench.seeds " + " ".join(sys.argv[1:] if argv is None else argv)}
+        doc = {
+            "seeds": args.seeds,
+            "workspace": str(workspace),
+            "methods": methods,
+            "machine": machine,
+            "rows": table,
+            "epoch1_loss": {str(s): v for s, v in losses.items()},
+            "command": "python -m bench.seeds " + " ".join(sys.argv[1:] if argv is None else argv),
+        }
         args.results_dir.mkdir(parents=True, exist_ok=True)
         name = "seeds" + (f"-{args.tag}" if args.tag else "")
         (args.results_dir / f"{name}.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")

@@ -18,12 +18,14 @@ project's ``vit_tiny``; lightly's ``MAEBackbone`` built from a torchvision ViT o
 made once by the project's augmentation recipe for the method and given to every side, so augmentation is
 outside the step.
 """
+
 from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -92,8 +94,9 @@ def torchvision_resnet18(stem: str, channels: int) -> nn.Module:
     return net
 
 
-def project_backbone(method: str, stem: str, image_size: int, channels: int,
-                     backbone_cfg: dict[str, Any] | None = None) -> nn.Module:
+def project_backbone(
+    method: str, stem: str, image_size: int, channels: int, backbone_cfg: dict[str, Any] | None = None
+) -> nn.Module:
     """The project's backbone for a method: ``backbone_cfg`` (a pipeline ``build_backbone`` config) when given,
     else the ResNet-18 of the stem asked (width 64) or, for ViT methods, ViT-Tiny with patch 4."""
     from ssl_models.backbones import build_backbone
@@ -123,11 +126,21 @@ def make_views(method: str, images: Tensor, *, channels: int, image_size: int, s
 
 
 # --------------------------------------------------------------------------------------------- project
-def project_side(method: str, *, stem: str = "standard", image_size: int = 32, channels: int = 3,
-                 total_steps: int = 1000, warmup_steps: int = 0, batch_size: int = 256, precision: str = "fp32",
-                 device: torch.device | str = "cpu", overrides: dict[str, Any] | None = None,
-                 recipe_overrides: dict[str, Any] | None = None,
-                 backbone_cfg: dict[str, Any] | None = None) -> tuple[Side, Any]:
+def project_side(
+    method: str,
+    *,
+    stem: str = "standard",
+    image_size: int = 32,
+    channels: int = 3,
+    total_steps: int = 1000,
+    warmup_steps: int = 0,
+    batch_size: int = 256,
+    precision: str = "fp32",
+    device: torch.device | str = "cpu",
+    overrides: dict[str, Any] | None = None,
+    recipe_overrides: dict[str, Any] | None = None,
+    backbone_cfg: dict[str, Any] | None = None,
+) -> tuple[Side, Any]:
     """(Side, Trainer): the project's method, optimizer recipe and engine step (``backbone_cfg``: see
     :func:`project_backbone`)."""
     from ssl_models.engine import Runtime, TrainConfig, Trainer
@@ -140,8 +153,14 @@ def project_side(method: str, *, stem: str = "standard", image_size: int = 32, c
     optimizer = build_optimizer(model, rec, batch_size)
     scheduler = build_scheduler(optimizer, total_steps=total_steps, warmup_steps=warmup_steps)
     config = TrainConfig(epochs=1, steps_per_epoch=total_steps, precision=precision, progress=False)
-    trainer = Trainer(model, optimizer, config=config, make_loader=lambda epoch: (), scheduler=scheduler,
-                      runtime=Runtime(device=device))
+    trainer = Trainer(
+        model,
+        optimizer,
+        config=config,
+        make_loader=lambda epoch: (),
+        scheduler=scheduler,
+        runtime=Runtime(device=device),
+    )
     model.on_train_start(total_steps)
     model.train()
 
@@ -157,8 +176,7 @@ class _LightlyModel(nn.Module):
     """Holds a lightly-built method's modules (so .to(), .train() and parameter counts see all of them)."""
 
 
-def _lightly_optimizer(model: nn.Module, rec: dict[str, Any], batch_size: int, total_steps: int,
-                       warmup_steps: int):
+def _lightly_optimizer(model: nn.Module, rec: dict[str, Any], batch_size: int, total_steps: int, warmup_steps: int):
     from lightly.models.utils import get_weight_decay_parameters
     from lightly.utils.lars import LARS
     from lightly.utils.scheduler import CosineWarmupScheduler
@@ -172,8 +190,13 @@ def _lightly_optimizer(model: nn.Module, rec: dict[str, Any], batch_size: int, t
     no_decay = [p for p in no_decay if p.requires_grad]
     groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
     if rec["name"] == "lars":
-        opt = LARS(groups, lr=lr, momentum=float(rec.get("momentum", 0.9)), weight_decay=wd,
-                   trust_coefficient=float(rec.get("eta", 0.001)))
+        opt = LARS(
+            groups,
+            lr=lr,
+            momentum=float(rec.get("momentum", 0.9)),
+            weight_decay=wd,
+            trust_coefficient=float(rec.get("eta", 0.001)),
+        )
     elif rec["name"] == "adamw":
         opt = torch.optim.AdamW(groups, lr=lr, weight_decay=wd, betas=tuple(rec.get("betas", (0.9, 0.999))))
     else:
@@ -183,10 +206,21 @@ def _lightly_optimizer(model: nn.Module, rec: dict[str, Any], batch_size: int, t
     return opt, sched
 
 
-def lightly_side(method: str, *, stem: str = "standard", image_size: int = 32, channels: int = 3,
-                 total_steps: int = 1000, warmup_steps: int = 0, batch_size: int = 256, precision: str = "fp32",
-                 device: torch.device | str = "cpu", overrides: dict[str, Any] | None = None,
-                 recipe_overrides: dict[str, Any] | None = None, backbone_cfg: dict[str, Any] | None = None) -> Side:
+def lightly_side(
+    method: str,
+    *,
+    stem: str = "standard",
+    image_size: int = 32,
+    channels: int = 3,
+    total_steps: int = 1000,
+    warmup_steps: int = 0,
+    batch_size: int = 256,
+    precision: str = "fp32",
+    device: torch.device | str = "cpu",
+    overrides: dict[str, Any] | None = None,
+    recipe_overrides: dict[str, Any] | None = None,
+    backbone_cfg: dict[str, Any] | None = None,
+) -> Side:
     """The method from lightly's building blocks, sized like the project's defaults (see the module docstring).
 
     ``backbone_cfg`` (the pipeline's ``build_backbone`` config, for the mnist5k workload): a ResNet is the project's
@@ -207,8 +241,9 @@ def lightly_side(method: str, *, stem: str = "standard", image_size: int = 32, c
     elif backbone_cfg is not None:
         from ssl_models.backbones import build_backbone
 
-        m.backbone = build_backbone(backbone_cfg["name"], in_chans=channels,
-                                    **{k: v for k, v in backbone_cfg.items() if k != "name"})
+        m.backbone = build_backbone(
+            backbone_cfg["name"], in_chans=channels, **{k: v for k, v in backbone_cfg.items() if k != "name"}
+        )
     else:
         m.backbone = torchvision_resnet18(stem, channels)
     feat = getattr(m.backbone, "feature_dim", 512)
@@ -220,12 +255,17 @@ def lightly_side(method: str, *, stem: str = "standard", image_size: int = 32, c
 
     # forward(views, step) -> loss; after(step) -> momentum updates etc.; before_backward/after_backward hooks
     forward: Callable[[list[Tensor], int], Tensor]
-    after_step: Callable[[int], None] = lambda step: None
-    after_backward: Callable[[int], None] = lambda step: None
+
+    def after_step(step: int) -> None:
+        return None
+
+    def after_backward(step: int) -> None:
+        return None
 
     if method == "simclr":
-        m.head = H.SimCLRProjectionHead(feat, hp["projector_hidden_dim"], hp["projection_dim"],
-                                        num_layers=hp["projector_layers"], batch_norm=True)
+        m.head = H.SimCLRProjectionHead(
+            feat, hp["projector_hidden_dim"], hp["projection_dim"], num_layers=hp["projector_layers"], batch_norm=True
+        )
         crit = L.NTXentLoss(temperature=hp["temperature"])
 
         def forward(views, step):
@@ -235,14 +275,13 @@ def lightly_side(method: str, *, stem: str = "standard", image_size: int = 32, c
     elif method in ("byol", "moco"):
         if method == "byol":  # lightly has no DirectPred: its BYOL always trains the MLP predictor
             m.head = H.BYOLProjectionHead(feat, hp["projector_hidden_dim"], hp["projection_dim"])
-            m.predictor = H.BYOLPredictionHead(hp["projection_dim"], hp["predictor_hidden_dim"],
-                                               hp["projection_dim"])
+            m.predictor = H.BYOLPredictionHead(hp["projection_dim"], hp["predictor_hidden_dim"], hp["projection_dim"])
             crit = L.NegativeCosineSimilarity()
         else:  # MoCo v3: 3-layer BN projector, BYOL-style predictor, contrastive loss against the momentum keys
-            m.head = H.MoCoProjectionHead(feat, hp["projector_hidden_dim"], hp["projection_dim"], num_layers=3,
-                                          batch_norm=True)
-            m.predictor = H.BYOLPredictionHead(hp["projection_dim"], hp["predictor_hidden_dim"],
-                                               hp["projection_dim"])
+            m.head = H.MoCoProjectionHead(
+                feat, hp["projector_hidden_dim"], hp["projection_dim"], num_layers=3, batch_norm=True
+            )
+            m.predictor = H.BYOLPredictionHead(hp["projection_dim"], hp["predictor_hidden_dim"], hp["projection_dim"])
             crit = L.NTXentLoss(temperature=hp["temperature"])
         m.backbone_m = momentum_copy(m.backbone)
         m.head_m = momentum_copy(m.head)
@@ -259,8 +298,7 @@ def lightly_side(method: str, *, stem: str = "standard", image_size: int = 32, c
             U.update_momentum(m.head, m.head_m, m=mom)
 
     elif method == "vicreg":
-        m.head = H.VICRegProjectionHead(feat, hp["expander_dim"], hp["expander_dim"],
-                                        num_layers=hp["expander_layers"])
+        m.head = H.VICRegProjectionHead(feat, hp["expander_dim"], hp["expander_dim"], num_layers=hp["expander_layers"])
         crit = L.VICRegLoss(lambda_param=hp["sim_coeff"], mu_param=hp["std_coeff"], nu_param=hp["cov_coeff"])
 
         def forward(views, step):
@@ -277,8 +315,7 @@ def lightly_side(method: str, *, stem: str = "standard", image_size: int = 32, c
 
     elif method == "simsiam":
         m.head = H.SimSiamProjectionHead(feat, hp["projector_hidden_dim"], hp["projection_dim"])
-        m.predictor = H.SimSiamPredictionHead(hp["projection_dim"], hp["predictor_hidden_dim"],
-                                              hp["projection_dim"])
+        m.predictor = H.SimSiamPredictionHead(hp["projection_dim"], hp["predictor_hidden_dim"], hp["projection_dim"])
         crit = L.NegativeCosineSimilarity()
 
         def forward(views, step):
@@ -290,8 +327,7 @@ def lightly_side(method: str, *, stem: str = "standard", image_size: int = 32, c
         from lightly.models.modules import NNMemoryBankModule
 
         m.head = H.NNCLRProjectionHead(feat, hp["projector_hidden_dim"], hp["projection_dim"])
-        m.predictor = H.NNCLRPredictionHead(hp["projection_dim"], hp["predictor_hidden_dim"],
-                                            hp["projection_dim"])
+        m.predictor = H.NNCLRPredictionHead(hp["projection_dim"], hp["predictor_hidden_dim"], hp["projection_dim"])
         m.memory_bank = NNMemoryBankModule(size=(hp["support_set_size"], hp["projection_dim"]))
         crit = L.NTXentLoss(temperature=hp["temperature"])
 
@@ -304,17 +340,23 @@ def lightly_side(method: str, *, stem: str = "standard", image_size: int = 32, c
 
     elif method == "dino":
         freeze_steps = int(hp["freeze_last_layer_frac"] * total_steps)
-        m.head = H.DINOProjectionHead(feat, hp["head_hidden_dim"], hp["bottleneck_dim"], hp["out_dim"],
-                                      freeze_last_layer=freeze_steps)
+        m.head = H.DINOProjectionHead(
+            feat, hp["head_hidden_dim"], hp["bottleneck_dim"], hp["out_dim"], freeze_last_layer=freeze_steps
+        )
         m.backbone_m = momentum_copy(m.backbone)
         # a weight-normalised layer cannot be deep-copied: a second head, as lightly's DINO example builds it
         m.head_m = H.DINOProjectionHead(feat, hp["head_hidden_dim"], hp["bottleneck_dim"], hp["out_dim"])
         m.head_m.load_state_dict(m.head.state_dict())
         U.deactivate_requires_grad(m.head_m)
         warm = max(1, int(hp["warmup_teacher_temperature_frac"] * total_steps))
-        crit = L.DINOLoss(output_dim=hp["out_dim"], warmup_teacher_temp=hp["warmup_teacher_temperature"],
-                          teacher_temp=hp["teacher_temperature"], warmup_teacher_temp_epochs=warm,
-                          student_temp=hp["student_temperature"], center_momentum=hp["center_momentum"])
+        crit = L.DINOLoss(
+            output_dim=hp["out_dim"],
+            warmup_teacher_temp=hp["warmup_teacher_temperature"],
+            teacher_temp=hp["teacher_temperature"],
+            warmup_teacher_temp_epochs=warm,
+            student_temp=hp["student_temperature"],
+            center_momentum=hp["center_momentum"],
+        )
         n_global = hp["num_global_crops"]
 
         def forward(views, step):
@@ -333,10 +375,16 @@ def lightly_side(method: str, *, stem: str = "standard", image_size: int = 32, c
 
     elif method == "swav":
         m.head = H.SwaVProjectionHead(feat, hp["projector_hidden_dim"], hp["projection_dim"])
-        m.prototypes = H.SwaVPrototypes(hp["projection_dim"], hp["num_prototypes"],
-                                        n_steps_frozen_prototypes=int(hp["freeze_prototypes_frac"] * total_steps))
-        crit = L.SwaVLoss(temperature=hp["temperature"], sinkhorn_iterations=hp["sinkhorn_iterations"],
-                          sinkhorn_epsilon=hp["sinkhorn_epsilon"])
+        m.prototypes = H.SwaVPrototypes(
+            hp["projection_dim"],
+            hp["num_prototypes"],
+            n_steps_frozen_prototypes=int(hp["freeze_prototypes_frac"] * total_steps),
+        )
+        crit = L.SwaVLoss(
+            temperature=hp["temperature"],
+            sinkhorn_iterations=hp["sinkhorn_iterations"],
+            sinkhorn_epsilon=hp["sinkhorn_epsilon"],
+        )
         n_high = hp["num_assignment_crops"]
 
         def forward(views, step):
@@ -349,17 +397,28 @@ def lightly_side(method: str, *, stem: str = "standard", image_size: int = 32, c
         from lightly.models.modules.masked_autoencoder import MAEBackbone, MAEDecoder
 
         patch = int(vit_cfg.get("patch_size", 4))
-        vit = torchvision.models.VisionTransformer(image_size=image_size, patch_size=patch,
-                                                   num_layers=int(vit_cfg.get("depth", 12)), num_heads=3,
-                                                   hidden_dim=192, mlp_dim=768)
+        vit = torchvision.models.VisionTransformer(
+            image_size=image_size,
+            patch_size=patch,
+            num_layers=int(vit_cfg.get("depth", 12)),
+            num_heads=3,
+            hidden_dim=192,
+            mlp_dim=768,
+        )
         if channels != 3:
             vit.conv_proj = nn.Conv2d(channels, 192, kernel_size=patch, stride=patch)
         m.backbone = MAEBackbone.from_vit(vit)
         seq = vit.seq_length
         dim = hp["decoder_dim"]
-        m.decoder = MAEDecoder(seq_length=seq, num_layers=hp["decoder_depth"], num_heads=hp["decoder_heads"],
-                               embed_input_dim=192, hidden_dim=dim, mlp_dim=4 * dim,
-                               out_dim=patch * patch * channels)
+        m.decoder = MAEDecoder(
+            seq_length=seq,
+            num_layers=hp["decoder_depth"],
+            num_heads=hp["decoder_heads"],
+            embed_input_dim=192,
+            hidden_dim=dim,
+            mlp_dim=4 * dim,
+            out_dim=patch * patch * channels,
+        )
         m.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         mask_ratio = hp["mask_ratio"]
 
@@ -427,8 +486,16 @@ class _FlatFeatures(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------- bare
-def bare_side(method: str, *, stem: str = "standard", image_size: int = 32, channels: int = 3,
-              precision: str = "fp32", device: torch.device | str = "cpu", **_: Any) -> Side:
+def bare_side(
+    method: str,
+    *,
+    stem: str = "standard",
+    image_size: int = 32,
+    channels: int = 3,
+    precision: str = "fp32",
+    device: torch.device | str = "cpu",
+    **_: Any,
+) -> Side:
     """The backbone's forward + backward over the same views (one forward per same-size group), nothing else."""
     device = torch.device(device)
     backbone = project_backbone(method, stem, image_size, channels).to(device).train()

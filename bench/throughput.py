@@ -14,6 +14,7 @@ reported too.
 
 Writes bench/results/throughput.json (or --results-dir) and prints a markdown table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.common import machine, publish, median, table, write_results  # noqa: E402
+from bench.common import machine, median, publish, table, write_results  # noqa: E402
 from bench.steps import METHODS  # noqa: E402
 
 TINY = {"batch_size": 8, "steps": 1, "repeats": 1, "train_per_class": 2, "test_per_class": 1}
@@ -53,9 +54,18 @@ def child(args: argparse.Namespace) -> int:
     rss_imports = _rss_mb()
     views = torch.load(args.views, weights_only=True)
     batch = int(views[0].shape[0])
-    side = build_side(args.side, args.method, stem=args.stem, image_size=int(views[0].shape[-1]),
-                      channels=int(views[0].shape[1]), batch_size=batch, total_steps=1000, warmup_steps=0,
-                      device=args.device, precision=args.precision)
+    side = build_side(
+        args.side,
+        args.method,
+        stem=args.stem,
+        image_size=int(views[0].shape[-1]),
+        channels=int(views[0].shape[1]),
+        batch_size=batch,
+        total_steps=1000,
+        warmup_steps=0,
+        device=args.device,
+        precision=args.precision,
+    )
     if args.side == "project" and torch.device(args.device).type == "cpu":
         engine_cpu_mode()  # the CPU settings Trainer.fit trains under
     side.step(views, 0)  # warm-up: allocations, lazy inits, optimizer state
@@ -67,16 +77,47 @@ def child(args: argparse.Namespace) -> int:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     step_s = median(times)
-    print(json.dumps({"side": args.side, "method": args.method, "images_per_s": batch / step_s,
-                      "step_seconds": times, "peak_rss_mb": _rss_mb(), "rss_after_imports_mb": rss_imports,
-                      "parameters": side.parameters(), "batch_size": batch, "threads": torch.get_num_threads()}))
+    print(
+        json.dumps(
+            {
+                "side": args.side,
+                "method": args.method,
+                "images_per_s": batch / step_s,
+                "step_seconds": times,
+                "peak_rss_mb": _rss_mb(),
+                "rss_after_imports_mb": rss_imports,
+                "parameters": side.parameters(),
+                "batch_size": batch,
+                "threads": torch.get_num_threads(),
+            }
+        )
+    )
     return 0
 
 
 def _run_child(side: str, method: str, views: Path, args: argparse.Namespace) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "bench.throughput", "--child", "--side", side, "--method", method,
-           "--views", str(views), "--steps", str(args.steps), "--threads", str(args.threads), "--stem", args.stem,
-           "--device", args.device, "--precision", args.precision]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.throughput",
+        "--child",
+        "--side",
+        side,
+        "--method",
+        method,
+        "--views",
+        str(views),
+        "--steps",
+        str(args.steps),
+        "--threads",
+        str(args.threads),
+        "--stem",
+        args.stem,
+        "--device",
+        args.device,
+        "--precision",
+        args.precision,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=args.child_timeout)
     if proc.returncode != 0:
@@ -99,14 +140,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from bench.workload import cifar10k
 
     wl = cifar10k(args.archive, train_per_class=args.train_per_class, test_per_class=args.test_per_class)
-    images = wl.train_images[:args.batch_size]
-    results: dict[str, Any] = {"machine": machine(), "workload": wl.describe(),
-                               "settings": {"batch_size": args.batch_size, "steps": args.steps,
-                                            "repeats": args.repeats, "threads": args.threads, "stem": args.stem,
-                                            "device": args.device, "precision": args.precision,
-                                            "backbone": "torchvision ResNet-18 (width 64), "
-                                                        f"{args.stem} stem; MAE: ViT-Tiny patch 4"},
-                               "methods": {}}
+    images = wl.train_images[: args.batch_size]
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "workload": wl.describe(),
+        "settings": {
+            "batch_size": args.batch_size,
+            "steps": args.steps,
+            "repeats": args.repeats,
+            "threads": args.threads,
+            "stem": args.stem,
+            "device": args.device,
+            "precision": args.precision,
+            "backbone": f"torchvision ResNet-18 (width 64), {args.stem} stem; MAE: ViT-Tiny patch 4",
+        },
+        "methods": {},
+    }
     with tempfile.TemporaryDirectory(prefix="sslcook-bench-views-") as tmp:
         for method in args.methods:
             views = make_method_views(method, images, Path(tmp))
@@ -118,8 +167,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for side in order + (["bare"] if r == 0 else []):
                     runs[side].append(_run_child(side, method, views, args))
                 ratios.append(runs["project"][-1]["images_per_s"] / runs["lightly"][-1]["images_per_s"])
-                print(f"{method} repeat {r + 1}/{args.repeats}: project/lightly {ratios[-1]:.3f}", file=sys.stderr,
-                      flush=True)
+                print(
+                    f"{method} repeat {r + 1}/{args.repeats}: project/lightly {ratios[-1]:.3f}",
+                    file=sys.stderr,
+                    flush=True,
+                )
             ips = {s: median(x["images_per_s"] for x in v) for s, v in runs.items()}
             results["methods"][method] = {
                 "images_per_s": ips,
@@ -151,13 +203,35 @@ def report(results: dict[str, Any]) -> str:
     rows = []
     for method, r in results["methods"].items():
         ips, rss = r["images_per_s"], r["peak_rss_mb"]
-        rows.append([method, ips["project"], ips["lightly"], round(r["ratio_project_over_lightly"], 3),
-                     ", ".join(f"{x:.2f}" for x in r["ratios"]), ips["bare"],
-                     round(r["ratio_to_bare"]["project"], 3), round(r["ratio_to_bare"]["lightly"], 3),
-                     round(rss["project"]), round(rss["lightly"])])
-    return table(["method", "project img/s", "lightly img/s", "project/lightly (median)", "per repeat",
-                  "bare backbone img/s", "project/bare", "lightly/bare", "project peak RSS MB",
-                  "lightly peak RSS MB"], rows)
+        rows.append(
+            [
+                method,
+                ips["project"],
+                ips["lightly"],
+                round(r["ratio_project_over_lightly"], 3),
+                ", ".join(f"{x:.2f}" for x in r["ratios"]),
+                ips["bare"],
+                round(r["ratio_to_bare"]["project"], 3),
+                round(r["ratio_to_bare"]["lightly"], 3),
+                round(rss["project"]),
+                round(rss["lightly"]),
+            ]
+        )
+    return table(
+        [
+            "method",
+            "project img/s",
+            "lightly img/s",
+            "project/lightly (median)",
+            "per repeat",
+            "bare backbone img/s",
+            "project/bare",
+            "lightly/bare",
+            "project peak RSS MB",
+            "lightly peak RSS MB",
+        ],
+        rows,
+    )
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

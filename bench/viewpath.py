@@ -12,6 +12,7 @@ The project side is behind :func:`batched`, :func:`view_maker`, :func:`view_gene
 per-sample views applied to the batch, and every result records ``"batched": false`` (its figures are then the
 per-sample path's, run in the training process).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -77,13 +78,27 @@ def view_maker(recipe: str, *, image_size: int, channels: int, grey: str = "skip
     return _PerSampleOnBatch(build_views(recipe, image_size=image_size, channels=channels, grey=grey, **strengths))
 
 
-def decode_loader(urls: list[str], *, batch_size: int, num_workers: int, seed: int = 0, epoch: int = 0,
-                  shuffle_buffer: int = 1000, pin_memory: bool = False) -> Iterable[tuple[Tensor, Tensor]]:
+def decode_loader(
+    urls: list[str],
+    *,
+    batch_size: int,
+    num_workers: int,
+    seed: int = 0,
+    epoch: int = 0,
+    shuffle_buffer: int = 1000,
+    pin_memory: bool = False,
+) -> Iterable[tuple[Tensor, Tensor]]:
     """The project's loader without views: batches of (uint8 images B x C x H x W, labels)."""
     from ssl_models.data import make_loader
 
-    kw = dict(batch_size=batch_size, num_workers=num_workers, seed=seed, epoch=epoch, shuffle_buffer=shuffle_buffer,
-              pin_memory=pin_memory)
+    kw = dict(
+        batch_size=batch_size,
+        num_workers=num_workers,
+        seed=seed,
+        epoch=epoch,
+        shuffle_buffer=shuffle_buffer,
+        pin_memory=pin_memory,
+    )
     if decode_only_loader():
         return make_loader(urls, **kw)
     return _FirstView(make_loader(urls, transform=None, **kw))
@@ -133,18 +148,37 @@ def _collate(samples: list[tuple[list[Tensor], int]]) -> tuple[list[Tensor], Ten
     return views, torch.tensor([s[1] for s in samples], dtype=torch.long)
 
 
-def sample_loader(urls: list[str], views: Callable, *, pil: bool, mode: str, batch_size: int, num_workers: int,
-                  shuffle_buffer: int = 1000, seed: int = 0, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+def sample_loader(
+    urls: list[str],
+    views: Callable,
+    *,
+    pil: bool,
+    mode: str,
+    batch_size: int,
+    num_workers: int,
+    shuffle_buffer: int = 1000,
+    seed: int = 0,
+    pin_memory: bool = False,
+) -> torch.utils.data.DataLoader:
     """A torch DataLoader over the shards, ``views`` per image in its workers (shuffle buffer as the project's)."""
     import webdataset as wds
 
-    ds = (wds.WebDataset(urls, shardshuffle=False, workersplitter=wds.split_by_worker, nodesplitter=None,
-                         empty_check=False)
-          .shuffle(shuffle_buffer, rng=__import__("random").Random(seed))
-          .map(_Sample(views, pil, mode)))
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
-                                       drop_last=True, pin_memory=pin_memory,
-                                       persistent_workers=False)
+    ds = (
+        wds.WebDataset(
+            urls, shardshuffle=False, workersplitter=wds.split_by_worker, nodesplitter=None, empty_check=False
+        )
+        .shuffle(shuffle_buffer, rng=__import__("random").Random(seed))
+        .map(_Sample(views, pil, mode))
+    )
+    return torch.utils.data.DataLoader(
+        ds,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=_collate,
+        drop_last=True,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+    )
 
 
 def lightly_views(method: str, *, image_size: int, channels: int, strengths: dict[str, Any] | None = None):
@@ -166,13 +200,24 @@ def lightly_views(method: str, *, image_size: int, channels: int, strengths: dic
         sat = 0.0 if grey else s.get("saturation", 0.8 * jitter if jitter is not None else 0.4)
         hue = 0.0 if grey else s.get("hue", 0.2 * jitter if jitter is not None else 0.1)
         degrees = float(s.get("affine_degrees", 0.0))
-        return T.SimCLRTransform(input_size=image_size, cj_prob=s.get("jitter_prob", 0.8), cj_strength=1.0,
-                                 cj_bright=b, cj_contrast=c, cj_sat=sat, cj_hue=hue,
-                                 min_scale=s.get("crop_scale", (0.08, 1.0))[0],
-                                 random_gray_scale=0.0 if grey else s.get("grayscale_prob", 0.2),
-                                 gaussian_blur=s.get("blur_prob", 0.5), sigmas=tuple(s.get("blur_sigma", (0.1, 2.0))),
-                                 hf_prob=s.get("flip_prob", 0.5), vf_prob=0.0, rr_prob=1.0 if degrees else 0.0,
-                                 rr_degrees=degrees or None, **norm_kw)
+        return T.SimCLRTransform(
+            input_size=image_size,
+            cj_prob=s.get("jitter_prob", 0.8),
+            cj_strength=1.0,
+            cj_bright=b,
+            cj_contrast=c,
+            cj_sat=sat,
+            cj_hue=hue,
+            min_scale=s.get("crop_scale", (0.08, 1.0))[0],
+            random_gray_scale=0.0 if grey else s.get("grayscale_prob", 0.2),
+            gaussian_blur=s.get("blur_prob", 0.5),
+            sigmas=tuple(s.get("blur_sigma", (0.1, 2.0))),
+            hf_prob=s.get("flip_prob", 0.5),
+            vf_prob=0.0,
+            rr_prob=1.0 if degrees else 0.0,
+            rr_degrees=degrees or None,
+            **norm_kw,
+        )
     local = max(2, round(image_size * 96 / 224))
     if method in ("simclr", "nnclr"):
         return T.SimCLRTransform(input_size=image_size, **norm_kw)
@@ -183,8 +228,10 @@ def lightly_views(method: str, *, image_size: int, channels: int, strengths: dic
     if method == "vicreg":
         return T.VICRegTransform(input_size=image_size, **norm_kw)
     if method in ("byol", "barlowtwins"):
-        return T.BYOLTransform(view_1_transform=T.BYOLView1Transform(input_size=image_size, **norm_kw),
-                               view_2_transform=T.BYOLView2Transform(input_size=image_size, **norm_kw))
+        return T.BYOLTransform(
+            view_1_transform=T.BYOLView1Transform(input_size=image_size, **norm_kw),
+            view_2_transform=T.BYOLView2Transform(input_size=image_size, **norm_kw),
+        )
     if method == "dino":
         return T.DINOTransform(global_crop_size=image_size, local_crop_size=local, n_local_views=6, **norm_kw)
     if method == "swav":
@@ -215,13 +262,15 @@ def make_shards(wl, root: Path, *, test_images: int = 100) -> Path:
     from PIL import Image
 
     from bench.bench_data import workspace
-    from stages.workspace.ingest import ingest
     from stages.shard import shard
+    from stages.workspace.ingest import ingest
 
     mode = "L" if wl.channels == 1 else "RGB"
     folder = root / "images"
-    for split, images, labels in (("train", wl.train_images, wl.train_labels),
-                                  ("test", wl.test_images[:test_images], wl.test_labels[:test_images])):
+    for split, images, labels in (
+        ("train", wl.train_images, wl.train_labels),
+        ("test", wl.test_images[:test_images], wl.test_labels[:test_images]),
+    ):
         for i, (img, label) in enumerate(zip(images, labels)):
             d = folder / split / wl.classes[int(label)]
             d.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ The cache is a ``torch.save`` of plain tensors (read back with ``weights_only=Tr
 ``$SSLCOOK_BENCH_CACHE`` or ``<tmp>/sslcook-bench-cache``, keyed by the archive's size and mtime and the split
 sizes, so a changed archive or a different subset is decoded again.
 """
+
 from __future__ import annotations
 
 import io
@@ -27,8 +28,8 @@ CIFAR_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-images.tar.gz"
 @dataclass
 class Workload:
     name: str
-    train_images: torch.Tensor   # uint8 N x C x H x W
-    train_labels: torch.Tensor   # int64 N
+    train_images: torch.Tensor  # uint8 N x C x H x W
+    train_labels: torch.Tensor  # int64 N
     test_images: torch.Tensor
     test_labels: torch.Tensor
     classes: list[str]
@@ -42,8 +43,13 @@ class Workload:
         return int(self.train_images.shape[-1])
 
     def describe(self) -> dict:
-        return {"name": self.name, "train": int(len(self.train_labels)), "test": int(len(self.test_labels)),
-                "image": list(self.train_images.shape[1:]), "classes": len(self.classes)}
+        return {
+            "name": self.name,
+            "train": int(len(self.train_labels)),
+            "test": int(len(self.test_labels)),
+            "image": list(self.train_images.shape[1:]),
+            "classes": len(self.classes),
+        }
 
 
 def cache_dir() -> Path:
@@ -84,8 +90,9 @@ def _read_cifar(archive: Path, train_per_class: int, test_per_class: int | None)
     return out
 
 
-def cifar10k(archive: Path | None = None, *, train_per_class: int = 1000, test_per_class: int | None = None
-             ) -> Workload:
+def cifar10k(
+    archive: Path | None = None, *, train_per_class: int = 1000, test_per_class: int | None = None
+) -> Workload:
     """The cifar10k workload (smaller per-class counts give the tiny smoke-test variant)."""
     archive = Path(archive or CIFAR_ARCHIVE)
     if not archive.is_file():
@@ -100,10 +107,15 @@ def cifar10k(archive: Path | None = None, *, train_per_class: int = 1000, test_p
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         torch.save(data, tmp)
         os.replace(tmp, path)
-    name = "cifar10k" if (train_per_class, test_per_class) == (1000, None) else \
-        f"cifar10-{train_per_class}pc"
-    return Workload(name, data["train_images"], data["train_labels"], data["test_images"], data["test_labels"],
-                    list(data["classes"]))
+    name = "cifar10k" if (train_per_class, test_per_class) == (1000, None) else f"cifar10-{train_per_class}pc"
+    return Workload(
+        name,
+        data["train_images"],
+        data["train_labels"],
+        data["test_images"],
+        data["test_labels"],
+        list(data["classes"]),
+    )
 
 
 def mnist5k(*, train_per_class: int = 400, test_per_class: int = 100) -> Workload:
@@ -117,7 +129,7 @@ def mnist5k(*, train_per_class: int = 400, test_per_class: int = 100) -> Workloa
     for c in range(10):
         idx = np.nonzero(labels == c)[0]
         train += idx[:train_per_class].tolist()
-        test += idx[train_per_class:train_per_class + test_per_class].tolist()
+        test += idx[train_per_class : train_per_class + test_per_class].tolist()
     t = lambda idx: (torch.from_numpy(pixels[idx]).contiguous(), torch.from_numpy(labels[idx]))  # noqa: E731
     (xtr, ytr), (xte, yte) = t(train), t(test)
     return Workload("mnist5k", xtr, ytr, xte, yte, [str(c) for c in range(10)])

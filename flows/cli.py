@@ -2,6 +2,7 @@
 
 Subcommand modules are imported only when used, so ``sslcook --help`` stays fast.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -10,14 +11,22 @@ import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("flows.pipeline", "run the whole pipeline (dvc.yaml stages as Prefect tasks), in-process"),
-    "data": ("flows.data", "data ingest SOURCE: bring a source into data/raw + dvc add; data update: ingest + run the pipeline"),
+    "data": (
+        "flows.data",
+        "data ingest SOURCE: bring a source into data/raw + dvc add; data update: ingest + run the pipeline",
+    ),
     "sweep": ("flows.sweep", "run a list of params overrides as DVC experiments and rank them"),
     "serve": ("flows.deploy", "serve the pipeline, data and sweep deployments (nightly cron) locally"),
     "trace": ("flows.trace", "print the lineage chain of an artifact back to its data version and commit"),
 }
 
-USAGE = "usage: sslcook {" + ",".join(COMMANDS) + "} [options]\n\ncommands:\n" + "\n".join(
-    f"  {name:<7} {doc}" for name, (_, doc) in COMMANDS.items()) + "\n\n`sslcook COMMAND --help` for its options."
+USAGE = (
+    "usage: sslcook {"
+    + ",".join(COMMANDS)
+    + "} [options]\n\ncommands:\n"
+    + "\n".join(f"  {name:<7} {doc}" for name, (_, doc) in COMMANDS.items())
+    + "\n\n`sslcook COMMAND --help` for its options."
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     except SslcookError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except OSError as exc:   # a full disk or a read-only workspace: one line, as in every stage
+    except OSError as exc:  # a full disk or a read-only workspace: one line, as in every stage
         if exc.errno not in OUTPUT_FAULTS:
             raise
         print(f"error: {os_error_line(exc)}", file=sys.stderr)

@@ -7,6 +7,7 @@ SOURCE is mnist5k (default data.source), folder, archive or cifar10; folder/arch
 cifar10 a local archive of its image tree (without one, torchvision downloads it). After ingest, the new data
 version is one ``git commit`` away.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,12 +24,19 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sslcook data", description="Bring a data source into data/raw and `dvc add` it.")
     commands = parser.add_subparsers(dest="command", metavar="ingest")
-    cmd = commands.add_parser("ingest", help="replace data/raw with SOURCE and `dvc add data/raw`",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cmd.add_argument("source", nargs="?", metavar="SOURCE",
-                     help=f"one of {', '.join(SOURCES)} (default: params data.source)")
-    cmd.add_argument("--path", help="folder or archive for folder/archive; a local CIFAR-10 archive for cifar10 "
-                                    "(default: params data.path)")
+    cmd = commands.add_parser(
+        "ingest",
+        help="replace data/raw with SOURCE and `dvc add data/raw`",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    cmd.add_argument(
+        "source", nargs="?", metavar="SOURCE", help=f"one of {', '.join(SOURCES)} (default: params data.source)"
+    )
+    cmd.add_argument(
+        "--path",
+        help="folder or archive for folder/archive; a local CIFAR-10 archive for cifar10 (default: params data.path)",
+    )
     cmd.add_argument("--no-dvc", action="store_true", help="only write data/raw; do not run `dvc add`")
     return parser
 
@@ -39,7 +47,7 @@ def _ingest_locked(source: str | None, path: str | None, *, run_dvc: bool):
     from stages.workspace.common import workspace
 
     root = workspace()
-    if not (root / ".dvc").is_dir():   # no DVC repository: no pipeline can run here to be disturbed
+    if not (root / ".dvc").is_dir():  # no DVC repository: no pipeline can run here to be disturbed
         return ingest(source, path, run_dvc=run_dvc, root=root)
     with workspace_lock(root, "sslcook data ingest"):
         return ingest(source, path, run_dvc=run_dvc, root=root)
@@ -59,8 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     result = _ingest_locked(args.source, args.path, run_dvc=not args.no_dvc)
     splits = ", ".join(f"{split} {sum(c.values())}" for split, c in result.counts.items())
     classes = {c for per_class in result.counts.values() for c in per_class}
-    print(f"data/raw: {result.source}, {result.total} images ({splits}), {len(classes)} classes, "
-          f"{len(result.skipped)} skipped (listed in data/raw/SOURCE.json)")
+    print(
+        f"data/raw: {result.source}, {result.total} images ({splits}), {len(classes)} classes, "
+        f"{len(result.skipped)} skipped (listed in data/raw/SOURCE.json)"
+    )
     for bad in result.skipped[:10]:
         print(f"  skipped {bad['path']}: {bad['reason']}")
     if len(result.skipped) > 10:

@@ -3,10 +3,11 @@
     sslcook data update folder --path /data/new-images            # ingest + pipeline, nothing committed
     sslcook data update mnist5k --commit                          # + `git commit` of data.dvc
 
-Ingest is the data slice's (``stages.workspace.ingest.ingest``: data/raw replaced atomically, then ``dvc add``). The flow
+Ingest is ``stages.workspace.ingest.ingest`` (data/raw replaced atomically, then ``dvc add``). The flow
 commits nothing unless asked: with ``commit``, only data.dvc (and data/.gitignore) are committed, before the
 pipeline runs, so every artifact's lineage names a commit that holds the data version it was made from.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,13 @@ def ingest_source(workspace: str, source: str | None, path: str | None) -> dict[
     from stages.workspace.ingest import ingest
 
     result = ingest(source, path, root=Path(workspace))
-    return {"source": result.source, "images": result.total, "counts": result.counts,
-            "skipped": len(result.skipped), "data_version": result.data_version}
+    return {
+        "source": result.source,
+        "images": result.total,
+        "counts": result.counts,
+        "skipped": len(result.skipped),
+        "data_version": result.data_version,
+    }
 
 
 @task(name="git-commit-data", cache_policy=NO_CACHE)
@@ -47,13 +53,44 @@ def commit_data_version(workspace: str, message: str) -> str:
         return proc.stdout.strip()
 
     git("add", "--", *paths)
-    git("commit", "-q", "-m", message, "--", *paths)   # only these paths, whatever else is staged
+    git("commit", "-q", "-m", message, "--", *paths)  # only these paths, whatever else is staged
     return git("rev-parse", "HEAD")
 
 
+def _data_markdown(
+    ingested: dict, path: str | None, before: str | None, after: str, commit_sha: str | None, pipeline: dict | None
+) -> str:
+    """The flow's summary: the source, the data version before and after, the commit, the pipeline's table."""
+    changed = after != before
+    if commit_sha:
+        committed = f"- committed: `{commit_sha}`"
+    elif changed:
+        committed = "- not committed: `git add data.dvc data/.gitignore && git commit`"
+    else:
+        committed = "- nothing to commit"
+    lines = [
+        "# new data version",
+        "",
+        f"- source: `{ingested['source']}`" + (f" from `{path}`" if path else ""),
+        f"- images: {ingested['images']} ({ingested['skipped']} skipped)",
+        f"- data version before: `{before or 'none'}`",
+        f"- data version after: `{after}`" + (" (new)" if changed else " (unchanged)"),
+        committed,
+    ]
+    if pipeline:
+        lines += ["", pipeline["markdown"]]
+    return "\n".join(lines) + "\n"
+
+
 @flow(name="sslcook-new-data", description="Ingest a data source as a new data version and run the pipeline on it")
-def new_data_flow(source: str | None = None, path: str | None = None, workspace: str | None = None,
-                  commit: bool = False, run_pipeline: bool = True, wait_minutes: float = 0.0) -> dict[str, Any]:
+def new_data_flow(
+    source: str | None = None,
+    path: str | None = None,
+    workspace: str | None = None,
+    commit: bool = False,
+    run_pipeline: bool = True,
+    wait_minutes: float = 0.0,
+) -> dict[str, Any]:
     """Ingest ``source`` (default params ``data.source``; ``path`` for folder/archive/cifar10) into data/raw,
     optionally commit data.dvc, run the pipeline, and publish the data version before and after."""
     from prefect.artifacts import create_markdown_artifact
@@ -64,8 +101,13 @@ def new_data_flow(source: str | None = None, path: str | None = None, workspace:
     run_id = str(flow_run.id) if flow_run.id else None
     if path is not None:
         path = str(Path(path).expanduser().resolve())
-    with workspace_lock(root, "sslcook new-data flow", run_id, wait_seconds=wait_minutes * 60,
-                        on_wait=lambda who: logger.warning("waiting for the workspace: %s holds it", who)):
+    with workspace_lock(
+        root,
+        "sslcook new-data flow",
+        run_id,
+        wait_seconds=wait_minutes * 60,
+        on_wait=lambda who: logger.warning("waiting for the workspace: %s holds it", who),
+    ):
         before = data_version(root)
         ingested = ingest_source(str(root), source, path)
         after = data_version(root)
@@ -73,24 +115,24 @@ def new_data_flow(source: str | None = None, path: str | None = None, workspace:
         logger.info("data version %s -> %s (%s)", before, after, "new" if changed else "unchanged")
         commit_sha = None
         if commit and changed:
-            commit_sha = commit_data_version(str(root), f"data: {ingested['source']} ({ingested['images']} images), "
-                                                        f"data version {after}")
+            commit_sha = commit_data_version(
+                str(root), f"data: {ingested['source']} ({ingested['images']} images), data version {after}"
+            )
         pipeline = pipeline_flow(workspace=str(root)) if run_pipeline else None
-    lines = ["# new data version", "",
-             f"- source: `{ingested['source']}`" + (f" from `{path}`" if path else ""),
-             f"- images: {ingested['images']} ({ingested['skipped']} skipped)",
-             f"- data version before: `{before or 'none'}`",
-             f"- data version after: `{after}`" + (" (new)" if changed else " (unchanged)"),
-             f"- committed: `{commit_sha}`" if commit_sha else
-             ("- not committed: `git add data.dvc data/.gitignore && git commit`" if changed else "- nothing to commit")]
-    if pipeline:
-        lines += ["", pipeline["markdown"]]
-    markdown = "\n".join(lines) + "\n"
-    create_markdown_artifact(markdown=markdown, key="sslcook-data-version",
-                             description="data version before and after ingest")
-    return {"source": ingested["source"], "data_version_before": before, "data_version_after": after,
-            "changed": changed, "commit": commit_sha, "ingested": ingested, "pipeline": pipeline,
-            "markdown": markdown}
+    markdown = _data_markdown(ingested, path, before, after, commit_sha, pipeline)
+    create_markdown_artifact(
+        markdown=markdown, key="sslcook-data-version", description="data version before and after ingest"
+    )
+    return {
+        "source": ingested["source"],
+        "data_version_before": before,
+        "data_version_after": after,
+        "changed": changed,
+        "commit": commit_sha,
+        "ingested": ingested,
+        "pipeline": pipeline,
+        "markdown": markdown,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,12 +143,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--commit", action="store_true", help="git commit data.dvc when the data version changed")
     p.add_argument("--no-pipeline", action="store_true", help="only ingest; do not run the pipeline")
     args = p.parse_args(argv)
-    if not args.no_pipeline:   # a bad value stops the update before it replaces the data, not after
+    if not args.no_pipeline:  # a bad value stops the update before it replaces the data, not after
         from flows.pipeline import validate_params
 
         validate_params(resolve_root(args.workspace))
-    summary = new_data_flow(source=args.source, path=args.path, workspace=args.workspace, commit=args.commit,
-                            run_pipeline=not args.no_pipeline)
+    summary = new_data_flow(
+        source=args.source,
+        path=args.path,
+        workspace=args.workspace,
+        commit=args.commit,
+        run_pipeline=not args.no_pipeline,
+    )
     print(summary["markdown"])
     return 0
 

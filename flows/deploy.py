@@ -10,6 +10,7 @@ Two ways to schedule the same three flows (pipeline, new data version, sweep), e
 
 tests/test_deploy.py checks that prefect.yaml and params.yaml give the same schedules and parameters.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,15 +29,27 @@ def deployment_specs(config: FlowConfig, workspace: str | None = None) -> list[d
     if workspace:
         base["workspace"] = workspace
     return [
-        {"flow": "sslcook-new-data", "entrypoint": "flows/data_flow.py:new_data_flow",
-         "cron": config.schedule.new_data, "parameters": dict(base),
-         "description": "ingest params data.source as a new data version, then run the pipeline"},
-        {"flow": "sslcook-pipeline", "entrypoint": "flows/pipeline.py:pipeline_flow",
-         "cron": config.schedule.pipeline, "parameters": dict(base),
-         "description": "run the dvc.yaml pipeline (unchanged stages skipped) and publish its results"},
-        {"flow": "sslcook-sweep", "entrypoint": "flows/sweep.py:sweep_flow",
-         "cron": config.schedule.sweep, "parameters": dict(base),
-         "description": "run params flow.sweep.grid as DVC experiments and rank them"},
+        {
+            "flow": "sslcook-new-data",
+            "entrypoint": "flows/data_flow.py:new_data_flow",
+            "cron": config.schedule.new_data,
+            "parameters": dict(base),
+            "description": "ingest params data.source as a new data version, then run the pipeline",
+        },
+        {
+            "flow": "sslcook-pipeline",
+            "entrypoint": "flows/pipeline.py:pipeline_flow",
+            "cron": config.schedule.pipeline,
+            "parameters": dict(base),
+            "description": "run the dvc.yaml pipeline (unchanged stages skipped) and publish its results",
+        },
+        {
+            "flow": "sslcook-sweep",
+            "entrypoint": "flows/sweep.py:sweep_flow",
+            "cron": config.schedule.sweep,
+            "parameters": dict(base),
+            "description": "run params flow.sweep.grid as DVC experiments and rank them",
+        },
     ]
 
 
@@ -49,10 +62,17 @@ def build_deployments(config: FlowConfig, workspace: str | None = None) -> list:
     from flows.sweep import sweep_flow
 
     flows = {"sslcook-new-data": new_data_flow, "sslcook-pipeline": pipeline_flow, "sslcook-sweep": sweep_flow}
-    return [flows[spec["flow"]].to_deployment(
-        name=DEPLOYMENT_NAME, schedules=[Cron(spec["cron"], timezone=config.timezone)],
-        parameters=spec["parameters"], description=spec["description"], concurrency_limit=1,
-        tags=["sslcook"]) for spec in deployment_specs(config, workspace)]
+    return [
+        flows[spec["flow"]].to_deployment(
+            name=DEPLOYMENT_NAME,
+            schedules=[Cron(spec["cron"], timezone=config.timezone)],
+            parameters=spec["parameters"],
+            description=spec["description"],
+            concurrency_limit=1,
+            tags=["sslcook"],
+        )
+        for spec in deployment_specs(config, workspace)
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,8 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     config = FlowConfig.from_workspace(root)
     specs = deployment_specs(config, str(root))
     for spec in specs:
-        print(f"{spec['flow']}/{DEPLOYMENT_NAME}: cron '{spec['cron']}' ({config.timezone}), "
-              f"{spec['entrypoint']}, parameters {spec['parameters']}")
+        print(
+            f"{spec['flow']}/{DEPLOYMENT_NAME}: cron '{spec['cron']}' ({config.timezone}), "
+            f"{spec['entrypoint']}, parameters {spec['parameters']}"
+        )
     if args.dry_run:
         return 0
     from prefect import serve

@@ -6,6 +6,7 @@ The flows never redefine the pipeline: the stage list and its order come from DV
 What it did is read from its structured state (``dvc status`` of the stage, its run cache, dvc.lock), never from
 the wording of its log. Nothing here imports Prefect.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -19,13 +20,15 @@ import subprocess
 import sys
 import time
 from collections import deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import yaml
 
 from stages.workspace.common import WATCH_ENV, ConfigError, SslcookError, is_workspace, process_identity, workspace
+
 
 def prefect_defaults() -> None:
     """Settings the flows want before Prefect is imported (an explicit environment variable still wins).
@@ -36,9 +39,9 @@ def prefect_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
-STOP_GRACE_SECONDS = 30.0   # an interrupted stage's time to stop cleanly before it is killed
+STOP_GRACE_SECONDS = 30.0  # an interrupted stage's time to stop cleanly before it is killed
 LOCK_FILE = Path(".dvc") / "tmp" / "sslcook-workspace.lock"
-LOG_DIR = Path(".dvc") / "tmp" / "sslcook-logs"   # DVC's tmp dir: git-ignored, per workspace
+LOG_DIR = Path(".dvc") / "tmp" / "sslcook-logs"  # DVC's tmp dir: git-ignored, per workspace
 
 
 class WorkspaceBusy(SslcookError):
@@ -53,8 +56,8 @@ class StageFailed(SslcookError):
 class DvcResult:
     returncode: int
     log_path: Path | None
-    head: str      # the first 64 KiB of the output: DVC says there whether it ran or skipped the stage
-    tail: str      # the last lines of the output
+    head: str  # the first 64 KiB of the output: DVC says there whether it ran or skipped the stage
+    tail: str  # the last lines of the output
 
 
 def resolve_root(path: str | os.PathLike | None = None) -> Path:
@@ -91,8 +94,16 @@ def _last_lines(text: str, n: int) -> str:
     return "\n".join(line for line in lines[-n:])
 
 
-def run_dvc(args: Sequence[str], root: Path, *, env: dict[str, str] | None = None, log_path: Path | None = None,
-            echo: bool = False, tail_lines: int = 30, append: bool = False) -> DvcResult:
+def run_dvc(
+    args: Sequence[str],
+    root: Path,
+    *,
+    env: dict[str, str] | None = None,
+    log_path: Path | None = None,
+    echo: bool = False,
+    tail_lines: int = 30,
+    append: bool = False,
+) -> DvcResult:
     """Run ``python -m dvc ARGS`` in ``root``; stream its output to ``log_path`` (and stderr when ``echo``)."""
     cmd = [sys.executable, "-m", "dvc", *args]
     env = env if env is not None else stage_env(root)
@@ -109,8 +120,15 @@ def run_dvc(args: Sequence[str], root: Path, *, env: dict[str, str] | None = Non
         log.write(f"$ dvc {' '.join(args)}\n".encode())
     try:
         # its own process group: an interrupted run stops dvc and the stage it runs together (stop_group)
-        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=root,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         assert proc.stdout is not None
         while chunk := os.read(proc.stdout.fileno(), 1 << 16):
             if len(head) < 1 << 16:
@@ -168,9 +186,9 @@ def stop_group(proc: subprocess.Popen, grace_seconds: float = STOP_GRACE_SECONDS
 class StageState:
     """What DVC knows of a stage before it runs: the facts its outcome is read from afterwards."""
 
-    changed: bool      # `dvc status` lists it: DVC will run it (or restore it from the run cache)
-    cached_run: bool   # DVC's run cache holds the outputs of its current command, deps and params
-    lock: Any          # its dvc.lock entry (for a data source: its .dvc file)
+    changed: bool  # `dvc status` lists it: DVC will run it (or restore it from the run cache)
+    cached_run: bool  # DVC's run cache holds the outputs of its current command, deps and params
+    lock: Any  # its dvc.lock entry (for a data source: its .dvc file)
 
 
 def _lock_entry(root: Path, address: str) -> Any:
@@ -193,8 +211,8 @@ def _in_run_cache(repo, stage) -> bool:
     from dvc.exceptions import DvcException
 
     try:
-        stage.save_deps()   # the deps' current hashes (in memory): the run cache is keyed by them
-        entry = repo.stage_cache._load(stage)   # DVC's own lookup (the one `repro` does), not re-implemented
+        stage.save_deps()  # the deps' current hashes (in memory): the run cache is keyed by them
+        entry = repo.stage_cache._load(stage)  # DVC's own lookup (the one `repro` does), not re-implemented
     except DvcException:
         return False
     return bool(entry)
@@ -264,8 +282,10 @@ def plan_stages(root: Path, targets: Sequence[str] | None = None) -> tuple[list[
         with Repo(str(root)) as repo:
             graph = get_active_graph(repo.index.graph)
             selected = collect_stages(repo, [_absolute_target(root, t) for t in (targets or ["dvc.yaml"])])
-            return ([_address(root, stage) for stage in plan_repro(graph, selected)],
-                    [_address(root, stage) for stage in selected])
+            return (
+                [_address(root, stage) for stage in plan_repro(graph, selected)],
+                [_address(root, stage) for stage in selected],
+            )
     except DvcException as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"dvc.yaml: {first}") from None
@@ -273,8 +293,9 @@ def plan_stages(root: Path, targets: Sequence[str] | None = None) -> tuple[list[
 
 def remotes(root: Path) -> list[str]:
     """Names of the DVC remotes configured for the workspace."""
-    proc = subprocess.run([sys.executable, "-m", "dvc", "remote", "list"], cwd=root, env=stage_env(root),
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dvc", "remote", "list"], cwd=root, env=stage_env(root), capture_output=True, text=True
+    )
     if proc.returncode != 0:
         return []
     return [line.split()[0] for line in proc.stdout.splitlines() if line.strip()]
@@ -289,12 +310,15 @@ def log_path_for(root: Path, name: str) -> Path:
 # holder dies, so a crashed run never leaves a stale lock. Re-entrant within a process (one lock object per path,
 # shared by threads): the data flow holds it and runs the pipeline flow inside.
 
+
 def _holder(path: Path) -> str:
     """Who holds the lock, from the note its holder wrote into the lock file."""
     try:
         info = json.loads(path.read_text(errors="replace").strip())
-        return (f"{info.get('what', 'a run')} (pid {info.get('pid')} on {info.get('host')}, "
-                f"flow run {info.get('flow_run_id') or '-'}, started {info.get('since')})")
+        return (
+            f"{info.get('what', 'a run')} (pid {info.get('pid')} on {info.get('host')}, "
+            f"flow run {info.get('flow_run_id') or '-'}, started {info.get('since')})"
+        )
     except (OSError, json.JSONDecodeError, AttributeError):
         return "another run"
 
@@ -318,26 +342,38 @@ def _acquire(lock, root: Path, wait_seconds: float, on_wait) -> None:
         except Timeout:
             who = _holder(path)
     waited = f" after waiting {wait_seconds:.0f}s" if wait_seconds else ""
-    raise WorkspaceBusy(f"{root}: workspace busy{waited}: {who} holds {LOCK_FILE}; wait for it to finish "
-                        "(two runs on one workspace would corrupt it)") from None
+    raise WorkspaceBusy(
+        f"{root}: workspace busy{waited}: {who} holds {LOCK_FILE}; wait for it to finish "
+        "(two runs on one workspace would corrupt it)"
+    ) from None
 
 
 @contextlib.contextmanager
-def workspace_lock(root: Path, what: str = "sslcook pipeline run", flow_run_id: str | None = None,
-                   wait_seconds: float = 0.0, on_wait=None) -> Iterator[None]:
+def workspace_lock(
+    root: Path,
+    what: str = "sslcook pipeline run",
+    flow_run_id: str | None = None,
+    wait_seconds: float = 0.0,
+    on_wait=None,
+) -> Iterator[None]:
     """Hold the workspace for one run; another run waits up to ``wait_seconds``, then fails naming the holder."""
     from filelock import FileLock
 
     path = (root / LOCK_FILE).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(path, thread_local=False, is_singleton=True)
-    nested = lock.is_locked   # this process holds it already: the outer run's note stays
+    nested = lock.is_locked  # this process holds it already: the outer run's note stays
     _acquire(lock, root, wait_seconds, on_wait)
     try:
         if not nested:
-            info = {"what": what, "pid": os.getpid(), "host": socket.gethostname(), "flow_run_id": flow_run_id,
-                    "since": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-            with open(path, "r+") as note:   # the lock's own file, opened without truncating it first
+            info = {
+                "what": what,
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "flow_run_id": flow_run_id,
+                "since": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            }
+            with open(path, "r+") as note:  # the lock's own file, opened without truncating it first
                 note.truncate()
                 note.write(json.dumps(info))
         yield

@@ -22,6 +22,7 @@ the stage, so a value the stage would refuse must never reach DVC.
 
 From Python: ``from flows.pipeline import pipeline_flow; pipeline_flow(workspace="path/to/ws")``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,20 @@ from typing import Any
 
 import yaml
 
-from flows.dvcops import (StageFailed, lock_changed, log_path_for, plan_stages, prefect_defaults, remotes, resolve_root,
-                          run_dvc, stage_env, stage_outcome, stage_state, workspace_lock)
+from flows.dvcops import (
+    StageFailed,
+    lock_changed,
+    log_path_for,
+    plan_stages,
+    prefect_defaults,
+    remotes,
+    resolve_root,
+    run_dvc,
+    stage_env,
+    stage_outcome,
+    stage_state,
+    workspace_lock,
+)
 
 prefect_defaults()
 from prefect import flow, get_run_logger, task  # noqa: E402  (after prefect_defaults)
@@ -64,6 +77,7 @@ def validate_params(root: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Raw data: a fresh clone has data.dvc but no data/raw.
 
+
 def _tracked_raw(root: Path) -> Path | None:
     dvcfile = root / "data.dvc"
     if not dvcfile.exists():
@@ -90,23 +104,27 @@ def ensure_raw_data(root: Path, *, echo: bool = False) -> str | None:
     if run_dvc(["checkout", "data.dvc"], root, env=env, log_path=log).returncode == 0 and raw.exists():
         return f"restored data version {recorded} from the DVC cache"
     if remotes(root):
-        if run_dvc(["pull", "data.dvc"], root, env=env, log_path=log, append=True, echo=echo).returncode == 0 \
-                and raw.exists():
+        if (
+            run_dvc(["pull", "data.dvc"], root, env=env, log_path=log, append=True, echo=echo).returncode == 0
+            and raw.exists()
+        ):
             return f"pulled data version {recorded} from the DVC remote"
     from stages.workspace.ingest import ingest
 
-    result = ingest(root=root)   # the source params.yaml names (data.source, data.path)
+    result = ingest(root=root)  # the source params.yaml names (data.source, data.path)
     if recorded and result.data_version != recorded:
-        return (f"ingested {result.source} into {raw.relative_to(root)}: data version {result.data_version} "
-                f"differs from the {recorded} that data.dvc recorded (data.dvc updated; commit it, or restore "
-                "the data of that version with `dvc pull`)")
+        return (
+            f"ingested {result.source} into {raw.relative_to(root)}: data version {result.data_version} "
+            f"differs from the {recorded} that data.dvc recorded (data.dvc updated; commit it, or restore "
+            "the data of that version with `dvc pull`)"
+        )
     return f"ingested {result.source} into {raw.relative_to(root)} (data version {result.data_version})"
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # What a run produced: the report's own summary, where the report and the exported backbones are.
 
-SUMMARY = "reports/summary.md"   # written by the report stage; the results artifact publishes it as it is
+SUMMARY = "reports/summary.md"  # written by the report stage; the results artifact publishes it as it is
 REPORT_CANDIDATES = ("reports/summary.html", SUMMARY)
 
 
@@ -116,13 +134,16 @@ def find_outputs(root: Path) -> tuple[str | None, list[str]]:
     return report, backbones
 
 
-def results_markdown(root: Path, *, flow_run_id: str | None = None, report: str | None = None,
-                     backbones: list[str] | None = None) -> str:
+def results_markdown(
+    root: Path, *, flow_run_id: str | None = None, report: str | None = None, backbones: list[str] | None = None
+) -> str:
     """The run's facts (data version, commit, flow run, outputs), then reports/summary.md as the report wrote it."""
     git = git_info(root)
     dirty = " (uncommitted changes)" if git.get("dirty") else ""
-    lines = [f"- data version: `{data_version(root) or 'untracked'}`",
-             f"- git commit: `{git.get('commit') or 'not a git checkout'}`{dirty}"]
+    lines = [
+        f"- data version: `{data_version(root) or 'untracked'}`",
+        f"- git commit: `{git.get('commit') or 'not a git checkout'}`{dirty}",
+    ]
     if flow_run_id:
         lines.append(f"- flow run: `{flow_run_id}`")
     lines.append(f"- report: `{report}`" if report else "- report: not produced")
@@ -136,6 +157,7 @@ def results_markdown(root: Path, *, flow_run_id: str | None = None, report: str 
 # ---------------------------------------------------------------------------------------------------------------
 # The steps of a run, as plain functions: the Prefect tasks below wrap them, `--no-prefect` calls them directly.
 
+
 def sync_remote(root: Path, command: str, echo: bool = False) -> None:
     """``dvc pull`` (missing outputs tolerated) or ``dvc push`` against the configured remote."""
     args = ["pull", "--allow-missing"] if command == "pull" else ["push"]
@@ -144,37 +166,69 @@ def sync_remote(root: Path, command: str, echo: bool = False) -> None:
         raise SslcookError(f"dvc {command} failed (exit {result.returncode}):\n{result.tail}")
 
 
-def run_stage_once(root: Path, stage: str, *, force: bool = False, attempt: int = 1, final_attempt: int = 1,
-                   tail_lines: int = 30, echo: bool = False, flow_run_id: str | None = None) -> dict[str, Any]:
+def run_stage_once(
+    root: Path,
+    stage: str,
+    *,
+    force: bool = False,
+    attempt: int = 1,
+    final_attempt: int = 1,
+    tail_lines: int = 30,
+    echo: bool = False,
+    flow_run_id: str | None = None,
+) -> dict[str, Any]:
     """``dvc repro --single-item <stage>``: DVC runs it, or skips it when nothing it depends on changed.
     What DVC did is read from its status before and its dvc.lock entry after, not from its log."""
     log = log_path_for(root, stage)
     before = stage_state(root, stage)
     started = time.monotonic()
-    result = run_dvc(["repro", "--single-item", stage, *(["--force"] if force else [])], root,
-                     env=stage_env(root, flow_run_id), log_path=log, echo=echo, tail_lines=tail_lines,
-                     append=attempt > 1)
+    result = run_dvc(
+        ["repro", "--single-item", stage, *(["--force"] if force else [])],
+        root,
+        env=stage_env(root, flow_run_id),
+        log_path=log,
+        echo=echo,
+        tail_lines=tail_lines,
+        append=attempt > 1,
+    )
     seconds = round(time.monotonic() - started, 2)
     if result.returncode != 0:
         if attempt >= final_attempt:
             tries = f"after {attempt} attempt{'s' if attempt > 1 else ''}"
         else:
             tries = f"(attempt {attempt} of {final_attempt}, will retry)"
-        raise StageFailed(f"stage {stage!r} failed {tries}, dvc exit code {result.returncode}; the stages before it "
-                          f"are recorded in dvc.lock, `dvc status` lists what is stale. "
-                          f"Last lines of {log.relative_to(root)}:\n{result.tail}")
-    return {"stage": stage, "outcome": stage_outcome(stage, before, force), "seconds": seconds, "attempts": attempt,
-            "lock": "updated" if lock_changed(root, stage, before) else "unchanged", "log": str(log.relative_to(root))}
+        raise StageFailed(
+            f"stage {stage!r} failed {tries}, dvc exit code {result.returncode}; the stages before it "
+            f"are recorded in dvc.lock, `dvc status` lists what is stale. "
+            f"Last lines of {log.relative_to(root)}:\n{result.tail}"
+        )
+    return {
+        "stage": stage,
+        "outcome": stage_outcome(stage, before, force),
+        "seconds": seconds,
+        "attempts": attempt,
+        "lock": "updated" if lock_changed(root, stage, before) else "unchanged",
+        "log": str(log.relative_to(root)),
+    }
 
 
 @task(name="dvc-stage", cache_policy=NO_CACHE)
-def run_stage(workspace: str, stage: str, force: bool = False, final_attempt: int = 1, tail_lines: int = 30,
-              echo: bool = False) -> dict[str, Any]:
+def run_stage(
+    workspace: str, stage: str, force: bool = False, final_attempt: int = 1, tail_lines: int = 30, echo: bool = False
+) -> dict[str, Any]:
     """:func:`run_stage_once` as a Prefect task: Prefect counts the attempts and retries."""
     from prefect.runtime import flow_run, task_run
 
-    return run_stage_once(Path(workspace), stage, force=force, attempt=int(task_run.run_count or 1),
-                          final_attempt=final_attempt, tail_lines=tail_lines, echo=echo, flow_run_id=flow_run.id)
+    return run_stage_once(
+        Path(workspace),
+        stage,
+        force=force,
+        attempt=int(task_run.run_count or 1),
+        final_attempt=final_attempt,
+        tail_lines=tail_lines,
+        echo=echo,
+        flow_run_id=flow_run.id,
+    )
 
 
 @task(name="dvc-sync", cache_policy=NO_CACHE)
@@ -187,19 +241,22 @@ def _publish(root: Path, results: list[dict[str, Any]], flow_run_id: str | None)
 
     report, backbones = find_outputs(root)
     markdown = results_markdown(root, flow_run_id=flow_run_id, report=report, backbones=backbones)
-    create_markdown_artifact(markdown=markdown, key="sslcook-results",
-                             description="the report's summary, data version, git commit, outputs")
+    create_markdown_artifact(
+        markdown=markdown, key="sslcook-results", description="the report's summary, data version, git commit, outputs"
+    )
     if results:
         create_table_artifact(table=results, key="sslcook-stages", description="what DVC did with each stage")
     if report:
-        create_link_artifact(link=(root / report).as_uri(), link_text=report, key="sslcook-report",
-                             description="the pipeline report")
+        create_link_artifact(
+            link=(root / report).as_uri(), link_text=report, key="sslcook-report", description="the pipeline report"
+        )
     return {"report": report, "backbones": backbones, "markdown": markdown}
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The run sequence, written once: lock, data, pull, the stages in DVC's order, push, results. A runner says how
 # each step runs: a plain call (`--no-prefect`) or a Prefect task with Prefect's retries and artifacts.
+
 
 class PlainRunner:
     """Each step a plain call; a failing stage is retried as the flow's tasks are (``flow.retries``)."""
@@ -220,8 +277,15 @@ class PlainRunner:
         final, attempt = self.config.retries + 1, 1
         while True:
             try:
-                return run_stage_once(self.root, name, force=force, attempt=attempt, final_attempt=final,
-                                      tail_lines=self.config.log_tail_lines, echo=self.echo)
+                return run_stage_once(
+                    self.root,
+                    name,
+                    force=force,
+                    attempt=attempt,
+                    final_attempt=final,
+                    tail_lines=self.config.log_tail_lines,
+                    echo=self.echo,
+                )
             except StageFailed as exc:
                 if attempt >= final:
                     raise
@@ -231,8 +295,11 @@ class PlainRunner:
 
     def publish(self, results: list[dict[str, Any]]) -> dict[str, Any]:
         report, backbones = find_outputs(self.root)
-        return {"report": report, "backbones": backbones,
-                "markdown": results_markdown(self.root, report=report, backbones=backbones)}
+        return {
+            "report": report,
+            "backbones": backbones,
+            "markdown": results_markdown(self.root, report=report, backbones=backbones),
+        }
 
 
 class PrefectRunner(PlainRunner):
@@ -252,13 +319,17 @@ class PrefectRunner(PlainRunner):
 
     def sync(self, command: str) -> None:
         dvc_sync.with_options(retries=self.config.retries, retry_delay_seconds=self.config.retry_delay_seconds)(
-            str(self.root), command, self.echo)
+            str(self.root), command, self.echo
+        )
 
     def stage(self, name: str, force: bool) -> dict[str, Any]:
-        stage_task = run_stage.with_options(name=name, task_run_name=name, retries=self.config.retries,
-                                            retry_delay_seconds=self.config.retry_delay_seconds)
-        result = stage_task(str(self.root), name, force, self.config.retries + 1, self.config.log_tail_lines,
-                            self.echo)
+        stage_task = run_stage.with_options(
+            name=name,
+            task_run_name=name,
+            retries=self.config.retries,
+            retry_delay_seconds=self.config.retry_delay_seconds,
+        )
+        result = stage_task(str(self.root), name, force, self.config.retries + 1, self.config.log_tail_lines, self.echo)
         self.say(f"stage {name}: {result['outcome']} in {result['seconds']:.1f}s (attempt {result['attempts']})")
         return result
 
@@ -278,16 +349,36 @@ def _unfinished(results: list[dict[str, Any]], order: list[str]) -> list[dict[st
     """The stage table of a run that stopped: the stage it stopped in failed, the ones after it did not run."""
     done = {r["stage"] for r in results}
     rest = [name for name in order if name not in done]
-    return results + [{"stage": name, "outcome": "failed" if i == 0 else "not run", "seconds": None,
-                       "attempts": None, "lock": None, "log": None} for i, name in enumerate(rest)]
+    return results + [
+        {
+            "stage": name,
+            "outcome": "failed" if i == 0 else "not run",
+            "seconds": None,
+            "attempts": None,
+            "lock": None,
+            "log": None,
+        }
+        for i, name in enumerate(rest)
+    ]
 
 
-def run_sequence(runner: PlainRunner, stages: list[str] | None = None, force: bool = False,
-                 pull: bool | None = None, push: bool | None = None, wait_minutes: float = 0.0) -> dict[str, Any]:
+def run_sequence(
+    runner: PlainRunner,
+    stages: list[str] | None = None,
+    force: bool = False,
+    pull: bool | None = None,
+    push: bool | None = None,
+    wait_minutes: float = 0.0,
+) -> dict[str, Any]:
     """One run of the pipeline of ``runner.root``, each step through ``runner``; the summary of the run."""
     root, config = runner.root, runner.config
-    with workspace_lock(root, runner.what, runner.flow_run_id, wait_seconds=wait_minutes * 60,
-                        on_wait=lambda who: runner.say(f"waiting for the workspace: {who} holds it")):
+    with workspace_lock(
+        root,
+        runner.what,
+        runner.flow_run_id,
+        wait_seconds=wait_minutes * 60,
+        on_wait=lambda who: runner.say(f"waiting for the workspace: {who} holds it"),
+    ):
         materialised = ensure_raw_data(root, echo=runner.echo)
         if materialised:
             runner.say(materialised)
@@ -302,7 +393,7 @@ def run_sequence(runner: PlainRunner, stages: list[str] | None = None, force: bo
             for name in order:
                 results.append(runner.stage(name, name in forced))
         except BaseException:
-            try:   # publish how far the run came before the failure propagates
+            try:  # publish how far the run came before the failure propagates
                 runner.publish(_unfinished(results, order))
             except Exception as exc:  # the stage's failure is the error to report, not this one
                 runner.say(f"could not publish the results of the failed run: {exc}")
@@ -311,15 +402,28 @@ def run_sequence(runner: PlainRunner, stages: list[str] | None = None, force: bo
             runner.sync("push")
         published = runner.publish(results)
     git = git_info(root)
-    return {"flow_run_id": runner.flow_run_id, "workspace": str(root), "stages": results,
-            "materialised": materialised, "data_version": data_version(root), "git_commit": git.get("commit"),
-            "git_dirty": git.get("dirty"), **published}
+    return {
+        "flow_run_id": runner.flow_run_id,
+        "workspace": str(root),
+        "stages": results,
+        "materialised": materialised,
+        "data_version": data_version(root),
+        "git_commit": git.get("commit"),
+        "git_dirty": git.get("dirty"),
+        **published,
+    }
 
 
 @flow(name="sslcook-pipeline", description="Run the dvc.yaml pipeline stage by stage (DVC skips unchanged stages)")
-def pipeline_flow(workspace: str | None = None, stages: list[str] | None = None, force: bool = False,
-                  pull: bool | None = None, push: bool | None = None, echo: bool = False,
-                  wait_minutes: float = 0.0) -> dict[str, Any]:
+def pipeline_flow(
+    workspace: str | None = None,
+    stages: list[str] | None = None,
+    force: bool = False,
+    pull: bool | None = None,
+    push: bool | None = None,
+    echo: bool = False,
+    wait_minutes: float = 0.0,
+) -> dict[str, Any]:
     """Run the pipeline of ``workspace`` (default: $SSLCOOK_WORKSPACE or the current directory).
 
     ``stages``: stage names, foreach groups or items (their upstream stages come along, as with ``dvc repro``);
@@ -329,13 +433,19 @@ def pipeline_flow(workspace: str | None = None, stages: list[str] | None = None,
     to wait for another run that holds the workspace before failing (scheduled deployments wait, the CLI not).
     """
     root = resolve_root(workspace)
-    validate_params(root)   # before DVC, which deletes a stage's outputs before the stage could refuse a value
+    validate_params(root)  # before DVC, which deletes a stage's outputs before the stage could refuse a value
     runner = PrefectRunner(root, FlowConfig.from_workspace(root), echo)
     return run_sequence(runner, stages, force, pull, push, wait_minutes)
 
 
-def run_plain(workspace: str | None = None, stages: list[str] | None = None, force: bool = False,
-              pull: bool | None = None, push: bool | None = None, echo: bool = True) -> dict[str, Any]:
+def run_plain(
+    workspace: str | None = None,
+    stages: list[str] | None = None,
+    force: bool = False,
+    pull: bool | None = None,
+    push: bool | None = None,
+    echo: bool = True,
+) -> dict[str, Any]:
     """The same run without Prefect: no server, no artifacts."""
     root = resolve_root(workspace)
     validate_params(root)
@@ -345,8 +455,14 @@ def run_plain(workspace: str | None = None, stages: list[str] | None = None, for
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sslcook run", description=__doc__.split("\n\n")[0])
     p.add_argument("--workspace", "-w", help="pipeline workspace (default: $SSLCOOK_WORKSPACE or the current dir)")
-    p.add_argument("--stage", "-s", action="append", dest="stages", metavar="NAME",
-                   help="run this stage (name, foreach group or stage@item) and its upstream; repeatable")
+    p.add_argument(
+        "--stage",
+        "-s",
+        action="append",
+        dest="stages",
+        metavar="NAME",
+        help="run this stage (name, foreach group or stage@item) and its upstream; repeatable",
+    )
     p.add_argument("--force", "-f", action="store_true", help="re-run the named stages (all when none is named)")
     p.add_argument("--no-prefect", action="store_true", help="the same run as plain calls: no Prefect, no artifacts")
     p.add_argument("--no-pull", action="store_true", help="skip `dvc pull` even when a remote is configured")
@@ -357,12 +473,18 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    options = {"workspace": args.workspace, "stages": args.stages, "force": args.force, "echo": not args.quiet,
-               "pull": False if args.no_pull else None, "push": False if args.no_push else None}
+    options = {
+        "workspace": args.workspace,
+        "stages": args.stages,
+        "force": args.force,
+        "echo": not args.quiet,
+        "pull": False if args.no_pull else None,
+        "push": False if args.no_push else None,
+    }
     if args.no_prefect:
         summary = run_plain(**options)
     else:
-        validate_params(resolve_root(args.workspace))   # a bad value is one line, before Prefect starts a server
+        validate_params(resolve_root(args.workspace))  # a bad value is one line, before Prefect starts a server
         summary = pipeline_flow(**options)
     width = max((len(r["stage"]) for r in summary["stages"]), default=5)
     print("\n".join(f"{r['stage']:<{width}}  {r['outcome']:<8} {r['seconds']:>8.1f}s" for r in summary["stages"]))

@@ -9,6 +9,7 @@ and publishes a table ranking every (experiment, method) by ``flow.sweep.metric`
     sslcook sweep                                             # the grid in params.yaml
     sslcook sweep --grid 'pretrain.base_lr=[0.05, 0.1]' --grid 'methods=[[simclr], [vicreg]]' --jobs 2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -103,8 +104,13 @@ def _metric_value(data: Any, metric: str) -> float | None:
 
 def collect_experiments(root: Path, names: list[str]) -> dict[str, dict[str, Any]]:
     """``dvc exp show --json`` for the named experiments: state, metrics per file, params."""
-    proc = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=root, env=stage_env(root),
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dvc", "exp", "show", "--json"],
+        cwd=root,
+        env=stage_env(root),
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         raise SweepFailed(f"dvc exp show failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
     shown = json.loads(proc.stdout)
@@ -116,14 +122,18 @@ def collect_experiments(root: Path, names: list[str]) -> dict[str, dict[str, Any
             rev = (exp.get("revs") or [{}])[0]
             data = rev.get("data") or {}
             state = (exp.get("executor") or {}).get("state") or ("failed" if rev.get("error") else "success")
-            found[exp["name"]] = {"state": state, "rev": rev.get("rev"),
-                                  "metrics": {f: (m or {}).get("data") for f, m in (data.get("metrics") or {}).items()},
-                                  "params": data.get("params") or {}}
+            found[exp["name"]] = {
+                "state": state,
+                "rev": rev.get("rev"),
+                "metrics": {f: (m or {}).get("data") for f, m in (data.get("metrics") or {}).items()},
+                "params": data.get("params") or {},
+            }
     return found
 
 
-def rank(experiments: list[dict[str, Any]], results: dict[str, dict[str, Any]], metric: str,
-         order: str = "max") -> list[dict[str, Any]]:
+def rank(
+    experiments: list[dict[str, Any]], results: dict[str, dict[str, Any]], metric: str, order: str = "max"
+) -> list[dict[str, Any]]:
     """One row per (experiment, metrics file) that has ``metric``, best first."""
     rows = []
     for exp in experiments:
@@ -132,8 +142,15 @@ def rank(experiments: list[dict[str, Any]], results: dict[str, dict[str, Any]], 
             value = _metric_value(data, metric)
             if value is None:
                 continue
-            rows.append({"experiment": exp["name"], "overrides": exp["args"], "method": Path(file).stem,
-                         "metrics_file": file, metric: value})
+            rows.append(
+                {
+                    "experiment": exp["name"],
+                    "overrides": exp["args"],
+                    "method": Path(file).stem,
+                    "metrics_file": file,
+                    metric: value,
+                }
+            )
     rows.sort(key=lambda r: r[metric], reverse=(order == "max"))
     for i, row in enumerate(rows, 1):
         row["rank"] = i
@@ -162,8 +179,9 @@ def run_queue(workspace: str, names: list[str], jobs: int, timeout_s: float, pol
     logging.getLogger("kombu").setLevel(logging.ERROR)
     root = Path(workspace)
     logger = get_run_logger()
-    result = run_dvc(["queue", "start", "-j", str(jobs)], root, env=stage_env(root),
-                     log_path=log_path_for(root, "dvc-queue-start"))
+    result = run_dvc(
+        ["queue", "start", "-j", str(jobs)], root, env=stage_env(root), log_path=log_path_for(root, "dvc-queue-start")
+    )
     if result.returncode != 0:
         raise SweepFailed(f"dvc queue start failed:\n{result.tail}")
     deadline = time.monotonic() + timeout_s
@@ -179,13 +197,16 @@ def run_queue(workspace: str, names: list[str], jobs: int, timeout_s: float, pol
             break
         now = time.monotonic()
         if now > deadline:
-            raise SweepFailed(f"sweep timed out with {len(pending)} experiment(s) unfinished: {', '.join(pending)} "
-                              "(`dvc queue status`, `dvc queue kill` to stop them)")
+            raise SweepFailed(
+                f"sweep timed out with {len(pending)} experiment(s) unfinished: {', '.join(pending)} "
+                "(`dvc queue status`, `dvc queue kill` to stop them)"
+            )
         # a queue without workers never drains (e.g. they crashed at start): say so instead of waiting for hours
         idle_since = (idle_since or now) if not workers else None
         if idle_since is not None and now - idle_since > 60:
-            raise SweepFailed(f"no DVC queue worker is running while {', '.join(pending)} wait; "
-                              "see `dvc queue logs <name>`")
+            raise SweepFailed(
+                f"no DVC queue worker is running while {', '.join(pending)} wait; see `dvc queue logs <name>`"
+            )
         time.sleep(poll_s)
     logger.info("experiments finished: %s", ", ".join(f"{n}={states.get(n)}" for n in names))
     return states
@@ -201,37 +222,58 @@ def plan_experiments(root: Path, sets: list[dict[str, Any]], prefix: str) -> lis
     if not sets:
         raise ConfigError("params.yaml: flow.sweep: nothing to run (empty grid)")
     _check_keys(root, sets)
-    return [{"name": f"{prefix}-{i}", "overrides": s, "args": [f"{k}={override_value(v)}" for k, v in s.items()]}
-            for i, s in enumerate(sets, 1)]
+    return [
+        {"name": f"{prefix}-{i}", "overrides": s, "args": [f"{k}={override_value(v)}" for k, v in s.items()]}
+        for i, s in enumerate(sets, 1)
+    ]
 
 
-def sweep_markdown(prefix: str, metric: str, order: str, jobs: int, planned: list[dict[str, Any]],
-                   ranking: list[dict[str, Any]]) -> str:
+def sweep_markdown(
+    prefix: str, metric: str, order: str, jobs: int, planned: list[dict[str, Any]], ranking: list[dict[str, Any]]
+) -> str:
     failed = [e for e in planned if e["state"] != "success"]
     columns = ["rank", "experiment", "overrides", "method", metric]
-    md = [f"# sslcook sweep `{prefix}`", "", f"ranked by `{metric}` ({order}); {len(planned)} experiments, "
-          f"{jobs} at a time, {len(failed)} failed", "",
-          "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    md = [
+        f"# sslcook sweep `{prefix}`",
+        "",
+        f"ranked by `{metric}` ({order}); {len(planned)} experiments, {jobs} at a time, {len(failed)} failed",
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
+    ]
     for row in ranking:
-        md.append("| " + " | ".join(" ".join(row[c]) if c == "overrides" else
-                                    (f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]))
-                                    for c in columns) + " |")
+        md.append(
+            "| "
+            + " | ".join(
+                " ".join(row[c])
+                if c == "overrides"
+                else (f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]))
+                for c in columns
+            )
+            + " |"
+        )
     if failed:
         md += ["", "failed: " + ", ".join(f"{e['name']} ({' '.join(e['args'])})" for e in failed)]
     return "\n".join(md) + "\n"
 
 
 @flow(name="sslcook-sweep", description="Run a grid of params overrides as DVC experiments and rank them")
-def sweep_flow(workspace: str | None = None, grid: dict[str, list[Any]] | None = None,
-               experiments: list[dict[str, Any]] | None = None, max_parallel: int | None = None,
-               metric: str | None = None, order: str | None = None, name_prefix: str | None = None,
-               timeout_minutes: float | None = None, wait_minutes: float = 0.0) -> dict[str, Any]:
+def sweep_flow(
+    workspace: str | None = None,
+    grid: dict[str, list[Any]] | None = None,
+    experiments: list[dict[str, Any]] | None = None,
+    max_parallel: int | None = None,
+    metric: str | None = None,
+    order: str | None = None,
+    name_prefix: str | None = None,
+    timeout_minutes: float | None = None,
+    wait_minutes: float = 0.0,
+) -> dict[str, Any]:
     """Queue one DVC experiment per override set, run them ``max_parallel`` at a time, rank by ``metric``.
 
     ``experiments`` (a list of {dotted key: value}) takes precedence over ``grid`` ({key: [values]}, every
     combination); both default to params.yaml ``flow.sweep.grid``.
     """
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
     from prefect.runtime import flow_run
 
     logger = get_run_logger()
@@ -244,9 +286,13 @@ def sweep_flow(workspace: str | None = None, grid: dict[str, list[Any]] | None =
     prefix = name_prefix or "sweep-" + _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     planned = plan_experiments(root, sets, prefix)
     names = [e["name"] for e in planned]
-    with workspace_lock(root, "sslcook sweep flow", str(flow_run.id) if flow_run.id else None,
-                        wait_seconds=wait_minutes * 60,
-                        on_wait=lambda who: logger.warning("waiting for the workspace: %s holds it", who)):
+    with workspace_lock(
+        root,
+        "sslcook sweep flow",
+        str(flow_run.id) if flow_run.id else None,
+        wait_seconds=wait_minutes * 60,
+        on_wait=lambda who: logger.warning("waiting for the workspace: %s holds it", who),
+    ):
         for exp in planned:
             queue_experiment.with_options(task_run_name=f"queue {exp['name']}")(str(root), exp["name"], exp["args"])
         states = run_queue(str(root), names, jobs, (timeout_minutes or config.timeout_minutes) * 60)
@@ -255,28 +301,58 @@ def sweep_flow(workspace: str | None = None, grid: dict[str, list[Any]] | None =
         exp["state"] = results.get(exp["name"], {}).get("state") or states.get(exp["name"], "unknown").lower()
     failed = [e for e in planned if e["state"] != "success"]
     ranking = rank(planned, results, metric, order)
+    markdown = _publish(prefix, metric, order, jobs, planned, ranking)
+    summary = {
+        "prefix": prefix,
+        "metric": metric,
+        "order": order,
+        "experiments": planned,
+        "ranking": ranking,
+        "markdown": markdown,
+        "failed": [e["name"] for e in failed],
+    }
+    if failed:
+        summary["failure_details"] = _failures(root, prefix, planned, failed, logger)
+    return summary
+
+
+def _publish(prefix: str, metric: str, order: str, jobs: int, planned: list, ranking: list) -> str:
+    """The sweep's Markdown summary and ranking table as Prefect artifacts; returns the Markdown."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
     markdown = sweep_markdown(prefix, metric, order, jobs, planned, ranking)
     if ranking:
-        create_table_artifact(table=[{**row, "overrides": " ".join(row["overrides"])} for row in ranking],
-                              key="sslcook-sweep-ranking", description=f"ranked by {metric} ({order})")
+        create_table_artifact(
+            table=[{**row, "overrides": " ".join(row["overrides"])} for row in ranking],
+            key="sslcook-sweep-ranking",
+            description=f"ranked by {metric} ({order})",
+        )
     create_markdown_artifact(markdown=markdown, key="sslcook-sweep", description=f"sweep {prefix}")
-    summary = {"prefix": prefix, "metric": metric, "order": order, "experiments": planned, "ranking": ranking,
-               "markdown": markdown, "failed": [e["name"] for e in failed]}
-    if failed:
-        details = "\n".join(f"--- {e['name']} ({' '.join(e['args'])}):\n{_failure_tail(root, e['name'])}"
-                            for e in failed[:3])
-        logger.error("%d of %d experiments failed", len(failed), len(planned))
-        if len(failed) == len(planned):
-            raise SweepFailed(f"every experiment of sweep {prefix} failed:\n{details}")
-        summary["failure_details"] = details
-    return summary
+    return markdown
+
+
+def _failures(root: Path, prefix: str, planned: list, failed: list, logger) -> str:
+    """The failed experiments' log tails; the sweep fails when every experiment did."""
+    details = "\n".join(
+        f"--- {e['name']} ({' '.join(e['args'])}):\n{_failure_tail(root, e['name'])}" for e in failed[:3]
+    )
+    logger.error("%d of %d experiments failed", len(failed), len(planned))
+    if len(failed) == len(planned):
+        raise SweepFailed(f"every experiment of sweep {prefix} failed:\n{details}")
+    return details
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sslcook sweep", description=__doc__.split("\n\n")[0])
     p.add_argument("--workspace", "-w", help="pipeline workspace (default: $SSLCOOK_WORKSPACE or the current dir)")
-    p.add_argument("--grid", "-g", action="append", default=[], metavar="KEY=[V1, V2]",
-                   help="values to try for a params.yaml key (YAML list); replaces flow.sweep.grid; repeatable")
+    p.add_argument(
+        "--grid",
+        "-g",
+        action="append",
+        default=[],
+        metavar="KEY=[V1, V2]",
+        help="values to try for a params.yaml key (YAML list); replaces flow.sweep.grid; repeatable",
+    )
     p.add_argument("--jobs", "-j", type=int, help="experiments at once (default: flow.sweep.max_parallel)")
     p.add_argument("--metric", help="metric that ranks the experiments (default: flow.sweep.metric)")
     p.add_argument("--order", choices=["max", "min"], help="best is the max or the min (default: flow.sweep.order)")
@@ -289,8 +365,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.jobs is not None and args.jobs < 1:
         raise ConfigError(f"--jobs {args.jobs}: must be >= 1")
     grid = parse_grid_args(args.grid) if args.grid else None
-    summary = sweep_flow(workspace=args.workspace, grid=grid, max_parallel=args.jobs, metric=args.metric,
-                         order=args.order, name_prefix=args.name)
+    summary = sweep_flow(
+        workspace=args.workspace,
+        grid=grid,
+        max_parallel=args.jobs,
+        metric=args.metric,
+        order=args.order,
+        name_prefix=args.name,
+    )
     print(summary["markdown"])
     if summary["failed"]:
         print(summary.get("failure_details", ""))

@@ -13,6 +13,7 @@ The records are content only; each step's commit, dirty flag, time and flow run 
 file (``provenance/<stage>[/<method>].json``), used when it names the sha256 of that very artifact. Outside a
 workspace (a copied backbone) the chain shows the content and says the run facts are kept in the workspace.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,10 +30,14 @@ from stages.workspace.common import DataError, is_workspace, workspace
 from stages.workspace.lineage import DATA_DVC, data_version, read_provenance, sha256_file
 from stages.workspace.provenance import Artifact, parent_order, read_artifact, resolve_artifact_path
 
-
 # what a record's stage made, for records read from a child's embedded ancestors
-STAGE_KIND = {"evaluate": "metrics", "export": "backbone", "pretrain": "checkpoint", "shard": "manifest",
-              "report": "report"}
+STAGE_KIND = {
+    "evaluate": "metrics",
+    "export": "backbone",
+    "pretrain": "checkpoint",
+    "shard": "manifest",
+    "report": "report",
+}
 RAW_DIR = "data/raw"
 
 
@@ -84,8 +89,10 @@ def lock_stages(root: Path) -> dict[str, list[str]]:
         doc = yaml.safe_load(lock.read_text()) or {}
     except yaml.YAMLError:
         return {}
-    return {name: [o["path"] for o in (st.get("outs") or []) if isinstance(o, dict) and "path" in o]
-            for name, st in (doc.get("stages") or {}).items()}
+    return {
+        name: [o["path"] for o in (st.get("outs") or []) if isinstance(o, dict) and "path" in o]
+        for name, st in (doc.get("stages") or {}).items()
+    }
 
 
 def stage_of(rel: str, stages: dict[str, list[str]]) -> str | None:
@@ -102,8 +109,14 @@ def dvc_status(root: Path, targets: list[str]) -> dict[str, Any] | None:
         return {}
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
     try:
-        proc = subprocess.run([sys.executable, "-m", "dvc", "status", "--json", *targets], cwd=root,
-                              capture_output=True, text=True, timeout=300, env=env)
+        proc = subprocess.run(
+            [sys.executable, "-m", "dvc", "status", "--json", *targets],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     if proc.returncode != 0:
@@ -170,16 +183,25 @@ def build_chain(artifact: Artifact, root: Path | None) -> list[dict[str, Any]]:
     steps: list[dict[str, Any]] = []
     seen: set[str] = set()
 
-    def visit(record: dict[str, Any], *, kind: str, path: str, on_disk: Path | None, info: dict, depth: int,
-              via: str | None, sha256: str | None) -> bool:
-        """Add a step; return True when it (or anything upstream of it) is stale."""
+    def visit(record: dict[str, Any], found: dict[str, Any], depth: int, via: str | None, sha256: str | None) -> bool:
+        """Add a step for ``record`` (``found``: its kind, path, file on disk and info); True when it or anything
+        upstream of it is stale."""
+        on_disk = found["disk"]
         if on_disk is not None and on_disk.is_file():
             sha256 = sha256_file(on_disk)
-        step = {"kind": kind, "path": path, "via": via, "depth": depth, "record": record, "info": info,
-                "stale": [], "source": "file" if on_disk is not None else "embedded",
-                "provenance": run_facts(root, record, sha256)}
+        step = {
+            "kind": found["kind"],
+            "path": found["path"],
+            "via": via,
+            "depth": depth,
+            "record": record,
+            "info": found["info"],
+            "stale": [],
+            "source": "file" if on_disk is not None else "embedded",
+            "provenance": run_facts(root, record, sha256),
+        }
         steps.append(step)
-        seen.add(path)
+        seen.add(found["path"])
         now = data_version(root) if root is not None and record.get("data_version") else None
         if now and now != record["data_version"]:
             step["stale"].append(f"made from data version {record['data_version']}, data.dvc now {now}")
@@ -189,22 +211,27 @@ def build_chain(artifact: Artifact, root: Path | None) -> list[dict[str, Any]]:
             entry = parents[name] if isinstance(parents[name], dict) else {"path": str(parents[name])}
             if not entry.get("path") or entry["path"] in seen:
                 continue
-            found = _parent(root, name, entry, record.get("ancestors") or {})
-            step["stale"] += found["stale"]
+            parent = _parent(root, name, entry, record.get("ancestors") or {})
+            step["stale"] += parent["stale"]
             leaf = {"path": entry["path"], "via": name, "depth": depth + 1, "record": {}, "stale": []}
-            if found["record"] is None and entry["path"].rstrip("/") == RAW_DIR:
-                steps.append({**leaf, "kind": "raw data", "info": {"data_version": record.get("data_version")},
-                              "source": "dvc"})
-            elif found["record"] is None:
-                steps.append({**leaf, "kind": found["kind"], "info": found["info"], "source": "missing"})
-            elif visit(found["record"], kind=found["kind"], path=entry["path"], on_disk=found["disk"],
-                       info=found["info"], depth=depth + 1, via=name, sha256=entry.get("sha256")):
+            if parent["record"] is None and entry["path"].rstrip("/") == RAW_DIR:
+                info = {"data_version": record.get("data_version")}
+                steps.append({**leaf, "kind": "raw data", "info": info, "source": "dvc"})
+            elif parent["record"] is None:
+                steps.append({**leaf, "kind": parent["kind"], "info": parent["info"], "source": "missing"})
+            elif visit(parent["record"], {**parent, "path": entry["path"]}, depth + 1, name, entry.get("sha256")):
                 upstream_stale = True
         step["upstream_stale"] = upstream_stale
         return bool(step["stale"]) or upstream_stale
 
-    visit(artifact.record, kind=artifact.kind, path=_rel(root, artifact.path) if root else str(artifact.path),
-          on_disk=artifact.path, info=artifact.info, depth=0, via=None, sha256=None)
+    path = _rel(root, artifact.path) if root else str(artifact.path)
+    visit(
+        artifact.record,
+        {"kind": artifact.kind, "path": path, "disk": artifact.path, "info": artifact.info},
+        0,
+        None,
+        None,
+    )
     return steps
 
 
@@ -223,11 +250,17 @@ def trace(path: str | os.PathLike, *, use_dvc: bool = True) -> dict[str, Any]:
     facts = steps[0].get("provenance") or {}
     commit = (facts.get("git") or {}).get("commit")
     out: dict[str, Any] = {
-        "artifact": str(artifact.path), "kind": artifact.kind, "workspace": str(root) if root else None,
-        "inside_workspace": inside, "steps": steps, "data_version": raw_version,
+        "artifact": str(artifact.path),
+        "kind": artifact.kind,
+        "workspace": str(root) if root else None,
+        "inside_workspace": inside,
+        "steps": steps,
+        "data_version": raw_version,
         "data_version_now": data_version(root) if root else None,
-        "commit": commit, "dirty": (facts.get("git") or {}).get("dirty"),
-        "flow_run": facts.get("prefect_flow_run_id"), "made": facts.get("created_at"),
+        "commit": commit,
+        "dirty": (facts.get("git") or {}).get("dirty"),
+        "flow_run": facts.get("prefect_flow_run_id"),
+        "made": facts.get("created_at"),
     }
     if root is not None:
         out["commit_exists"] = commit_exists(root, commit)
@@ -261,8 +294,14 @@ def _params_lines(params: Any, indent: str, width: int = 118) -> list[str]:
     import textwrap
 
     text = " ".join(_flatten(params))
-    return textwrap.wrap(text, width=width, initial_indent=f"{indent}params ", subsequent_indent=f"{indent}       ",
-                         break_long_words=False, break_on_hyphens=False)
+    return textwrap.wrap(
+        text,
+        width=width,
+        initial_indent=f"{indent}params ",
+        subsequent_indent=f"{indent}       ",
+        break_long_words=False,
+        break_on_hyphens=False,
+    )
 
 
 def _render_step(s: dict[str, Any], in_workspace: bool) -> list[str]:
@@ -271,20 +310,29 @@ def _render_step(s: dict[str, Any], in_workspace: bool) -> list[str]:
     head = f"{pad}{'<- ' + s['via'] + ': ' if s['via'] else ''}{s['kind']} {s['path']}"
     if s.get("dvc_stage"):
         head += f"  [dvc stage {s['dvc_stage']}]"
-    head += {"embedded": "  (record embedded in the child)", "missing": "  (no record available)",
-             "dvc": f"  (tracked by {DATA_DVC}: md5 {s['info'].get('data_version')})"}.get(s["source"], "")
+    head += {
+        "embedded": "  (record embedded in the child)",
+        "missing": "  (no record available)",
+        "dvc": f"  (tracked by {DATA_DVC}: md5 {s['info'].get('data_version')})",
+    }.get(s["source"], "")
     lines = [head]
     if rec:
         facts = s.get("provenance")
         if facts:
             git = facts.get("git") or {}
-            run = (f"made {facts.get('created_at')}, commit {str(git.get('commit'))[:12]}"
-                   f"{' (dirty)' if git.get('dirty') else ''}, flow run {facts.get('prefect_flow_run_id') or '-'}")
+            run = (
+                f"made {facts.get('created_at')}, commit {str(git.get('commit'))[:12]}"
+                f"{' (dirty)' if git.get('dirty') else ''}, flow run {facts.get('prefect_flow_run_id') or '-'}"
+            )
         else:
-            run = ("no provenance file describes this version (commit, time unknown)" if in_workspace else
-                   "run facts (commit, time, flow run) not here: provenance/ of the workspace that made it")
-        lines.append(f"{pad}   stage {rec.get('stage')}, {run}, data version {rec.get('data_version')}, "
-                     f"seed {rec.get('seed')}")
+            run = (
+                "no provenance file describes this version (commit, time unknown)"
+                if in_workspace
+                else "run facts (commit, time, flow run) not here: provenance/ of the workspace that made it"
+            )
+        lines.append(
+            f"{pad}   stage {rec.get('stage')}, {run}, data version {rec.get('data_version')}, seed {rec.get('seed')}"
+        )
         if rec.get("params"):
             lines.extend(_params_lines(rec["params"], f"{pad}   "))
     if "value" in s["info"]:
@@ -303,21 +351,26 @@ def _render_dvc_status(status: dict[str, Any] | None) -> list[str]:
 def render(result: dict[str, Any]) -> str:
     lines = []
     if not result["workspace"]:
-        lines.append("  (not inside a pipeline workspace: chain read from the file's embedded records; "
-                     "staleness not checked)")
+        lines.append(
+            "  (not inside a pipeline workspace: chain read from the file's embedded records; staleness not checked)"
+        )
     elif not result["inside_workspace"]:
         lines.append(f"  (outside the workspace; compared with {result['workspace']})")
     for s in result["steps"]:
         lines += _render_step(s, bool(result["workspace"]))
-    lines.append(f"raw data version (data.dvc md5): {result['data_version']}"
-                 + (f"  [data.dvc now: {result['data_version_now']}]" if result.get("data_version_now") else ""))
+    lines.append(
+        f"raw data version (data.dvc md5): {result['data_version']}"
+        + (f"  [data.dvc now: {result['data_version_now']}]" if result.get("data_version_now") else "")
+    )
     if result.get("data_version_commit"):
         lines.append(f"  committed in {result['data_version_commit']}")
     exists = result.get("commit_exists")
     if result.get("made") or result.get("flow_run"):
         lines.append(f"made {result.get('made')} by flow run {result.get('flow_run') or '- (a bare dvc repro)'}")
-    lines.append(f"git commit: {result['commit']}{' (tree had uncommitted changes)' if result.get('dirty') else ''}"
-                 + ("" if exists is None else ("  [in this repository]" if exists else "  [NOT in this repository]")))
+    lines.append(
+        f"git commit: {result['commit']}{' (tree had uncommitted changes)' if result.get('dirty') else ''}"
+        + ("" if exists is None else ("  [in this repository]" if exists else "  [NOT in this repository]"))
+    )
     if result.get("committed_in"):
         lines.append(f"this file is committed in {result['committed_in']}")
     if result["workspace"]:
@@ -332,8 +385,11 @@ def render(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sslcook trace", description=__doc__.splitlines()[0])
-    parser.add_argument("path", help="metrics/<m>.json, models/<m>[/backbone.safetensors], runs/<m>/checkpoint.pt, "
-                                     "data/shards[/manifest.json], or a backbone file anywhere")
+    parser.add_argument(
+        "path",
+        help="metrics/<m>.json, models/<m>[/backbone.safetensors], runs/<m>/checkpoint.pt, "
+        "data/shards[/manifest.json], or a backbone file anywhere",
+    )
     parser.add_argument("--json", action="store_true", help="print the chain as JSON")
     parser.add_argument("--no-dvc", action="store_true", help="do not ask `dvc status` (faster)")
     args = parser.parse_args(argv)

@@ -41,6 +41,7 @@ there (saturation, hue, grayscale); ``grey="expand"`` repeats the channel to RGB
 (the backbone then has 3 input channels: see ``.out_channels``). An input whose channel count differs from
 ``channels`` is converted.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -92,8 +93,11 @@ def _probability(key: str, value: Any) -> float:
 
 def _range(key: str, value: Any, upper: float | None) -> tuple[float, float]:
     """A (lo, hi) option: 0 < lo <= hi, and hi <= the bound (crop scales are shares of the image's area)."""
-    ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    ok = (
+        isinstance(value, (list, tuple))
+        and len(value) == 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    )
     if ok:
         lo, hi = value
         ok = 0 < lo <= hi and (upper is None or hi <= upper)
@@ -128,21 +132,24 @@ class Recipe:
     """Strengths every recipe takes. ``mean``/``std`` None: ImageNet's (their channel mean for grey)."""
 
     name: ClassVar[str] = ""
-    colour: ClassVar[bool] = False      # has the photometric fields (jitter, grayscale, blur, solarize)
+    colour: ClassVar[bool] = False  # has the photometric fields (jitter, grayscale, blur, solarize)
 
-    flip_prob: float = 0.5              # 0 for digits (not mirror-symmetric)
+    flip_prob: float = 0.5  # 0 for digits (not mirror-symmetric)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    affine_degrees: float = 0.0         # 0: off; a small rotation and shift suit digits
-    affine_translate: float = 0.0       # share of the side
+    affine_degrees: float = 0.0  # 0: off; a small rotation and shift suit digits
+    affine_translate: float = 0.0  # share of the side
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
-        checked = {"flip_prob": _probability("flip_prob", self.flip_prob),
-                   "crop_ratio": _range("crop_ratio", self.crop_ratio, None),
-                   "affine_degrees": _number("affine_degrees", self.affine_degrees),
-                   "affine_translate": _number("affine_translate", self.affine_translate),
-                   "mean": _stats("mean", self.mean, False), "std": _stats("std", self.std, True)}
+        checked = {
+            "flip_prob": _probability("flip_prob", self.flip_prob),
+            "crop_ratio": _range("crop_ratio", self.crop_ratio, None),
+            "affine_degrees": _number("affine_degrees", self.affine_degrees),
+            "affine_translate": _number("affine_translate", self.affine_translate),
+            "mean": _stats("mean", self.mean, False),
+            "std": _stats("std", self.std, True),
+        }
         if checked["affine_degrees"] < 0:
             raise ValueError(f"augment: affine_degrees must be non negative, got {self.affine_degrees!r}")
         if not 0.0 <= checked["affine_translate"] <= 1.0:
@@ -150,7 +157,7 @@ class Recipe:
         self._set(checked)
 
     def _set(self, values: dict[str, Any]) -> None:
-        for key, value in values.items():   # normalised (YAML lists -> tuples, ints -> floats): hashable, JSON-able
+        for key, value in values.items():  # normalised (YAML lists -> tuples, ints -> floats): hashable, JSON-able
             object.__setattr__(self, key, value)
 
     def view_specs(self, image_size: int) -> list[tuple[int, tuple[float, float], float, float]]:
@@ -181,8 +188,9 @@ class ColourRecipe(Recipe):
         for key in ("brightness", "contrast", "saturation"):
             checked[key] = _number(key, getattr(self, key))
             if checked[key] < 0:
-                raise ValueError(f"augment: {key}: if {key} is a single number, it must be non negative, "
-                                 f"got {getattr(self, key)!r}")
+                raise ValueError(
+                    f"augment: {key}: if {key} is a single number, it must be non negative, got {getattr(self, key)!r}"
+                )
         checked["hue"] = _number("hue", self.hue)
         if not 0.0 <= checked["hue"] <= 0.5:
             raise ValueError(f"augment: hue must be in [0, 0.5], got {self.hue!r}")
@@ -204,9 +212,13 @@ class SimCLRRecipe(ColourRecipe):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._set({"crop_scale": _range("crop_scale", self.crop_scale, 1.0),
-                   "blur_prob": _probability("blur_prob", self.blur_prob),
-                   "solarize_prob": _probability("solarize_prob", self.solarize_prob)})
+        self._set(
+            {
+                "crop_scale": _range("crop_scale", self.crop_scale, 1.0),
+                "blur_prob": _probability("blur_prob", self.blur_prob),
+                "solarize_prob": _probability("solarize_prob", self.solarize_prob),
+            }
+        )
 
     def view_specs(self, image_size):
         return [(image_size, self.crop_scale, self.blur_prob, self.solarize_prob)] * 2
@@ -223,9 +235,13 @@ class BYOLRecipe(ColourRecipe):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._set({"crop_scale": _range("crop_scale", self.crop_scale, 1.0),
-                   "blur_probs": _probabilities("blur_probs", self.blur_probs, 2),
-                   "solarize_probs": _probabilities("solarize_probs", self.solarize_probs, 2)})
+        self._set(
+            {
+                "crop_scale": _range("crop_scale", self.crop_scale, 1.0),
+                "blur_probs": _probabilities("blur_probs", self.blur_probs, 2),
+                "solarize_probs": _probabilities("solarize_probs", self.solarize_probs, 2),
+            }
+        )
 
     def view_specs(self, image_size):
         return [(image_size, self.crop_scale, self.blur_probs[i], self.solarize_probs[i]) for i in range(2)]
@@ -247,19 +263,30 @@ class MultiCropRecipe(ColourRecipe):
     def __post_init__(self) -> None:
         super().__post_init__()
         n_local, local_size = self.n_local, self.local_size
-        if (isinstance(n_local, bool) or not isinstance(n_local, int) or n_local < 0
-                or (local_size is not None and (isinstance(local_size, bool) or not isinstance(local_size, int)
-                                                or local_size < 2))):
+        if (
+            isinstance(n_local, bool)
+            or not isinstance(n_local, int)
+            or n_local < 0
+            or (
+                local_size is not None
+                and (isinstance(local_size, bool) or not isinstance(local_size, int) or local_size < 2)
+            )
+        ):
             raise ValueError(f"augment multicrop: need n_local >= 0 and local_size >= 2 ({n_local}, {local_size})")
-        self._set({"global_scale": _range("global_scale", self.global_scale, 1.0),
-                   "local_scale": _range("local_scale", self.local_scale, 1.0),
-                   "blur_probs": _probabilities("blur_probs", self.blur_probs, 3),
-                   "solarize_probs": _probabilities("solarize_probs", self.solarize_probs, 3)})
+        self._set(
+            {
+                "global_scale": _range("global_scale", self.global_scale, 1.0),
+                "local_scale": _range("local_scale", self.local_scale, 1.0),
+                "blur_probs": _probabilities("blur_probs", self.blur_probs, 3),
+                "solarize_probs": _probabilities("solarize_probs", self.solarize_probs, 3),
+            }
+        )
 
     def view_specs(self, image_size):
         local = self.local_size or max(2, round(image_size * 96 / 224))
-        return ([(image_size, self.global_scale, self.blur_probs[i], self.solarize_probs[i]) for i in range(2)]
-                + [(local, self.local_scale, self.blur_probs[2], self.solarize_probs[2])] * self.n_local)
+        return [(image_size, self.global_scale, self.blur_probs[i], self.solarize_probs[i]) for i in range(2)] + [
+            (local, self.local_scale, self.blur_probs[2], self.solarize_probs[2])
+        ] * self.n_local
 
 
 @dataclass(frozen=True)
@@ -289,8 +316,10 @@ def make_recipe(name: str, **strengths: Any) -> Recipe:
     shorthand = {"jitter_strength"} if cls.colour else set()
     unknown = sorted(set(strengths) - known - shorthand)
     if unknown:
-        raise TypeError(f"augment recipe {name}: unknown option(s) {', '.join(unknown)} "
-                        f"(known: {', '.join(sorted(known | shorthand))})")
+        raise TypeError(
+            f"augment recipe {name}: unknown option(s) {', '.join(unknown)} "
+            f"(known: {', '.join(sorted(known | shorthand))})"
+        )
     s = dict(strengths)
     if "jitter_strength" in s:
         js = _number("jitter_strength", s.pop("jitter_strength"))
@@ -306,25 +335,26 @@ def make_recipe(name: str, **strengths: Any) -> Recipe:
 class ViewParams:
     """The per-sample parameters of one view batch (CPU tensors, first dimension the batch)."""
 
-    box: Tensor        # B x 4 float: crop top, left, height, width in input pixels (integers, as torchvision)
-    angle: Tensor      # B: rotation in degrees
-    shift: Tensor      # B x 2: (x, y) shift as a share of the view side
-    flip: Tensor       # B bool
-    jitter: Tensor     # B bool: colour jitter applied
-    factors: Tensor    # B x 4: brightness, contrast, saturation factors, hue shift
-    order: Tensor      # B x 4 int64: per-sample permutation of the jitter ops (0 b, 1 c, 2 s, 3 h)
+    box: Tensor  # B x 4 float: crop top, left, height, width in input pixels (integers, as torchvision)
+    angle: Tensor  # B: rotation in degrees
+    shift: Tensor  # B x 2: (x, y) shift as a share of the view side
+    flip: Tensor  # B bool
+    jitter: Tensor  # B bool: colour jitter applied
+    factors: Tensor  # B x 4: brightness, contrast, saturation factors, hue shift
+    order: Tensor  # B x 4 int64: per-sample permutation of the jitter ops (0 b, 1 c, 2 s, 3 h)
     grayscale: Tensor  # B bool
-    blur: Tensor       # B bool
-    sigma: Tensor      # B: blur sigma
-    solarize: Tensor   # B bool
+    blur: Tensor  # B bool
+    sigma: Tensor  # B: blur sigma
+    solarize: Tensor  # B bool
 
 
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator, *shape: int) -> Tensor:
     return torch.rand(n, *shape, generator=g, dtype=torch.float64) * (hi - lo) + lo
 
 
-def _crop_boxes(n: int, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
-                g: torch.Generator) -> Tensor:
+def _crop_boxes(
+    n: int, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float], g: torch.Generator
+) -> Tensor:
     """torchvision's RandomResizedCrop rule, vectorised: 10 tries of (area share, log aspect ratio), the first
     box that fits wins, else the centre crop of the closest allowed ratio; integer boxes (top, left, h, w)."""
     area = height * width
@@ -388,7 +418,7 @@ def _adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
     difference) / c for the max channel m (R first on ties, as torchvision). Back to RGB: channel n (R 5, G 3,
     B 1) is v - c * clamp(min(k, 4 - k), 0, 1) with k = (n + 6 hue) mod 6 (grey pixels: c = 0, unchanged)."""
     r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
-    v = torch.maximum(torch.maximum(r, g), b)   # elementwise: reductions with indices over C are slow on CPU
+    v = torch.maximum(torch.maximum(r, g), b)  # elementwise: reductions with indices over C are slow on CPU
     c = v - torch.minimum(torch.minimum(r, g), b)
     is_r = r == v
     is_g = (g == v) & ~is_r
@@ -398,21 +428,21 @@ def _adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
     out = torch.empty_like(x)
     for channel, n in enumerate((5.0, 3.0, 1.0)):
         k = h6 + n
-        k = k.sub_(torch.floor(k * (1 / 6)).mul_(6))   # mod 6 (torch.remainder is slower)
-        out[:, channel:channel + 1] = v - c * torch.minimum(k, 4 - k).clamp_(0, 1)
+        k = k.sub_(torch.floor(k * (1 / 6)).mul_(6))  # mod 6 (torch.remainder is slower)
+        out[:, channel : channel + 1] = v - c * torch.minimum(k, 4 - k).clamp_(0, 1)
     return out
 
 
 def _jitter_op(op: int, x: Tensor, f: Tensor) -> Tensor:
     f4 = f.view(-1, 1, 1, 1)
-    if op == 0:   # brightness
+    if op == 0:  # brightness
         return (x * f4).clamp_(0, 1)
-    if op == 1:   # contrast: blend with the mean grey level (the weighted channel means)
+    if op == 1:  # contrast: blend with the mean grey level (the weighted channel means)
         means = x.mean(dim=(2, 3))
         grey = means if x.shape[1] == 1 else means @ torch.tensor(_GREY_WEIGHTS, device=x.device)[:, None]
         grey = grey.view(-1, 1, 1, 1)
         return (x - grey).mul_(f4).add_(grey).clamp_(0, 1)
-    if op == 2:   # saturation: blend with the grey image
+    if op == 2:  # saturation: blend with the grey image
         grey = _grey(x)
         return (x - grey).mul_(f4).add_(grey).clamp_(0, 1)
     return _adjust_hue(x, f)
@@ -429,7 +459,7 @@ def _blur(x: Tensor, sigma: Tensor, k: int) -> Tensor:
     """Separable Gaussian blur with one sigma per sample: a depthwise convolution, one kernel per (sample,
     channel), reflect padding."""
     n, c, h, w = x.shape
-    kernel = _gaussian_kernels(sigma, k).repeat_interleave(c, dim=0)   # (n c) x k
+    kernel = _gaussian_kernels(sigma, k).repeat_interleave(c, dim=0)  # (n c) x k
     flat = F.pad(x.reshape(1, n * c, h, w), (k // 2, k // 2, k // 2, k // 2), mode="reflect")
     flat = F.conv2d(flat, kernel.view(n * c, 1, 1, k), groups=n * c)
     flat = F.conv2d(flat, kernel.view(n * c, 1, k, 1), groups=n * c)
@@ -464,8 +494,12 @@ class ViewMaker:
         self.sizes = [size for size, *_ in self.views]
         self.colour = recipe.colour
         if recipe.colour:  # the colour-only ops mean nothing on one channel (grey="skip")
-            strengths = (recipe.brightness, recipe.contrast, recipe.saturation if colour else 0.0,
-                         recipe.hue if colour else 0.0)
+            strengths = (
+                recipe.brightness,
+                recipe.contrast,
+                recipe.saturation if colour else 0.0,
+                recipe.hue if colour else 0.0,
+            )
             self.jitter_ops = [op for op in range(4) if strengths[op] > 0]
             self.jitter_strengths = strengths
             self.grayscale_prob = recipe.grayscale_prob if colour else 0.0
@@ -477,7 +511,7 @@ class ViewMaker:
             raise ValueError(f"augment: mean/std need {self.work_channels} value(s), got {mean}, {std}")
         self.mean, self.std = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
         fields = {f.name: _jsonable(getattr(recipe, f.name)) for f in dataclasses.fields(recipe)}
-        fields.update(mean=list(mean), std=list(std))   # the statistics used, so export normalises the same way
+        fields.update(mean=list(mean), std=list(std))  # the statistics used, so export normalises the same way
         self.config = {"recipe": recipe.name, "image_size": image_size, "channels": channels, "grey": grey, **fields}
 
     @property
@@ -490,7 +524,7 @@ class ViewMaker:
         the CPU from ``generator``: the same draws whichever ops are switched off (only their use changes)."""
         r = self.spec
         out = []
-        for size, scale, blur_p, solarize_p in self.views:
+        for _size, scale, blur_p, solarize_p in self.views:
             box = _crop_boxes(batch, height, width, scale, r.crop_ratio, generator)
             geo = torch.rand(batch, 4, generator=generator, dtype=torch.float64)
             angle = (geo[:, 0] * 2 - 1) * r.affine_degrees
@@ -500,8 +534,15 @@ class ViewMaker:
             order = torch.rand(batch, 4, generator=generator).argsort(dim=1)
             if r.colour:
                 b, c, s, h = self.jitter_strengths
-                factors = torch.stack([_factor(photo[:, 1], b), _factor(photo[:, 2], c), _factor(photo[:, 3], s),
-                                       (photo[:, 4] * 2 - 1) * h], dim=1)
+                factors = torch.stack(
+                    [
+                        _factor(photo[:, 1], b),
+                        _factor(photo[:, 2], c),
+                        _factor(photo[:, 3], s),
+                        (photo[:, 4] * 2 - 1) * h,
+                    ],
+                    dim=1,
+                )
                 jitter = photo[:, 0] < (r.jitter_prob if self.jitter_ops else 0.0)
                 grayscale = photo[:, 5] < self.grayscale_prob
                 sigma = photo[:, 6] * (r.blur_sigma[1] - r.blur_sigma[0]) + r.blur_sigma[0]
@@ -509,9 +550,21 @@ class ViewMaker:
                 factors = torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=torch.float64).expand(batch, 4)
                 jitter = grayscale = torch.zeros(batch, dtype=torch.bool)
                 sigma = torch.ones(batch, dtype=torch.float64)
-            out.append(ViewParams(box=box, angle=angle.float(), shift=shift.float(), flip=flip, jitter=jitter,
-                                  factors=factors.float(), order=order, grayscale=grayscale,
-                                  blur=photo[:, 7] < blur_p, sigma=sigma.float(), solarize=photo[:, 8] < solarize_p))
+            out.append(
+                ViewParams(
+                    box=box,
+                    angle=angle.float(),
+                    shift=shift.float(),
+                    flip=flip,
+                    jitter=jitter,
+                    factors=factors.float(),
+                    order=order,
+                    grayscale=grayscale,
+                    blur=photo[:, 7] < blur_p,
+                    sigma=sigma.float(),
+                    solarize=photo[:, 8] < solarize_p,
+                )
+            )
         return out
 
     # -- pixels
@@ -524,8 +577,10 @@ class ViewMaker:
         generator = generator if generator is not None else torch.default_generator
         params = self.sample_params(x.shape[0], x.shape[2], x.shape[3], generator)
         mean, std = self.mean.to(x.device), self.std.to(x.device)
-        return [self._view(x, p, size, blur_p > 0).sub_(mean).div_(std)
-                for p, (size, _, blur_p, _) in zip(params, self.views)]
+        return [
+            self._view(x, p, size, blur_p > 0).sub_(mean).div_(std)
+            for p, (size, _, blur_p, _) in zip(params, self.views)
+        ]
 
     def _view(self, x: Tensor, p: ViewParams, size: int, blur_on: bool) -> Tensor:
         v = self._geometry(x, p, size)
@@ -555,7 +610,7 @@ class ViewMaker:
         D and c the crop box's half-extent and centre."""
         n, _, height, width = x.shape
         top, left, h, w = p.box.unbind(1)
-        a = torch.deg2rad(-p.angle)   # torchvision's sign: a positive angle turns the image counter-clockwise
+        a = torch.deg2rad(-p.angle)  # torchvision's sign: a positive angle turns the image counter-clockwise
         cos, sin = torch.cos(a), torch.sin(a)
         f = torch.where(p.flip, -1.0, 1.0)
         dx, dy = w / width, h / height
@@ -567,8 +622,9 @@ class ViewMaker:
         theta[:, 1, 2] = (2 * top + h) / height - 1 - dy * (sin * tx + cos * ty)
         shrink = float(torch.maximum(h, w).max()) / size
         k = min(_MAX_SUPERSAMPLING, max(1, math.ceil(shrink - 1e-6)))
-        grid = F.affine_grid(theta.to(x.device, non_blocking=True), [n, x.shape[1], size * k, size * k],
-                             align_corners=False)
+        grid = F.affine_grid(
+            theta.to(x.device, non_blocking=True), [n, x.shape[1], size * k, size * k], align_corners=False
+        )
         # border padding: bilinear taps past the outer pixel centres repeat the edge (as a resize does); what
         # the rotation or shift brings in from outside the image is black (torchvision's fill)
         v = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
@@ -590,8 +646,9 @@ def _jsonable(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def build_views(recipe: str | Recipe, *, image_size: int, channels: int, grey: str = "skip",
-                **strengths: Any) -> ViewMaker:
+def build_views(
+    recipe: str | Recipe, *, image_size: int, channels: int, grey: str = "skip", **strengths: Any
+) -> ViewMaker:
     """The view maker of a recipe (see the module docstring and the recipe dataclasses for the strengths and
     their defaults); ``strengths`` override the recipe's."""
     if channels not in (1, 3):
@@ -612,8 +669,15 @@ class EvalTransform:
     antialiased), normalise. Works on one uint8 image (C x H x W) or a batch (B x C x H x W), with the same
     mean/std as training."""
 
-    def __init__(self, *, image_size: int, channels: int, grey: str = "skip", mean: Sequence[float] | None = None,
-                 std: Sequence[float] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        image_size: int,
+        channels: int,
+        grey: str = "skip",
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ) -> None:
         work_channels = 3 if (channels == 3 or grey == "expand") else 1
         mean = tuple(mean) if mean is not None else (RGB_MEAN if work_channels == 3 else GREY_MEAN)
         std = tuple(std) if std is not None else (RGB_STD if work_channels == 3 else GREY_STD)
@@ -628,8 +692,9 @@ class EvalTransform:
             return self(images.unsqueeze(0))[0]
         x = _to_float(images, self.out_channels)
         if x.shape[-2:] != (self.image_size, self.image_size):
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False,
-                              antialias=True)
+            x = F.interpolate(
+                x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False, antialias=True
+            )
         return (x - self.mean.to(x.device)) / self.std.to(x.device)
 
 

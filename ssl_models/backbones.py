@@ -13,6 +13,7 @@ ViTs also expose their tokens: ``forward_features(x)`` -> ``{"cls": (B, D), "pat
 the two hooks masked image modeling needs: ``keep_index`` (MAE: the encoder runs on the visible patches only) and
 ``token_mask`` + ``mask_token`` (SimMIM: masked patches are replaced by a learned token before the encoder).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -37,8 +38,16 @@ class ResNetBackbone(ResNet):
     stem but halves the resolution at once: 4x cheaper, a 2x2 last-stage map on 28x28 digits (the CPU default).
     """
 
-    def __init__(self, name: str = "resnet18", *, in_chans: int = 3, small_image: bool = False, width: int = 64,
-                 stem_stride: int = 1, zero_init_residual: bool = False) -> None:
+    def __init__(
+        self,
+        name: str = "resnet18",
+        *,
+        in_chans: int = 3,
+        small_image: bool = False,
+        width: int = 64,
+        stem_stride: int = 1,
+        zero_init_residual: bool = False,
+    ) -> None:
         if name not in RESNET_LAYERS:
             raise ValueError(f"unknown ResNet {name!r}; one of {sorted(RESNET_LAYERS)}")
         if width < 1 or in_chans < 1:
@@ -85,8 +94,14 @@ class ResNetBackbone(ResNet):
                     nn.init.zeros_(m.bn2.weight)
 
         self.feature_dim = width * 8 * block.expansion
-        self.config: dict[str, Any] = {"name": name, "in_chans": in_chans, "small_image": small_image, "width": width,
-                                       "stem_stride": stem_stride, "zero_init_residual": zero_init_residual}
+        self.config: dict[str, Any] = {
+            "name": name,
+            "in_chans": in_chans,
+            "small_image": small_image,
+            "width": width,
+            "stem_stride": stem_stride,
+            "zero_init_residual": zero_init_residual,
+        }
 
     def forward_map(self, x: Tensor) -> Tensor:
         """The last stage's feature map (B, feature_dim, h, w)."""
@@ -108,8 +123,9 @@ def sincos_position_embedding(grid_h: int, grid_w: int, dim: int) -> Tensor:
         raise ValueError(f"sine-cosine position embedding needs embed_dim divisible by 4, got {dim}")
     quarter = dim // 4
     omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
-    rows, cols = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64), torch.arange(grid_w, dtype=torch.float64),
-                                indexing="ij")
+    rows, cols = torch.meshgrid(
+        torch.arange(grid_h, dtype=torch.float64), torch.arange(grid_w, dtype=torch.float64), indexing="ij"
+    )
     parts = []
     for pos in (rows.reshape(-1), cols.reshape(-1)):
         angles = pos[:, None] * omega[None, :]
@@ -157,9 +173,19 @@ class VisionTransformer(nn.Module):
     for their grid), which DINO's local crops need.
     """
 
-    def __init__(self, name: str = "vit_tiny", *, image_size: int = 224, patch_size: int = 16, in_chans: int = 3,
-                 embed_dim: int | None = None, depth: int | None = None, num_heads: int | None = None,
-                 mlp_ratio: float = 4.0, global_pool: str = "cls") -> None:
+    def __init__(
+        self,
+        name: str = "vit_tiny",
+        *,
+        image_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int | None = None,
+        depth: int | None = None,
+        num_heads: int | None = None,
+        mlp_ratio: float = 4.0,
+        global_pool: str = "cls",
+    ) -> None:
         super().__init__()
         if name not in VIT_PRESETS:
             raise ValueError(f"unknown ViT {name!r}; one of {sorted(VIT_PRESETS)}")
@@ -181,14 +207,21 @@ class VisionTransformer(nn.Module):
         self.patch_embed = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         # not persistent: derived from the config, so the exported weights carry only learned tensors
-        self.register_buffer("pos_embed", sincos_position_embedding(*self.grid_size, embed_dim)[None],
-                             persistent=False)
+        self.register_buffer("pos_embed", sincos_position_embedding(*self.grid_size, embed_dim)[None], persistent=False)
         self.blocks = nn.ModuleList([TransformerBlock(embed_dim, num_heads, mlp_ratio) for _ in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.feature_dim = embed_dim
-        self.config: dict[str, Any] = {"name": name, "image_size": image_size, "patch_size": patch_size,
-                                       "in_chans": in_chans, "embed_dim": embed_dim, "depth": depth,
-                                       "num_heads": num_heads, "mlp_ratio": mlp_ratio, "global_pool": global_pool}
+        self.config: dict[str, Any] = {
+            "name": name,
+            "image_size": image_size,
+            "patch_size": patch_size,
+            "in_chans": in_chans,
+            "embed_dim": embed_dim,
+            "depth": depth,
+            "num_heads": num_heads,
+            "mlp_ratio": mlp_ratio,
+            "global_pool": global_pool,
+        }
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -223,8 +256,14 @@ class VisionTransformer(nn.Module):
         """Patch tokens without position: (B, N, D)."""
         return self.patch_embed(images).flatten(2).transpose(1, 2)
 
-    def forward_features(self, x: Tensor, *, keep_index: Tensor | None = None, token_mask: Tensor | None = None,
-                         mask_token: Tensor | None = None) -> dict[str, Tensor]:
+    def forward_features(
+        self,
+        x: Tensor,
+        *,
+        keep_index: Tensor | None = None,
+        token_mask: Tensor | None = None,
+        mask_token: Tensor | None = None,
+    ) -> dict[str, Tensor]:
         """Run the encoder; returns ``{"cls": (B, D), "patch_tokens": (B, N', D)}`` after the final norm.
 
         keep_index  (B, K) long: only these patches enter the encoder (MAE); ``patch_tokens`` has K rows, in

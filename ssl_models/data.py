@@ -24,7 +24,8 @@ How an epoch is cut (:func:`make_loader`):
   ``seed`` and ``epoch`` (and of world_size/num_workers), never of timing: DataLoader delivers its workers'
   batches in a fixed round-robin order.
 - Workers decode (and resize) each sample and batch; the main process merges the workers' partial batches and,
-  for a CUDA consumer (``pin_memory``), hands them over in pinned memory. ``drop_last=True`` (training): every rank yields the same number of full batches,
+  for a CUDA consumer (``pin_memory``), hands them over in pinned memory. ``drop_last=True`` (training): every
+  rank yields the same number of full batches,
   ``len(loader)``, fixed for all epochs: what the rank that receives the fewest samples can fill, so no sample
   is repeated and ranks never wait on each other. ``drop_last=False`` (evaluation, coverage checks): every
   sample of the rank's units exactly once, the last batch partial; batch counts can then differ by one
@@ -40,6 +41,7 @@ protocol (``s3://``, ``gs://``, ...) or WebDataset's ``pipe:COMMAND``; the manif
 ``manifest=``). Each remote shard is streamed into a temporary file while its sha256 is computed, and compared
 with the manifest before any of its samples is read: a modified shard is named and never used.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -49,8 +51,9 @@ import math
 import os
 import random
 import tarfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
@@ -68,7 +71,7 @@ except ImportError:  # a torchvision without image codecs: Pillow decodes
     _TORCHVISION_DECODE = None
 
 MANIFEST = "manifest.json"
-SHARD_FORMAT = "sslcook-shards/2"   # the stage stages/shard.py writes and this module reads
+SHARD_FORMAT = "sslcook-shards/2"  # the stage stages/shard.py writes and this module reads
 IMAGE_KEYS = ("png", "jpg", "jpeg")
 MODE_CHANNELS = {"L": 1, "RGB": 3}  # the manifest's image_mode -> channels of the decoded tensors
 
@@ -98,8 +101,9 @@ def check_format(manifest: Any, where: str) -> dict[str, Any]:
     found = manifest.get("format")
     if found != SHARD_FORMAT:
         what = "an older format (no format key)" if found is None else f"format {found!r}"
-        raise DataError(f"{where}: shards of {what}, this loader reads {SHARD_FORMAT}; re-run the shard stage "
-                        f"(dvc repro shard)")
+        raise DataError(
+            f"{where}: shards of {what}, this loader reads {SHARD_FORMAT}; re-run the shard stage (dvc repro shard)"
+        )
     return manifest
 
 
@@ -143,12 +147,16 @@ def _verify_file(path: Path, expected: Mapping[str, Any]) -> None:
     if _VERIFIED.get(key) == expected["sha256"]:
         return
     if "bytes" in expected and stat.st_size != expected["bytes"]:
-        raise DataError(f"{path}: shard truncated or modified ({stat.st_size} bytes, manifest says "
-                        f"{expected['bytes']}); rebuild the shards")
+        raise DataError(
+            f"{path}: shard truncated or modified ({stat.st_size} bytes, manifest says "
+            f"{expected['bytes']}); rebuild the shards"
+        )
     actual = sha256_file(path)
     if actual != expected["sha256"]:
-        raise DataError(f"{path}: shard corrupted (sha256 {actual[:12]}... != manifest {expected['sha256'][:12]}...); "
-                        f"rebuild the shards")
+        raise DataError(
+            f"{path}: shard corrupted (sha256 {actual[:12]}... != manifest {expected['sha256'][:12]}...); "
+            f"rebuild the shards"
+        )
     _VERIFIED[key] = actual
 
 
@@ -208,8 +216,10 @@ def open_url(url: str):
         try:
             import fsspec
         except ImportError:
-            raise DataError(f"{url}: reading {scheme}:// needs fsspec (pip install fsspec and its {scheme} "
-                            f"driver, e.g. s3fs or gcsfs)") from None
+            raise DataError(
+                f"{url}: reading {scheme}:// needs fsspec (pip install fsspec and its {scheme} "
+                f"driver, e.g. s3fs or gcsfs)"
+            ) from None
         return fsspec.open(url, "rb").open()
     except DataError:
         raise
@@ -236,17 +246,21 @@ def fetch_verified(url: str, expected: Mapping[str, Any] | None):
     actual = digest.hexdigest()
     if ("bytes" in expected and size != expected["bytes"]) or actual != expected["sha256"]:
         out.close()
-        raise DataError(f"{url}: remote shard modified ({size} bytes, sha256 {actual[:12]}...; manifest says "
-                        f"{expected.get('bytes', '?')} bytes, {expected['sha256'][:12]}...); not used")
+        raise DataError(
+            f"{url}: remote shard modified ({size} bytes, sha256 {actual[:12]}...; manifest says "
+            f"{expected.get('bytes', '?')} bytes, {expected['sha256'][:12]}...); not used"
+        )
     out.seek(0)
     return out
 
 
 def _manifest_entries(urls: Sequence[str], manifest: Mapping[str, Any] | None) -> dict[str, Mapping[str, Any]]:
-    by_name = {shard["name"]: shard for entry in ((manifest or {}).get("splits") or {}).values()
-               for shard in entry["shards"]}
-    return {u: by_name[os.path.basename(urlparse(u).path)] for u in urls
-            if os.path.basename(urlparse(u).path) in by_name}
+    by_name = {
+        shard["name"]: shard for entry in ((manifest or {}).get("splits") or {}).values() for shard in entry["shards"]
+    }
+    return {
+        u: by_name[os.path.basename(urlparse(u).path)] for u in urls if os.path.basename(urlparse(u).path) in by_name
+    }
 
 
 # ---------------------------------------------------------------------------------------------- decoding
@@ -284,9 +298,10 @@ def _label(sample: Mapping[str, Any]) -> int:
         meta = json.loads(sample["json"])
         return int(meta["cls"])
     except (KeyError, TypeError, ValueError, UnicodeDecodeError):
-        raise DataError(f"{sample.get('__url__')}: sample {sample.get('__key__')!r} has no json member with a "
-                        f"\"cls\" label (shards of an older format?); re-run the shard stage (dvc repro shard)"
-                        ) from None
+        raise DataError(
+            f"{sample.get('__url__')}: sample {sample.get('__key__')!r} has no json member with a "
+            f'"cls" label (shards of an older format?); re-run the shard stage (dvc repro shard)'
+        ) from None
 
 
 def resize_and_crop(image: Tensor, size: int) -> Tensor:
@@ -304,9 +319,11 @@ def _size_text(hw: Sequence[int]) -> str:
 
 def mixed_sizes_error(split: str, sizes: Sequence[Sequence[int]], where: str) -> DataError:
     a, b = sizes[0], next(s for s in sizes if tuple(s[-2:]) != tuple(sizes[0][-2:]))
-    return DataError(f"{where}: split {split!r} mixes image sizes ({_size_text(a)} and {_size_text(b)} H x W); "
-                     f"batching needs one: shard with one image size (shard.image_size) or resize in the loader "
-                     f"(resize=N; params: pretrain.loader_image_size)")
+    return DataError(
+        f"{where}: split {split!r} mixes image sizes ({_size_text(a)} and {_size_text(b)} H x W); "
+        f"batching needs one: shard with one image size (shard.image_size) or resize in the loader "
+        f"(resize=N; params: pretrain.loader_image_size)"
+    )
 
 
 def _stack(images: Sequence[Tensor], split: str, where: str) -> Tensor:
@@ -342,8 +359,9 @@ def _plan_units(urls: Sequence[str], counts: Sequence[int], world_size: int, wor
     return [_Unit(url, count, part, parts) for url, count in zip(urls, counts) for part in range(parts)]
 
 
-def _read_units(units: Iterable[_Unit], expected: Mapping[str, Mapping[str, Any]] | None = None
-                ) -> Iterator[dict[str, Any]]:
+def _read_units(
+    units: Iterable[_Unit], expected: Mapping[str, Mapping[str, Any]] | None = None
+) -> Iterator[dict[str, Any]]:
     """Samples of each unit; a remote shard is fetched and checked against ``expected[url]`` before any is read."""
     for unit in units:
         try:
@@ -352,21 +370,23 @@ def _read_units(units: Iterable[_Unit], expected: Mapping[str, Mapping[str, Any]
             else:
                 stream = fetch_verified(unit.url, (expected or {}).get(unit.url))
                 samples = wds.tariterators.group_by_keys(
-                    wds.tariterators.tar_file_expander([{"url": unit.url, "stream": stream}]))
+                    wds.tariterators.tar_file_expander([{"url": unit.url, "stream": stream}])
+                )
             for index, sample in enumerate(samples):
                 if index % unit.parts == unit.part:
                     yield sample
         except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
             if isinstance(exc, DataError):
                 raise
-            raise DataError(f"{unit.url}: unreadable shard ({str(exc).splitlines()[0] if str(exc) else exc!r}); "
-                            f"rebuild the shards") from None
+            raise DataError(
+                f"{unit.url}: unreadable shard ({str(exc).splitlines()[0] if str(exc) else exc!r}); rebuild the shards"
+            ) from None
 
 
 class _WorkerStream(torch.utils.data.IterableDataset):
     """What one DataLoader worker (or the main process) yields: decoded uint8 samples, batched."""
 
-    def __init__(self, loader: "ShardLoader"):
+    def __init__(self, loader: ShardLoader):
         super().__init__()
         self.loader = loader
 
@@ -374,8 +394,11 @@ class _WorkerStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker = info.id if info else 0
         ld = self.loader
-        mine = [u for j, u in enumerate(ld.epoch_units())
-                if j % ld.world_size == ld.rank and (j // ld.world_size) % ld.workers == worker]
+        mine = [
+            u
+            for j, u in enumerate(ld.epoch_units())
+            if j % ld.world_size == ld.rank and (j // ld.world_size) % ld.workers == worker
+        ]
         # (a bare list would be spliced into the stages)
         stages: list[Any] = [lambda: iter(mine), lambda units: _read_units(units, ld.expected)]
         if ld.shuffle_buffer > 1:
@@ -389,10 +412,26 @@ class _WorkerStream(torch.utils.data.IterableDataset):
 class ShardLoader:
     """The iterable :func:`make_loader` returns; ``len()`` is the number of batches this rank yields per epoch."""
 
-    def __init__(self, urls: Sequence[str], counts: Sequence[int], *, batch_size: int, shuffle_buffer: int,
-                 seed: int, epoch: int, rank: int, world_size: int, num_workers: int, drop_last: bool,
-                 channels: int | None, return_keys: bool, pin_memory: bool, resize: int | None = None,
-                 split: str = "?", expected: Mapping[str, Mapping[str, Any]] | None = None):
+    def __init__(
+        self,
+        urls: Sequence[str],
+        counts: Sequence[int],
+        *,
+        batch_size: int,
+        shuffle_buffer: int,
+        seed: int,
+        epoch: int,
+        rank: int,
+        world_size: int,
+        num_workers: int,
+        drop_last: bool,
+        channels: int | None,
+        return_keys: bool,
+        pin_memory: bool,
+        resize: int | None = None,
+        split: str = "?",
+        expected: Mapping[str, Mapping[str, Any]] | None = None,
+    ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
         if not 0 <= rank < world_size:
@@ -435,8 +474,9 @@ class ShardLoader:
         try:
             image = decode_image_bytes(_image_entry(sample), self.channels)
         except RuntimeError as exc:
-            raise DataError(f"{sample.get('__url__')}: sample {sample.get('__key__')!r}: undecodable image "
-                            f"({exc})") from None
+            raise DataError(
+                f"{sample.get('__url__')}: sample {sample.get('__key__')!r}: undecodable image ({exc})"
+            ) from None
         if self.resize is not None:
             image = resize_and_crop(image, self.resize)
         return image, _label(sample), sample["__key__"]
@@ -466,9 +506,14 @@ class ShardLoader:
         # today; this keeps it so should a decoder ever do).
         generator = torch.Generator().manual_seed(_derive_seed("workers", self.seed, self.epoch, self.rank))
         try:
-            yield from torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.num_workers,
-                                                   generator=generator, pin_memory=self.pin_memory,
-                                                   prefetch_factor=4)
+            yield from torch.utils.data.DataLoader(
+                stream,
+                batch_size=None,
+                num_workers=self.num_workers,
+                generator=generator,
+                pin_memory=self.pin_memory,
+                prefetch_factor=4,
+            )
         except DataError as exc:  # re-raised from a worker with its traceback in the message: keep the one line
             raise DataError(str(exc).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
 
@@ -507,8 +552,10 @@ class ShardLoader:
             produced += 1
             yield emit(self._concat(pending))
         if limit is not None and produced < limit:
-            raise DataError(f"rank {self.rank} got {produced} of {limit} batches: the shards hold fewer samples "
-                            f"than their manifest counts")
+            raise DataError(
+                f"rank {self.rank} got {produced} of {limit} batches: the shards hold fewer samples "
+                f"than their manifest counts"
+            )
 
     def _concat(self, batches: list[tuple]) -> tuple:
         if len(batches) == 1:
@@ -567,11 +614,23 @@ def _split_of(urls: Sequence[str], manifest: Mapping[str, Any] | None) -> tuple[
     return os.path.basename(urlparse(urls[0]).path).split("-", 1)[0], None
 
 
-def make_loader(urls: str | Sequence[str], *, batch_size: int, shuffle_buffer: int = 2000, seed: int = 0,
-                epoch: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 0,
-                manifest: Mapping[str, Any] | str | os.PathLike | None = None, drop_last: bool = True,
-                return_keys: bool = False, pin_memory: bool = False, resize: int | None = None,
-                verify: bool = True) -> ShardLoader:
+def make_loader(
+    urls: str | Sequence[str],
+    *,
+    batch_size: int,
+    shuffle_buffer: int = 2000,
+    seed: int = 0,
+    epoch: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    manifest: Mapping[str, Any] | str | os.PathLike | None = None,
+    drop_last: bool = True,
+    return_keys: bool = False,
+    pin_memory: bool = False,
+    resize: int | None = None,
+    verify: bool = True,
+) -> ShardLoader:
     """Iterable of ``(images, labels)`` uint8 batches over WebDataset shards (see the module docstring).
 
     ``urls``: shard paths or URLs (a list, or a brace pattern such as ``train-{000000..000003}.tar``).
@@ -593,7 +652,7 @@ def make_loader(urls: str | Sequence[str], *, batch_size: int, shuffle_buffer: i
     elif manifest is None and urlparse(urls[0]).scheme != "pipe":
         manifest = read_manifest(urls[0].rsplit("/", 1)[0])
     elif isinstance(manifest, str) and not _is_local(manifest):
-        manifest = read_manifest(manifest[:-len(MANIFEST)].rstrip("/") if manifest.endswith(MANIFEST) else manifest)
+        manifest = read_manifest(manifest[: -len(MANIFEST)].rstrip("/") if manifest.endswith(MANIFEST) else manifest)
     elif isinstance(manifest, (str, os.PathLike)):
         path = Path(manifest)
         manifest = read_manifest(path.parent if path.name == MANIFEST else path)
@@ -607,20 +666,42 @@ def make_loader(urls: str | Sequence[str], *, batch_size: int, shuffle_buffer: i
         raise mixed_sizes_error(split, sizes, where)
     mode = (manifest or {}).get("image_mode")
     channels = MODE_CHANNELS.get(mode) if mode else None
-    loader = ShardLoader(urls, counts, batch_size=batch_size, shuffle_buffer=shuffle_buffer, seed=seed, epoch=epoch,
-                         rank=rank, world_size=world_size, num_workers=num_workers, drop_last=drop_last,
-                         channels=channels, return_keys=return_keys, pin_memory=pin_memory, resize=resize,
-                         split=split, expected=_manifest_entries([u for u in urls if not _is_local(u)], manifest))
+    loader = ShardLoader(
+        urls,
+        counts,
+        batch_size=batch_size,
+        shuffle_buffer=shuffle_buffer,
+        seed=seed,
+        epoch=epoch,
+        rank=rank,
+        world_size=world_size,
+        num_workers=num_workers,
+        drop_last=drop_last,
+        channels=channels,
+        return_keys=return_keys,
+        pin_memory=pin_memory,
+        resize=resize,
+        split=split,
+        expected=_manifest_entries([u for u in urls if not _is_local(u)], manifest),
+    )
     if drop_last and len(loader) == 0:
-        raise DataError(f"{urls[0]}{' ...' if len(urls) > 1 else ''}: a rank is only sure to get "
-                        f"{loader.min_rank_samples} samples, fewer than batch_size {batch_size} (world_size "
-                        f"{world_size}): lower the batch size")
+        raise DataError(
+            f"{urls[0]}{' ...' if len(urls) > 1 else ''}: a rank is only sure to get "
+            f"{loader.min_rank_samples} samples, fewer than batch_size {batch_size} (world_size "
+            f"{world_size}): lower the batch size"
+        )
     return loader
 
 
 # ---------------------------------------------------------------------------------------- whole splits
-def load_split(shards_dir: str | os.PathLike, split: str, *, labelled_only: bool = True, verify: bool = True,
-               resize: int | None = None) -> tuple[Tensor, Tensor, list[str]]:
+def load_split(
+    shards_dir: str | os.PathLike,
+    split: str,
+    *,
+    labelled_only: bool = True,
+    verify: bool = True,
+    resize: int | None = None,
+) -> tuple[Tensor, Tensor, list[str]]:
     """A whole split in memory: (uint8 N x C x H x W, labels, class names), in shard order.
 
     For evaluation and baselines on small datasets. Unlabelled samples (label -1) are left out unless
@@ -653,6 +734,20 @@ def load_split(shards_dir: str | os.PathLike, split: str, *, labelled_only: bool
     return _stack(images, split, where), torch.tensor(labels, dtype=torch.long), list(manifest.get("classes") or [])
 
 
-__all__ = ["DataError", "MANIFEST", "SHARD_FORMAT", "RemoteShards", "ShardLoader", "check_format",
-           "decode_image_bytes", "fetch_verified", "load_split", "make_loader", "open_url", "read_manifest",
-           "resize_and_crop", "shard_urls", "verify_shards"]
+__all__ = [
+    "DataError",
+    "MANIFEST",
+    "SHARD_FORMAT",
+    "RemoteShards",
+    "ShardLoader",
+    "check_format",
+    "decode_image_bytes",
+    "fetch_verified",
+    "load_split",
+    "make_loader",
+    "open_url",
+    "read_manifest",
+    "resize_and_crop",
+    "shard_urls",
+    "verify_shards",
+]

@@ -1,4 +1,5 @@
 """Where to compute: the one device rule of training, feature extraction and the linear probe."""
+
 from __future__ import annotations
 
 import torch

@@ -13,6 +13,7 @@ gradient is W times the single-process gradient of the mean loss on the concaten
 
 Every function works unchanged in a single process (no process group): gather returns its input.
 """
+
 from __future__ import annotations
 
 import torch
@@ -49,7 +50,7 @@ class _GatherWithGrad(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> Tensor:
         grad = grad.contiguous()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad[ctx.rank * ctx.batch:(ctx.rank + 1) * ctx.batch]
+        return grad[ctx.rank * ctx.batch : (ctx.rank + 1) * ctx.batch]
 
 
 def gather(tensor: Tensor) -> Tensor:

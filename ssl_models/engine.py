@@ -26,6 +26,7 @@ model's own RNG state restored from the checkpoint, a resumed run ends with weig
 Checkpoints are written atomically (temporary file + ``os.replace``) by rank 0 only, and loaded with
 ``torch.load(weights_only=True)``: tensors, numbers, strings, lists and dicts, nothing pickled.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,9 +36,10 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,15 +61,16 @@ class NonFiniteLossError(TrainingError):
     def __init__(self, step: int, epoch: int, value: float, checkpoint: str | None):
         self.step, self.epoch, self.value, self.checkpoint = step, epoch, value, checkpoint
         kept = f"; last good checkpoint kept: {checkpoint}" if checkpoint else "; no checkpoint written yet"
-        super().__init__(f"non-finite loss ({value}) at step {step} (epoch {epoch + 1}){kept}; "
-                         "lower the learning rate, enable grad_clip or check the inputs")
+        super().__init__(
+            f"non-finite loss ({value}) at step {step} (epoch {epoch + 1}){kept}; "
+            "lower the learning rate, enable grad_clip or check the inputs"
+        )
 
 
 class CollapseError(TrainingError):
     def __init__(self, epoch: int, reasons: list[str]):
         self.epoch, self.reasons = epoch, reasons
-        super().__init__(f"representation collapse after epoch {epoch + 1}: {'; '.join(reasons)} "
-                         "(monitor.fatal is on)")
+        super().__init__(f"representation collapse after epoch {epoch + 1}: {'; '.join(reasons)} (monitor.fatal is on)")
 
 
 # --------------------------------------------------------------------------------------------- runtime
@@ -135,8 +138,12 @@ def capture_rng_state() -> dict[str, Any]:
     py_state = random.getstate()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
         "python": {"version": py_state[0], "internal": list(py_state[1]), "gauss_next": py_state[2]},
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -147,8 +154,9 @@ def capture_rng_state() -> dict[str, Any]:
 def restore_rng_state(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     p = state["python"]
     random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
@@ -185,7 +193,7 @@ class DataStream:
             np.random.set_state(saved[1])
             random.setstate(saved[2])
 
-    def __iter__(self) -> "DataStream":
+    def __iter__(self) -> DataStream:
         return self
 
     def close(self) -> None:
@@ -223,11 +231,18 @@ class KnnMonitor:
         from .evaluation import extract_features, knn_evaluate
 
         def features(images: torch.Tensor) -> torch.Tensor:
-            return extract_features(backbone, images, transform=self.transform, batch_size=self.batch_size,
-                                    device=device, progress=False)
+            return extract_features(
+                backbone, images, transform=self.transform, batch_size=self.batch_size, device=device, progress=False
+            )
 
-        result = knn_evaluate(features(self.bank_images), self.bank_labels, features(self.query_images),
-                              self.query_labels, ks=(self.k,), temperature=self.temperature)
+        result = knn_evaluate(
+            features(self.bank_images),
+            self.bank_labels,
+            features(self.query_images),
+            self.query_labels,
+            ks=(self.k,),
+            temperature=self.temperature,
+        )
         return {"knn_top1": result[f"knn_top1_k{self.k}"]}
 
 
@@ -260,13 +275,13 @@ class TrainConfig:
     epochs: int
     steps_per_epoch: int
     seed: int = 0
-    grad_clip: float | None = None          # max global gradient norm; None: no clipping
-    precision: str = "auto"                 # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
-    checkpoint_every_steps: int = 0         # 0: at epoch ends only
-    deterministic: bool = True              # torch.use_deterministic_algorithms on CPU
-    channels_last: bool = True              # on CUDA
-    sync_batchnorm: bool | None = None      # None: the method's own wish (attribute sync_batchnorm, default True)
-    log_every_steps: int = 10               # progress-bar refresh, and the loss check on CUDA
+    grad_clip: float | None = None  # max global gradient norm; None: no clipping
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    checkpoint_every_steps: int = 0  # 0: at epoch ends only
+    deterministic: bool = True  # torch.use_deterministic_algorithms on CPU
+    channels_last: bool = True  # on CUDA
+    sync_batchnorm: bool | None = None  # None: the method's own wish (attribute sync_batchnorm, default True)
+    log_every_steps: int = 10  # progress-bar refresh, and the loss check on CUDA
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     progress: bool = True
     desc: str = "train"
@@ -304,14 +319,23 @@ class Trainer:
     each training batch's keys (``make_loader`` must then yield ``(views, labels, keys)``).
     """
 
-    def __init__(self, method: nn.Module, optimizer: torch.optim.Optimizer, *, config: TrainConfig,
-                 make_loader: Callable[[int], Iterable], runtime: Runtime | None = None, scheduler: Any = None,
-                 checkpoint_path: str | os.PathLike | None = None, knn: KnnMonitor | None = None,
-                 on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
-                 on_log: Callable[[int, dict[str, float]], None] | None = None,
-                 extra_state: Mapping[str, Any] | None = None,
-                 dataset_pass: Callable[[], Iterable] | None = None,
-                 views: Callable[[torch.Tensor, torch.Generator], list[torch.Tensor]] | None = None):
+    def __init__(
+        self,
+        method: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        config: TrainConfig,
+        make_loader: Callable[[int], Iterable],
+        runtime: Runtime | None = None,
+        scheduler: Any = None,
+        checkpoint_path: str | os.PathLike | None = None,
+        knn: KnnMonitor | None = None,
+        on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+        on_log: Callable[[int, dict[str, float]], None] | None = None,
+        extra_state: Mapping[str, Any] | None = None,
+        dataset_pass: Callable[[], Iterable] | None = None,
+        views: Callable[[torch.Tensor, torch.Generator], list[torch.Tensor]] | None = None,
+    ):
         self.method = method
         self.views = views
         self.optimizer = optimizer
@@ -367,7 +391,8 @@ class Trainer:
             # find_unused_parameters: some methods leave parameters out of a step's graph (frozen
             # prototypes, a decoder token); DDP would otherwise wait for their gradients forever.
             return nn.parallel.DistributedDataParallel(
-                method, device_ids=[self.device.index] if cuda else None, find_unused_parameters=True)
+                method, device_ids=[self.device.index] if cuda else None, find_unused_parameters=True
+            )
         return method
 
     # -- state
@@ -392,9 +417,13 @@ class Trainer:
             "scheduler_state": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler_state": self.scaler.state_dict() if self.scaler is not None else None,
             "rng_per_rank": rng_per_rank,
-            "position": {"epoch": epoch, "step_in_epoch": step_in_epoch,
-                         "global_step": epoch * self.config.steps_per_epoch + step_in_epoch,
-                         "steps_per_epoch": self.config.steps_per_epoch, "world_size": self.runtime.world_size},
+            "position": {
+                "epoch": epoch,
+                "step_in_epoch": step_in_epoch,
+                "global_step": epoch * self.config.steps_per_epoch + step_in_epoch,
+                "steps_per_epoch": self.config.steps_per_epoch,
+                "world_size": self.runtime.world_size,
+            },
             "epoch_accumulators": acc,
             "history": self.history,
             "extra": self.extra_state,
@@ -415,9 +444,11 @@ class Trainer:
             raise TrainingError(f"{self.checkpoint_path}: not a training state ({state.get('format')!r})")
         pos = state["position"]
         if pos["steps_per_epoch"] != self.config.steps_per_epoch or pos["world_size"] != self.runtime.world_size:
-            raise TrainingError(f"{self.checkpoint_path}: saved with {pos['steps_per_epoch']} steps/epoch on "
-                                f"{pos['world_size']} process(es), now {self.config.steps_per_epoch} on "
-                                f"{self.runtime.world_size}: cannot resume")
+            raise TrainingError(
+                f"{self.checkpoint_path}: saved with {pos['steps_per_epoch']} steps/epoch on "
+                f"{pos['world_size']} process(es), now {self.config.steps_per_epoch} on "
+                f"{self.runtime.world_size}: cannot resume"
+            )
         self.method.load_state_dict(state["method_state"])
         for k, m in self._teacher_outside().items():
             m.load_state_dict(state["teacher_state"][k])
@@ -441,8 +472,15 @@ class Trainer:
 
     # -- loop
     def _new_accumulators(self) -> dict[str, Any]:
-        return {"loss_sum": 0.0, "steps": 0, "images": 0, "seconds": 0.0, "data_wait": 0.0, "diag_sums": {},
-                "embeddings": []}
+        return {
+            "loss_sum": 0.0,
+            "steps": 0,
+            "images": 0,
+            "seconds": 0.0,
+            "data_wait": 0.0,
+            "diag_sums": {},
+            "embeddings": [],
+        }
 
     def _to_device(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
         fmt = torch.channels_last if (self.device.type == "cuda" and self.config.channels_last) else None
@@ -473,8 +511,12 @@ class Trainer:
         if not bool(finite.all()):
             i = int((~finite).nonzero()[0])
             step, epoch, _ = pending[i]
-            raise NonFiniteLossError(step, epoch, float(losses[i]),
-                                     str(self.checkpoint_path) if self._last_checkpoint_step is not None else None)
+            raise NonFiniteLossError(
+                step,
+                epoch,
+                float(losses[i]),
+                str(self.checkpoint_path) if self._last_checkpoint_step is not None else None,
+            )
         pending.clear()
 
     def _epoch_metrics(self, epoch: int, acc: dict[str, Any]) -> dict[str, Any]:
@@ -501,7 +543,7 @@ class Trainer:
         }
         emb = acc["embeddings"]
         if emb:
-            z = torch.cat([e.cpu() for e in emb])[-self.config.monitor.samples:]
+            z = torch.cat([e.cpu() for e in emb])[-self.config.monitor.samples :]
             record["emb_std"] = float(embedding_std(z))
             record["rankme"] = float(rankme(z))
             record["emb_dim"] = int(z.shape[1])
@@ -535,8 +577,10 @@ class Trainer:
         if self.checkpoint_path is not None and self.checkpoint_path.exists():
             start_epoch, start_step, acc = self._load(load_state(self.checkpoint_path))
             resumed_from = start_epoch * cfg.steps_per_epoch + start_step
-            self._say(f"{cfg.desc}: resuming from step {resumed_from}/{total} "
-                      f"(epoch {start_epoch + 1}, batch {start_step}) of {self.checkpoint_path}")
+            self._say(
+                f"{cfg.desc}: resuming from step {resumed_from}/{total} "
+                f"(epoch {start_epoch + 1}, batch {start_step}) of {self.checkpoint_path}"
+            )
         self.method.train()
         bar = _progress(total, resumed_from or 0, cfg.desc, disable=not (cfg.progress and rt.is_main))
         try:
@@ -582,15 +626,17 @@ class Trainer:
         data.close()
         return _portable(acc)
 
-    def _next_views(self, data: "DataStream", epoch: int, step_in_epoch: int, acc: dict[str, Any]) -> list:
+    def _next_views(self, data: DataStream, epoch: int, step_in_epoch: int, acc: dict[str, Any]) -> list:
         """The next batch's views (made here from the uint8 images when the Trainer has ``views``); the time spent
         waiting on the loader is added to ``acc``."""
         waited = time.perf_counter()
         try:
             views, _labels, *keys = next(data)
         except StopIteration:
-            raise TrainingError(f"the loader of epoch {epoch + 1} ended after {step_in_epoch} batches; "
-                                f"expected {self.config.steps_per_epoch}") from None
+            raise TrainingError(
+                f"the loader of epoch {epoch + 1} ended after {step_in_epoch} batches; "
+                f"expected {self.config.steps_per_epoch}"
+            ) from None
         acc["data_wait"] = acc.get("data_wait", 0.0) + time.perf_counter() - waited
         if self.views is not None:
             views = self._make_views(views, epoch, epoch * self.config.steps_per_epoch + step_in_epoch)
@@ -620,8 +666,12 @@ class Trainer:
         if self.knn is not None and ((epoch + 1) % self.knn.every_epochs == 0 or epoch + 1 == cfg.epochs):
             if rt.is_main:
                 record.update(self.knn(self.method.backbone, self.device))
-        reasons = detect_collapse(record, cfg.monitor, dim=int(record.get("emb_dim", 0)),
-                                  loss_level=getattr(self.method, "collapse_loss_level", None))
+        reasons = detect_collapse(
+            record,
+            cfg.monitor,
+            dim=int(record.get("emb_dim", 0)),
+            loss_level=getattr(self.method, "collapse_loss_level", None),
+        )
         if rt.distributed:  # rank 0's verdict for everyone, so a fatal collapse stops every rank
             verdict = [reasons]
             dist.broadcast_object_list(verdict, src=0)
@@ -632,8 +682,9 @@ class Trainer:
         self.history.append(record)
         self._say(_format_epoch(cfg.desc, record, cfg.epochs))
         if reasons:
-            self._say(f"{'!' * 72}\n!! COLLAPSE in {cfg.desc} after epoch {epoch + 1}: {'; '.join(reasons)}"
-                      f"\n{'!' * 72}")
+            self._say(
+                f"{'!' * 72}\n!! COLLAPSE in {cfg.desc} after epoch {epoch + 1}: {'; '.join(reasons)}\n{'!' * 72}"
+            )
         if rt.is_main and self.on_epoch_end is not None:
             self.on_epoch_end(record)
         self._save(epoch + 1, 0, self._new_accumulators())
@@ -690,8 +741,14 @@ class Trainer:
         value = float(loss)
         bar.set_postfix_str(f"epoch {epoch + 1}/{self.config.epochs} loss {value:.4f} img/s {ips:.0f}", refresh=False)
         if self.on_log is not None:
-            self.on_log(step + 1, {"train/loss": value, "train/lr": float(self.optimizer.param_groups[0]["lr"]),
-                                   "train/images_per_s": ips})
+            self.on_log(
+                step + 1,
+                {
+                    "train/loss": value,
+                    "train/lr": float(self.optimizer.param_groups[0]["lr"]),
+                    "train/images_per_s": ips,
+                },
+            )
 
     def _summary(self) -> dict[str, Any]:
         last = self.history[-1] if self.history else {}
@@ -723,8 +780,11 @@ class Trainer:
 def _portable(acc: dict[str, Any]) -> dict[str, Any]:
     """Accumulators as plain numbers/CPU tensors (they go into checkpoints)."""
     return {
-        "loss_sum": float(acc["loss_sum"]), "steps": int(acc["steps"]), "images": int(acc["images"]),
-        "seconds": float(acc["seconds"]), "data_wait": float(acc.get("data_wait", 0.0)),
+        "loss_sum": float(acc["loss_sum"]),
+        "steps": int(acc["steps"]),
+        "images": int(acc["images"]),
+        "seconds": float(acc["seconds"]),
+        "data_wait": float(acc.get("data_wait", 0.0)),
         "diag_sums": {k: float(v) for k, v in acc["diag_sums"].items()},
         "embeddings": [e.detach().cpu() for e in acc["embeddings"]],
     }
@@ -750,11 +810,37 @@ def _write_line(msg: str) -> None:
 def _progress(total: int, initial: int, desc: str, disable: bool) -> Any:
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, unit="step", file=sys.stderr, disable=disable,
-                dynamic_ncols=True, mininterval=0.5, smoothing=0.1)
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        unit="step",
+        file=sys.stderr,
+        disable=disable,
+        dynamic_ncols=True,
+        mininterval=0.5,
+        smoothing=0.1,
+    )
 
 
-__all__ = ["Trainer", "TrainConfig", "TrainResult", "MonitorConfig", "KnnMonitor", "Runtime", "DataStream",
-           "TrainingError", "NonFiniteLossError", "CollapseError", "setup_runtime", "teardown_runtime",
-           "select_device", "seed_everything", "capture_rng_state", "restore_rng_state", "save_state", "load_state",
-           "detect_collapse"]
+__all__ = [
+    "Trainer",
+    "TrainConfig",
+    "TrainResult",
+    "MonitorConfig",
+    "KnnMonitor",
+    "Runtime",
+    "DataStream",
+    "TrainingError",
+    "NonFiniteLossError",
+    "CollapseError",
+    "setup_runtime",
+    "teardown_runtime",
+    "select_device",
+    "seed_everything",
+    "capture_rng_state",
+    "restore_rng_state",
+    "save_state",
+    "load_state",
+    "detect_collapse",
+]

@@ -18,6 +18,7 @@ judged on exactly the same numbers by every protocol. Unlabelled rows (label -1)
 - Bootstrap (Efron & Tibshirani 1993): percentile intervals over the test images, and paired comparisons of two
   models on the same resampled images (one resampling shared by every metric and model, so the pairs stay paired).
 """
+
 from __future__ import annotations
 
 import math
@@ -50,10 +51,16 @@ def to_unit_float(images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def extract_features(model: nn.Module, images: torch.Tensor, *,
-                     transform: Callable[[torch.Tensor], torch.Tensor] | None = None, batch_size: int = 512,
-                     device: torch.device | str | None = None, desc: str = "features",
-                     progress: bool = True) -> torch.Tensor:
+def extract_features(
+    model: nn.Module,
+    images: torch.Tensor,
+    *,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    batch_size: int = 512,
+    device: torch.device | str | None = None,
+    desc: str = "features",
+    progress: bool = True,
+) -> torch.Tensor:
     """Frozen features of ``images`` (N x C x H x W), in batches, eval mode, no grad -> float32 N x D on CPU.
 
     ``transform`` maps a uint8 batch to the float input the backbone was trained on (resize, normalise: e.g.
@@ -68,11 +75,13 @@ def extract_features(model: nn.Module, images: torch.Tensor, *,
     n_batches = math.ceil(len(images) / batch_size)
     try:
         for i in _progress(range(n_batches), total=n_batches, desc=desc, enabled=progress):
-            batch = transform(images[i * batch_size:(i + 1) * batch_size]).to(device, non_blocking=True)
+            batch = transform(images[i * batch_size : (i + 1) * batch_size]).to(device, non_blocking=True)
             out = model(batch)
             if out.ndim != 2 or (feature_dim is not None and out.shape[1] != feature_dim):
-                raise EvaluationError(f"backbone output has shape {tuple(out.shape)}, expected (batch, "
-                                      f"{feature_dim if feature_dim is not None else 'D'})")
+                raise EvaluationError(
+                    f"backbone output has shape {tuple(out.shape)}, expected (batch, "
+                    f"{feature_dim if feature_dim is not None else 'D'})"
+                )
             chunks.append(out.float().cpu())
     finally:
         model.train(was_training)
@@ -91,16 +100,24 @@ def raw_pixel_features(images: torch.Tensor, *, max_side: int | None = 32) -> to
     return x.flatten(1)
 
 
-def check_label_sets(train_labels: torch.Tensor, eval_labels: torch.Tensor, class_names: Sequence[str] | None = None,
-                     *, split: str = "test") -> None:
+def check_label_sets(
+    train_labels: torch.Tensor,
+    eval_labels: torch.Tensor,
+    class_names: Sequence[str] | None = None,
+    *,
+    split: str = "test",
+) -> None:
     """An evaluation split may only hold classes the training split has (kNN and the probe cannot predict others)."""
     known = set(train_labels[train_labels >= 0].tolist())
     if not known:
-        raise EvaluationError("the train split has no labelled images: kNN and linear probe need labels "
-                              "(give a labelled evaluation set)")
+        raise EvaluationError(
+            "the train split has no labelled images: kNN and linear probe need labels (give a labelled evaluation set)"
+        )
     if not bool((eval_labels >= 0).any()):
-        raise EvaluationError(f"the {split} split has no labelled images: kNN and linear probe accuracies need "
-                              f"labels (give a labelled {split} split)")
+        raise EvaluationError(
+            f"the {split} split has no labelled images: kNN and linear probe accuracies need "
+            f"labels (give a labelled {split} split)"
+        )
     absent = sorted(set(eval_labels[eval_labels >= 0].tolist()) - known)
     if absent:
         names = [class_names[i] if class_names is not None and 0 <= i < len(class_names) else str(i) for i in absent]
@@ -121,7 +138,7 @@ def topk_hits(scores: torch.Tensor, labels: torch.Tensor, ks: Iterable[int] = (1
     ks = list(ks)
     kmax = min(max(ks), scores.shape[1])
     hit = scores.topk(kmax, dim=1).indices == labels.view(-1, 1)
-    return {k: hit[:, :min(k, kmax)].any(dim=1) for k in ks}
+    return {k: hit[:, : min(k, kmax)].any(dim=1) for k in ks}
 
 
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: Iterable[int] = (1, 5)) -> dict[int, float]:
@@ -133,8 +150,16 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: Iterable[int] 
 
 
 @torch.no_grad()
-def knn_scores(train_features: torch.Tensor, train_labels: torch.Tensor, query_features: torch.Tensor, *, k: int,
-               temperature: float, num_classes: int, chunk_size: int = 1024) -> torch.Tensor:
+def knn_scores(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    query_features: torch.Tensor,
+    *,
+    k: int,
+    temperature: float,
+    num_classes: int,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
     """Class scores (N_query x C): the summed weights exp(cos / T) of each query's k nearest training features."""
     if train_features.shape[1] != query_features.shape[1]:
         raise EvaluationError(f"feature dim mismatch: train {train_features.shape[1]}, query {query_features.shape[1]}")
@@ -144,17 +169,25 @@ def knn_scores(train_features: torch.Tensor, train_labels: torch.Tensor, query_f
     out = torch.zeros(len(query), num_classes, device=query.device)
     train_labels = train_labels.to(query.device)
     for start in range(0, len(query), chunk_size):
-        sim = query[start:start + chunk_size] @ train.T
+        sim = query[start : start + chunk_size] @ train.T
         top_sim, top_idx = sim.topk(k, dim=1)
         weights = (top_sim / temperature).exp()
-        out[start:start + chunk_size].scatter_add_(1, train_labels[top_idx], weights)
+        out[start : start + chunk_size].scatter_add_(1, train_labels[top_idx], weights)
     return out.cpu()
 
 
-def knn_evaluate(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
-                 test_labels: torch.Tensor, *, ks: Sequence[int] = (20, 200), temperature: float = 0.1,
-                 num_classes: int | None = None, return_hits: bool = False,
-                 device: torch.device | str | None = None):
+def knn_evaluate(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    *,
+    ks: Sequence[int] = (20, 200),
+    temperature: float = 0.1,
+    num_classes: int | None = None,
+    return_hits: bool = False,
+    device: torch.device | str | None = None,
+):
     """kNN top-1/top-5 for each k: {"knn_top1_k20": ..., "knn_top5_k20": ..., "knn_top1_k200": ...}.
 
     With ``return_hits`` also {"knn_top1_k20": bool per labelled test row, ...} (for :func:`bootstrap_intervals`).
@@ -167,8 +200,9 @@ def knn_evaluate(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
     result, hits = {}, {}
     for k in ks:
-        scores = knn_scores(train_features, train_labels, test_features, k=k, temperature=temperature,
-                            num_classes=num_classes)
+        scores = knn_scores(
+            train_features, train_labels, test_features, k=k, temperature=temperature, num_classes=num_classes
+        )
         hit = topk_hits(scores, test_labels, (1, 5))
         result[f"knn_top1_k{k}"] = hit[1].float().mean().item()
         result[f"knn_top5_k{k}"] = hit[5].float().mean().item()
@@ -189,10 +223,8 @@ def stratified_split(labels: torch.Tensor, fraction: float, *, seed: int = 0) ->
     return torch.cat(fit).sort().values, torch.cat(val).sort().values
 
 
-
-
 # ------------------------------------------------------------------------------------------------ linear probe
-DEFAULT_C_GRID = tuple(10.0 ** e for e in range(-4, 3))  # 1e-4 .. 1e2, one point per decade
+DEFAULT_C_GRID = tuple(10.0**e for e in range(-4, 3))  # 1e-4 .. 1e2, one point per decade
 # "auto" backend: torch's L-BFGS above this many feature values (n x d) in the train split, scikit-learn below
 AUTO_TORCH_ELEMENTS = 20_000_000
 
@@ -213,8 +245,16 @@ class _Standardiser:
         return (x.double() - self.mean) / self.std
 
 
-def _fit_sklearn(x: torch.Tensor, y: torch.Tensor, c: float, init: tuple[torch.Tensor, torch.Tensor] | None, *,
-                 max_iter: int, tol: float, **_) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _fit_sklearn(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    c: float,
+    init: tuple[torch.Tensor, torch.Tensor] | None,
+    *,
+    max_iter: int,
+    tol: float,
+    **_,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from threadpoolctl import threadpool_limits
@@ -239,8 +279,16 @@ def _fit_sklearn(x: torch.Tensor, y: torch.Tensor, c: float, init: tuple[torch.T
     return coef, intercept, int(max(clf.n_iter_))
 
 
-def _fit_torch(x: torch.Tensor, y: torch.Tensor, c: float, init: tuple[torch.Tensor, torch.Tensor] | None, *,
-               max_iter: int, tol: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _fit_torch(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    c: float,
+    init: tuple[torch.Tensor, torch.Tensor] | None,
+    *,
+    max_iter: int,
+    tol: float,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Full-batch L-BFGS (strong Wolfe line search) on the same objective as scikit-learn's, on ``device``."""
     dtype = torch.float64 if device.type == "cpu" else torch.float32
     x, y = x.to(device, dtype), y.to(device)
@@ -251,8 +299,16 @@ def _fit_torch(x: torch.Tensor, y: torch.Tensor, c: float, init: tuple[torch.Ten
     weight.requires_grad_(True)
     bias.requires_grad_(True)
     # scipy's L-BFGS-B as scikit-learn calls it: history 10, stop when the largest gradient entry is below tol
-    opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, max_eval=max_iter * 2, tolerance_grad=tol,
-                            tolerance_change=1e-12, history_size=10, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [weight, bias],
+        lr=1.0,
+        max_iter=max_iter,
+        max_eval=max_iter * 2,
+        tolerance_grad=tol,
+        tolerance_change=1e-12,
+        history_size=10,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure() -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
@@ -271,11 +327,21 @@ def resolve_probe_backend(backend: ProbeBackend, n: int, d: int, device: torch.d
     return "torch" if device.type == "cuda" or n * d > AUTO_TORCH_ELEMENTS else "sklearn"
 
 
-def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
-                 test_labels: torch.Tensor, *, num_classes: int | None = None,
-                 c_grid: Sequence[float] = DEFAULT_C_GRID, max_iter: int = 1000, tol: float = 1e-4,
-                 val_fraction: float = 0.1, backend: ProbeBackend = "auto", seed: int = 0,
-                 device: torch.device | str | None = None) -> dict[str, Any]:
+def linear_probe(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    *,
+    num_classes: int | None = None,
+    c_grid: Sequence[float] = DEFAULT_C_GRID,
+    max_iter: int = 1000,
+    tol: float = 1e-4,
+    val_fraction: float = 0.1,
+    backend: ProbeBackend = "auto",
+    seed: int = 0,
+    device: torch.device | str | None = None,
+) -> dict[str, Any]:
     """The logistic-regression probe of the module docstring; test top-1/top-5 at the chosen C.
 
     C: each value of ``c_grid`` (ascending, each fit warm-started from the previous one) is fit on the train
@@ -311,8 +377,10 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     best_c = grid[0]
     if len(grid) > 1:
         if len(val_idx) == 0:
-            raise EvaluationError(f"linear probe: choosing C among {len(grid)} values needs a validation split "
-                                  f"(val_fraction > 0 and classes with at least 2 train images)")
+            raise EvaluationError(
+                f"linear probe: choosing C among {len(grid)} values needs a validation split "
+                f"(val_fraction > 0 and classes with at least 2 train images)"
+            )
         scale = _Standardiser(train_features[fit_idx])
         x_fit, x_val = scale(train_features[fit_idx]), scale(train_features[val_idx])
         y_fit, y_val = y_train[fit_idx], y_train[val_idx]
@@ -331,12 +399,20 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     *model, iterations = fit(x_train, y_train, best_c, None, **opts)
     test_scores = scores(model, scale(test_features))
     hits = topk_hits(test_scores, test_labels, (1, 5))
-    return {"top1": hits[1].double().mean().item(), "top5": hits[5].double().mean().item(),
-            "train_top1": (scores(model, x_train).argmax(1) == train_labels).double().mean().item(),
-            "c": best_c, "val_top1": by_c.get(best_c), "val_top1_by_c": by_c, "backend": backend,
-            "iterations": iterations, "converged": iterations < max_iter,
-            "n_fit": len(fit_idx) if len(grid) > 1 else len(train_labels),
-            "n_val": len(val_idx) if len(grid) > 1 else 0, "hits": hits[1]}
+    return {
+        "top1": hits[1].double().mean().item(),
+        "top5": hits[5].double().mean().item(),
+        "train_top1": (scores(model, x_train).argmax(1) == train_labels).double().mean().item(),
+        "c": best_c,
+        "val_top1": by_c.get(best_c),
+        "val_top1_by_c": by_c,
+        "backend": backend,
+        "iterations": iterations,
+        "converged": iterations < max_iter,
+        "n_fit": len(fit_idx) if len(grid) > 1 else len(train_labels),
+        "n_val": len(val_idx) if len(grid) > 1 else 0,
+        "hits": hits[1],
+    }
 
 
 # ------------------------------------------------------------------------------------------------ bootstrap
@@ -348,8 +424,9 @@ def bootstrap_counts(n: int, resamples: int, seed: int) -> torch.Tensor:
         raise EvaluationError("bootstrap: no test images to resample")
     gen = torch.Generator().manual_seed(seed)
     draws = torch.randint(n, (resamples, n), generator=gen)
-    return torch.zeros(resamples, n, dtype=torch.float64).scatter_add_(1, draws, torch.ones(resamples, n,
-                                                                                          dtype=torch.float64))
+    return torch.zeros(resamples, n, dtype=torch.float64).scatter_add_(
+        1, draws, torch.ones(resamples, n, dtype=torch.float64)
+    )
 
 
 def _resampled_means(hits: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -371,8 +448,9 @@ def bootstrap_interval(hits: torch.Tensor, counts: torch.Tensor, level: float = 
     return {"low": low, "high": high}
 
 
-def paired_bootstrap(hits: torch.Tensor, reference_hits: torch.Tensor, counts: torch.Tensor,
-                     level: float = 0.95) -> dict[str, Any]:
+def paired_bootstrap(
+    hits: torch.Tensor, reference_hits: torch.Tensor, counts: torch.Tensor, level: float = 0.95
+) -> dict[str, Any]:
     """Accuracy of ``hits`` minus that of ``reference_hits`` on the same resampled images.
 
     Returns the observed ``difference``, its percentile interval (``low``, ``high``), a two-sided bootstrap
@@ -390,7 +468,23 @@ def paired_bootstrap(hits: torch.Tensor, reference_hits: torch.Tensor, counts: t
     return {"difference": difference, "low": low, "high": high, "p_value": p_value, "verdict": verdict}
 
 
-__all__ = ["AUTO_TORCH_ELEMENTS", "DEFAULT_C_GRID", "EvaluationError", "bootstrap_counts", "bootstrap_interval",
-           "check_label_sets", "extract_features", "knn_evaluate", "knn_scores", "labelled",
-           "linear_probe", "paired_bootstrap", "raw_pixel_features", "resolve_probe_backend", "stratified_split",
-           "to_unit_float", "topk_accuracy", "topk_hits"]
+__all__ = [
+    "AUTO_TORCH_ELEMENTS",
+    "DEFAULT_C_GRID",
+    "EvaluationError",
+    "bootstrap_counts",
+    "bootstrap_interval",
+    "check_label_sets",
+    "extract_features",
+    "knn_evaluate",
+    "knn_scores",
+    "labelled",
+    "linear_probe",
+    "paired_bootstrap",
+    "raw_pixel_features",
+    "resolve_probe_backend",
+    "stratified_split",
+    "to_unit_float",
+    "topk_accuracy",
+    "topk_hits",
+]

@@ -1,4 +1,5 @@
 """File digests: the one sha256 of a file that shard manifests, backbone files, model cards and lineage use."""
+
 from __future__ import annotations
 
 import hashlib

@@ -7,6 +7,7 @@
 * :func:`make_teacher`, :func:`ema_update`, :func:`cosine_momentum`, :class:`EMATeacher`: the momentum teacher
   of BYOL / MoCo / DINO, momentum following a cosine from its base value to 1 (Grill et al. 2020).
 """
+
 from __future__ import annotations
 
 import copy
@@ -18,9 +19,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def build_mlp(dims: Sequence[int], *, batch_norm: bool = True, last_batch_norm: bool = False,
-              last_batch_norm_affine: bool = True, activation: type[nn.Module] = nn.ReLU,
-              last_bias: bool = True) -> nn.Sequential:
+def build_mlp(
+    dims: Sequence[int],
+    *,
+    batch_norm: bool = True,
+    last_batch_norm: bool = False,
+    last_batch_norm_affine: bool = True,
+    activation: type[nn.Module] = nn.ReLU,
+    last_bias: bool = True,
+) -> nn.Sequential:
     """An MLP ``dims[0] -> dims[1] -> ... -> dims[-1]``.
 
     Hidden layers: Linear (no bias when followed by BN) -> BatchNorm1d (if ``batch_norm``) -> activation.
@@ -49,8 +56,17 @@ class DINOHead(nn.Module):
     with ``norm_last_layer=True`` (DINO's default for stability) the gain g is fixed to 1.
     """
 
-    def __init__(self, in_dim: int, out_dim: int = 65536, *, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 num_layers: int = 3, batch_norm: bool = False, norm_last_layer: bool = True) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int = 65536,
+        *,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        num_layers: int = 3,
+        batch_norm: bool = False,
+        norm_last_layer: bool = True,
+    ) -> None:
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"DINOHead needs num_layers >= 1, got {num_layers}")
@@ -104,8 +120,13 @@ class ConvDecoder(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, *, hidden: int = 64, max_ups: int = 5) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(in_channels if i == 0 else hidden, hidden, 3, padding=1, bias=False),
-                          nn.BatchNorm2d(hidden), nn.ReLU(inplace=True)) for i in range(max_ups))
+            nn.Sequential(
+                nn.Conv2d(in_channels if i == 0 else hidden, hidden, 3, padding=1, bias=False),
+                nn.BatchNorm2d(hidden),
+                nn.ReLU(inplace=True),
+            )
+            for i in range(max_ups)
+        )
         self.out = nn.Conv2d(hidden, out_channels, 3, padding=1)
 
     def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:

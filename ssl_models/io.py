@@ -13,6 +13,7 @@ So ``load_backbone(path)`` needs nothing but the file. A ``model_card.json`` bes
 agree with the header and the weights (same architecture, feature dim and file digest); a card describing other
 weights is an error rather than a silent surprise.
 """
+
 from __future__ import annotations
 
 import json
@@ -56,8 +57,11 @@ def save_backbone(path: str | os.PathLike, backbone: nn.Module, metadata: Mappin
     feature_dim = getattr(backbone, "feature_dim", None)
     if not isinstance(config, Mapping) or not isinstance(feature_dim, int):
         raise BackboneFileError(f"{path}: the backbone has no .config dict or no integer .feature_dim to export")
-    header = {"format": FORMAT, "backbone_config": json.dumps(dict(config), sort_keys=True),
-              "feature_dim": json.dumps(feature_dim)}
+    header = {
+        "format": FORMAT,
+        "backbone_config": json.dumps(dict(config), sort_keys=True),
+        "feature_dim": json.dumps(feature_dim),
+    }
     for key, value in (metadata or {}).items():
         if key in RESERVED_KEYS:
             raise BackboneFileError(f"{path}: metadata key {key!r} is written from the backbone itself")
@@ -121,14 +125,21 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
 # What an exported header may ask for, checked before anything is built: the backbones of this library span far
 # less (a CPU ResNet-18 is width 16, ViT-Small is 384 x 12), and a crafted header must not make the loader
 # allocate what the file does not hold.
-INT_LIMITS = {"in_chans": (1, 16), "width": (1, 1024), "stem_stride": (1, 2), "image_size": (2, 4096),
-              "patch_size": (1, 256), "embed_dim": (1, 4096), "depth": (1, 48), "num_heads": (1, 64)}
+INT_LIMITS = {
+    "in_chans": (1, 16),
+    "width": (1, 1024),
+    "stem_stride": (1, 2),
+    "image_size": (2, 4096),
+    "patch_size": (1, 256),
+    "embed_dim": (1, 4096),
+    "depth": (1, 48),
+    "num_heads": (1, 64),
+}
 FLOAT_LIMITS = {"mlp_ratio": (0.25, 16.0)}
 BOOL_KEYS = ("small_image", "zero_init_residual")
 CHOICES = {"global_pool": ("cls", "mean")}
 # bytes per element of the safetensors dtypes a state dict can hold
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "BOOL": 1}
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def check_config(path: Path, config: Mapping[str, Any]) -> None:
@@ -137,8 +148,9 @@ def check_config(path: Path, config: Mapping[str, Any]) -> None:
 
     name = config.get("name")
     if name not in BACKBONE_NAMES:
-        raise BackboneFileError(f"{path}: backbone_config.name {name!r} is not a known backbone "
-                                f"({', '.join(BACKBONE_NAMES)})")
+        raise BackboneFileError(
+            f"{path}: backbone_config.name {name!r} is not a known backbone ({', '.join(BACKBONE_NAMES)})"
+        )
     for key, value in config.items():
         if key == "name":
             continue
@@ -175,8 +187,9 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def _check_sizes(path: Path, skeleton: nn.Module, tensors: Mapping[str, tuple[str, tuple[int, ...]]],
-                 config: Mapping[str, Any]) -> None:
+def _check_sizes(
+    path: Path, skeleton: nn.Module, tensors: Mapping[str, tuple[str, tuple[int, ...]]], config: Mapping[str, Any]
+) -> None:
     """The architecture's tensors (shapes from a weightless ``meta`` build) are the file's, byte for byte."""
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     _check_weights(path, expected, {k: shape for k, (_, shape) in tensors.items()}, config)
@@ -187,16 +200,19 @@ def _check_sizes(path: Path, skeleton: nn.Module, tensors: Mapping[str, tuple[st
             raise BackboneFileError(f"{path}: tensor {key}: dtype {dtype} is not a weight type")
         present += math.prod(shape) * _DTYPE_BYTES[dtype]
     if implied != present:
-        raise BackboneFileError(f"{path}: backbone_config {_describe(config)} implies {implied} bytes of parameters, "
-                                f"the file holds {present}")
+        raise BackboneFileError(
+            f"{path}: backbone_config {_describe(config)} implies {implied} bytes of parameters, "
+            f"the file holds {present}"
+        )
 
 
 def _describe(config: Mapping[str, Any]) -> str:
     return f"{config.get('name', '?')}(" + ", ".join(f"{k}={v}" for k, v in sorted(config.items()) if k != "name") + ")"
 
 
-def _check_weights(path: Path, expected: Mapping[str, tuple[int, ...]], state: Mapping[str, tuple[int, ...]],
-                   config: Mapping[str, Any]) -> None:
+def _check_weights(
+    path: Path, expected: Mapping[str, tuple[int, ...]], state: Mapping[str, tuple[int, ...]], config: Mapping[str, Any]
+) -> None:
     """Tensor names and shapes of the architecture (``expected``) against the file's (``state``)."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -210,10 +226,11 @@ def _check_weights(path: Path, expected: Mapping[str, tuple[int, ...]], state: M
         parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
     if wrong_shape:
         k = wrong_shape[0]
-        parts.append(f"{len(wrong_shape)} with another shape (e.g. {k}: file {tuple(state[k])}, "
-                     f"architecture {tuple(expected[k])})")
-    raise BackboneFileError(f"{path}: weights do not match backbone_config {_describe(config)}: "
-                            + "; ".join(parts))
+        parts.append(
+            f"{len(wrong_shape)} with another shape (e.g. {k}: file {tuple(state[k])}, "
+            f"architecture {tuple(expected[k])})"
+        )
+    raise BackboneFileError(f"{path}: weights do not match backbone_config {_describe(config)}: " + "; ".join(parts))
 
 
 def check_model_card(card_path: str | os.PathLike, header: Mapping[str, Any], weights_path: str | os.PathLike) -> dict:
@@ -230,19 +247,29 @@ def check_model_card(card_path: str | os.PathLike, header: Mapping[str, Any], we
     if card.get("backbone_config") != header["backbone_config"]:
         raise BackboneFileError(
             f"{card_path}: backbone_config {_describe(card.get('backbone_config') or {})} does not match the "
-            f"weights in {weights_path.name} ({_describe(header['backbone_config'])})")
+            f"weights in {weights_path.name} ({_describe(header['backbone_config'])})"
+        )
     if card.get("feature_dim") != header["feature_dim"]:
-        raise BackboneFileError(f"{card_path}: feature_dim {card.get('feature_dim')} does not match the weights in "
-                                f"{weights_path.name} ({header['feature_dim']})")
+        raise BackboneFileError(
+            f"{card_path}: feature_dim {card.get('feature_dim')} does not match the weights in "
+            f"{weights_path.name} ({header['feature_dim']})"
+        )
     recorded = (card.get("weights") or {}).get("sha256")
     if recorded and recorded != sha256_file(weights_path):
-        raise BackboneFileError(f"{card_path}: weights.sha256 {recorded[:12]}... is not the digest of "
-                                f"{weights_path.name} (card and weights come from different exports)")
+        raise BackboneFileError(
+            f"{card_path}: weights.sha256 {recorded[:12]}... is not the digest of "
+            f"{weights_path.name} (card and weights come from different exports)"
+        )
     return card
 
 
-def load_backbone(path: str | os.PathLike, *, device: str | torch.device = "cpu", card: str | os.PathLike | None
-                  | bool = True, expected_feature_dim: int | None = None) -> nn.Module:
+def load_backbone(
+    path: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    card: str | os.PathLike | None | bool = True,
+    expected_feature_dim: int | None = None,
+) -> nn.Module:
     """Rebuild the backbone stored at ``path`` from its header and load its weights strictly; eval mode.
 
     ``card``: True checks ``model_card.json`` beside the file when there is one, a path checks that card,
@@ -268,10 +295,11 @@ def load_backbone(path: str | os.PathLike, *, device: str | torch.device = "cpu"
         try:
             return build_backbone(**config)
         except (TypeError, ValueError, KeyError, RuntimeError) as exc:
-            raise BackboneFileError(f"{path}: backbone_config {_describe(config)} cannot be built "
-                                    f"({_one_line(exc)})") from None
+            raise BackboneFileError(
+                f"{path}: backbone_config {_describe(config)} cannot be built ({_one_line(exc)})"
+            ) from None
 
-    with torch.device("meta"):   # shapes without memory: the file must hold exactly what the config implies
+    with torch.device("meta"):  # shapes without memory: the file must hold exactly what the config implies
         _check_sizes(path, build(), tensors, config)
     model = build()
     from safetensors import SafetensorError
@@ -287,28 +315,41 @@ def load_backbone(path: str | os.PathLike, *, device: str | torch.device = "cpu"
         raise BackboneFileError(f"{path}: weights cannot be loaded ({_one_line(exc)})") from None
 
     if model.feature_dim != header["feature_dim"]:
-        raise BackboneFileError(f"{path}: header feature_dim {header['feature_dim']} but {_describe(config)} "
-                                f"gives {model.feature_dim}")
+        raise BackboneFileError(
+            f"{path}: header feature_dim {header['feature_dim']} but {_describe(config)} gives {model.feature_dim}"
+        )
     if expected_feature_dim is not None and model.feature_dim != expected_feature_dim:
         raise BackboneFileError(f"{path}: feature dim {model.feature_dim}, expected {expected_feature_dim}")
     input_spec = header.get("input") if isinstance(header.get("input"), dict) else {}
     model.eval()
     if input_spec.get("channels") and input_spec.get("image_size"):
-        check_config(path, {"name": config["name"], "in_chans": input_spec["channels"],
-                            "image_size": input_spec["image_size"]})
+        check_config(
+            path, {"name": config["name"], "in_chans": input_spec["channels"], "image_size": input_spec["image_size"]}
+        )
         size = int(input_spec["image_size"])
         try:
             with torch.no_grad():
                 out = model(torch.zeros(1, int(input_spec["channels"]), size, size))
         except RuntimeError as exc:
-            raise BackboneFileError(f"{path}: the header's input ({input_spec['channels']} channels, {size} px) "
-                                    f"does not fit {_describe(config)} ({_one_line(exc)})") from None
+            raise BackboneFileError(
+                f"{path}: the header's input ({input_spec['channels']} channels, {size} px) "
+                f"does not fit {_describe(config)} ({_one_line(exc)})"
+            ) from None
         if tuple(out.shape) != (1, model.feature_dim):
-            raise BackboneFileError(f"{path}: forward gives shape {tuple(out.shape)[1:]} per image, header says "
-                                    f"feature_dim {model.feature_dim}")
+            raise BackboneFileError(
+                f"{path}: forward gives shape {tuple(out.shape)[1:]} per image, header says "
+                f"feature_dim {model.feature_dim}"
+            )
     model.export_header = header
     return model.to(device)
 
 
-__all__ = ["BackboneFileError", "FORMAT", "MODEL_CARD", "check_model_card", "load_backbone", "read_header",
-           "save_backbone"]
+__all__ = [
+    "BackboneFileError",
+    "FORMAT",
+    "MODEL_CARD",
+    "check_model_card",
+    "load_backbone",
+    "read_header",
+    "save_backbone",
+]

@@ -10,6 +10,7 @@
 * :func:`detect_collapse`: the one collapse rule (thresholds in :class:`MonitorConfig`), which the trainer
   applies at every epoch end; :func:`collapse_report` applies it to one batch of embeddings.
 """
+
 from __future__ import annotations
 
 import math
@@ -69,8 +70,9 @@ class MonitorConfig:
     samples: int = 512
 
 
-def detect_collapse(metrics: Mapping[str, float], monitor: MonitorConfig, *, dim: int,
-                    loss_level: float | None = None) -> list[str]:
+def detect_collapse(
+    metrics: Mapping[str, float], monitor: MonitorConfig, *, dim: int, loss_level: float | None = None
+) -> list[str]:
     """Reasons the metrics (``emb_std``, ``rankme``, ``loss``) look collapsed (empty when healthy): the std of the
     l2-normalised embeddings below ``min_std_ratio`` x 1/sqrt(d), RankMe below ``min_rankme``, or the loss within
     ``loss_plateau_tolerance`` of the method's uniform-output level (``collapse_loss_level``, DINO: ln K)."""

@@ -11,6 +11,7 @@
 overridden by params) into an optimizer; ``build_scheduler(optimizer, total_steps=, warmup_steps=)`` adds the
 schedule.
 """
+
 from __future__ import annotations
 
 import math
@@ -78,12 +79,20 @@ class LARS(torch.optim.Optimizer):
     (``||g + wd w||`` is the combined norm, as in SimCLR's and BYOL's implementations.)
     """
 
-    def __init__(self, params: Iterable, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
-                 eta: float = 0.001, lars_exclude: bool = False) -> None:
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        eta: float = 0.001,
+        lars_exclude: bool = False,
+    ) -> None:
         if lr < 0 or momentum < 0 or weight_decay < 0 or eta <= 0:
             raise ValueError(f"LARS: invalid lr={lr}, momentum={momentum}, weight_decay={weight_decay}, eta={eta}")
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
-                                      lars_exclude=lars_exclude))
+        super().__init__(
+            params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars_exclude=lars_exclude)
+        )
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -101,8 +110,9 @@ class LARS(torch.optim.Optimizer):
                         g = g.add(p, alpha=group["weight_decay"])
                     w_norm = torch.linalg.vector_norm(p)
                     g_norm = torch.linalg.vector_norm(g)
-                    trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm,
-                                        torch.ones_like(w_norm))
+                    trust = torch.where(
+                        (w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm, torch.ones_like(w_norm)
+                    )
                     g = g * trust
                 state = self.state[p]
                 if group["momentum"]:
@@ -137,19 +147,30 @@ def build_optimizer(model: nn.Module, recipe: dict[str, Any], effective_batch: i
     if not groups:
         raise ValueError("optimizer: the model has no trainable parameters")
     if name == "lars":
-        opt: torch.optim.Optimizer = LARS(groups, lr=lr, momentum=float(recipe.get("momentum", 0.9)),
-                                          weight_decay=weight_decay, eta=float(recipe.get("eta", 0.001)))
+        opt: torch.optim.Optimizer = LARS(
+            groups,
+            lr=lr,
+            momentum=float(recipe.get("momentum", 0.9)),
+            weight_decay=weight_decay,
+            eta=float(recipe.get("eta", 0.001)),
+        )
     elif name == "adamw":
         betas = tuple(float(b) for b in recipe.get("betas", (0.9, 0.999)))
         for g in groups:
             g.pop("lars_exclude")
-        opt = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=float(recipe.get("eps", 1e-8)),
-                                weight_decay=weight_decay)
+        opt = torch.optim.AdamW(
+            groups, lr=lr, betas=betas, eps=float(recipe.get("eps", 1e-8)), weight_decay=weight_decay
+        )
     elif name == "sgd":
         for g in groups:
             g.pop("lars_exclude")
-        opt = torch.optim.SGD(groups, lr=lr, momentum=float(recipe.get("momentum", 0.9)),
-                              nesterov=bool(recipe.get("nesterov", False)), weight_decay=weight_decay)
+        opt = torch.optim.SGD(
+            groups,
+            lr=lr,
+            momentum=float(recipe.get("momentum", 0.9)),
+            nesterov=bool(recipe.get("nesterov", False)),
+            weight_decay=weight_decay,
+        )
     else:
         raise ValueError(f"optimizer recipe: unknown name {name!r} (lars, adamw, sgd)")
     for g in opt.param_groups:
@@ -166,13 +187,22 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int = 0, final_rati
     return final_ratio + (1.0 - final_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_steps: int = 0,
-                    final_lr_ratio: float = 0.0, last_step: int = -1) -> LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    *,
+    total_steps: int,
+    warmup_steps: int = 0,
+    final_lr_ratio: float = 0.0,
+    last_step: int = -1,
+) -> LambdaLR:
     """Per-step linear warmup + cosine decay (call ``scheduler.step()`` after every ``optimizer.step()``).
 
     ``last_step`` resumes a schedule (the index of the last step already taken).
     """
     if total_steps < 1 or warmup_steps < 0:
         raise ValueError(f"scheduler: need total_steps >= 1 and warmup_steps >= 0, got {total_steps}, {warmup_steps}")
-    return LambdaLR(optimizer, lambda s: warmup_cosine(s, total_steps, min(warmup_steps, total_steps), final_lr_ratio),
-                    last_epoch=last_step)
+    return LambdaLR(
+        optimizer,
+        lambda s: warmup_cosine(s, total_steps, min(warmup_steps, total_steps), final_lr_ratio),
+        last_epoch=last_step,
+    )

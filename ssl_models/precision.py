@@ -5,6 +5,7 @@ precision too. Losses are small and sensitive (NT-Xent divides cosine similariti
 bf16 keeps ~3 significant digits, so 0.993 and 0.996 become the same logit; VICReg's covariance sums d^2
 squares), so their forward runs with autocast off on float32 copies of the inputs.
 """
+
 from __future__ import annotations
 
 import functools

@@ -5,6 +5,7 @@
 
 ``get(name)`` returns the :class:`MethodSpec`; ``names()`` lists what is registered.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -12,8 +13,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-FAMILIES = ("deep_metric_learning", "self_distillation", "canonical_correlation_analysis", "masked_image_modeling",
-            "origins")
+FAMILIES = (
+    "deep_metric_learning",
+    "self_distillation",
+    "canonical_correlation_analysis",
+    "masked_image_modeling",
+    "origins",
+)
 # the Cookbook's categories of the pretext tasks before the four families ("origins of SSL")
 ORIGINS_CATEGORIES = ("information_restoration", "spatial_context", "grouping")
 
@@ -29,9 +35,13 @@ class MethodSpec:
     def defaults(self) -> dict[str, Any]:
         """The method's own hyperparameters (its constructor's keyword defaults): its paper recipe."""
         sig = inspect.signature(self.cls.__init__)
-        return {k: p.default for k, p in sig.parameters.items()
-                if k not in ("self", "backbone") and p.default is not inspect.Parameter.empty
-                and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+        return {
+            k: p.default
+            for k, p in sig.parameters.items()
+            if k not in ("self", "backbone")
+            and p.default is not inspect.Parameter.empty
+            and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+        }
 
 
 def register(name: str, *, family: str, category: str | None = None) -> Callable[[type], type]:

@@ -25,6 +25,7 @@ commit go to provenance/evaluate/<method>.json.
 
     python -m stages.evaluate --method simclr
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,9 +33,10 @@ import csv
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .workspace.common import ConfigError, DataError, atomic_path, read_json, run_main, workspace, write_json
 from .workspace.config import load_params
@@ -103,8 +105,9 @@ def labelled_splits(root: Path) -> Splits:
     manifest = read_json(shards / "manifest.json")
     for split in ("train", "test"):
         if split not in (manifest.get("splits") or {}):
-            raise DataError(f"{SHARDS_DIR / 'manifest.json'}: no {split!r} split (evaluation needs labelled train "
-                            f"and test splits)")
+            raise DataError(
+                f"{SHARDS_DIR / 'manifest.json'}: no {split!r} split (evaluation needs labelled train and test splits)"
+            )
     try:
         shard_data.verify_shards(shards)
         train_x, train_y, classes = shard_data.load_split(shards, "train")
@@ -138,16 +141,31 @@ class Evaluation:
         from ssl_models.evaluation import EvaluationError, extract_features
 
         try:
-            return tuple(extract_features(net, x, transform=self.transform, batch_size=self.cfg.batch_size,
-                                          device=self.device, desc=f"{name} {split} features")
-                         for split, x in (("train", self.splits.train_x), ("test", self.splits.test_x)))
+            return tuple(
+                extract_features(
+                    net,
+                    x,
+                    transform=self.transform,
+                    batch_size=self.cfg.batch_size,
+                    device=self.device,
+                    desc=f"{name} {split} features",
+                )
+                for split, x in (("train", self.splits.train_x), ("test", self.splits.test_x))
+            )
         except EvaluationError as exc:
             raise DataError(f"{self.weights}: {exc}") from None
 
     def scores(self, train_f, test_f) -> tuple[dict[str, Any], dict[str, Any]]:
-        return evaluate_features(train_f, self.splits.train_y, test_f, self.splits.test_y,
-                                 num_classes=len(self.splits.classes), cfg=self.cfg, seed=self.seed,
-                                 device=self.device)
+        return evaluate_features(
+            train_f,
+            self.splits.train_y,
+            test_f,
+            self.splits.test_y,
+            num_classes=len(self.splits.classes),
+            cfg=self.cfg,
+            seed=self.seed,
+            device=self.device,
+        )
 
 
 def read_backbone(root: Path, method: str):
@@ -170,13 +188,20 @@ def eval_transform(spec: dict[str, Any], model, splits: Splits, weights: Path):
     from ssl_models.augment import build_eval_transform
 
     try:
-        transform = build_eval_transform(image_size=int(spec["image_size"]), channels=int(splits.train_x.shape[1]),
-                                         grey=spec.get("grey", "skip"), mean=spec.get("mean"), std=spec.get("std"))
+        transform = build_eval_transform(
+            image_size=int(spec["image_size"]),
+            channels=int(splits.train_x.shape[1]),
+            grey=spec.get("grey", "skip"),
+            mean=spec.get("mean"),
+            std=spec.get("std"),
+        )
     except ValueError as exc:
         raise DataError(f"{weights}: input spec does not fit the data ({exc})") from None
     if transform.out_channels != model.config.get("in_chans", transform.out_channels):
-        raise DataError(f"{SHARDS_DIR}: images give {transform.out_channels} channel(s), the backbone in {weights} "
-                        f"expects {model.config.get('in_chans')}")
+        raise DataError(
+            f"{SHARDS_DIR}: images give {transform.out_channels} channel(s), the backbone in {weights} "
+            f"expects {model.config.get('in_chans')}"
+        )
     return transform
 
 
@@ -185,23 +210,44 @@ def headline_names(ks: list[int]) -> list[str]:
     return [f"knn_top1_k{k}" for k in ks] + ["linear_probe_top1"]
 
 
-def evaluate_features(train_f, train_y, test_f, test_y, *, num_classes: int, cfg, seed: int,
-                      device) -> tuple[dict[str, Any], dict[str, Any]]:
+def evaluate_features(
+    train_f, train_y, test_f, test_y, *, num_classes: int, cfg, seed: int, device
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """kNN at every k and the linear probe on one set of cached features -> (metrics, per-test-image top-1 hits
     of each headline accuracy)."""
     from ssl_models.evaluation import knn_evaluate, linear_probe
 
-    knn, hits = knn_evaluate(train_f, train_y, test_f, test_y, ks=cfg.knn_k, temperature=cfg.knn_temperature,
-                             num_classes=num_classes, return_hits=True, device=device)
+    knn, hits = knn_evaluate(
+        train_f,
+        train_y,
+        test_f,
+        test_y,
+        ks=cfg.knn_k,
+        temperature=cfg.knn_temperature,
+        num_classes=num_classes,
+        return_hits=True,
+        device=device,
+    )
     out: dict[str, Any] = dict(knn)
     lp = cfg.linear_probe
-    probe = linear_probe(train_f, train_y, test_f, test_y, num_classes=num_classes, c_grid=lp.c_grid,
-                         max_iter=lp.max_iter, val_fraction=lp.val_fraction, backend=lp.backend, seed=seed,
-                         device=device)
+    probe = linear_probe(
+        train_f,
+        train_y,
+        test_f,
+        test_y,
+        num_classes=num_classes,
+        c_grid=lp.c_grid,
+        max_iter=lp.max_iter,
+        val_fraction=lp.val_fraction,
+        backend=lp.backend,
+        seed=seed,
+        device=device,
+    )
     out["linear_probe_top1"] = probe["top1"]
     out["linear_probe_top5"] = probe["top5"]
-    out["linear_probe"] = {k: probe[k] for k in ("c", "val_top1", "train_top1", "backend", "iterations", "converged",
-                                                  "n_fit", "n_val")}
+    out["linear_probe"] = {
+        k: probe[k] for k in ("c", "val_top1", "train_top1", "backend", "iterations", "converged", "n_fit", "n_val")
+    }
     out["linear_probe"]["val_top1_by_c"] = {f"{c:g}": v for c, v in probe["val_top1_by_c"].items()}
     hits["linear_probe_top1"] = probe["hits"]
     return out, hits
@@ -240,8 +286,14 @@ def decode_hits(encoded: Any, names: list[str], n: int) -> dict[str, Any] | None
 BASELINE_CACHE_FORMAT = 2  # 2: per-test-image hits beside the metrics (1 had metrics only: recomputed)
 
 
-def cached(root: Path, kind: str, key: dict[str, Any], names: list[str], n_test: int,
-           compute: Callable[[], tuple[dict[str, Any], dict[str, Any]]]) -> tuple[dict[str, Any], dict[str, Any]]:
+def cached(
+    root: Path,
+    kind: str,
+    key: dict[str, Any],
+    names: list[str],
+    n_test: int,
+    compute: Callable[[], tuple[dict[str, Any], dict[str, Any]]],
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """(metrics, hits) cached under ``key``, or computed and stored (atomically; concurrent writers are harmless).
 
     An entry of another format, another key or with hits that do not fit this test split is recomputed.
@@ -284,18 +336,25 @@ def method_metrics(ev: Evaluation, root: Path, counts, family: str) -> tuple[dic
     cfg, splits, model = ev.cfg, ev.splits, ev.model
     train_f, test_f = ev.features(model, ev.method)
     metrics, hits = ev.scores(train_f, test_f)
-    result: dict[str, Any] = {"method": ev.method, "family": family, "architecture": model.config.get("name"),
-                              "feature_dim": model.feature_dim,
-                              **with_intervals(metrics, hits, counts, cfg.bootstrap.level),
-                              "bootstrap": {"resamples": cfg.bootstrap.resamples, "level": cfg.bootstrap.level,
-                                            "seed": ev.seed},
-                              "knn_temperature": cfg.knn_temperature, "rankme": rankme(test_f),
-                              "emb_std": embedding_std(test_f), "emb_std_healthy": healthy_std(model.feature_dim),
-                              "primary_metric": primary_metric(family, cfg.knn_k),
-                              "num_classes": len(splits.classes), "n_train": int((splits.train_y >= 0).sum()),
-                              "n_test": len(splits.test_y), "n_test_unlabelled": splits.n_test_unlabelled,
-                              "data_version": splits.manifest.get("data_version") or current_data_version(root),
-                              "pretraining": pretraining_summary(root / ev.weights.parent / "model_card.json")}
+    result: dict[str, Any] = {
+        "method": ev.method,
+        "family": family,
+        "architecture": model.config.get("name"),
+        "feature_dim": model.feature_dim,
+        **with_intervals(metrics, hits, counts, cfg.bootstrap.level),
+        "bootstrap": {"resamples": cfg.bootstrap.resamples, "level": cfg.bootstrap.level, "seed": ev.seed},
+        "knn_temperature": cfg.knn_temperature,
+        "rankme": rankme(test_f),
+        "emb_std": embedding_std(test_f),
+        "emb_std_healthy": healthy_std(model.feature_dim),
+        "primary_metric": primary_metric(family, cfg.knn_k),
+        "num_classes": len(splits.classes),
+        "n_train": int((splits.train_y >= 0).sum()),
+        "n_test": len(splits.test_y),
+        "n_test_unlabelled": splits.n_test_unlabelled,
+        "data_version": splits.manifest.get("data_version") or current_data_version(root),
+        "pretraining": pretraining_summary(root / ev.weights.parent / "model_card.json"),
+    }
     return result, hits, test_f
 
 
@@ -306,8 +365,9 @@ def pretraining_summary(card_path: Path) -> dict[str, Any]:
     return {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def baseline_metrics(ev: Evaluation, root: Path, spec: dict[str, Any], data_version: str, hits: dict[str, Any],
-                     counts) -> dict[str, Any]:
+def baseline_metrics(
+    ev: Evaluation, root: Path, spec: dict[str, Any], data_version: str, hits: dict[str, Any], counts
+) -> dict[str, Any]:
     """``baselines`` (random init of the same architecture, raw pixels: cached, with intervals) and
     ``comparisons`` (the method against each, paired on the same resampled test images)."""
     import torch
@@ -317,8 +377,12 @@ def baseline_metrics(ev: Evaluation, root: Path, spec: dict[str, Any], data_vers
     cfg, level, names = ev.cfg, ev.cfg.bootstrap.level, headline_names(ev.cfg.knn_k)
     # the bootstrap settings change intervals, not a baseline's predictions: not part of the cache key
     eval_key = cfg.model_dump(exclude={"device", "projection_points", "baselines", "batch_size", "bootstrap"})
-    key = {"data_version": data_version, "splits": digest(ev.splits.manifest.get("splits")), "eval": eval_key,
-           "seed": ev.seed}
+    key = {
+        "data_version": data_version,
+        "splits": digest(ev.splits.manifest.get("splits")),
+        "eval": eval_key,
+        "seed": ev.seed,
+    }
 
     def random_init():
         from ssl_models.backbones import build_backbone
@@ -330,18 +394,27 @@ def baseline_metrics(ev: Evaluation, root: Path, spec: dict[str, Any], data_vers
         return headline(metrics), b_hits
 
     def raw_pixels():
-        metrics, b_hits = ev.scores(*(raw_pixel_features(x, max_side=cfg.raw_pixels_max_side)
-                                      for x in (ev.splits.train_x, ev.splits.test_x)))
+        metrics, b_hits = ev.scores(
+            *(raw_pixel_features(x, max_side=cfg.raw_pixels_max_side) for x in (ev.splits.train_x, ev.splits.test_x))
+        )
         return headline(metrics), b_hits
 
     n_test = len(ev.splits.test_y)
-    baselines = {"random_init": cached(root, "random_init", {**key, "backbone_config": ev.model.config, "input": spec},
-                                       names, n_test, random_init),
-                 "raw_pixels": cached(root, "raw_pixels", key, names, n_test, raw_pixels)}
-    return {"baselines": {name: with_intervals(b_metrics, b_hits, counts, level)
-                          for name, (b_metrics, b_hits) in baselines.items()},
-            "comparisons": {name: {m: paired_bootstrap(hits[m], b_hits[m], counts, level) for m in names}
-                            for name, (_, b_hits) in baselines.items()}}
+    baselines = {
+        "random_init": cached(
+            root, "random_init", {**key, "backbone_config": ev.model.config, "input": spec}, names, n_test, random_init
+        ),
+        "raw_pixels": cached(root, "raw_pixels", key, names, n_test, raw_pixels),
+    }
+    return {
+        "baselines": {
+            name: with_intervals(b_metrics, b_hits, counts, level) for name, (b_metrics, b_hits) in baselines.items()
+        },
+        "comparisons": {
+            name: {m: paired_bootstrap(hits[m], b_hits[m], counts, level) for m in names}
+            for name, (_, b_hits) in baselines.items()
+        },
+    }
 
 
 def write_projection(path: Path, projection, classes: list[str]) -> None:
@@ -367,8 +440,9 @@ def evaluate(method: str, root: Path | None = None) -> dict[str, Any]:
     model, spec = read_backbone(root, method)
     family = model.export_header.get("family") or "unknown"
     splits = labelled_splits(root)
-    ev = Evaluation(method, weights, model, splits, eval_transform(spec, model, splits, weights), cfg, params.seed,
-                    device)
+    ev = Evaluation(
+        method, weights, model, splits, eval_transform(spec, model, splits, weights), cfg, params.seed, device
+    )
 
     counts = bootstrap_counts(len(splits.test_y), cfg.bootstrap.resamples, params.seed)
     result, hits, test_f = method_metrics(ev, root, counts, family)
@@ -382,15 +456,23 @@ def evaluate(method: str, root: Path | None = None) -> dict[str, Any]:
 
     if projection is not None:
         write_projection(root / projection_path(method), projection, splits.classes)
-    lineage = make_record("evaluate", params={"seed": params.seed, "evaluate": cfg.model_dump()}, root=root,
-                          seed=params.seed, parents={"backbone": weights, "shards": SHARDS_DIR / "manifest.json"},
-                          extra={"method": method, "family": family})
+    lineage = make_record(
+        "evaluate",
+        params={"seed": params.seed, "evaluate": cfg.model_dump()},
+        root=root,
+        seed=params.seed,
+        parents={"backbone": weights, "shards": SHARDS_DIR / "manifest.json"},
+        extra={"method": method, "family": family},
+    )
     result = {**rounded(result), "lineage": lineage}
     write_json(root / metrics_path(method), result)
     write_provenance("evaluate", metrics_path(method), method=method, root=root, extra={"seconds": eval_seconds})
     shown = result[result["primary_metric"]]
-    print(f"evaluate {method}: {result['primary_metric']} {shown:.4f}, linear probe {result['linear_probe_top1']:.4f}, "
-          f"rankme {result['rankme']:.1f}", file=sys.stderr)
+    print(
+        f"evaluate {method}: {result['primary_metric']} {shown:.4f}, linear probe {result['linear_probe_top1']:.4f}, "
+        f"rankme {result['rankme']:.1f}",
+        file=sys.stderr,
+    )
     return result
 
 

@@ -9,6 +9,7 @@ one checkpoint twice gives byte-identical files); the export's time and commit g
 
     python -m stages.export --method simclr
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .workspace.common import (ConfigError, DataError, atomic_path, describe_exception, manifest_image_size, read_json,
-                     run_main, workspace)
+from .workspace.common import (
+    ConfigError,
+    DataError,
+    atomic_path,
+    describe_exception,
+    manifest_image_size,
+    read_json,
+    run_main,
+    workspace,
+)
 from .workspace.config import load_params
 from .workspace.lineage import make_record, write_provenance
 from .workspace.provenance import embed_ancestors
@@ -58,8 +67,11 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 def _find_augment(ckpt: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     """The view recipe the run trained with (image size, channels, grey mode, mean/std), wherever it was kept."""
-    candidates: list[Any] = [ckpt.get("augment"), (ckpt.get("hparams") or {}).get("augment"),
-                             (ckpt.get("config") or {}).get("augment")]
+    candidates: list[Any] = [
+        ckpt.get("augment"),
+        (ckpt.get("hparams") or {}).get("augment"),
+        (ckpt.get("config") or {}).get("augment"),
+    ]
     config_file = run_dir / "config.json"
     if config_file.is_file():
         try:
@@ -82,20 +94,31 @@ def input_spec(ckpt: dict[str, Any], augment: dict[str, Any], ckpt_rel: Path, ro
     config = ckpt["backbone_config"]
     model_channels = int(config.get("in_chans", 3))
     manifest = root / SHARDS_MANIFEST
-    image_size = (augment.get("image_size") or config.get("image_size")
-                  or (manifest_image_size(read_json(manifest)) if manifest.is_file() else None))
+    image_size = (
+        augment.get("image_size")
+        or config.get("image_size")
+        or (manifest_image_size(read_json(manifest)) if manifest.is_file() else None)
+    )
     if not image_size:
-        raise DataError(f"{ckpt_rel}: cannot tell the input size the backbone was trained at (no augment.image_size "
-                        f"in the checkpoint or config.json, no image size in {SHARDS_MANIFEST})")
+        raise DataError(
+            f"{ckpt_rel}: cannot tell the input size the backbone was trained at (no augment.image_size "
+            f"in the checkpoint or config.json, no image size in {SHARDS_MANIFEST})"
+        )
     default_mean, default_std = (RGB_MEAN, RGB_STD) if model_channels == 3 else (GREY_MEAN, GREY_STD)
     mean = [float(v) for v in augment.get("mean", default_mean)]
     std = [float(v) for v in augment.get("std", default_std)]
     if len(mean) == 1 and model_channels == 3:
         mean, std = mean * 3, std * 3
-    return {"channels": model_channels, "data_channels": int(augment.get("channels", model_channels)),
-            "grey": augment.get("grey", "skip"), "image_size": int(image_size), "mean": mean, "std": std,
-            "recipe": augment.get("recipe"),
-            "preprocess": "uint8 pixels / 255, resized to image_size, then (x - mean) / std per channel"}
+    return {
+        "channels": model_channels,
+        "data_channels": int(augment.get("channels", model_channels)),
+        "grey": augment.get("grey", "skip"),
+        "image_size": int(image_size),
+        "mean": mean,
+        "std": std,
+        "recipe": augment.get("recipe"),
+        "preprocess": "uint8 pixels / 255, resized to image_size, then (x - mean) / std per channel",
+    }
 
 
 def trained_backbone(ckpt: dict[str, Any], ckpt_rel: Path):
@@ -109,14 +132,23 @@ def trained_backbone(ckpt: dict[str, Any], ckpt_rel: Path):
         raise DataError(f"{ckpt_rel}: backbone_config cannot be built ({exc})") from None
     incompatible = backbone.load_state_dict(ckpt["backbone_state"], strict=False)
     if incompatible.missing_keys or incompatible.unexpected_keys:
-        raise DataError(f"{ckpt_rel}: backbone_state does not match backbone_config {config.get('name')}: "
-                        f"{len(incompatible.missing_keys)} missing, {len(incompatible.unexpected_keys)} unexpected "
-                        f"(e.g. {(incompatible.missing_keys + incompatible.unexpected_keys)[0]})")
+        raise DataError(
+            f"{ckpt_rel}: backbone_state does not match backbone_config {config.get('name')}: "
+            f"{len(incompatible.missing_keys)} missing, {len(incompatible.unexpected_keys)} unexpected "
+            f"(e.g. {(incompatible.missing_keys + incompatible.unexpected_keys)[0]})"
+        )
     return backbone.eval()
 
 
-def model_card(method: str, ckpt: dict[str, Any], backbone, spec: dict[str, Any], augment: dict[str, Any],
-               weights: dict[str, str], record: dict[str, Any]) -> dict[str, Any]:
+def model_card(
+    method: str,
+    ckpt: dict[str, Any],
+    backbone,
+    spec: dict[str, Any],
+    augment: dict[str, Any],
+    weights: dict[str, str],
+    record: dict[str, Any],
+) -> dict[str, Any]:
     """The backbone described for people: what it is, what it expects, how it was trained, where its metrics go."""
     summary = ckpt.get("summary") or {}
     return {
@@ -132,8 +164,11 @@ def model_card(method: str, ckpt: dict[str, Any], backbone, spec: dict[str, Any]
         "augment": augment,
         "training": {"summary": summary, "hparams": ckpt.get("hparams") or {}},
         # pretraining monitors are known now; the downstream numbers come from evaluate@<method>
-        "metrics": {"pretraining": {k: v for k, v in summary.items() if isinstance(v, (int, float))},
-                    "downstream": None, "downstream_file": f"metrics/{method}.json"},
+        "metrics": {
+            "pretraining": {k: v for k, v in summary.items() if isinstance(v, (int, float))},
+            "downstream": None,
+            "downstream_file": f"metrics/{method}.json",
+        },
         "weights": weights,
         "usage": "from ssl_models.io import load_backbone; backbone = load_backbone('backbone.safetensors')",
         "lineage": record,
@@ -154,8 +189,14 @@ def export(method: str, root: Path | None = None) -> Path:
     backbone = trained_backbone(ckpt, ckpt_rel)
     augment = _find_augment(ckpt, root / ckpt_rel.parent)
     spec = input_spec(ckpt, augment, ckpt_rel, root)
-    record = make_record("export", params={"method": method}, parents={"checkpoint": ckpt_rel}, seed=params.seed,
-                         extra={"method": method, "family": ckpt["family"]}, root=root)
+    record = make_record(
+        "export",
+        params={"method": method},
+        parents={"checkpoint": ckpt_rel},
+        seed=params.seed,
+        extra={"method": method, "family": ckpt["family"]},
+        root=root,
+    )
     # the checkpoint's own record (and through it the shards') travels inside the backbone file
     record = embed_ancestors(record, root)
 
@@ -163,14 +204,25 @@ def export(method: str, root: Path | None = None) -> Path:
     with atomic_path(out) as tmp:
         tmp.mkdir()
         weights = tmp / "backbone.safetensors"
-        digest = save_backbone(weights, backbone, {"input": spec, "method": method, "family": ckpt["family"],
-                                                   "lineage": record})
-        card = model_card(method, ckpt, backbone, spec, augment,
-                          {"file": weights.name, "format": "safetensors", "sha256": digest}, record)
+        digest = save_backbone(
+            weights, backbone, {"input": spec, "method": method, "family": ckpt["family"], "lineage": record}
+        )
+        card = model_card(
+            method,
+            ckpt,
+            backbone,
+            spec,
+            augment,
+            {"file": weights.name, "format": "safetensors", "sha256": digest},
+            record,
+        )
         (tmp / MODEL_CARD).write_text(json.dumps(card, indent=2, sort_keys=True, default=str) + "\n")
     write_provenance("export", model_dir(method) / "backbone.safetensors", method=method, root=root)
-    print(f"export: {out.relative_to(root)}/backbone.safetensors ({ckpt['backbone_config'].get('name')}, feature dim "
-          f"{backbone.feature_dim}, sha256 {digest[:12]})", file=sys.stderr)
+    print(
+        f"export: {out.relative_to(root)}/backbone.safetensors ({ckpt['backbone_config'].get('name')}, feature dim "
+        f"{backbone.feature_dim}, sha256 {digest[:12]})",
+        file=sys.stderr,
+    )
     return out
 
 

@@ -20,6 +20,7 @@ where the last checkpoint left off and ends with the same weights as an uninterr
 cannot be resumed (unreadable, another format, another model) is renamed ``<key>.pt.bad-<UTC time>`` and the run
 starts fresh or stops (``pretrain.on_bad_resume``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .workspace.common import (ConfigError, DataError, SslcookError, atomic_path, ensure_writable, manifest_image_size, run_main,
-                     stop_on_sigterm, workspace, write_json)
+from .workspace.common import (
+    ConfigError,
+    DataError,
+    SslcookError,
+    atomic_path,
+    ensure_writable,
+    manifest_image_size,
+    run_main,
+    stop_on_sigterm,
+    workspace,
+    write_json,
+)
 from .workspace.config import Params, load_params
 from .workspace.config.pretrain import PretrainConfig, resolve_method
 from .workspace.lineage import digest, git_info, make_record, run_provenance, sha256_file, write_provenance
@@ -45,8 +56,19 @@ HISTORY_COLUMNS = ("epoch", "step", "loss", "lr", "emb_std", "rankme", "collapse
 RUN_TIMING = ("train_seconds", "images_per_s", "epoch_seconds", "data_wait_seconds", "resumed_from_step")
 # knobs that change no weight: a resume state stays valid when only these change
 # (the layout is keyed as world_size and nodes; shards by their manifest)
-_NOT_IN_RESUME_KEY = ("wandb", "monitor", "log_every_steps", "checkpoint_every_steps", "on_bad_resume",
-                      "processes", "nodes", "rdzv_endpoint", "rdzv_id", "node_rank", "shards_url")
+_NOT_IN_RESUME_KEY = (
+    "wandb",
+    "monitor",
+    "log_every_steps",
+    "checkpoint_every_steps",
+    "on_bad_resume",
+    "processes",
+    "nodes",
+    "rdzv_endpoint",
+    "rdzv_id",
+    "node_rank",
+    "shards_url",
+)
 
 
 def run_dir(method: str) -> Path:
@@ -59,8 +81,22 @@ def resume_path(method: str, key: str) -> Path:
 
 # the library files a run's weights depend on: the stage's ssl_models deps in dvc.yaml (tests/test_params.py
 # checks they agree); methods/dino.py: iBOT extends DINO and SwAV uses its multi-crop forward
-LIBRARY_DEPS = ("engine.py", "device.py", "files.py", "data.py", "augment.py", "backbones.py", "heads.py", "optim.py",
-                "distributed.py", "monitors.py", "evaluation.py", "registry.py", "methods/base.py", "methods/dino.py")
+LIBRARY_DEPS = (
+    "engine.py",
+    "device.py",
+    "files.py",
+    "data.py",
+    "augment.py",
+    "backbones.py",
+    "heads.py",
+    "optim.py",
+    "distributed.py",
+    "monitors.py",
+    "evaluation.py",
+    "registry.py",
+    "methods/base.py",
+    "methods/dino.py",
+)
 
 
 def code_files(method_cls: type) -> list[Path]:
@@ -69,8 +105,11 @@ def code_files(method_cls: type) -> list[Path]:
     import ssl_models
 
     package = Path(ssl_models.__file__).parent
-    return ([package / name for name in LIBRARY_DEPS] + [Path(inspect.getfile(method_cls))]
-            + [Path(__file__), Path(inspect.getfile(PretrainConfig))])
+    return (
+        [package / name for name in LIBRARY_DEPS]
+        + [Path(inspect.getfile(method_cls))]
+        + [Path(__file__), Path(inspect.getfile(PretrainConfig))]
+    )
 
 
 def code_digest(method_cls: type) -> str:
@@ -92,8 +131,9 @@ def _augment_key(name: str, block: dict[str, Any], key: str) -> str:
     return f"method.{name}.augment.{key}" if isinstance(own, dict) and key in own else f"pretrain.augment.{key}"
 
 
-def views_or_config_error(name: str, block: dict[str, Any], recipe: str, image_size: int, channels: int,
-                          grey: str, strengths: dict[str, Any]):
+def views_or_config_error(
+    name: str, block: dict[str, Any], recipe: str, image_size: int, channels: int, grey: str, strengths: dict[str, Any]
+):
     """``build_views`` of a method's merged augment block; a bad value is a ConfigError naming its own key
     (``pretrain.augment.X`` or ``method.<name>.augment.X``, wherever the value came from)."""
     from ssl_models.augment import build_views
@@ -148,19 +188,23 @@ class Run:
         elif not self.cfg.shards_url and not manifest_path.is_file():
             raise DataError(f"{MANIFEST}: not found (run the shard stage first: dvc repro shard)")
         else:
-            from ssl_models.data import DataError as LoaderError, read_manifest, verify_shards
+            from ssl_models.data import DataError as LoaderError
+            from ssl_models.data import read_manifest, verify_shards
 
             try:
-                self.manifest = (read_manifest(self.shards) if self.cfg.shards_url
-                                 else verify_shards(self.shards, splits=["train"]))
+                self.manifest = (
+                    read_manifest(self.shards) if self.cfg.shards_url else verify_shards(self.shards, splits=["train"])
+                )
             except LoaderError as exc:
                 raise DataError(str(exc)) from None
             self.manifest_sha256 = digest(self.manifest) if self.cfg.shards_url else sha256_file(manifest_path)
         self.verify = verify
         self.channels = MODE_CHANNELS.get(self.manifest.get("image_mode"), 3)
         if getattr(self.spec.cls, "needs_colour", False) and self.channels != 3:
-            raise ConfigError(f"params.yaml: data.image_mode: {name} predicts colour, the shards are "
-                              f"{self.manifest.get('image_mode')} (grey); shard RGB data (data.image_mode: RGB)")
+            raise ConfigError(
+                f"params.yaml: data.image_mode: {name} predicts colour, the shards are "
+                f"{self.manifest.get('image_mode')} (grey); shard RGB data (data.image_mode: RGB)"
+            )
         self._resolve_views()
         self._resolve_backbone()
         self._resolve_optimizer()
@@ -171,15 +215,18 @@ class Run:
         self.recipe = aug.pop("recipe", None) or self.spec.cls.augment
         self.grey = aug.pop("grey", "skip")
         size = aug.pop("image_size", None) or self.cfg.loader_image_size or manifest_image_size(self.manifest)
-        if not size and not self.verify:   # shards not made yet: any size checks the values
+        if not size and not self.verify:  # shards not made yet: any size checks the values
             size = self.params.shard.image_size or 32
         if not size:
-            raise ConfigError(f"params.yaml: {_where(self.name, self.block, 'augment')}.image_size: the shard manifest "
-                              f"gives no image size; set it")
+            raise ConfigError(
+                f"params.yaml: {_where(self.name, self.block, 'augment')}.image_size: the shard manifest "
+                f"gives no image size; set it"
+            )
         self.image_size = int(size)
         self.strengths = aug
-        self.views = views_or_config_error(self.name, self.block, self.recipe, self.image_size, self.channels,
-                                           self.grey, aug)
+        self.views = views_or_config_error(
+            self.name, self.block, self.recipe, self.image_size, self.channels, self.grey, aug
+        )
 
     def _resolve_backbone(self) -> None:
         bb = dict(self.cfg.backbone or self.spec.cls.default_backbone)
@@ -192,9 +239,14 @@ class Run:
     def _resolve_optimizer(self) -> None:
         recipe = dict(self.spec.cls.optimizer)
         c = self.cfg
-        for key, value in (("name", c.optimizer), ("base_lr", c.base_lr), ("weight_decay", c.weight_decay),
-                           ("momentum", c.momentum), ("warmup_epochs", c.warmup_epochs),
-                           ("lr_scaling", c.lr_scaling)):
+        for key, value in (
+            ("name", c.optimizer),
+            ("base_lr", c.base_lr),
+            ("weight_decay", c.weight_decay),
+            ("momentum", c.momentum),
+            ("warmup_epochs", c.warmup_epochs),
+            ("lr_scaling", c.lr_scaling),
+        ):
             if value is not None:
                 recipe[key] = value
         recipe.setdefault("lr_scaling", "linear")
@@ -221,7 +273,9 @@ class Run:
     def resume_key(self) -> str:
         resolved = self.resolved()
         resolved["pretrain"] = {k: v for k, v in resolved["pretrain"].items() if k not in _NOT_IN_RESUME_KEY}
-        return digest({"resolved": resolved, "manifest_sha256": self.manifest_sha256, "code": code_digest(self.spec.cls)})
+        return digest(
+            {"resolved": resolved, "manifest_sha256": self.manifest_sha256, "code": code_digest(self.spec.cls)}
+        )
 
     # -- building
     def build(self):
@@ -250,8 +304,9 @@ class Run:
 
         total = self.cfg.epochs * steps_per_epoch
         warmup = int(round(float(self.optimizer_recipe.get("warmup_epochs", 0)) * steps_per_epoch))
-        return build_scheduler(optimizer, total_steps=total, warmup_steps=min(warmup, total),
-                               final_lr_ratio=self.cfg.final_lr_ratio)
+        return build_scheduler(
+            optimizer, total_steps=total, warmup_steps=min(warmup, total), final_lr_ratio=self.cfg.final_lr_ratio
+        )
 
 
 def resume_problem(path: Path, method, steps_per_epoch: int, world_size: int) -> str | None:
@@ -270,12 +325,13 @@ def resume_problem(path: Path, method, steps_per_epoch: int, world_size: int) ->
         return f"not a training state of format {engine.STATE_FORMAT!r} (found {found!r})"
     pos, weights = state.get("position"), state.get("method_state")
     keys = ("epoch", "step_in_epoch", "global_step", "steps_per_epoch", "world_size")
-    if not isinstance(pos, dict) or not all(isinstance(pos.get(k), int) for k in keys) \
-            or not isinstance(weights, dict):
+    if not isinstance(pos, dict) or not all(isinstance(pos.get(k), int) for k in keys) or not isinstance(weights, dict):
         return "incomplete training state (no position or weights)"
     if (pos["steps_per_epoch"], pos["world_size"]) != (steps_per_epoch, world_size):
-        return (f"saved with {pos['steps_per_epoch']} steps/epoch on {pos['world_size']} process(es), now "
-                f"{steps_per_epoch} on {world_size}")
+        return (
+            f"saved with {pos['steps_per_epoch']} steps/epoch on {pos['world_size']} process(es), now "
+            f"{steps_per_epoch} on {world_size}"
+        )
     expected = {k: tuple(v.shape) for k, v in method.state_dict().items()}
     found = {k: tuple(getattr(v, "shape", ())) for k, v in weights.items()}
     if expected != found:
@@ -296,7 +352,7 @@ def set_aside_bad_resume(path: Path, method, steps_per_epoch: int, world_size: i
 
     aside = path.with_name(f"{path.name}.bad-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
     os.replace(path, aside)
-    what = (f"pretrain {name}: resume state {path}: {problem}; moved to {aside.name}")
+    what = f"pretrain {name}: resume state {path}: {problem}; moved to {aside.name}"
     if policy == "fail":
         raise DataError(f"{what} (pretrain.on_bad_resume: fail; run again to start from step 0)")
     print(f"warning: {what}; starting from step 0 (pretrain.on_bad_resume: fresh)", file=sys.stderr)
@@ -318,7 +374,8 @@ def _knn_monitor(run: Run, cfg: PretrainConfig):
     if knn.every_epochs <= 0:
         return None
     from ssl_models.augment import build_eval_transform
-    from ssl_models.data import DataError as LoaderError, load_split
+    from ssl_models.data import DataError as LoaderError
+    from ssl_models.data import load_split
     from ssl_models.engine import KnnMonitor
 
     try:
@@ -327,11 +384,23 @@ def _knn_monitor(run: Run, cfg: PretrainConfig):
     except LoaderError as exc:
         print(f"pretrain {run.name}: online kNN off ({exc})", file=sys.stderr)
         return None
-    transform = build_eval_transform(image_size=run.image_size, channels=run.channels, grey=run.grey,
-                                     mean=run.strengths.get("mean"), std=run.strengths.get("std"))
-    return KnnMonitor(bank_x[:knn.bank_size], bank_y[:knn.bank_size], query_x[:knn.query_size],
-                      query_y[:knn.query_size], transform=transform, every_epochs=knn.every_epochs, k=knn.k,
-                      temperature=knn.temperature)
+    transform = build_eval_transform(
+        image_size=run.image_size,
+        channels=run.channels,
+        grey=run.grey,
+        mean=run.strengths.get("mean"),
+        std=run.strengths.get("std"),
+    )
+    return KnnMonitor(
+        bank_x[: knn.bank_size],
+        bank_y[: knn.bank_size],
+        query_x[: knn.query_size],
+        query_y[: knn.query_size],
+        transform=transform,
+        every_epochs=knn.every_epochs,
+        k=knn.k,
+        temperature=knn.temperature,
+    )
 
 
 class Tracker:
@@ -353,17 +422,33 @@ class Tracker:
             os.environ.setdefault(var, str(wandb_dir / sub))
         wandb_dir.mkdir(parents=True, exist_ok=True)
         self.run_id = run_id or uuid.uuid4().hex[:12]
-        config = {"params": run.params.model_dump(), "resolved": run.resolved(), "lineage": record,
-                  "provenance": run_provenance(run.root)}
+        config = {
+            "params": run.params.model_dump(),
+            "resolved": run.resolved(),
+            "lineage": record,
+            "provenance": run_provenance(run.root),
+        }
         try:
-            self.wb = wandb.init(project=cfg.project, entity=cfg.entity, id=self.run_id, resume="allow",
-                                 mode=cfg.mode, dir=str(wandb_dir), name=f"pretrain-{run.name}",
-                                 group="pretrain", job_type="pretrain", tags=[run.name, run.spec.family, *cfg.tags],
-                                 config=config, allow_val_change=True,
-                                 settings=wandb.Settings(silent=True, console="off", x_disable_stats=True))
+            self.wb = wandb.init(
+                project=cfg.project,
+                entity=cfg.entity,
+                id=self.run_id,
+                resume="allow",
+                mode=cfg.mode,
+                dir=str(wandb_dir),
+                name=f"pretrain-{run.name}",
+                group="pretrain",
+                job_type="pretrain",
+                tags=[run.name, run.spec.family, *cfg.tags],
+                config=config,
+                allow_val_change=True,
+                settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
+            )
         except Exception as exc:  # noqa: BLE001 - tracking must not kill a training run
-            print(f"pretrain {run.name}: wandb disabled ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})",
-                  file=sys.stderr)
+            print(
+                f"pretrain {run.name}: wandb disabled ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})",
+                file=sys.stderr,
+            )
             self.wb = None
 
     def log(self, values: dict[str, Any], step: int) -> None:
@@ -378,10 +463,16 @@ class Tracker:
         for k, v in summary.items():
             if isinstance(v, (int, float, bool, str)):
                 self.wb.summary[k] = v
-        artifact = wandb.Artifact(f"{name}-checkpoint", type="model",
-                                  metadata={"method": name, "data_version": record.get("data_version"),
-                                            "params_digest": record.get("params_digest"),
-                                            "git": git_info(checkpoint.parent)})
+        artifact = wandb.Artifact(
+            f"{name}-checkpoint",
+            type="model",
+            metadata={
+                "method": name,
+                "data_version": record.get("data_version"),
+                "params_digest": record.get("params_digest"),
+                "git": git_info(checkpoint.parent),
+            },
+        )
         artifact.add_reference(checkpoint.resolve().as_uri())
         self.wb.log_artifact(artifact)
         self.wb.finish()
@@ -392,8 +483,17 @@ class Tracker:
 
 
 def _history_tsv(history: list[dict[str, Any]]) -> str:
-    extra = sorted({k for r in history for k, v in r.items()
-                    if k not in HISTORY_COLUMNS and k not in RUN_TIMING and isinstance(v, (int, float)) and not isinstance(v, bool)})
+    extra = sorted(
+        {
+            k
+            for r in history
+            for k, v in r.items()
+            if k not in HISTORY_COLUMNS
+            and k not in RUN_TIMING
+            and isinstance(v, (int, float))
+            and not isinstance(v, bool)
+        }
+    )
     columns = list(HISTORY_COLUMNS) + extra
 
     def cell(v: Any) -> str:
@@ -422,8 +522,10 @@ def _finite(obj: Any) -> Any:
 
 def split_timing(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(content, timing): a summary or history row without and with only the RUN_TIMING keys."""
-    return ({k: v for k, v in values.items() if k not in RUN_TIMING},
-            {k: v for k, v in values.items() if k in RUN_TIMING})
+    return (
+        {k: v for k, v in values.items() if k not in RUN_TIMING},
+        {k: v for k, v in values.items() if k in RUN_TIMING},
+    )
 
 
 class Batches:
@@ -442,10 +544,20 @@ class Batches:
         from ssl_models.data import make_loader
 
         cfg, rt = self.run.cfg, self.runtime
-        return make_loader(self.urls, batch_size=cfg.batch_size, shuffle_buffer=cfg.shuffle_buffer, seed=self.seed,
-                           epoch=epoch, rank=rt.rank, world_size=rt.world_size, num_workers=cfg.num_workers,
-                           manifest=self.run.manifest, return_keys=self.uses_dataset,
-                           pin_memory=rt.device.type == "cuda", resize=cfg.loader_image_size)
+        return make_loader(
+            self.urls,
+            batch_size=cfg.batch_size,
+            shuffle_buffer=cfg.shuffle_buffer,
+            seed=self.seed,
+            epoch=epoch,
+            rank=rt.rank,
+            world_size=rt.world_size,
+            num_workers=cfg.num_workers,
+            manifest=self.run.manifest,
+            return_keys=self.uses_dataset,
+            pin_memory=rt.device.type == "cuda",
+            resize=cfg.loader_image_size,
+        )
 
     def dataset_pass(self):
         """This rank's share of the train split, each image once, unshuffled, as ``([x], labels, keys)``."""
@@ -453,20 +565,36 @@ class Batches:
         from ssl_models.data import make_loader
 
         run, rt = self.run, self.runtime
-        transform = build_eval_transform(image_size=run.image_size, channels=run.channels, grey=run.grey,
-                                         mean=run.strengths.get("mean"), std=run.strengths.get("std"))
-        batches = make_loader(self.urls, batch_size=run.cfg.batch_size, shuffle_buffer=0, rank=rt.rank,
-                              world_size=rt.world_size, num_workers=0, manifest=run.manifest, drop_last=False,
-                              return_keys=True, resize=run.cfg.loader_image_size)
+        transform = build_eval_transform(
+            image_size=run.image_size,
+            channels=run.channels,
+            grey=run.grey,
+            mean=run.strengths.get("mean"),
+            std=run.strengths.get("std"),
+        )
+        batches = make_loader(
+            self.urls,
+            batch_size=run.cfg.batch_size,
+            shuffle_buffer=0,
+            rank=rt.rank,
+            world_size=rt.world_size,
+            num_workers=0,
+            manifest=run.manifest,
+            drop_last=False,
+            return_keys=True,
+            resize=run.cfg.loader_image_size,
+        )
         return (([transform(images)], labels, keys) for images, labels, keys in batches)
 
     def steps_per_epoch(self) -> int:
         from ssl_models.data import DataError as LoaderError
 
         run = self.run
-        too_big = ConfigError(f"params.yaml: {_where(run.name, run.block, 'batch_size')}: {run.cfg.batch_size} x "
-                              f"{self.runtime.world_size} process(es) is more than the train split can fill "
-                              f"({run.manifest['splits']['train'].get('count')} images)")
+        too_big = ConfigError(
+            f"params.yaml: {_where(run.name, run.block, 'batch_size')}: {run.cfg.batch_size} x "
+            f"{self.runtime.world_size} process(es) is more than the train split can fill "
+            f"({run.manifest['splits']['train'].get('count')} images)"
+        )
         try:
             steps = len(self(0))
         except LoaderError as exc:
@@ -481,7 +609,7 @@ def prepare_resume(root: Path, name: str, key: str, method, steps_per_epoch: int
     resume (another key: params, data or code changed; a save cut short by a kill) and sets aside a bad one."""
     state_path = root / resume_path(name, key)
     if runtime.is_main:
-        ensure_writable(root / run_dir(name))   # before training: a read-only or full disk found now
+        ensure_writable(root / run_dir(name))  # before training: a read-only or full disk found now
         ensure_writable(state_path.parent)
         for stale in (root / RESUME_DIR / name).glob("*.pt"):
             if stale != state_path:
@@ -493,7 +621,7 @@ def prepare_resume(root: Path, name: str, key: str, method, steps_per_epoch: int
             gitignore.parent.mkdir(parents=True, exist_ok=True)
             gitignore.write_text("*\n")
         set_aside_bad_resume(state_path, method, steps_per_epoch, runtime.world_size, cfg.on_bad_resume, name)
-    if runtime.distributed:   # every rank sees the state only once rank 0 has judged it
+    if runtime.distributed:  # every rank sees the state only once rank 0 has judged it
         import torch.distributed as dist
 
         dist.barrier()
@@ -504,16 +632,30 @@ def make_trainer(run: Run, runtime, batches: Batches, method, optimizer, steps_p
     from ssl_models import engine
 
     cfg = run.cfg
-    train_cfg = engine.TrainConfig(epochs=cfg.epochs, steps_per_epoch=steps_per_epoch, seed=run.params.seed,
-                                   grad_clip=cfg.grad_clip, precision=cfg.precision,
-                                   checkpoint_every_steps=cfg.checkpoint_every_steps,
-                                   deterministic=cfg.deterministic, log_every_steps=cfg.log_every_steps,
-                                   monitor=engine.MonitorConfig(**cfg.monitor.model_dump(exclude={"online_knn"})),
-                                   desc=f"pretrain {run.name}")
-    return engine.Trainer(method, optimizer, scheduler=run.scheduler(optimizer, steps_per_epoch), config=train_cfg,
-                          make_loader=batches, runtime=runtime, checkpoint_path=state_path,
-                          knn=_knn_monitor(run, cfg), views=run.views,
-                          dataset_pass=batches.dataset_pass if batches.uses_dataset else None)
+    train_cfg = engine.TrainConfig(
+        epochs=cfg.epochs,
+        steps_per_epoch=steps_per_epoch,
+        seed=run.params.seed,
+        grad_clip=cfg.grad_clip,
+        precision=cfg.precision,
+        checkpoint_every_steps=cfg.checkpoint_every_steps,
+        deterministic=cfg.deterministic,
+        log_every_steps=cfg.log_every_steps,
+        monitor=engine.MonitorConfig(**cfg.monitor.model_dump(exclude={"online_knn"})),
+        desc=f"pretrain {run.name}",
+    )
+    return engine.Trainer(
+        method,
+        optimizer,
+        scheduler=run.scheduler(optimizer, steps_per_epoch),
+        config=train_cfg,
+        make_loader=batches,
+        runtime=runtime,
+        checkpoint_path=state_path,
+        knn=_knn_monitor(run, cfg),
+        views=run.views,
+        dataset_pass=batches.dataset_pass if batches.uses_dataset else None,
+    )
 
 
 def fit(trainer, name: str):
@@ -524,14 +666,34 @@ def fit(trainer, name: str):
     stop_on_sigterm()
     try:
         return trainer.fit()
-    except engine.TrainingError as exc:   # non-finite losses and collapses included
+    except engine.TrainingError as exc:  # non-finite losses and collapses included
         raise SslcookError(f"pretrain {name}: {exc}") from None
     except LoaderError as exc:
         raise DataError(str(exc)) from None
 
 
-def write_run(root: Path, run: Run, method, result, resolved: dict[str, Any], record: dict[str, Any],
-              run_id: str | None) -> tuple[dict[str, Any], Path]:
+def final_checkpoint(run: Run, method, content: dict, history: list, record: dict, resolved: dict) -> dict[str, Any]:
+    """The checkpoint export reads: the backbone with its config and the view recipe, plus the method's state."""
+    return {
+        "format": "sslcook-checkpoint/1",
+        "method": run.name,
+        "family": run.spec.family,
+        "backbone_state": method.backbone.state_dict(),
+        "backbone_config": dict(method.backbone.config),
+        "hparams": run.hparams,
+        "augment": dict(run.views.config, out_channels=run.views.out_channels),
+        "optimizer": run.optimizer_recipe,
+        "summary": _finite(content),
+        "history": _finite(history),
+        "lineage": record,
+        "config": _finite(resolved),
+        "method_state": method.state_dict(),
+    }
+
+
+def write_run(
+    root: Path, run: Run, method, result, resolved: dict[str, Any], record: dict[str, Any], run_id: str | None
+) -> tuple[dict[str, Any], Path]:
     """runs/<method>/: config, lineage, history.tsv, metrics and the final checkpoint (content only); the run's
     timings go to provenance. Returns (summary, checkpoint path)."""
     import torch
@@ -539,8 +701,13 @@ def write_run(root: Path, run: Run, method, result, resolved: dict[str, Any], re
     from ssl_models import engine
 
     name = run.name
-    summary = dict(result.summary, method=name, family=run.spec.family, effective_batch=run.effective_batch,
-                   resumed_from_step=result.resumed_from_step)
+    summary = dict(
+        result.summary,
+        method=name,
+        family=run.spec.family,
+        effective_batch=run.effective_batch,
+        resumed_from_step=result.resumed_from_step,
+    )
     collapses = [r["epoch"] for r in result.history if r.get("collapsed")]
     summary["first_collapse_epoch"] = collapses[0] if collapses else None
     content, timing = split_timing(summary)
@@ -552,16 +719,61 @@ def write_run(root: Path, run: Run, method, result, resolved: dict[str, Any], re
     with atomic_path(out / "history.tsv") as tmp:
         tmp.write_text(_history_tsv(history))
     write_json(out / "metrics.json", _finite(content))
-    engine.save_state(out / "checkpoint.pt", {
-        "format": "sslcook-checkpoint/1", "method": name, "family": run.spec.family,
-        "backbone_state": method.backbone.state_dict(), "backbone_config": dict(method.backbone.config),
-        "hparams": run.hparams, "augment": dict(run.views.config, out_channels=run.views.out_channels),
-        "optimizer": run.optimizer_recipe, "summary": _finite(content), "history": _finite(history),
-        "lineage": record, "config": _finite(resolved), "method_state": method.state_dict()})
-    write_provenance("pretrain", run_dir(name) / "checkpoint.pt", method=name, root=root, extra=_finite({
-        "wandb_run_id": run_id, "threads": torch.get_num_threads(), **timing,
-        "epochs": [{"epoch": r.get("epoch"), **split_timing(r)[1]} for r in result.history]}))
+    engine.save_state(out / "checkpoint.pt", final_checkpoint(run, method, content, history, record, resolved))
+    write_provenance(
+        "pretrain",
+        run_dir(name) / "checkpoint.pt",
+        method=name,
+        root=root,
+        extra=_finite(
+            {
+                "wandb_run_id": run_id,
+                "threads": torch.get_num_threads(),
+                **timing,
+                "epochs": [{"epoch": r.get("epoch"), **split_timing(r)[1]} for r in result.history],
+            }
+        ),
+    )
     return summary, out / "checkpoint.pt"
+
+
+def describe_run(run: Run, root: Path, key: str, optimizer, steps_per_epoch: int, runtime):
+    """(the resolved config the run trains with, its lineage record)."""
+    resolved = dict(
+        run.resolved(),
+        steps_per_epoch=steps_per_epoch,
+        total_steps=run.cfg.epochs * steps_per_epoch,
+        lr=optimizer.param_groups[0]["lr"],
+        device=runtime.device.type,
+    )
+    extra = {"method": run.name, "family": run.spec.family, "manifest_sha256": run.manifest_sha256, "resume_key": key}
+    record = make_record(
+        "pretrain", params=resolved, parents={"shards": MANIFEST}, seed=run.params.seed, root=root, extra=extra
+    )
+    return resolved, record
+
+
+def attach_tracker(trainer, run: Run, record: dict[str, Any], state_path: Path, runtime):
+    """wandb on rank 0, continuing the interrupted run's id when resuming; returns (tracker or None, run id)."""
+    run_id = ((trainer.resume_info() if state_path.exists() else None) or {}).get("extra", {}).get("wandb_run_id")
+    tracker = None
+    if runtime.is_main:
+        tracker = Tracker(run, record, run_id)
+        run_id = tracker.run_id
+        trainer.on_epoch_end = lambda r: tracker.log(r, step=int(r["step"]))
+        trainer.on_log = lambda step, values: tracker.log(values, step=step)
+    trainer.extra_state.update(wandb_run_id=run_id, resume_key=record["resume_key"], lineage=record)
+    return tracker, run_id
+
+
+def _say_done(name: str, summary: dict[str, Any]) -> None:
+    loss = summary.get("final_loss")
+    print(
+        f"pretrain {name}: {summary['epochs']} epochs, {summary['steps']} steps, "
+        f"loss {loss if loss is None else round(loss, 4)}, {summary['images_per_s']:.0f} images/s, "
+        f"{summary['train_seconds']:.0f}s -> {run_dir(name)}/",
+        file=sys.stderr,
+    )
 
 
 def pretrain(name: str, root: Path | None = None) -> dict[str, Any] | None:
@@ -588,28 +800,15 @@ def pretrain(name: str, root: Path | None = None) -> dict[str, Any] | None:
         key = run.resume_key()
         state_path = prepare_resume(root, name, key, method, steps_per_epoch, runtime, run.cfg)
         trainer = make_trainer(run, runtime, batches, method, optimizer, steps_per_epoch, state_path)
-        resolved = dict(run.resolved(), steps_per_epoch=steps_per_epoch, total_steps=run.cfg.epochs * steps_per_epoch,
-                        lr=optimizer.param_groups[0]["lr"], device=runtime.device.type)
-        record = make_record("pretrain", params=resolved, parents={"shards": MANIFEST}, seed=params.seed, root=root,
-                             extra={"method": name, "family": run.spec.family,
-                                    "manifest_sha256": run.manifest_sha256, "resume_key": key})
-        run_id = ((trainer.resume_info() if state_path.exists() else None) or {}).get("extra", {}).get("wandb_run_id")
-        if runtime.is_main:
-            tracker = Tracker(run, record, run_id)
-            run_id = tracker.run_id
-            trainer.on_epoch_end = lambda r: tracker.log(r, step=int(r["step"]))
-            trainer.on_log = lambda step, values: tracker.log(values, step=step)
-        trainer.extra_state.update(wandb_run_id=run_id, resume_key=key, lineage=record)
+        resolved, record = describe_run(run, root, key, optimizer, steps_per_epoch, runtime)
+        tracker, run_id = attach_tracker(trainer, run, record, state_path, runtime)
         result = fit(trainer, name)
         if runtime.is_main:
             summary, checkpoint = write_run(root, run, method, result, resolved, record, run_id)
             tracker.finish(summary, checkpoint, name, record)
             tracker = None
             state_path.unlink(missing_ok=True)  # finished: the final checkpoint replaces the resume state
-            loss = summary.get("final_loss")
-            print(f"pretrain {name}: {summary['epochs']} epochs, {summary['steps']} steps, "
-                  f"loss {loss if loss is None else round(loss, 4)}, {summary['images_per_s']:.0f} images/s, "
-                  f"{summary['train_seconds']:.0f}s -> {run_dir(name)}/", file=sys.stderr)
+            _say_done(name, summary)
         ok = True
         return summary if runtime.is_main else None
     finally:

@@ -22,6 +22,7 @@ the report's own go to ``provenance/report.json``.
 
     python -m stages.report
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,14 +41,27 @@ from .workspace.lineage import data_version as current_data_version
 from .workspace.lineage import make_record, read_provenance, sha256_file, write_provenance
 
 REPORTS = Path("reports")
-FAMILY_ORDER = ("deep_metric_learning", "self_distillation", "canonical_correlation_analysis",
-                "masked_image_modeling", "origins")
-FAMILY_TITLE = {"deep_metric_learning": "deep metric learning", "self_distillation": "self-distillation",
-                "canonical_correlation_analysis": "canonical correlation analysis",
-                "masked_image_modeling": "masked image modeling", "origins": "origins of SSL"}
-FAMILY_COLOUR = {"deep_metric_learning": "#1f77b4", "self_distillation": "#ff7f0e",
-                 "canonical_correlation_analysis": "#2ca02c", "masked_image_modeling": "#d62728",
-                 "origins": "#7f7f7f"}
+FAMILY_ORDER = (
+    "deep_metric_learning",
+    "self_distillation",
+    "canonical_correlation_analysis",
+    "masked_image_modeling",
+    "origins",
+)
+FAMILY_TITLE = {
+    "deep_metric_learning": "deep metric learning",
+    "self_distillation": "self-distillation",
+    "canonical_correlation_analysis": "canonical correlation analysis",
+    "masked_image_modeling": "masked image modeling",
+    "origins": "origins of SSL",
+}
+FAMILY_COLOUR = {
+    "deep_metric_learning": "#1f77b4",
+    "self_distillation": "#ff7f0e",
+    "canonical_correlation_analysis": "#2ca02c",
+    "masked_image_modeling": "#d62728",
+    "origins": "#7f7f7f",
+}
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -98,16 +112,23 @@ def _plt():
     return plt
 
 
-def plot_curves(histories: dict[str, list[dict]], column: str, ylabel: str, path: Path, dpi: int,
-                families: dict[str, str]) -> bool:
+def plot_curves(
+    histories: dict[str, list[dict]], column: str, ylabel: str, path: Path, dpi: int, families: dict[str, str]
+) -> bool:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     drawn = False
     for method, rows in histories.items():
         pts = [(r["epoch"], r[column]) for r in rows if "epoch" in r and column in r and math.isfinite(r[column])]
         if pts:
-            ax.plot(*zip(*pts), marker="o", ms=3, label=method, color=FAMILY_COLOUR.get(families.get(method)),
-                    linestyle=["-", "--", ":", "-."][sorted(histories).index(method) % 4])
+            ax.plot(
+                *zip(*pts),
+                marker="o",
+                ms=3,
+                label=method,
+                color=FAMILY_COLOUR.get(families.get(method)),
+                linestyle=["-", "--", ":", "-."][sorted(histories).index(method) % 4],
+            )
             drawn = True
     if not drawn:
         plt.close(fig)
@@ -144,19 +165,45 @@ def plot_accuracy(order: list[str], metrics: dict[str, dict], path: Path, dpi: i
         probe_primary = m.get("primary_metric") == "linear_probe_top1"
         # hatched: kNN; solid: linear probe; the thick edge marks the protocol the method is judged by;
         # error bars: the bootstrap interval over the test images
-        ax.bar(i - width / 2, knn or 0, width, color=colour, alpha=0.55, edgecolor="black", hatch="//",
-               linewidth=0.8 if probe_primary else 2.2, yerr=error_bar(m, knn_key(m)), capsize=3)
-        ax.bar(i + width / 2, m.get("linear_probe_top1") or 0, width, color=colour, edgecolor="black",
-               linewidth=2.2 if probe_primary else 0.8, yerr=error_bar(m, "linear_probe_top1"), capsize=3)
+        ax.bar(
+            i - width / 2,
+            knn or 0,
+            width,
+            color=colour,
+            alpha=0.55,
+            edgecolor="black",
+            hatch="//",
+            linewidth=0.8 if probe_primary else 2.2,
+            yerr=error_bar(m, knn_key(m)),
+            capsize=3,
+        )
+        ax.bar(
+            i + width / 2,
+            m.get("linear_probe_top1") or 0,
+            width,
+            color=colour,
+            edgecolor="black",
+            linewidth=2.2 if probe_primary else 0.8,
+            yerr=error_bar(m, "linear_probe_top1"),
+            capsize=3,
+        )
     baselines = collect_baselines(metrics)
     styles = {"raw pixels": ":", "random init": "--"}
     for (name, arch), b in baselines.items():
         for value, what in ((b.get("linear_probe_top1"), "probe"), (b.get(b.get("knn_key", ""), None), "kNN")):
             if value is not None:
-                ax.axhline(value, color="black" if what == "probe" else "grey", linestyle=styles[name], linewidth=1,
-                           label=f"{name}{f' ({arch})' if arch else ''} {what} {value:.3f}")
-    ax.set_xticks(range(len(order)), [f"{m}\n{FAMILY_TITLE.get(metrics[m].get('family'), '')}".replace(" ", "\n", 1)
-                                      for m in order], fontsize=7)
+                ax.axhline(
+                    value,
+                    color="black" if what == "probe" else "grey",
+                    linestyle=styles[name],
+                    linewidth=1,
+                    label=f"{name}{f' ({arch})' if arch else ''} {what} {value:.3f}",
+                )
+    ax.set_xticks(
+        range(len(order)),
+        [f"{m}\n{FAMILY_TITLE.get(metrics[m].get('family'), '')}".replace(" ", "\n", 1) for m in order],
+        fontsize=7,
+    )
     ax.set_ylabel("test top-1 (left: kNN, right: linear probe)")
     ax.set_ylim(0, 1)
     ax.grid(axis="y", alpha=0.3)
@@ -184,10 +231,12 @@ def plot_projections(order: list[str], projections: dict[str, tuple], path: Path
         ax.set_xticks([])
         ax.set_yticks([])
     names_by_label = {}
-    for xs, ys, labels, names in (projections[m] for m in shown):
+    for _xs, _ys, labels, names in (projections[m] for m in shown):
         names_by_label.update(zip(labels, names))
-    handles = [plt.Line2D([], [], marker="o", linestyle="", color=sc.cmap(sc.norm(lab)), label=name)
-               for lab, name in sorted(names_by_label.items())[:20]]
+    handles = [
+        plt.Line2D([], [], marker="o", linestyle="", color=sc.cmap(sc.norm(lab)), label=name)
+        for lab, name in sorted(names_by_label.items())[:20]
+    ]
     fig.legend(handles=handles, loc="lower center", ncol=min(10, len(handles)), fontsize=7, frameon=False)
     fig.suptitle("test embeddings, first two principal components", fontsize=10)
     fig.tight_layout(rect=(0, 0.06, 1, 0.95))
@@ -215,9 +264,12 @@ def view_recipe(method: str, card: dict, channels: int) -> tuple[str, dict[str, 
         from ssl_models import registry
 
         recipe = registry.get(method).cls.augment
-    options = {"image_size": augment.pop("image_size", None) or spec.get("image_size"),
-               "channels": augment.pop("channels", None) or channels,
-               "grey": augment.pop("grey", spec.get("grey", "skip")), **augment}
+    options = {
+        "image_size": augment.pop("image_size", None) or spec.get("image_size"),
+        "channels": augment.pop("channels", None) or channels,
+        "grey": augment.pop("grey", spec.get("grey", "skip")),
+        **augment,
+    }
     return recipe, options, augment.get("mean") or spec.get("mean"), augment.get("std") or spec.get("std")
 
 
@@ -227,8 +279,9 @@ def augmented_views(method: str, recipe: str, options: dict[str, Any], images, s
     from ssl_models.augment import build_views, view_generator
 
     try:
-        views_of = build_views(recipe, **{**options, "image_size": int(options["image_size"]),
-                                          "channels": int(options["channels"])})
+        views_of = build_views(
+            recipe, **{**options, "image_size": int(options["image_size"]), "channels": int(options["channels"])}
+        )
     except (TypeError, ValueError) as exc:
         print(f"report: no view grid for {method} ({exc})", file=sys.stderr)
         return None
@@ -280,8 +333,9 @@ def collect_baselines(metrics: dict[str, dict]) -> dict[tuple[str, str], dict]:
         if "raw_pixels" in b:
             out.setdefault(("raw pixels", ""), {**b["raw_pixels"], "knn_key": knn_key(b["raw_pixels"])})
         if "random_init" in b:
-            out.setdefault(("random init", str(m.get("architecture"))),
-                           {**b["random_init"], "knn_key": knn_key(b["random_init"])})
+            out.setdefault(
+                ("random init", str(m.get("architecture"))), {**b["random_init"], "knn_key": knn_key(b["random_init"])}
+            )
     return out
 
 
@@ -323,19 +377,29 @@ def _duration(seconds: Any) -> str:
 
 def method_rows(order: list[str], metrics: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
     ks = sorted({int(k.rsplit("k", 1)[1]) for m in metrics.values() for k in m if k.startswith("knn_top1_k")})
-    header = (["family", "method", "backbone"] + [f"kNN top-1 k={k}" for k in ks]
-              + ([f"kNN top-5 k={ks[-1]}"] if ks else []) + ["linear probe top-1", "RankMe", "emb std",
-                                                              "pretrain time", "images/s", "judged by"])
+    header = (
+        ["family", "method", "backbone"]
+        + [f"kNN top-1 k={k}" for k in ks]
+        + ([f"kNN top-5 k={ks[-1]}"] if ks else [])
+        + ["linear probe top-1", "RankMe", "emb std", "pretrain time", "images/s", "judged by"]
+    )
     rows = []
     for method in order:
         m = metrics[method]
         pre = m.get("pretraining") or {}
-        rows.append([FAMILY_TITLE.get(m.get("family"), str(m.get("family"))), method, str(m.get("architecture"))]
-                    + [_cell(m, f"knn_top1_k{k}") for k in ks]
-                    + ([_fmt(m.get(f"knn_top5_k{ks[-1]}"))] if ks else [])
-                    + [_cell(m, "linear_probe_top1"), _fmt(m.get("rankme"), 1), _fmt(m.get("emb_std"), 4),
-                       _duration(pre.get("train_seconds")), _fmt(pre.get("images_per_s"), 0),
-                       "linear probe" if m.get("primary_metric") == "linear_probe_top1" else "kNN"])
+        rows.append(
+            [FAMILY_TITLE.get(m.get("family"), str(m.get("family"))), method, str(m.get("architecture"))]
+            + [_cell(m, f"knn_top1_k{k}") for k in ks]
+            + ([_fmt(m.get(f"knn_top5_k{ks[-1]}"))] if ks else [])
+            + [
+                _cell(m, "linear_probe_top1"),
+                _fmt(m.get("rankme"), 1),
+                _fmt(m.get("emb_std"), 4),
+                _duration(pre.get("train_seconds")),
+                _fmt(pre.get("images_per_s"), 0),
+                "linear probe" if m.get("primary_metric") == "linear_probe_top1" else "kNN",
+            ]
+        )
     return header, rows
 
 
@@ -344,8 +408,9 @@ def baseline_rows(metrics: dict[str, dict]) -> tuple[list[str], list[list[str]]]
     rows = []
     for (name, arch), b in sorted(collect_baselines(metrics).items()):
         k = b["knn_key"]
-        rows.append([name, arch or "–", _cell(b, k), _fmt(b.get(k.replace("top1", "top5"))),
-                     _cell(b, "linear_probe_top1")])
+        rows.append(
+            [name, arch or "–", _cell(b, k), _fmt(b.get(k.replace("top1", "top5"))), _cell(b, "linear_probe_top1")]
+        )
     return header, rows
 
 
@@ -364,8 +429,7 @@ def _baseline_title(name: str, m: dict) -> str:
 
 
 def _verdict_cell(c: dict) -> str:
-    return (f"{c['verdict']} {c['difference']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}], "
-            f"p {c['p_value']:.3f}")
+    return f"{c['verdict']} {c['difference']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}], p {c['p_value']:.3f}"
 
 
 def verdict_rows(order: list[str], metrics: dict[str, dict]) -> tuple[list[str], list[list[str]], list[str]]:
@@ -387,43 +451,64 @@ def verdict_rows(order: list[str], metrics: dict[str, dict]) -> tuple[list[str],
                 c = by_metric.get(key)
                 cells.append(_verdict_cell(c) if c else "–")
                 if c:
-                    lines.append(f"{method} {c['verdict']} {against} on {_metric_title(key)}: "
-                                 f"{c['difference']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}], p = {c['p_value']:.3f}")
+                    lines.append(
+                        f"{method} {c['verdict']} {against} on {_metric_title(key)}: "
+                        f"{c['difference']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}], p = {c['p_value']:.3f}"
+                    )
             rows.append([method, against] + cells)
     return header, rows, lines
 
 
 def _backbone_title(m: dict, card: dict) -> str:
     config = card.get("backbone_config") or {}
-    details = [f"width {config['width']}" if "width" in config else "",
-               f"{config['depth']} blocks" if "depth" in config else "",
-               f"patch {config['patch_size']}" if "patch_size" in config else ""]
+    details = [
+        f"width {config['width']}" if "width" in config else "",
+        f"{config['depth']} blocks" if "depth" in config else "",
+        f"patch {config['patch_size']}" if "patch_size" in config else "",
+    ]
     details = [d for d in details if d]
     return f"{m.get('architecture')}" + (f" ({', '.join(details)})" if details else "")
 
 
-def results_rows(order: list[str], metrics: dict[str, dict],
-                 cards: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
+def results_rows(
+    order: list[str], metrics: dict[str, dict], cards: dict[str, dict]
+) -> tuple[list[str], list[list[str]]]:
     """The headline table (README's "Results of the default pipeline"): methods, then the baselines, every
     accuracy with its 95% bootstrap interval."""
     ks = sorted({int(k.rsplit("k", 1)[1]) for m in metrics.values() for k in m if k.startswith("knn_top1_k")})
-    header = (["family", "method", "backbone"] + [f"kNN top-1 k={k}" for k in ks]
-              + ["linear probe top-1", "RankMe", "pretrain", "images/s"])
+    header = (
+        ["family", "method", "backbone"]
+        + [f"kNN top-1 k={k}" for k in ks]
+        + ["linear probe top-1", "RankMe", "pretrain", "images/s"]
+    )
     rows = []
     for method in order:
         m = metrics[method]
         pre = m.get("pretraining") or {}
-        rows.append([FAMILY_TITLE.get(m.get("family"), str(m.get("family"))), method,
-                     _backbone_title(m, cards.get(method) or {})]
-                    + [_cell(m, f"knn_top1_k{k}") for k in ks]
-                    + [_cell(m, "linear_probe_top1"), _fmt(m.get("rankme"), 1), _duration(pre.get("train_seconds")),
-                       _fmt(pre.get("images_per_s"), 0)])
+        rows.append(
+            [
+                FAMILY_TITLE.get(m.get("family"), str(m.get("family"))),
+                method,
+                _backbone_title(m, cards.get(method) or {}),
+            ]
+            + [_cell(m, f"knn_top1_k{k}") for k in ks]
+            + [
+                _cell(m, "linear_probe_top1"),
+                _fmt(m.get("rankme"), 1),
+                _duration(pre.get("train_seconds")),
+                _fmt(pre.get("images_per_s"), 0),
+            ]
+        )
     # a random-init baseline has the architecture of the methods it serves: described as theirs
     titles = {str(metrics[m].get("architecture")): _backbone_title(metrics[m], cards.get(m) or {}) for m in order}
-    for (name, arch), b in sorted(collect_baselines(metrics).items(), key=lambda kv: (kv[0][0] != "random init",
-                                                                                      kv[0])):
-        rows.append([f"baseline: {name}", "", titles.get(arch, arch)] + [_cell(b, f"knn_top1_k{k}") for k in ks]
-                    + [_cell(b, "linear_probe_top1"), "", "", ""])
+    for (name, arch), b in sorted(
+        collect_baselines(metrics).items(), key=lambda kv: (kv[0][0] != "random init", kv[0])
+    ):
+        rows.append(
+            [f"baseline: {name}", "", titles.get(arch, arch)]
+            + [_cell(b, f"knn_top1_k{k}") for k in ks]
+            + [_cell(b, "linear_probe_top1"), "", "", ""]
+        )
     return header, rows
 
 
@@ -439,8 +524,15 @@ def origins_vs_modern_rows(order: list[str], metrics: dict[str, dict]) -> tuple[
         except KeyError:
             return ""
 
-    header = ["", "family / category", "method", "backbone", "kNN top-1", "linear probe top-1",
-              "probe vs random init (paired)"]
+    header = [
+        "",
+        "family / category",
+        "method",
+        "backbone",
+        "kNN top-1",
+        "linear probe top-1",
+        "probe vs random init (paired)",
+    ]
     origins = [m for m in order if metrics[m].get("family") == "origins"]
     modern = [m for m in order if metrics[m].get("family") != "origins"]
     if not origins or not modern:
@@ -454,8 +546,17 @@ def origins_vs_modern_rows(order: list[str], metrics: dict[str, dict]) -> tuple[
             kind = category(method).replace("_", " ") if group == "origins" else FAMILY_TITLE.get(m.get("family"), "")
             paired = ((m.get("comparisons") or {}).get("random_init") or {}).get("linear_probe_top1")
             gain = _verdict_cell(paired) if paired else "–"
-            rows.append([group, kind, method, str(m.get("architecture")), _fmt(m.get(knn_key(m))),
-                         _fmt(m.get("linear_probe_top1")), gain])
+            rows.append(
+                [
+                    group,
+                    kind,
+                    method,
+                    str(m.get("architecture")),
+                    _fmt(m.get(knn_key(m))),
+                    _fmt(m.get("linear_probe_top1")),
+                    gain,
+                ]
+            )
     return header, rows
 
 
@@ -476,8 +577,14 @@ def render_markdown(context: dict[str, Any]) -> str:
     """reports/summary.md: templates/summary.md.j2 filled with ready-made cells and lines."""
     import jinja2
 
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), trim_blocks=True, lstrip_blocks=True,
-                             keep_trailing_newline=True, undefined=jinja2.StrictUndefined, autoescape=False)
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+    )
     return env.get_template("summary.md.j2").render(context)
 
 
@@ -496,25 +603,46 @@ def render_html(md_text: str, title: str, base: Path) -> str:
         return self.image(tokens, idx, options, env)
 
     md.add_render_rule("image", embedded_image)
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{CSS}"
-            f"</style></head><body>\n{md.render(md_text)}</body></html>\n")
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{CSS}"
+        f"</style></head><body>\n{md.render(md_text)}</body></html>\n"
+    )
 
 
-def summary_context(root: Path, order: list[str], metrics: dict[str, dict], timed: dict[str, dict],
-                    cards: dict[str, dict], figures: list[dict[str, str]], title: str) -> dict[str, Any]:
+def summary_context(
+    root: Path,
+    order: list[str],
+    metrics: dict[str, dict],
+    timed: dict[str, dict],
+    cards: dict[str, dict],
+    figures: list[dict[str, str]],
+    title: str,
+) -> dict[str, Any]:
     """Everything the template shows, as text: the tables' cells, the verdict lines, the data version lines."""
     vh, vrows, verdict_lines = verdict_rows(order, metrics)
     bootstrap = next(iter(metrics.values())).get("bootstrap") or {}
     level, resamples = bootstrap.get("level") or 0.95, bootstrap.get("resamples")
-    interval_note = (f"[low, high]: {level:.0%} bootstrap interval over the test images ({resamples} resamples, "
-                     f"one set shared by every method and baseline)." if resamples else "")
-    return {"title": title, **data_version_lines(root, metrics), "order": order,
-            "results": table(*results_rows(order, timed, cards)), "interval_note": interval_note,
-            "verdicts": table(vh, vrows), "verdict_lines": verdict_lines,
-            "by_family": table(*method_rows(order, timed)),
-            "knn_temperature": _fmt(next(iter(metrics.values())).get("knn_temperature"), 2),
-            "origins": table(*origins_vs_modern_rows(order, metrics)), "baselines": table(*baseline_rows(metrics)),
-            "figures": figures, "lineage": [lineage_line(m, metrics[m]) for m in order]}
+    interval_note = (
+        f"[low, high]: {level:.0%} bootstrap interval over the test images ({resamples} resamples, "
+        f"one set shared by every method and baseline)."
+        if resamples
+        else ""
+    )
+    return {
+        "title": title,
+        **data_version_lines(root, metrics),
+        "order": order,
+        "results": table(*results_rows(order, timed, cards)),
+        "interval_note": interval_note,
+        "verdicts": table(vh, vrows),
+        "verdict_lines": verdict_lines,
+        "by_family": table(*method_rows(order, timed)),
+        "knn_temperature": _fmt(next(iter(metrics.values())).get("knn_temperature"), 2),
+        "origins": table(*origins_vs_modern_rows(order, metrics)),
+        "baselines": table(*baseline_rows(metrics)),
+        "figures": figures,
+        "lineage": [lineage_line(m, metrics[m]) for m in order],
+    }
 
 
 def data_version_lines(root: Path, metrics: dict[str, dict]) -> dict[str, str]:
@@ -524,16 +652,24 @@ def data_version_lines(root: Path, metrics: dict[str, dict]) -> dict[str, str]:
     data_ver = versions[0] if len(versions) == 1 else None
     now_version = current_data_version(root)
     stale = bool(data_ver and now_version and now_version != data_ver)
-    return {"data_line": data_ver or "MIXED: " + ", ".join(versions),
-            "stale_note": f" (data.dvc now points to {now_version}: these results are stale, run `dvc repro`)"
-            if stale else ""}
+    return {
+        "data_line": data_ver or "MIXED: " + ", ".join(versions),
+        "stale_note": f" (data.dvc now points to {now_version}: these results are stale, run `dvc repro`)"
+        if stale
+        else "",
+    }
 
 
 def lineage_line(method: str, m: dict) -> dict[str, str]:
     lin = m.get("lineage") or {}
     backbone = (lin.get("parents") or {}).get("backbone") or {}
-    return {"method": method, "backbone": backbone.get("path", "?"), "sha256": backbone.get("sha256", "")[:16],
-            "data_version": str(m.get("data_version")), "params_digest": str(lin.get("params_digest"))[:12]}
+    return {
+        "method": method,
+        "backbone": backbone.get("path", "?"),
+        "sha256": backbone.get("sha256", "")[:16],
+        "data_version": str(m.get("data_version")),
+        "params_digest": str(lin.get("params_digest"))[:12],
+    }
 
 
 def summary_json(order: list[str], metrics: dict[str, dict], context: dict[str, Any]) -> dict[str, Any]:
@@ -545,11 +681,18 @@ def summary_json(order: list[str], metrics: dict[str, dict], context: dict[str, 
         methods[m] = {k: metrics[m].get(k) for k in ("family", *keys, "rankme", "emb_std", "primary_metric")}
         methods[m]["intervals"] = {k: iv for k in keys if (iv := interval(metrics[m], k))}
         methods[m]["comparisons"] = metrics[m].get("comparisons") or {}
-    baselines = {f"{name}{'_' + arch if arch else ''}".replace(" ", "_"):
-                 {k: b.get(k) for k in (b["knn_key"], "linear_probe_top1")}
-                 for (name, arch), b in collect_baselines(metrics).items()}
-    return {"data_version": context["data_line"], "methods": methods, "baselines": baselines,
-            "verdicts": context["verdict_lines"]}
+    baselines = {
+        f"{name}{'_' + arch if arch else ''}".replace(" ", "_"): {
+            k: b.get(k) for k in (b["knn_key"], "linear_probe_top1")
+        }
+        for (name, arch), b in collect_baselines(metrics).items()
+    }
+    return {
+        "data_version": context["data_line"],
+        "methods": methods,
+        "baselines": baselines,
+        "verdicts": context["verdict_lines"],
+    }
 
 
 # ----------------------------------------------------------------------------------------------- stage
@@ -598,8 +741,16 @@ def view_grid_images(root: Path, count: int):
     return images[:: max(1, len(images) // count)][:count]
 
 
-def write_figures(fig_dir: Path, root: Path, order: list[str], metrics: dict[str, dict], cards: dict[str, dict],
-                  dpi: int, view_images, seed: int) -> list[dict[str, str]]:
+def write_figures(
+    fig_dir: Path,
+    root: Path,
+    order: list[str],
+    metrics: dict[str, dict],
+    cards: dict[str, dict],
+    dpi: int,
+    view_images,
+    seed: int,
+) -> list[dict[str, str]]:
     """Draw every figure into ``fig_dir``: [{"name", "caption"}] of those drawn (no curves without histories)."""
     histories = {m: read_history(root / "runs" / m / "history.tsv") for m in order}
     projections = {m: read_projection(root / "metrics" / f"{m}_pca.csv") for m in order}
@@ -610,9 +761,14 @@ def write_figures(fig_dir: Path, root: Path, order: list[str], metrics: dict[str
     if plot_curves(histories, "rankme", "RankMe (effective rank)", fig_dir / "rankme_curves.png", dpi, families):
         drawn.append(("rankme_curves.png", "RankMe of the embedding per epoch (collapse: towards 1)"))
     plot_accuracy(order, metrics, fig_dir / "accuracy.png", dpi)
-    drawn.append(("accuracy.png", "Test top-1 by method, coloured by family (hatched: kNN, solid: linear probe; thick "
-                                  "edge: the protocol it is judged by; error bars: 95% bootstrap intervals), "
-                                  "baselines as lines"))
+    drawn.append(
+        (
+            "accuracy.png",
+            "Test top-1 by method, coloured by family (hatched: kNN, solid: linear probe; thick "
+            "edge: the protocol it is judged by; error bars: 95% bootstrap intervals), "
+            "baselines as lines",
+        )
+    )
     if plot_projections(order, projections, fig_dir / "embeddings_pca.png", dpi):
         drawn.append(("embeddings_pca.png", "Test embeddings, 2-D PCA, coloured by class"))
     for m in order if view_images is not None else []:
@@ -633,8 +789,10 @@ def write_model_cards(cards_dir: Path, order: list[str], cards: dict[str, dict],
     for method in order:
         if cards[method]:
             card = dict(cards[method])
-            card["metrics"] = {**(card.get("metrics") or {}),
-                               "downstream": {k: v for k, v in metrics[method].items() if k != "lineage"}}
+            card["metrics"] = {
+                **(card.get("metrics") or {}),
+                "downstream": {k: v for k, v in metrics[method].items() if k != "lineage"},
+            }
             (cards_dir / f"{method}.json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
 
 
@@ -666,9 +824,13 @@ def report(root: Path | None = None) -> dict[str, Any]:
     with atomic_path(out_dir / "summary.html") as tmp:
         tmp.write_text(render_html(md_text, cfg.title, out_dir))
     summary = summary_json(order, metrics, context)
-    summary["lineage"] = make_record("report", params={"report": cfg.model_dump(), "methods": params.methods},
-                                     parents={f"metrics_{m}": Path("metrics") / f"{m}.json" for m in order},
-                                     root=root, seed=params.seed)
+    summary["lineage"] = make_record(
+        "report",
+        params={"report": cfg.model_dump(), "methods": params.methods},
+        parents={f"metrics_{m}": Path("metrics") / f"{m}.json" for m in order},
+        root=root,
+        seed=params.seed,
+    )
     write_json(out_dir / "summary.json", summary)
     write_provenance("report", REPORTS / "summary.json", root=root)
     print(f"report: {REPORTS / 'summary.md'}, {REPORTS / 'summary.html'} ({len(figures)} figures)", file=sys.stderr)

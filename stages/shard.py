@@ -18,9 +18,11 @@ the split can be batched as it is) and every shard's name, sha256, sample count 
 mode, format and size statistics; the skipped files with their reasons (and those skipped at
 ingest); the conversions made; the data version, i.e. DVC's md5 of data/raw as read here (with whether it matches
 data.dvc); and the lineage record (content only: a re-run on the same data/raw and params writes the same bytes,
-so data/shards keeps its DVC hash). The run's time, commit and flow run go to provenance/shard.json. Everything is written into a temporary folder that replaces data/shards only when
+so data/shards keeps its DVC hash). The run's time, commit and flow run go to provenance/shard.json. Everything is
+written into a temporary folder that replaces data/shards only when
 complete, so no partial shard is ever visible under its final name.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,9 +34,10 @@ import random
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import webdataset as wds
 from tqdm import tqdm
@@ -44,9 +47,9 @@ from ssl_models.data import MODE_CHANNELS
 from .workspace import images
 from .workspace.common import DataError, atomic_path, read_json, run_main, workspace, write_json
 from .workspace.config import load_params
-from .workspace.rawdata import RAW_DIR, SOURCE_FILE, SPLITS, UNLABELLED, dvc_dir_md5
 from .workspace.lineage import data_version as dvc_file_version
 from .workspace.lineage import make_record, sha256_file, write_provenance
+from .workspace.rawdata import RAW_DIR, SOURCE_FILE, SPLITS, UNLABELLED, dvc_dir_md5
 
 SHARDS_DIR = Path("data") / "shards"
 MANIFEST = "manifest.json"
@@ -65,13 +68,17 @@ def scan_raw(raw: Path) -> tuple[dict[str, list[tuple[str, str]]], list[str], li
             others.append(rel_top)
             continue
         if top.name not in SPLITS:
-            raise DataError(f"{RAW_DIR.as_posix()}/{rel_top}: unexpected folder (data/raw holds "
-                            f"{', '.join(s + '/' for s in SPLITS)} with one folder per class)")
+            raise DataError(
+                f"{RAW_DIR.as_posix()}/{rel_top}: unexpected folder (data/raw holds "
+                f"{', '.join(s + '/' for s in SPLITS)} with one folder per class)"
+            )
         files: list[tuple[str, str]] = []
         for entry in sorted(top.iterdir()):
             if entry.is_file():
-                raise DataError(f"{RAW_DIR.as_posix()}/{entry.relative_to(raw).as_posix()}: file outside a class "
-                                f"folder (expected {top.name}/<class>/<file>)")
+                raise DataError(
+                    f"{RAW_DIR.as_posix()}/{entry.relative_to(raw).as_posix()}: file outside a class "
+                    f"folder (expected {top.name}/<class>/<file>)"
+                )
             for path in sorted(p for p in entry.rglob("*") if p.is_file()):
                 rel = path.relative_to(raw).as_posix()
                 parts = path.relative_to(entry).parts
@@ -100,8 +107,9 @@ class ShardWriter:
             self._close()
             name = f"{self.split}-{len(self.shards):06d}.tar"
             self.shards.append({"name": name})
-            self._writer = wds.TarWriter(str(self.folder / name), encoder=False, mtime=0, user="sslcook",
-                                               group="sslcook")
+            self._writer = wds.TarWriter(
+                str(self.folder / name), encoder=False, mtime=0, user="sslcook", group="sslcook"
+            )
             self._count = 0
         self._writer.write(sample)
         self._count += 1
@@ -137,8 +145,10 @@ def _size_stats(sizes: Counter) -> dict[str, Any]:
     return {
         "min": [min(w for w, _ in sizes), min(h for _, h in sizes)],
         "max": [max(w for w, _ in sizes), max(h for _, h in sizes)],
-        "mean": [round(sum(w * c for (w, _), c in sizes.items()) / n, 2),
-                 round(sum(h * c for (_, h), c in sizes.items()) / n, 2)],
+        "mean": [
+            round(sum(w * c for (w, _), c in sizes.items()) / n, 2),
+            round(sum(h * c for (_, h), c in sizes.items()) / n, 2),
+        ],
         "distinct": len(sizes),
         "most_common": [[w, h, c] for (w, h), c in sizes.most_common(3)],
     }
@@ -166,8 +176,11 @@ class _Prepare:
             return out
         image = decoded.image
         out.update(source_size=decoded.source_size, size=image.size, conversion=decoded.conversion)
-        if decoded.conversion is None and decoded.source_format == images.SHARD_FORMATS[self.fmt] \
-                and _loader_reads(data, self.channels, image.size):
+        if (
+            decoded.conversion is None
+            and decoded.source_format == images.SHARD_FORMATS[self.fmt]
+            and _loader_reads(data, self.channels, image.size)
+        ):
             out["payload"], out["kept"] = data, True  # already what the loader reads: no JPEG re-encoding loss
         else:
             out["payload"], out["kept"] = images.encode(image, self.fmt, self.jpeg_quality), False
@@ -207,7 +220,7 @@ class _Tally:
 
     file_md5: list[tuple[str, str]]
     per_split: dict[str, Counter] = field(default_factory=dict)
-    split_sizes: dict[str, set] = field(default_factory=dict)   # split -> {(H, W)} as the loader's tensors have it
+    split_sizes: dict[str, set] = field(default_factory=dict)  # split -> {(H, W)} as the loader's tensors have it
     first: dict[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)  # split -> (first size, its file)
     source_sizes: Counter = field(default_factory=Counter)
     stored_sizes: Counter = field(default_factory=Counter)
@@ -218,8 +231,10 @@ class _Tally:
         first = self.first.setdefault(split, (tuple(size), rel))
         if first[0] == tuple(size):
             return None
-        return (f"{RAW_DIR.as_posix()}: split {split!r} mixes image sizes: {first[1]} is {_size_text(first[0])}, "
-                f"{rel} is {_size_text(size)}; set shard.image_size to scale every image to one size")
+        return (
+            f"{RAW_DIR.as_posix()}: split {split!r} mixes image sizes: {first[1]} is {_size_text(first[0])}, "
+            f"{rel} is {_size_text(size)}; set shard.image_size to scale every image to one size"
+        )
 
     def add(self, split: str, cls: str, res: dict[str, Any]) -> int:
         """Count one written sample; returns its index in the split."""
@@ -235,17 +250,31 @@ class _Tally:
         return index
 
     def image_size(self) -> dict[str, Any]:
-        return {"source": _size_stats(self.source_sizes), "stored": _size_stats(self.stored_sizes),
-                "uniform": list(next(iter(self.stored_sizes))) if len(self.stored_sizes) == 1 else None}
+        return {
+            "source": _size_stats(self.source_sizes),
+            "stored": _size_stats(self.stored_sizes),
+            "uniform": list(next(iter(self.stored_sizes))) if len(self.stored_sizes) == 1 else None,
+        }
 
 
-def _write_samples(out: Path, jobs, results, *, tally: _Tally, policy, label_of: dict[str, int], fmt: str,
-                   shard_size: int, one_size: bool) -> dict[str, list[dict[str, Any]]]:
+def _write_samples(
+    out: Path,
+    jobs,
+    results,
+    *,
+    tally: _Tally,
+    policy,
+    label_of: dict[str, int],
+    fmt: str,
+    shard_size: int,
+    one_size: bool,
+) -> dict[str, list[dict[str, Any]]]:
     """Write each good image with its one json member into ``{split}-NNNNNN.tar``; returns the shards per split."""
     writers: dict[str, ShardWriter] = {}
     try:
-        for (split, rel, cls), res in tqdm(zip(jobs, results), total=len(jobs), desc="shard", unit="img",
-                                           file=sys.stderr, mininterval=0.5):
+        for (split, rel, cls), res in tqdm(
+            zip(jobs, results), total=len(jobs), desc="shard", unit="img", file=sys.stderr, mininterval=0.5
+        ):
             tally.file_md5.append((rel, res["md5"]))
             if "bad" in res:
                 policy.bad(f"{RAW_DIR.as_posix()}/{rel}", res["bad"])
@@ -255,10 +284,16 @@ def _write_samples(out: Path, jobs, results, *, tally: _Tally, policy, label_of:
                 raise DataError(problem)
             writer = writers.get(split) or writers.setdefault(split, ShardWriter(out, split, shard_size))
             index = tally.add(split, cls, res)
-            writer.write({"__key__": f"{split}-{index:07d}", fmt: res["payload"],
-                          "json": json.dumps({"cls": label_of.get(cls, -1), "path": rel, "class": cls},
-                                             ensure_ascii=False).encode("utf-8")})
-    finally:   # closed before a refused run's temporary folder goes
+            writer.write(
+                {
+                    "__key__": f"{split}-{index:07d}",
+                    fmt: res["payload"],
+                    "json": json.dumps(
+                        {"cls": label_of.get(cls, -1), "path": rel, "class": cls}, ensure_ascii=False
+                    ).encode("utf-8"),
+                }
+            )
+    finally:  # closed before a refused run's temporary folder goes
         shards = {split: writer.close() for split, writer in writers.items()}
     return shards
 
@@ -268,21 +303,37 @@ def _data_version(root: Path, file_md5: list[tuple[str, str]]) -> tuple[str, str
     version, recorded = dvc_dir_md5(file_md5), dvc_file_version(root)
     if recorded != version:
         state = f"differs from data.dvc ({recorded})" if recorded else "is not versioned (no data.dvc)"
-        print(f"warning: data/raw (md5 {version}) {state}: `dvc add data/raw` (or `sslcook data ingest`) "
-              f"versions what you shard", file=sys.stderr)
+        print(
+            f"warning: data/raw (md5 {version}) {state}: `dvc add data/raw` (or `sslcook data ingest`) "
+            f"versions what you shard",
+            file=sys.stderr,
+        )
     return version, recorded
 
 
-def _manifest(root: Path, params, splits: dict[str, Any], shards: dict[str, list], tally: _Tally, policy,
-              classes: list[str], ignored: list[str]) -> dict[str, Any]:
+def _manifest(
+    root: Path,
+    params,
+    splits: dict[str, Any],
+    shards: dict[str, list],
+    tally: _Tally,
+    policy,
+    classes: list[str],
+    ignored: list[str],
+) -> dict[str, Any]:
     from ssl_models.data import SHARD_FORMAT  # the format the loader reads: defined once, beside it
 
     data_cfg, shard_cfg = params.data, params.shard
-    manifest_splits = {split: {"count": sum(tally.per_split.get(split, Counter()).values()),
-                               "per_class": dict(sorted(tally.per_split.get(split, Counter()).items())),
-                               "image_sizes": [list(hw) for hw in sorted(tally.split_sizes.get(split, ()))],
-                               "shards": shards.get(split, [])}
-                       for split in SPLITS if split in splits}
+    manifest_splits = {
+        split: {
+            "count": sum(tally.per_split.get(split, Counter()).values()),
+            "per_class": dict(sorted(tally.per_split.get(split, Counter()).items())),
+            "image_sizes": [list(hw) for hw in sorted(tally.split_sizes.get(split, ()))],
+            "shards": shards.get(split, []),
+        }
+        for split in SPLITS
+        if split in splits
+    }
     if not manifest_splits.get("train", {}).get("count"):
         raise DataError(f"{RAW_DIR.as_posix()}: no usable training images ({len(policy.skipped)} skipped)")
     version, recorded = _data_version(root, tally.file_md5)
@@ -290,15 +341,31 @@ def _manifest(root: Path, params, splits: dict[str, Any], shards: dict[str, list
     source = read_json(raw / SOURCE_FILE) if (raw / SOURCE_FILE).is_file() else {}
     lineage_params = {"seed": params.seed, "data": data_cfg.model_dump(), "shard": shard_cfg.model_dump()}
     return {
-        "format": SHARD_FORMAT, "splits": manifest_splits, "classes": classes, "image_mode": data_cfg.image_mode,
-        "channels": MODE_CHANNELS[data_cfg.image_mode], "image_format": shard_cfg.image_format,
-        "image_size": tally.image_size(), "original_bytes_kept": tally.kept_bytes,
-        "conversions": dict(sorted(tally.conversions.items())), "skipped": policy.skipped,
-        "skipped_count": len(policy.skipped), "skipped_at_ingest": source.get("skipped", []), "ignored": ignored,
-        "source": source.get("name"), "data_version": version,
-        "data_dvc": {"md5": recorded, "matches": recorded == version}, "seed": params.seed,
-        "lineage": make_record("shard", params=lineage_params, parents={"raw": RAW_DIR.as_posix()},
-                               seed=params.seed, root=root, extra={"data_version": version, "data_dvc_md5": recorded}),
+        "format": SHARD_FORMAT,
+        "splits": manifest_splits,
+        "classes": classes,
+        "image_mode": data_cfg.image_mode,
+        "channels": MODE_CHANNELS[data_cfg.image_mode],
+        "image_format": shard_cfg.image_format,
+        "image_size": tally.image_size(),
+        "original_bytes_kept": tally.kept_bytes,
+        "conversions": dict(sorted(tally.conversions.items())),
+        "skipped": policy.skipped,
+        "skipped_count": len(policy.skipped),
+        "skipped_at_ingest": source.get("skipped", []),
+        "ignored": ignored,
+        "source": source.get("name"),
+        "data_version": version,
+        "data_dvc": {"md5": recorded, "matches": recorded == version},
+        "seed": params.seed,
+        "lineage": make_record(
+            "shard",
+            params=lineage_params,
+            parents={"raw": RAW_DIR.as_posix()},
+            seed=params.seed,
+            root=root,
+            extra={"data_version": version, "data_dvc_md5": recorded},
+        ),
     }
 
 
@@ -311,24 +378,45 @@ def shard(root: Path | None = None) -> dict[str, Any]:
     raw = root / RAW_DIR
     splits, others, ignored = scan_raw(raw)
     classes = sorted({cls for files in splits.values() for _, cls in files if cls != UNLABELLED})
-    prepare = _Prepare(str(raw), data_cfg.image_mode, MODE_CHANNELS[data_cfg.image_mode], data_cfg.max_image_pixels,
-                       shard_cfg.image_size, shard_cfg.image_format, shard_cfg.jpeg_quality)
+    prepare = _Prepare(
+        str(raw),
+        data_cfg.image_mode,
+        MODE_CHANNELS[data_cfg.image_mode],
+        data_cfg.max_image_pixels,
+        shard_cfg.image_size,
+        shard_cfg.image_format,
+        shard_cfg.jpeg_quality,
+    )
     policy = images.BadImagePolicy(data_cfg.on_bad_image)
     tally = _Tally([(rel, hashlib.md5((raw / rel).read_bytes()).hexdigest()) for rel in others])
     jobs = _jobs(splits, params.seed)
     workers = shard_cfg.workers or os.cpu_count() or 1
     with atomic_path(root / SHARDS_DIR) as out, _mapper(workers) as mapper:
         out.mkdir()
-        shards = _write_samples(out, jobs, mapper(prepare, [rel for _, rel, _ in jobs]), tally=tally, policy=policy,
-                                label_of={cls: i for i, cls in enumerate(classes)}, fmt=shard_cfg.image_format,
-                                shard_size=shard_cfg.shard_size, one_size=shard_cfg.image_size is None)
+        shards = _write_samples(
+            out,
+            jobs,
+            mapper(prepare, [rel for _, rel, _ in jobs]),
+            tally=tally,
+            policy=policy,
+            label_of={cls: i for i, cls in enumerate(classes)},
+            fmt=shard_cfg.image_format,
+            shard_size=shard_cfg.shard_size,
+            one_size=shard_cfg.image_size is None,
+        )
         manifest = _manifest(root, params, splits, shards, tally, policy, classes, ignored)
         write_json(out / MANIFEST, manifest)
-    write_provenance("shard", SHARDS_DIR / MANIFEST, root=root,
-                     extra={"seconds": round(time.perf_counter() - started, 2), "workers": workers})
+    write_provenance(
+        "shard",
+        SHARDS_DIR / MANIFEST,
+        root=root,
+        extra={"seconds": round(time.perf_counter() - started, 2), "workers": workers},
+    )
     counts = ", ".join(f"{s} {e['count']} in {len(e['shards'])} shards" for s, e in manifest["splits"].items())
-    print(f"{SHARDS_DIR.as_posix()}: {counts}; {len(policy.skipped)} skipped; data version {manifest['data_version']}",
-          file=sys.stderr)
+    print(
+        f"{SHARDS_DIR.as_posix()}: {counts}; {len(policy.skipped)} skipped; data version {manifest['data_version']}",
+        file=sys.stderr,
+    )
     return manifest
 
 

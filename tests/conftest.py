@@ -1,4 +1,5 @@
 """Shared test setup: offline, sandboxed tool state, and small real image sets from ../shared/data."""
+
 from __future__ import annotations
 
 import os
@@ -18,8 +19,13 @@ CIFAR_ARCHIVE = SHARED_DIR / "data" / "cifar10-images.tar.gz"
 
 # Tool state goes to a temp dir: no network, no writes to the user's home.
 _STATE = Path(tempfile.mkdtemp(prefix="sslcook-test-state-"))
-for _name, _sub in [("WANDB_DIR", "wandb"), ("WANDB_CACHE_DIR", "wandb/cache"), ("WANDB_CONFIG_DIR", "wandb/config"),
-                    ("WANDB_DATA_DIR", "wandb/data"), ("PREFECT_HOME", "prefect")]:
+for _name, _sub in [
+    ("WANDB_DIR", "wandb"),
+    ("WANDB_CACHE_DIR", "wandb/cache"),
+    ("WANDB_CONFIG_DIR", "wandb/config"),
+    ("WANDB_DATA_DIR", "wandb/data"),
+    ("PREFECT_HOME", "prefect"),
+]:
     (_STATE / _sub).mkdir(parents=True, exist_ok=True)
     os.environ[_name] = str(_STATE / _sub)
 os.environ["WANDB_MODE"] = "offline"
@@ -37,15 +43,19 @@ os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.
 # by module: None marks every test of the module, a set only the tests of those names (tests/test_layout.py checks
 # that each name exists).
 INTEGRATION = {
-    "test_ddp": None,        # torchrun / spawned gloo ranks
-    "test_flows": None,      # Prefect flows over real DVC pipelines
-    "test_resume": None,     # SIGKILL of a training stage, then dvc repro
-    "test_trace": None,      # the tiny pipeline, run twice
-    "test_deploy": {"test_nightly_deployments_schedule_runs_and_a_worker_completes_one",
-                    "test_gpu_deployments_register_and_a_process_worker_runs_one"},  # a Prefect server and worker
-    "test_report": {"test_pipeline_writes_metrics_backbone_and_report",
-                    "test_exported_backbone_gives_the_checkpoint_features",
-                    "test_stages_reject_bad_inputs_with_one_line"},  # the tiny pipeline
+    "test_ddp": None,  # torchrun / spawned gloo ranks
+    "test_flows": None,  # Prefect flows over real DVC pipelines
+    "test_resume": None,  # SIGKILL of a training stage, then dvc repro
+    "test_trace": None,  # the tiny pipeline, run twice
+    "test_deploy": {
+        "test_nightly_deployments_schedule_runs_and_a_worker_completes_one",
+        "test_gpu_deployments_register_and_a_process_worker_runs_one",
+    },  # a Prefect server and worker
+    "test_report": {
+        "test_pipeline_writes_metrics_backbone_and_report",
+        "test_exported_backbone_gives_the_checkpoint_features",
+        "test_stages_reject_bad_inputs_with_one_line",
+    },  # the tiny pipeline
 }
 
 
@@ -84,8 +94,11 @@ def extract_cifar_subset(archive: Path, dest: Path, per_class: dict[str, int]) -
             parts = Path(m.name).parts[-3:]
             if len(parts) == 3 and parts[0] in per_class:
                 wanted.setdefault((parts[0], parts[1]), []).append(m)
-        chosen = [(split, cls, m) for (split, cls), ms in sorted(wanted.items())
-                  for m in sorted(ms, key=lambda m: m.name)[: per_class[split]]]
+        chosen = [
+            (split, cls, m)
+            for (split, cls), ms in sorted(wanted.items())
+            for m in sorted(ms, key=lambda m: m.name)[: per_class[split]]
+        ]
         # in archive order: a backward seek in a .tar.gz decompresses it again from the start
         for split, cls, m in sorted(chosen, key=lambda c: c[2].offset):
             out = dest / split / cls / Path(m.name).name

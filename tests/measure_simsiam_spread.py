@@ -11,6 +11,7 @@
 One JSON line per run: the numbers tests/test_method_simsiam.py and tests/test_pretrain_stage.py assert on, so their
 bounds can be checked against every setting (BENCHMARKS.md lists the results).
 """
+
 from __future__ import annotations
 
 import json
@@ -61,8 +62,9 @@ def test_pretrain_stage_numbers(seed, tmp_path, shards):  # noqa: F811
     row = {"test": "test_collapse_of_simsiam_without_predictor_is_detected", "seed": seed}
     for use_predictor in (False, True):
         over = {"simsiam": {"use_predictor": use_predictor, "base_lr": 1.0, "weight_decay": 0.0}}
-        ws = make_stage_workspace(tmp_path / f"ws{use_predictor}", shards, methods=["simsiam"], pretrain=common,
-                                  method_overrides=over)
+        ws = make_stage_workspace(
+            tmp_path / f"ws{use_predictor}", shards, methods=["simsiam"], pretrain=common, method_overrides=over
+        )
         params = yaml.safe_load((ws / "params.yaml").read_text())
         params["seed"] = seed
         (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -1,6 +1,7 @@
 """Batched view recipes: typed recipes, per-sample parameters that follow torchvision's distributions, pixel ops
 that equal torchvision's on the same parameters, shapes and order of every recipe, grey handling, the eval
 transform, determinism from the generator, and CPU = CUDA."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,8 +33,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def batch(n=8, channels=3, size=32, seed=0, height=None):
-    return torch.randint(0, 256, (n, channels, height or size, size), dtype=torch.uint8,
-                         generator=torch.Generator().manual_seed(seed))
+    return torch.randint(
+        0, 256, (n, channels, height or size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)
+    )
 
 
 def gen(seed=0):
@@ -47,17 +49,52 @@ def _normalised(value, channels=3):
 
 # ------------------------------------------------------------------------------------------------- recipes
 # the strengths and defaults of the per-image module this replaces (fcfb727), recipe by recipe
-COMMON = {"flip_prob": 0.5, "crop_ratio": (3 / 4, 4 / 3), "affine_degrees": 0.0, "affine_translate": 0.0,
-          "mean": None, "std": None}
+COMMON = {
+    "flip_prob": 0.5,
+    "crop_ratio": (3 / 4, 4 / 3),
+    "affine_degrees": 0.0,
+    "affine_translate": 0.0,
+    "mean": None,
+    "std": None,
+}
 COLOUR = {"jitter_prob": 0.8, "grayscale_prob": 0.2, "blur_sigma": (0.1, 2.0)}
 TODAY = {
-    "simclr": {**COMMON, **COLOUR, "brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "hue": 0.1,
-               "crop_scale": (0.08, 1.0), "blur_prob": 0.5, "solarize_prob": 0.0},
-    "byol": {**COMMON, **COLOUR, "brightness": 0.4, "contrast": 0.4, "saturation": 0.2, "hue": 0.1,
-             "crop_scale": (0.08, 1.0), "blur_probs": (1.0, 0.1), "solarize_probs": (0.0, 0.2)},
-    "multicrop": {**COMMON, **COLOUR, "brightness": 0.4, "contrast": 0.4, "saturation": 0.2, "hue": 0.1,
-                  "global_scale": (0.4, 1.0), "local_scale": (0.05, 0.4), "n_local": 6, "local_size": None,
-                  "blur_probs": (1.0, 0.1, 0.5), "solarize_probs": (0.0, 0.2, 0.0)},
+    "simclr": {
+        **COMMON,
+        **COLOUR,
+        "brightness": 0.4,
+        "contrast": 0.4,
+        "saturation": 0.4,
+        "hue": 0.1,
+        "crop_scale": (0.08, 1.0),
+        "blur_prob": 0.5,
+        "solarize_prob": 0.0,
+    },
+    "byol": {
+        **COMMON,
+        **COLOUR,
+        "brightness": 0.4,
+        "contrast": 0.4,
+        "saturation": 0.2,
+        "hue": 0.1,
+        "crop_scale": (0.08, 1.0),
+        "blur_probs": (1.0, 0.1),
+        "solarize_probs": (0.0, 0.2),
+    },
+    "multicrop": {
+        **COMMON,
+        **COLOUR,
+        "brightness": 0.4,
+        "contrast": 0.4,
+        "saturation": 0.2,
+        "hue": 0.1,
+        "global_scale": (0.4, 1.0),
+        "local_scale": (0.05, 0.4),
+        "n_local": 6,
+        "local_size": None,
+        "blur_probs": (1.0, 0.1, 0.5),
+        "solarize_probs": (0.0, 0.2, 0.0),
+    },
     "mim": {**COMMON, "crop_scale": (0.2, 1.0)},
 }
 
@@ -71,13 +108,18 @@ def test_recipe_defaults_are_todays_strengths(name):
         recipe.flip_prob = 0.0
     views = build_views(name, image_size=32, channels=3)
     recorded = {k: list(v) if isinstance(v, tuple) else v for k, v in TODAY[name].items()}
-    recorded.update(mean=list(RGB_MEAN), std=list(RGB_STD))   # the statistics in use, not None
+    recorded.update(mean=list(RGB_MEAN), std=list(RGB_STD))  # the statistics in use, not None
     assert {k: v for k, v in views.config.items() if k not in ("recipe", "image_size", "channels", "grey")} == recorded
     assert views.config["recipe"] == name and views.config["grey"] == "skip"
     # a run's recorded config rebuilds the same views
     config = dict(views.config)
-    again = build_views(config.pop("recipe"), image_size=config.pop("image_size"), channels=config.pop("channels"),
-                        grey=config.pop("grey"), **config)
+    again = build_views(
+        config.pop("recipe"),
+        image_size=config.pop("image_size"),
+        channels=config.pop("channels"),
+        grey=config.pop("grey"),
+        **config,
+    )
     images = batch(4)
     assert all(torch.equal(a, b) for a, b in zip(views(images, gen()), again(images, gen())))
     assert build_views(name, image_size=28, channels=1, grey="expand").config["mean"] == list(RGB_MEAN)
@@ -88,16 +130,27 @@ def test_recipes_take_yaml_values_and_the_jitter_shorthand():
     r = make_recipe("simclr", crop_scale=[0.4, 1], jitter_strength=0.5, hue=0.05, flip_prob=0)
     assert r.crop_scale == (0.4, 1.0) and r.flip_prob == 0.0
     assert (r.brightness, r.contrast, r.saturation, r.hue) == pytest.approx((0.4, 0.4, 0.4, 0.05))
-    assert hash(r) == hash(make_recipe("simclr", crop_scale=(0.4, 1.0), brightness=0.4, contrast=0.4,
-                                       saturation=0.4, hue=0.05, flip_prob=0.0))
+    assert hash(r) == hash(
+        make_recipe(
+            "simclr", crop_scale=(0.4, 1.0), brightness=0.4, contrast=0.4, saturation=0.4, hue=0.05, flip_prob=0.0
+        )
+    )
     assert isinstance(make_recipe("mim"), MIMRecipe) and isinstance(make_recipe("byol"), BYOLRecipe)
     # a recipe object is accepted as is, or with strengths replaced
     views = build_views(MultiCropRecipe(n_local=2, local_size=12), image_size=32, channels=3, n_local=3)
     assert views.sizes == [32, 32, 12, 12, 12]
 
 
-@pytest.mark.parametrize("name,key", [("simclr", "n_local"), ("mim", "brightness"), ("mim", "jitter_strength"),
-                                      ("byol", "blur_prob"), ("multicrop", "crop_scale")])
+@pytest.mark.parametrize(
+    "name,key",
+    [
+        ("simclr", "n_local"),
+        ("mim", "brightness"),
+        ("mim", "jitter_strength"),
+        ("byol", "blur_prob"),
+        ("multicrop", "crop_scale"),
+    ],
+)
 def test_an_unknown_key_is_a_type_error_naming_it(name, key):
     with pytest.raises(TypeError, match=rf"augment recipe {name}: unknown option\(s\) {key}"):
         make_recipe(name, **{key: 0.5})
@@ -105,20 +158,23 @@ def test_an_unknown_key_is_a_type_error_naming_it(name, key):
         build_views(name, image_size=16, channels=3, **{key: 0.5})
 
 
-@pytest.mark.parametrize("key,value,message", [
-    ("flip_prob", 1.5, r"augment: flip_prob .*\[0\.0, 1\.0\]"),
-    ("contrast", -2, r"augment: contrast: .*non negative"),
-    ("brightness", "hot", r"augment: brightness must be a number"),
-    ("hue", 0.7, r"augment: hue must be in \[0, 0\.5\]"),
-    ("affine_degrees", -5, r"augment: affine_degrees must be non negative"),
-    ("affine_translate", 2, r"augment: affine_translate"),
-    ("crop_scale", [2, 1], r"augment: crop_scale must be \[lo, hi\] with 0 < lo <= hi <= 1\.0, got \[2, 1\]"),
-    ("crop_ratio", [1, 0.5], r"augment: crop_ratio must be \[lo, hi\]"),
-    ("blur_sigma", [0, 1], r"augment: blur_sigma"),
-    ("blur_prob", True, r"augment: blur_prob must be a number"),
-    ("std", [0.5, 0.0, 0.5], r"augment: std"),
-    ("mean", [0.5, 0.5], r"augment: mean"),
-])
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("flip_prob", 1.5, r"augment: flip_prob .*\[0\.0, 1\.0\]"),
+        ("contrast", -2, r"augment: contrast: .*non negative"),
+        ("brightness", "hot", r"augment: brightness must be a number"),
+        ("hue", 0.7, r"augment: hue must be in \[0, 0\.5\]"),
+        ("affine_degrees", -5, r"augment: affine_degrees must be non negative"),
+        ("affine_translate", 2, r"augment: affine_translate"),
+        ("crop_scale", [2, 1], r"augment: crop_scale must be \[lo, hi\] with 0 < lo <= hi <= 1\.0, got \[2, 1\]"),
+        ("crop_ratio", [1, 0.5], r"augment: crop_ratio must be \[lo, hi\]"),
+        ("blur_sigma", [0, 1], r"augment: blur_sigma"),
+        ("blur_prob", True, r"augment: blur_prob must be a number"),
+        ("std", [0.5, 0.0, 0.5], r"augment: std"),
+        ("mean", [0.5, 0.5], r"augment: mean"),
+    ],
+)
 def test_a_bad_value_is_a_value_error_naming_the_key(key, value, message):
     with pytest.raises(ValueError, match=message):
         make_recipe("simclr", **{key: value})
@@ -166,14 +222,14 @@ def test_multicrop_gives_two_global_then_local_crops():
     assert views.sizes == [32, 32, 12, 12, 12, 12]
     params = views.sample_params(400, 32, 32, gen())
     areas = [(p.box[:, 2] * p.box[:, 3] / 1024).mean().item() for p in params]
-    assert min(areas[:2]) > 0.55 and max(areas[2:]) < 0.3   # global (0.4, 1) vs local (0.05, 0.4) crops
+    assert min(areas[:2]) > 0.55 and max(areas[2:]) < 0.3  # global (0.4, 1) vs local (0.05, 0.4) crops
     assert build_views("multicrop", image_size=224, channels=3).sizes == [224, 224] + [96] * 6  # DINO/SwAV
 
 
 def test_grey_inputs_skip_colour_ops_or_expand():
     grey = batch(64, 1, 28)
     skip = build_views("simclr", image_size=28, channels=1, grey="skip")
-    assert skip.jitter_ops == [0, 1] and skip.grayscale_prob == 0.0   # brightness, contrast only
+    assert skip.jitter_ops == [0, 1] and skip.grayscale_prob == 0.0  # brightness, contrast only
     assert all(v.shape == (64, 1, 28, 28) for v in skip(grey, gen()))
     expand = build_views("simclr", image_size=28, channels=1, grey="expand")
     assert expand.jitter_ops == [0, 1, 2, 3] and expand.grayscale_prob == 0.2
@@ -186,8 +242,11 @@ def test_grey_inputs_skip_colour_ops_or_expand():
 # ------------------------------------------------------------------------------------------- randomness
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_same_generator_same_views_and_other_seeds_differ(recipe):
-    views = build_views(recipe, image_size=16, channels=3, n_local=2) if recipe == "multicrop" else \
-        build_views(recipe, image_size=16, channels=3)
+    views = (
+        build_views(recipe, image_size=16, channels=3, n_local=2)
+        if recipe == "multicrop"
+        else build_views(recipe, image_size=16, channels=3)
+    )
     images = batch(6, 3, 20)
     a, b, c = views(images, gen(7)), views(images, gen(7)), views(images, gen(8))
     assert all(torch.equal(x, y) for x, y in zip(a, b))
@@ -195,19 +254,27 @@ def test_same_generator_same_views_and_other_seeds_differ(recipe):
 
 
 def test_view_generator_is_a_function_of_seed_epoch_step_rank():
-    draws = {key: torch.rand(4, generator=view_generator(*key)) for key in
-             [(0, 0, 0, 0), (1, 0, 0, 0), (0, 1, 0, 0), (0, 0, 1, 0), (0, 0, 0, 1), (0, 1, 1, 1)]}
+    draws = {
+        key: torch.rand(4, generator=view_generator(*key))
+        for key in [(0, 0, 0, 0), (1, 0, 0, 0), (0, 1, 0, 0), (0, 0, 1, 0), (0, 0, 0, 1), (0, 1, 1, 1)]
+    }
     assert torch.equal(torch.rand(4, generator=view_generator(0, 1, 1, 1)), draws[(0, 1, 1, 1)])
     values = [tuple(d.tolist()) for d in draws.values()]
-    assert len(set(values)) == len(values)   # every coordinate changes the stream
+    assert len(set(values)) == len(values)  # every coordinate changes the stream
     assert view_generator(0, 0, 0, 0).device.type == "cpu"
 
 
 def test_per_sample_parameters_differ_within_a_batch():
     views = build_views("simclr", image_size=32, channels=3, affine_degrees=10, affine_translate=0.1)
     p = views.sample_params(64, 32, 32, gen())[0]
-    for values, least in ((p.box, 32), (p.angle, 60), (p.shift, 60), (p.factors, 60), (p.sigma, 60),
-                          (p.order, 16)):   # 24 orders in all
+    for values, least in (
+        (p.box, 32),
+        (p.angle, 60),
+        (p.shift, 60),
+        (p.factors, 60),
+        (p.sigma, 60),
+        (p.order, 16),
+    ):  # 24 orders in all
         assert len(torch.unique(values.reshape(values.shape[0], -1), dim=0)) > least
     for flags in (p.flip, p.jitter, p.grayscale, p.blur):
         assert 0 < int(flags.sum()) < 64
@@ -225,16 +292,21 @@ def _torchvision_boxes(n, height, width, scale, ratio):
     return torch.tensor([[b["top"], b["left"], b["height"], b["width"]] for b in boxes], dtype=torch.float32)
 
 
-@pytest.mark.parametrize("height,width,scale,ratio", [(28, 28, (0.08, 1.0), (3 / 4, 4 / 3)),
-                                                      (32, 32, (0.4, 1.0), (3 / 4, 4 / 3)),
-                                                      (20, 32, (0.5, 1.0), (1.0, 3.0))])  # tries fail: fallback
+@pytest.mark.parametrize(
+    "height,width,scale,ratio",
+    [(28, 28, (0.08, 1.0), (3 / 4, 4 / 3)), (32, 32, (0.4, 1.0), (3 / 4, 4 / 3)), (20, 32, (0.5, 1.0), (1.0, 3.0))],
+)  # tries fail: fallback
 def test_crop_boxes_follow_torchvision_distribution(height, width, scale, ratio):
     n = 3000
     ref = _torchvision_boxes(n, height, width, scale, ratio)
     views = build_views("mim", image_size=16, channels=1, crop_scale=scale, crop_ratio=ratio)
     ours = torch.cat([p.box for p in (views.sample_params(n, height, width, gen(1))[0],)])
-    for column, what in [(lambda b: b[:, 2] * b[:, 3], "area"), (lambda b: torch.log(b[:, 3] / b[:, 2]), "ratio"),
-                         (lambda b: b[:, 0] + b[:, 2] / 2, "centre y"), (lambda b: b[:, 1] + b[:, 3] / 2, "x")]:
+    for column, what in [
+        (lambda b: b[:, 2] * b[:, 3], "area"),
+        (lambda b: torch.log(b[:, 3] / b[:, 2]), "ratio"),
+        (lambda b: b[:, 0] + b[:, 2] / 2, "centre y"),
+        (lambda b: b[:, 1] + b[:, 3] / 2, "x"),
+    ]:
         result = stats.ks_2samp(column(ours).numpy(), column(ref).numpy())
         assert result.pvalue > 1e-3, (what, result)
     assert (ours[:, :2] >= 0).all() and (ours[:, 0] + ours[:, 2] <= height).all()
@@ -250,8 +322,16 @@ def _binomial_ok(flags, p):
 def test_flip_grayscale_jitter_blur_solarize_rates():
     views = build_views("byol", image_size=32, channels=3, flip_prob=0.3)
     first, second = views.sample_params(4000, 32, 32, gen(2))
-    for flags, p in [(first.flip, 0.3), (second.flip, 0.3), (first.jitter, 0.8), (first.grayscale, 0.2),
-                     (first.blur, 1.0), (second.blur, 0.1), (first.solarize, 0.0), (second.solarize, 0.2)]:
+    for flags, p in [
+        (first.flip, 0.3),
+        (second.flip, 0.3),
+        (first.jitter, 0.8),
+        (first.grayscale, 0.2),
+        (first.blur, 1.0),
+        (second.blur, 0.1),
+        (first.solarize, 0.0),
+        (second.solarize, 0.2),
+    ]:
         assert _binomial_ok(flags, p), (flags.float().mean(), p)
     # flags are drawn independently of each other
     table = torch.zeros(2, 2)
@@ -267,8 +347,12 @@ def test_jitter_factors_order_and_sigma_follow_torchvision():
     jitter = v2.ColorJitter(0.8, 0.4, 0.4, 0.2)
     torch.manual_seed(0)
     ref = [jitter.make_params([torch.zeros(3, 4, 4)]) for _ in range(n)]
-    for col, key, (lo, hi) in [(0, "brightness_factor", (0.2, 1.8)), (1, "contrast_factor", (0.6, 1.4)),
-                               (2, "saturation_factor", (0.6, 1.4)), (3, "hue_factor", (-0.2, 0.2))]:
+    for col, key, (lo, hi) in [
+        (0, "brightness_factor", (0.2, 1.8)),
+        (1, "contrast_factor", (0.6, 1.4)),
+        (2, "saturation_factor", (0.6, 1.4)),
+        (3, "hue_factor", (-0.2, 0.2)),
+    ]:
         ours = p.factors[:, col]
         assert lo <= ours.min() and ours.max() <= hi and ours.max() - ours.min() > 0.95 * (hi - lo)
         assert stats.ks_2samp(ours.numpy(), [r[key] for r in ref]).pvalue > 1e-3, key
@@ -282,12 +366,28 @@ def test_jitter_factors_order_and_sigma_follow_torchvision():
 # --------------------------------------------------------------------------------------------------- pixels
 def test_geometry_identity_flip_and_crop_equal_torchvision():
     images = batch(4, 3, 16)
-    views = build_views("mim", image_size=16, channels=3, crop_scale=(1, 1), crop_ratio=(1, 1), flip_prob=0.0,
-                        mean=(0,) * 3, std=(1,) * 3)
+    views = build_views(
+        "mim",
+        image_size=16,
+        channels=3,
+        crop_scale=(1, 1),
+        crop_ratio=(1, 1),
+        flip_prob=0.0,
+        mean=(0,) * 3,
+        std=(1,) * 3,
+    )
     (v,) = views(images, gen())
     assert torch.allclose(v, images.float() / 255, atol=1e-5)
-    flipped = build_views("mim", image_size=16, channels=3, crop_scale=(1, 1), crop_ratio=(1, 1), flip_prob=1.0,
-                          mean=(0,) * 3, std=(1,) * 3)(images, gen())[0]
+    flipped = build_views(
+        "mim",
+        image_size=16,
+        channels=3,
+        crop_scale=(1, 1),
+        crop_ratio=(1, 1),
+        flip_prob=1.0,
+        mean=(0,) * 3,
+        std=(1,) * 3,
+    )(images, gen())[0]
     assert torch.allclose(flipped, images.flip(-1).float() / 255, atol=1e-5)
     # a crop resized up equals torchvision's resized_crop of the same box (bilinear) on a smooth image
     yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
@@ -303,36 +403,55 @@ def test_geometry_identity_flip_and_crop_equal_torchvision():
 def test_rotation_and_shift_equal_torchvision_affine():
     yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
     smooth = (torch.sin(xx / 5 + yy / 9) * torch.cos(yy / 7) * 0.5 + 0.5).expand(1, 3, 32, 32).contiguous()
-    views = build_views("mim", image_size=32, channels=3, crop_scale=(1, 1), crop_ratio=(1, 1), flip_prob=0.0,
-                        affine_degrees=20, affine_translate=0.1)
+    views = build_views(
+        "mim",
+        image_size=32,
+        channels=3,
+        crop_scale=(1, 1),
+        crop_ratio=(1, 1),
+        flip_prob=0.0,
+        affine_degrees=20,
+        affine_translate=0.1,
+    )
     p = views.sample_params(1, 32, 32, gen())[0]
     for angle, (tx, ty) in [(15.0, (3, -2)), (-8.0, (0, 4))]:
         p = dataclasses.replace(p, angle=torch.tensor([angle]), shift=torch.tensor([[tx / 32, ty / 32]]))
         ours = views._geometry(smooth, p, 32)[0]
-        ref = TF.affine(smooth[0], angle=angle, translate=[tx, ty], scale=1.0, shear=[0.0, 0.0],
-                        interpolation=v2.InterpolationMode.BILINEAR)
-        assert torch.allclose(ours[:, 6:26, 6:26], ref[:, 6:26, 6:26], atol=1e-4)   # inside: no fill differences
+        ref = TF.affine(
+            smooth[0],
+            angle=angle,
+            translate=[tx, ty],
+            scale=1.0,
+            shear=[0.0, 0.0],
+            interpolation=v2.InterpolationMode.BILINEAR,
+        )
+        assert torch.allclose(ours[:, 6:26, 6:26], ref[:, 6:26, 6:26], atol=1e-4)  # inside: no fill differences
         if angle == 15.0:
-            assert ours[:, 0, 0].abs().max() < 1e-6   # this corner comes from outside the image: black
+            assert ours[:, 0, 0].abs().max() < 1e-6  # this corner comes from outside the image: black
 
 
 def test_shrinking_views_are_antialiased():
     # a 1-pixel checkerboard shrunk 4x: point sampling would alias it into stripes, area averaging greys it
     checker = ((torch.arange(32)[:, None] + torch.arange(32)[None, :]) % 2 * 255).to(torch.uint8)
     images = checker.expand(2, 1, 32, 32).contiguous()
-    views = build_views("mim", image_size=8, channels=1, crop_scale=(1, 1), crop_ratio=(1, 1), flip_prob=0.0,
-                        mean=(0,), std=(1,))
+    views = build_views(
+        "mim", image_size=8, channels=1, crop_scale=(1, 1), crop_ratio=(1, 1), flip_prob=0.0, mean=(0,), std=(1,)
+    )
     (v,) = views(images, gen())
     assert torch.allclose(v, torch.full_like(v, 0.5), atol=0.02)
 
 
 def test_colour_ops_equal_torchvision_on_the_same_factors():
     x = torch.rand(12, 3, 16, 16, generator=gen(4))
-    x[:3, :, :4] = 0.5          # grey pixels
-    x[3:6, 1] = x[3:6, 0]       # ties between the max channels
+    x[:3, :, :4] = 0.5  # grey pixels
+    x[3:6, 1] = x[3:6, 0]  # ties between the max channels
     f = torch.rand(12, generator=gen(5))
-    for op, fn, factor in [(0, TF.adjust_brightness, 0.5 + f), (1, TF.adjust_contrast, 0.5 + f),
-                           (2, TF.adjust_saturation, 0.5 + f), (3, TF.adjust_hue, f - 0.5)]:
+    for op, fn, factor in [
+        (0, TF.adjust_brightness, 0.5 + f),
+        (1, TF.adjust_contrast, 0.5 + f),
+        (2, TF.adjust_saturation, 0.5 + f),
+        (3, TF.adjust_hue, f - 0.5),
+    ]:
         ref = torch.stack([fn(x[i], float(factor[i])) for i in range(12)])
         assert torch.allclose(_jitter_op(op, x, factor), ref, atol=1e-5), op
     grey = x[:, :1]
@@ -346,8 +465,19 @@ def test_colour_ops_equal_torchvision_on_the_same_factors():
 
 def test_random_order_per_sample_matches_torchvision_jitter():
     """The whole jitter on a batch equals torchvision's ColorJitter per image with the same factors and order."""
-    views = build_views("simclr", image_size=16, channels=3, crop_scale=(1, 1), crop_ratio=(1, 1), flip_prob=0.0,
-                        jitter_prob=1.0, grayscale_prob=0.0, blur_prob=0.0, mean=(0,) * 3, std=(1,) * 3)
+    views = build_views(
+        "simclr",
+        image_size=16,
+        channels=3,
+        crop_scale=(1, 1),
+        crop_ratio=(1, 1),
+        flip_prob=0.0,
+        jitter_prob=1.0,
+        grayscale_prob=0.0,
+        blur_prob=0.0,
+        mean=(0,) * 3,
+        std=(1,) * 3,
+    )
     images = batch(16, 3, 16, seed=3)
     (v, _) = views(images, gen(9))
     p = views.sample_params(16, 16, 16, gen(9))[0]
@@ -390,8 +520,11 @@ def test_eval_transform_on_a_batch_equals_per_image():
     const = torch.full((1, 16, 16), 128, dtype=torch.uint8)
     assert torch.allclose(t(const), _normalised(128, 1)[:, None, None].expand(1, 16, 16), atol=1e-5)
     rgb = build_eval_transform(image_size=32, channels=3)
-    assert torch.allclose(rgb(images), (images.float() / 255 - torch.tensor(RGB_MEAN).view(1, 3, 1, 1))
-                          / torch.tensor(RGB_STD).view(1, 3, 1, 1), atol=1e-5)
+    assert torch.allclose(
+        rgb(images),
+        (images.float() / 255 - torch.tensor(RGB_MEAN).view(1, 3, 1, 1)) / torch.tensor(RGB_STD).view(1, 3, 1, 1),
+        atol=1e-5,
+    )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

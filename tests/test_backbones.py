@@ -1,5 +1,6 @@
 """Backbones: output shapes on grey 28x28 and colour 32x32 / 96x96 inputs, torchvision key compatibility,
 rebuild from config, and the ViT hooks masked image modeling relies on."""
+
 from __future__ import annotations
 
 import pytest
@@ -92,9 +93,14 @@ def test_small_stem_at_stride_two_halves_the_map_and_keeps_torchvision_names():
         build_backbone("resnet18", stem_stride=2)
 
 
-@pytest.mark.parametrize("kwargs", [dict(name="resnet18", small_image=True, width=16, in_chans=1),
-                                    dict(name="resnet18", small_image=True, stem_stride=2, width=16, in_chans=1),
-                                    dict(name="vit_tiny", image_size=32, patch_size=4, depth=2)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(name="resnet18", small_image=True, width=16, in_chans=1),
+        dict(name="resnet18", small_image=True, stem_stride=2, width=16, in_chans=1),
+        dict(name="vit_tiny", image_size=32, patch_size=4, depth=2),
+    ],
+)
 def test_config_rebuilds_the_same_architecture(kwargs):
     torch.manual_seed(0)
     net = build_backbone(**kwargs)

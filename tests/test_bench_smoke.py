@@ -3,6 +3,7 @@
 lightly is an optional extra (``pip install -e .[bench]``): without it these tests are skipped. The project's own
 packages never import it, which the last test checks on the source.
 """
+
 from __future__ import annotations
 
 import ast
@@ -74,16 +75,37 @@ def test_throughput_tiny_measures_both_sides_in_separate_processes(bench_cache, 
 def test_quality_and_gpu_script_tiny(bench_cache, tmp_path):
     from bench import quality
 
-    assert quality.main(["--tiny", "--methods", "simclr", "--train-per-class", "4", "--test-per-class", "2",
-                         "--batch-size", "8", "--results-dir", str(tmp_path)]) == 0
+    assert (
+        quality.main(
+            [
+                "--tiny",
+                "--methods",
+                "simclr",
+                "--train-per-class",
+                "4",
+                "--test-per-class",
+                "2",
+                "--batch-size",
+                "8",
+                "--results-dir",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     r = json.loads((tmp_path / "quality-cifar10k-tiny.json").read_text())
     for side in ("project", "lightly"):
         assert 0.0 <= r["methods"]["simclr"][side]["knn_top1"] <= 1.0
         assert r["methods"]["simclr"][side]["steps"] == 5  # 40 images // 8, one epoch
     assert {"raw_pixels", "random_init_resnet"} <= set(r["baselines"])
 
-    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--tiny", "--methods", "simclr",
-                           "--results-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu.sh"), "--tiny", "--methods", "simclr", "--results-dir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     g = json.loads((tmp_path / "gpu-tiny.json").read_text())
     assert g["device"] == "cpu" and g["throughput"]["simclr"]["ratio_project_over_lightly"] > 0
@@ -97,8 +119,13 @@ def test_quality_runs_split_over_processes_combine_into_one_table(tmp_path, caps
     from bench import quality
 
     def part(name, method, side, knn, baselines=None, workload="cifar10k"):
-        data = {"machine": {"date": name}, "workload": {"name": workload}, "settings": {"sides": [side]},
-                "baselines": baselines or {}, "methods": {method: {side: {"knn_top1": knn, "epochs": 3}}}}
+        data = {
+            "machine": {"date": name},
+            "workload": {"name": workload},
+            "settings": {"sides": [side]},
+            "baselines": baselines or {},
+            "methods": {method: {side: {"knn_top1": knn, "epochs": 3}}},
+        }
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps(data))
         return str(path)
@@ -107,8 +134,10 @@ def test_quality_runs_split_over_processes_combine_into_one_table(tmp_path, caps
     b = part("l", "simclr", "lightly", 0.58)
     assert quality.main(["--combine", a, b, "--results-dir", str(tmp_path)]) == 0
     merged = json.loads((tmp_path / "quality-cifar10k.json").read_text())
-    assert merged["methods"]["simclr"] == {"project": {"knn_top1": 0.61, "epochs": 3},
-                                           "lightly": {"knn_top1": 0.58, "epochs": 3}}
+    assert merged["methods"]["simclr"] == {
+        "project": {"knn_top1": 0.61, "epochs": 3},
+        "lightly": {"knn_top1": 0.58, "epochs": 3},
+    }
     assert merged["baselines"] == {"raw_pixels": {"knn_top1": 0.3}} and len(merged["parts"]) == 2
     assert "| simclr | 3 | 0.610 | 0.580 | 3.000 |" in capsys.readouterr().out
     other = part("o", "byol", "lightly", 0.5, workload="mnist5k")
@@ -144,13 +173,21 @@ def test_timed_project_step_runs_under_the_engines_cpu_settings(monkeypatch):
     before = (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory)
     seen = {}
     side, trainer = steps.project_side("simclr", image_size=16, total_steps=1, batch_size=4)
-    monkeypatch.setattr(trainer, "_fit", lambda total: seen.setdefault(
-        "fit", (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory)))
+    monkeypatch.setattr(
+        trainer,
+        "_fit",
+        lambda total: seen.setdefault(
+            "fit", (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory)
+        ),
+    )
     trainer.fit()
     try:
         steps.engine_cpu_mode()
-        assert (torch.are_deterministic_algorithms_enabled(),
-                torch.utils.deterministic.fill_uninitialized_memory) == seen["fit"] == (True, False)
+        assert (
+            (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory)
+            == seen["fit"]
+            == (True, False)
+        )
     finally:
         torch.use_deterministic_algorithms(before[0])
         torch.utils.deterministic.fill_uninitialized_memory = before[1]
@@ -161,8 +198,13 @@ def test_project_code_never_imports_the_peer():
         for path in (ROOT / package).rglob("*.py"):
             tree = ast.parse(path.read_text(), filename=str(path))
             for node in ast.walk(tree):
-                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                    [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                names = (
+                    [a.name for a in node.names]
+                    if isinstance(node, ast.Import)
+                    else [node.module or ""]
+                    if isinstance(node, ast.ImportFrom)
+                    else []
+                )
                 assert not any(n.split(".")[0] == "lightly" for n in names), f"{path} imports lightly"
 
 
@@ -199,8 +241,9 @@ def test_decode_loader_yields_uint8_batches_of_the_shards(tmp_path):
     assert sorted(torch.cat([b[1] for b in batches]).tolist()) == sorted(wl.train_labels.tolist())
     # the per-sample and lightly sides read the same shards
     lightly_views = viewpath.lightly_views("simclr", image_size=28, channels=1, strengths={"crop_scale": [0.4, 1]})
-    views, labels = next(iter(viewpath.sample_loader(urls, lightly_views, pil=True, mode="L", batch_size=4,
-                                                     num_workers=0)))
+    views, labels = next(
+        iter(viewpath.sample_loader(urls, lightly_views, pil=True, mode="L", batch_size=4, num_workers=0))
+    )
     assert len(views) == 2 and views[0].shape == (4, 1, 28, 28) and labels.shape == (4,)
 
 
@@ -220,8 +263,12 @@ def test_datapath_tiny_times_every_side_and_the_step(tmp_path):
 def test_e2e_tiny_project_vs_lightly_and_project_only_methods(bench_cache, tmp_path):
     from bench import e2e
 
-    assert e2e.main(["--tiny", "--methods", "simclr", "rotnet", "deepcluster", "--workers", "0",
-                     "--results-dir", str(tmp_path)]) == 0
+    assert (
+        e2e.main(
+            ["--tiny", "--methods", "simclr", "rotnet", "deepcluster", "--workers", "0", "--results-dir", str(tmp_path)]
+        )
+        == 0
+    )
     m = json.loads((tmp_path / "e2e-tiny.json").read_text())["methods"]
     assert m["simclr"]["images_per_s"]["project"] > 0 and m["simclr"]["images_per_s"]["lightly"] > 0
     assert m["simclr"]["ratio_project_over_lightly"] > 0

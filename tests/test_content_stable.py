@@ -3,6 +3,7 @@
 The run's volatile facts (time, commit, flow run, durations) live in provenance/, which no stage hashes, and
 `sslcook trace` still prints them for every step.
 """
+
 from __future__ import annotations
 
 import json
@@ -48,16 +49,21 @@ def untimed(path) -> str:
 def test_every_stage_rerun_on_unchanged_inputs_keeps_its_hash_and_dvc_status(ws):
     before = lock_outs(ws)
     provenance_before = {p: json.loads((ws / p).read_text()) for p in before if p.startswith("provenance/")}
-    assert set(provenance_before) == {"provenance/shard.json", "provenance/pretrain/simclr.json",
-                                      "provenance/export/simclr.json", "provenance/evaluate/simclr.json",
-                                      "provenance/report.json"}
+    assert set(provenance_before) == {
+        "provenance/shard.json",
+        "provenance/pretrain/simclr.json",
+        "provenance/export/simclr.json",
+        "provenance/evaluate/simclr.json",
+        "provenance/report.json",
+    }
     timed_before = {p: untimed(ws / p) for p in TIMED_OUTS}
     shard_manifest = (ws / "data" / "shards" / "manifest.json").read_bytes()
     for stage in STAGES:
         tp.dvc(["repro", "-q", "--force", "-s", stage], ws)
         after = lock_outs(ws)
-        changed = sorted(p for p in before if before[p] != after.get(p) and not p.startswith("provenance/")
-                         and p not in TIMED_OUTS)
+        changed = sorted(
+            p for p in before if before[p] != after.get(p) and not p.startswith("provenance/") and p not in TIMED_OUTS
+        )
         assert changed == [], f"re-running {stage} changed {changed}"
         status = json.loads(tp.dvc(["status", "--json"], ws).stdout or "{}")
         assert status == {}, f"after re-running {stage}: {status}"
@@ -107,10 +113,12 @@ def test_trace_still_prints_commit_time_and_flow_run_of_every_step(ws, monkeypat
 
 def test_two_exports_of_one_backbone_are_byte_identical(tmp_path):
     """safetensors writes its header from a hash map (order varies per process): save_backbone sorts it."""
-    code = ("import sys, torch; from ssl_models.backbones import build_backbone; from ssl_models.io import "
-            "save_backbone; torch.manual_seed(0); b = build_backbone(name='resnet18', small_image=True, width=4, "
-            "in_chans=1); save_backbone(sys.argv[1], b, {'method': 'simclr', 'lineage': {'z': 1, 'a': [1, 2]}, "
-            "'input': {'image_size': 28}, 'family': 'x'})")
+    code = (
+        "import sys, torch; from ssl_models.backbones import build_backbone; from ssl_models.io import "
+        "save_backbone; torch.manual_seed(0); b = build_backbone(name='resnet18', small_image=True, width=4, "
+        "in_chans=1); save_backbone(sys.argv[1], b, {'method': 'simclr', 'lineage': {'z': 1, 'a': [1, 2]}, "
+        "'input': {'image_size': 28}, 'family': 'x'})"
+    )
     files = [tmp_path / f"{i}.safetensors" for i in range(3)]
     for f in files:
         subprocess.run([sys.executable, "-c", code, str(f)], check=True, cwd=tp.PROJECT_ROOT)

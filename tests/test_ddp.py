@@ -1,4 +1,5 @@
 """Distributed pretraining on CPU (gloo): 2 processes equal 1 process on the double batch; torchrun runs the stage."""
+
 from __future__ import annotations
 
 import json
@@ -10,10 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from support.dist_utils import run_distributed
 from ssl_models import engine
 from ssl_models.optim import build_optimizer, build_scheduler, scaled_lr
-from support.tiny_ssl import SyntheticLoader, TinyBackbone, TinyMethod, make_stage_workspace, toy_images, write_tiny_shards
+from support.dist_utils import run_distributed
+from support.tiny_ssl import (
+    SyntheticLoader,
+    TinyBackbone,
+    TinyMethod,
+    make_stage_workspace,
+    toy_images,
+    write_tiny_shards,
+)
 
 PROJECT = Path(__file__).resolve().parents[1]
 PER_RANK_BATCH = 8
@@ -30,13 +38,28 @@ def train(rank: int, world_size: int, batch_size: int, contrastive: bool) -> dic
     scheduler = build_scheduler(optimizer, total_steps=2 * steps, warmup_steps=2)
     runtime = engine.Runtime(device=torch.device("cpu"), rank=rank, world_size=world_size)
     trainer = engine.Trainer(
-        method, optimizer, scheduler=scheduler, runtime=runtime,
+        method,
+        optimizer,
+        scheduler=scheduler,
+        runtime=runtime,
         config=engine.TrainConfig(epochs=2, steps_per_epoch=steps, progress=False),
-        make_loader=lambda epoch: SyntheticLoader(images, labels, batch_size=batch_size, seed=0, epoch=epoch,
-                                                  rank=rank, world_size=world_size, global_noise=False))
+        make_loader=lambda epoch: SyntheticLoader(
+            images,
+            labels,
+            batch_size=batch_size,
+            seed=0,
+            epoch=epoch,
+            rank=rank,
+            world_size=world_size,
+            global_noise=False,
+        ),
+    )
     history = trainer.fit().history
-    return {"state": {k: v.clone() for k, v in method.state_dict().items()},
-            "loss": torch.tensor([r["loss"] for r in history]), "lr": optimizer.param_groups[0]["lr"]}
+    return {
+        "state": {k: v.clone() for k, v in method.state_dict().items()},
+        "loss": torch.tensor([r["loss"] for r in history]),
+        "lr": optimizer.param_groups[0]["lr"],
+    }
 
 
 def ddp_worker(rank: int, world_size: int) -> dict:
@@ -74,8 +97,18 @@ def test_torchrun_runs_the_stage_with_two_processes(tmp_path):
     shards = write_tiny_shards(tmp_path / "shards", train=64, test=32)
     ws = make_stage_workspace(tmp_path / "ws", shards, pretrain={"epochs": 2})
     env = dict(os.environ, PYTHONPATH=str(PROJECT), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
-           "-m", "stages.pretrain", "--method", "simclr"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes=1",
+        "--nproc_per_node=2",
+        "-m",
+        "stages.pretrain",
+        "--method",
+        "simclr",
+    ]
     proc = subprocess.run(cmd, cwd=ws, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("pretrain simclr: 2 epochs") == 1  # rank 0 alone reports and writes
@@ -112,10 +145,14 @@ def _views_run(rank: int, world_size: int) -> dict:
     batches = [(images, torch.zeros(8, dtype=torch.long))] * 2
     method = TinyMethod(TinyBackbone(), dropout=0.0)
     recording = _RecordingViews()
-    trainer = engine.Trainer(method, torch.optim.SGD(method.parameters(), lr=0.1),
-                             runtime=engine.Runtime(device=torch.device("cpu"), rank=rank, world_size=world_size),
-                             config=engine.TrainConfig(epochs=1, steps_per_epoch=2, seed=7, progress=False),
-                             make_loader=lambda epoch: batches, views=recording)
+    trainer = engine.Trainer(
+        method,
+        torch.optim.SGD(method.parameters(), lr=0.1),
+        runtime=engine.Runtime(device=torch.device("cpu"), rank=rank, world_size=world_size),
+        config=engine.TrainConfig(epochs=1, steps_per_epoch=2, seed=7, progress=False),
+        make_loader=lambda epoch: batches,
+        views=recording,
+    )
     trainer.fit()
     return {"views": torch.stack(recording.made)}
 

@@ -1,11 +1,12 @@
 """Deployments: prefect.yaml agrees with params.yaml, and on a real Prefect server (started here, on 127.0.0.1,
 with its own PREFECT_HOME) the nightly deployments are created with cron schedules that list upcoming runs, and a
 run triggered on the pipeline deployment completes through a process worker."""
+
 from __future__ import annotations
 
 import datetime as dt
-import json
 import importlib
+import json
 import os
 import signal
 import socket
@@ -42,7 +43,7 @@ def test_prefect_yaml_matches_params_and_sslcook_serve(capsys):
         spec = specs[dep["entrypoint"]]
         module_path, func = dep["entrypoint"].split(":")
         flow_obj = getattr(importlib.import_module(module_path[:-3].replace("/", ".")), func)
-        assert flow_obj.name == spec["flow"]                     # the entrypoint is the flow serve deploys
+        assert flow_obj.name == spec["flow"]  # the entrypoint is the flow serve deploys
         assert dep["name"] == DEPLOYMENT_NAME and dep["work_pool"]["name"] == WORK_POOL
         assert dep["schedules"] == [{"cron": spec["cron"], "timezone": config.timezone}]
         assert dep["parameters"] == spec["parameters"] == {"wait_minutes": _params_flow()["wait_minutes"]}
@@ -63,8 +64,17 @@ def test_schedule_crons_are_checked_as_prefect_parses_them(tmp_path):
     from stages.workspace.config.flow import FlowConfig
 
     verdicts = set()
-    for value in ("0 2 * * *", "*/15 3 * * mon-fri", "0 0 L * *", "@daily", "61 2 * * *", "0 2 * *", "0 25 * * *",
-                  "H 2 * * *", "nightly"):
+    for value in (
+        "0 2 * * *",
+        "*/15 3 * * mon-fri",
+        "0 0 L * *",
+        "@daily",
+        "61 2 * * *",
+        "0 2 * *",
+        "0 25 * * *",
+        "H 2 * * *",
+        "nightly",
+    ):
         (tmp_path / "params.yaml").write_text(yaml.safe_dump({"flow": {"schedule": {"sweep": value}}}))
         try:
             CronSchedule(cron=value)
@@ -77,7 +87,7 @@ def test_schedule_crons_are_checked_as_prefect_parses_them(tmp_path):
         except ConfigError as exc:
             accepted, message = False, str(exc)
         assert accepted == prefect_accepts, value
-        if not accepted:   # one line naming the key and the value
+        if not accepted:  # one line naming the key and the value
             assert message.startswith("params.yaml: flow.schedule.sweep: ") and repr(value) in message
             assert "\n" not in message
         verdicts.add(accepted)
@@ -96,17 +106,29 @@ def prefect_server(tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-server-home")
     port = _free_port()
     url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_UI_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+    }
     env.pop("PREFECT_API_URL", None)
     log = open(home / "server.log", "wb")
-    proc = subprocess.Popen([*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"prefect server exited with {proc.returncode}:\n{(home / 'server.log').read_text()[-3000:]}")
+                pytest.fail(
+                    f"prefect server exited with {proc.returncode}:\n{(home / 'server.log').read_text()[-3000:]}"
+                )
             try:
                 with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
                     if response.status == 200:
@@ -135,9 +157,15 @@ def prefect_server(tmp_path_factory):
 @pytest.mark.slow
 def test_nightly_deployments_schedule_runs_and_a_worker_completes_one(prefect_server, tmp_path):
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, DeploymentFilter,
-                                                DeploymentFilterId, FlowRunFilter, FlowRunFilterState,
-                                                FlowRunFilterStateType)
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
     from prefect.client.schemas.objects import StateType
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -147,51 +175,82 @@ def test_nightly_deployments_schedule_runs_and_a_worker_completes_one(prefect_se
     crons = _params_flow()["schedule"]
     # what the README tells a user to do, from the repository root
     run([*PREFECT, "work-pool", "create", WORK_POOL, "--type", "process"], PROJECT_ROOT, env=env, timeout=120)
-    deployed = run([*PREFECT, "--no-prompt", "deploy", "--name", DEPLOYMENT_NAME], PROJECT_ROOT, env=env,
-                   timeout=180)
+    deployed = run([*PREFECT, "--no-prompt", "deploy", "--name", DEPLOYMENT_NAME], PROJECT_ROOT, env=env, timeout=180)
     for flow_name in ("sslcook-new-data", "sslcook-pipeline", "sslcook-sweep"):
-        assert f"'{flow_name}/nightly' successfully created" in deployed.stdout.replace("\n", " ").replace("│", "") \
+        assert (
+            f"'{flow_name}/nightly' successfully created" in deployed.stdout.replace("\n", " ").replace("│", "")
             or f"{flow_name}/nightly" in deployed.stdout
+        )
 
     toy = make_toy(tmp_path / "toy", methods=("alpha",))
     with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
-        deployments = {name: client.read_deployment_by_name(f"{name}/nightly")
-                       for name in ("sslcook-new-data", "sslcook-pipeline", "sslcook-sweep")}
-        for name, key in (("sslcook-new-data", "new_data"), ("sslcook-pipeline", "pipeline"), ("sslcook-sweep", "sweep")):
+        deployments = {
+            name: client.read_deployment_by_name(f"{name}/nightly")
+            for name in ("sslcook-new-data", "sslcook-pipeline", "sslcook-sweep")
+        }
+        for name, key in (
+            ("sslcook-new-data", "new_data"),
+            ("sslcook-pipeline", "pipeline"),
+            ("sslcook-sweep", "sweep"),
+        ):
             (schedule,) = deployments[name].schedules
             assert schedule.active and schedule.schedule.cron == crons[key] and schedule.schedule.timezone == "UTC"
             assert deployments[name].work_pool_name == WORK_POOL
         pipeline = deployments["sslcook-pipeline"]
-        assert Path(pipeline.pull_steps[0]["prefect.deployments.steps.set_working_directory"]["directory"]) \
-            == PROJECT_ROOT
+        assert (
+            Path(pipeline.pull_steps[0]["prefect.deployments.steps.set_working_directory"]["directory"]) == PROJECT_ROOT
+        )
 
         # the server's scheduler fills in the upcoming nightly runs
-        scheduled_only = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])))
+        scheduled_only = FlowRunFilter(
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))
+        )
         deadline = time.monotonic() + 60
         upcoming = []
         while not upcoming and time.monotonic() < deadline:
-            upcoming = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[pipeline.id])),
-                                             flow_run_filter=scheduled_only)
+            upcoming = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[pipeline.id])),
+                flow_run_filter=scheduled_only,
+            )
             time.sleep(1)
         assert upcoming, "no scheduled runs within 60s"
         now = dt.datetime.now(dt.timezone.utc)
         minute, hour = (int(x) for x in crons["pipeline"].split()[:2])
         starts = sorted(r.expected_start_time for r in upcoming)
         assert starts[0] > now and all((s.hour, s.minute) == (hour, minute) for s in starts)
-        assert all(b - a == dt.timedelta(days=1) for a, b in zip(starts, starts[1:]))   # nightly
+        assert all(b - a == dt.timedelta(days=1) for a, b in zip(starts, starts[1:]))  # nightly
 
         # a run triggered now, on a queue of its own (so the worker never picks up a nightly run)
         client.create_work_queue(name="sslcook-test", work_pool_name=WORK_POOL)
-        triggered = client.create_flow_run_from_deployment(pipeline.id, parameters={"workspace": str(toy)},
-                                                           work_queue_name="sslcook-test")
-    worker = run([*PREFECT, "worker", "start", "--pool", WORK_POOL, "--work-queue", "sslcook-test", "--run-once",
-                  "--limit", "1"], PROJECT_ROOT, env=env, timeout=300, check=False)
+        triggered = client.create_flow_run_from_deployment(
+            pipeline.id, parameters={"workspace": str(toy)}, work_queue_name="sslcook-test"
+        )
+    worker = run(
+        [
+            *PREFECT,
+            "worker",
+            "start",
+            "--pool",
+            WORK_POOL,
+            "--work-queue",
+            "sslcook-test",
+            "--run-once",
+            "--limit",
+            "1",
+        ],
+        PROJECT_ROOT,
+        env=env,
+        timeout=300,
+        check=False,
+    )
     with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
         state = client.read_flow_run(triggered.id).state
-        assert state is not None and state.type == StateType.COMPLETED, \
+        assert state is not None and state.type == StateType.COMPLETED, (
             f"{state}\n{worker.stdout[-3000:]}\n{worker.stderr[-3000:]}"
-        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
-            flow_run_id=ArtifactFilterFlowRunId(any_=[triggered.id])))
+        )
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[triggered.id]))
+        )
     results = {a.key: a for a in artifacts}["sslcook-results"]
     assert str(triggered.id) in results.data and "| alpha | toy |" in results.data
     assert (toy / "dvc.lock").exists() and "up to date" in run([sys.executable, "-m", "dvc", "status"], toy).stdout
@@ -229,11 +288,13 @@ def test_docker_and_kubernetes_gpu_templates_validate_against_the_workers_schema
     config = asyncio.run(DockerWorkerJobConfiguration.from_template_and_values(template, variables))
     assert config.image == "sslcook:latest"
     kwargs = config.container_create_kwargs
-    host = docker.types.HostConfig(version="1.44", device_requests=kwargs["device_requests"],
-                                   shm_size=kwargs["shm_size"])
-    assert host["DeviceRequests"] == [{"Driver": "nvidia", "Count": -1, "DeviceIDs": [], "Capabilities": [["gpu"]],
-                                       "Options": {}}]                 # what `docker run --gpus all` sends
-    assert host["ShmSize"] == 8 * 1024 ** 3
+    host = docker.types.HostConfig(
+        version="1.44", device_requests=kwargs["device_requests"], shm_size=kwargs["shm_size"]
+    )
+    assert host["DeviceRequests"] == [
+        {"Driver": "nvidia", "Count": -1, "DeviceIDs": [], "Capabilities": [["gpu"]], "Options": {}}
+    ]  # what `docker run --gpus all` sends
+    assert host["ShmSize"] == 8 * 1024**3
 
     # Kubernetes: the base job template file is a valid work-pool template, and a deployment asking for 2 GPUs
     # gets a pod with an nvidia.com/gpu limit of 2
@@ -258,11 +319,25 @@ def test_gpu_deployments_register_and_a_process_worker_runs_one(prefect_server, 
     url, env = prefect_server
     run([*PREFECT, "work-pool", "create", GPU_POOL, "--type", "process"], PROJECT_ROOT, env=env, timeout=120)
     run([*PREFECT, "work-pool", "create", DOCKER_POOL, "--type", "docker"], PROJECT_ROOT, env=env, timeout=120)
-    run([*PREFECT, "--no-prompt", "deploy", "--name", "gpu", "--name", "gpu-docker"], PROJECT_ROOT, env=env,
-        timeout=180)
+    run(
+        [*PREFECT, "--no-prompt", "deploy", "--name", "gpu", "--name", "gpu-docker"], PROJECT_ROOT, env=env, timeout=180
+    )
     # the README's Kubernetes pool: the server takes the template file as the pool's base job template
-    run([*PREFECT, "work-pool", "create", "sslcook-k8s", "--type", "kubernetes", "--base-job-template",
-         str(K8S_TEMPLATE)], PROJECT_ROOT, env=env, timeout=120)
+    run(
+        [
+            *PREFECT,
+            "work-pool",
+            "create",
+            "sslcook-k8s",
+            "--type",
+            "kubernetes",
+            "--base-job-template",
+            str(K8S_TEMPLATE),
+        ],
+        PROJECT_ROOT,
+        env=env,
+        timeout=120,
+    )
     toy = make_toy(tmp_path / "toy", methods=("alpha",))
     with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
         for name, pool in (("gpu", GPU_POOL), ("gpu-docker", DOCKER_POOL)):
@@ -277,12 +352,30 @@ def test_gpu_deployments_register_and_a_process_worker_runs_one(prefect_server, 
         assert "container_create_kwargs" in docker_schema["properties"]
         gpu = client.read_deployment_by_name("sslcook-pipeline/gpu")
         client.create_work_queue(name="sslcook-gpu-test", work_pool_name=GPU_POOL)
-        triggered = client.create_flow_run_from_deployment(gpu.id, parameters={"workspace": str(toy)},
-                                                           work_queue_name="sslcook-gpu-test")
-    worker = run([*PREFECT, "worker", "start", "--pool", GPU_POOL, "--work-queue", "sslcook-gpu-test",
-                  "--run-once", "--limit", "1"], PROJECT_ROOT, env=env, timeout=300, check=False)
+        triggered = client.create_flow_run_from_deployment(
+            gpu.id, parameters={"workspace": str(toy)}, work_queue_name="sslcook-gpu-test"
+        )
+    worker = run(
+        [
+            *PREFECT,
+            "worker",
+            "start",
+            "--pool",
+            GPU_POOL,
+            "--work-queue",
+            "sslcook-gpu-test",
+            "--run-once",
+            "--limit",
+            "1",
+        ],
+        PROJECT_ROOT,
+        env=env,
+        timeout=300,
+        check=False,
+    )
     with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
         state = client.read_flow_run(triggered.id).state
-    assert state is not None and state.type == StateType.COMPLETED, \
+    assert state is not None and state.type == StateType.COMPLETED, (
         f"{state}\n{worker.stdout[-3000:]}\n{worker.stderr[-3000:]}"
+    )
     assert (toy / "dvc.lock").exists()

@@ -2,6 +2,7 @@
 and VICReg against a naive gather, MoCo v3, NNCLR, Barlow Twins, SwAV and DINO with the state they share across
 ranks (support set, queue, centre); so does DirectPred's predictor, which is set from the global batch's
 correlation; and the stateful methods train under DDP with their ranks in sync."""
+
 from __future__ import annotations
 
 import pytest
@@ -50,7 +51,7 @@ def _direct_pred_weight(batches: list[torch.Tensor], rank: int = 0, world_size: 
     predictor = DirectPredictor(5, eps=0.2, rho=0.3)
     for z in batches:
         per_rank = z.shape[0] // world_size
-        predictor(z[rank * per_rank:(rank + 1) * per_rank])
+        predictor(z[rank * per_rank : (rank + 1) * per_rank])
     return predictor.weight.clone()
 
 
@@ -62,13 +63,16 @@ def correct_and_naive_worker(rank: int, world_size: int, cases: list[dict]) -> d
         naive = gathered_loss_worker(rank, world_size, cases)
     finally:
         distributed.gather = original
-    helpers = {"rank": distributed.get_rank(), "world_size": distributed.get_world_size(),
-               "offset": distributed.local_offset(4), "is_main": distributed.is_main_process(),
-               "mean": distributed.all_reduce_mean(float(rank)),
-               "gathered_no_grad": distributed.gather_no_grad(torch.full((2, 1), float(rank))),
-               "syncbn_on_cpu_unchanged": isinstance(distributed.convert_sync_batchnorm(nn.BatchNorm1d(3)),
-                                                    nn.BatchNorm1d),
-               "direct_pred_weight": _direct_pred_weight(_direct_pred_batches(), rank, world_size)}
+    helpers = {
+        "rank": distributed.get_rank(),
+        "world_size": distributed.get_world_size(),
+        "offset": distributed.local_offset(4),
+        "is_main": distributed.is_main_process(),
+        "mean": distributed.all_reduce_mean(float(rank)),
+        "gathered_no_grad": distributed.gather_no_grad(torch.full((2, 1), float(rank))),
+        "syncbn_on_cpu_unchanged": isinstance(distributed.convert_sync_batchnorm(nn.BatchNorm1d(3)), nn.BatchNorm1d),
+        "direct_pred_weight": _direct_pred_weight(_direct_pred_batches(), rank, world_size),
+    }
     return {"correct": correct, "naive": naive, "helpers": helpers}
 
 
@@ -94,8 +98,9 @@ def test_gathered_losses_match_single_process_and_naive_gather_does_not():
         assert h["gathered_no_grad"].flatten().tolist() == [0.0, 0.0, 1.0, 1.0]
         assert h["syncbn_on_cpu_unchanged"]
         # DirectPred sets its predictor from the global batch: every rank's W_p equals one process on all rows
-        torch.testing.assert_close(h["direct_pred_weight"], _direct_pred_weight(_direct_pred_batches()),
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            h["direct_pred_weight"], _direct_pred_weight(_direct_pred_batches()), atol=1e-5, rtol=0
+        )
     local_only = _direct_pred_weight([z[:4] for z in _direct_pred_batches()])
     assert (local_only - per_rank[0]["helpers"]["direct_pred_weight"]).abs().max() > 1e-3
 
@@ -156,8 +161,9 @@ class DINOCase(torch.nn.Module):
 GATHERED_CASES = [
     gathered_loss_case("test_distributed:MoCoCase", batch=5, dim=6, seed=3),
     gathered_loss_case("test_distributed:NNCLRCase", batch=5, dim=6, seed=4),
-    gathered_loss_case("ssl_models.methods.barlowtwins:BarlowTwinsLoss", {"lambda_offdiag": 0.1}, batch=5, dim=6,
-                       seed=5),
+    gathered_loss_case(
+        "ssl_models.methods.barlowtwins:BarlowTwinsLoss", {"lambda_offdiag": 0.1}, batch=5, dim=6, seed=5
+    ),
     gathered_loss_case("test_distributed:SwAVCase", num_inputs=3, batch=6, dim=6, seed=6),
     gathered_loss_case("test_distributed:SwAVCase", {"queue": True}, num_inputs=3, batch=6, dim=6, seed=7),
     gathered_loss_case("test_distributed:DINOCase", num_inputs=3, batch=4, dim=6, seed=8),
@@ -167,12 +173,12 @@ GATHERED_CASES = [
 def state_worker(rank: int, world_size: int, cases: list[dict]) -> dict:
     """The gathered-loss cases plus the states the methods share across ranks (support set, queue, centre)."""
     out = {"losses": gathered_loss_worker(rank, world_size, cases)}
-    z = randn(world_size * 3, 4, seed=200)[rank * 3:(rank + 1) * 3]
+    z = randn(world_size * 3, 4, seed=200)[rank * 3 : (rank + 1) * 3]
     support = SupportSet(size=5, dim=4).double()
     support.push(distributed.gather_no_grad(z))  # what NNCLR.after_step does
     out["support_queue"] = support.queue.clone()
     criterion = DINOLoss(4).double()
-    teacher = randn(world_size * 3, 4, seed=201)[rank * 3:(rank + 1) * 3]
+    teacher = randn(world_size * 3, 4, seed=201)[rank * 3 : (rank + 1) * 3]
     criterion.update_center(teacher)
     out["center"] = criterion.center.clone()
     return out
@@ -200,15 +206,16 @@ def test_gathered_losses_and_shared_state_match_one_process():
 def ddp_worker(rank: int, world_size: int) -> dict:
     torch.set_num_threads(1)
     out = {}
-    cases = {"dino": {"freeze_last_layer_frac": 0.5},
-             "swav": {"freeze_prototypes_frac": 0.5, "queue_length": 16, "queue_start_frac": 0.0},
-             "nnclr": {}}
+    cases = {
+        "dino": {"freeze_last_layer_frac": 0.5},
+        "swav": {"freeze_prototypes_frac": 0.5, "queue_length": 16, "queue_start_frac": 0.0},
+        "nnclr": {},
+    }
     for name, kwargs in cases.items():
         torch.manual_seed(0)
         method = make(name, **kwargs)
         # buffers not broadcast: the support set, queue and centre must agree across ranks by construction
-        model = torch.nn.parallel.DistributedDataParallel(method, find_unused_parameters=True,
-                                                          broadcast_buffers=False)
+        model = torch.nn.parallel.DistributedDataParallel(method, find_unused_parameters=True, broadcast_buffers=False)
         optimizer = build_optimizer(method, {"name": "adamw", "base_lr": 1e-3, "lr_scaling": "none"}, 8)
         method.on_train_start(4)
         for step in range(4):
@@ -218,9 +225,14 @@ def ddp_worker(rank: int, world_size: int) -> dict:
             loss.backward()
             optimizer.step()
             method.after_step(step, 4)
-        out[name] = {"params": [p.detach().clone() for p in method.parameters()],
-                     "state": {k: b.clone() for k, b in method.named_buffers()
-                               if k.startswith(("support_set.", "queue.", "criterion.center"))}}
+        out[name] = {
+            "params": [p.detach().clone() for p in method.parameters()],
+            "state": {
+                k: b.clone()
+                for k, b in method.named_buffers()
+                if k.startswith(("support_set.", "queue.", "criterion.center"))
+            },
+        }
     return out
 
 

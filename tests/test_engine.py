@@ -1,4 +1,5 @@
 """The training engine on tiny synthetic data: hooks, resume equality, non-finite loss, collapse, kNN monitor."""
+
 from __future__ import annotations
 
 import math
@@ -9,8 +10,17 @@ import pytest
 import torch
 
 from ssl_models import engine
-from ssl_models.engine import (CollapseError, DataStream, KnnMonitor, MonitorConfig, NonFiniteLossError, Runtime,
-                               TrainConfig, Trainer, load_state)
+from ssl_models.engine import (
+    CollapseError,
+    DataStream,
+    KnnMonitor,
+    MonitorConfig,
+    NonFiniteLossError,
+    Runtime,
+    TrainConfig,
+    Trainer,
+    load_state,
+)
 from support.tiny_ssl import CollapsingMethod, SyntheticLoader, TinyBackbone, TinyMethod, toy_images
 
 CPU = Runtime(device=torch.device("cpu"))
@@ -34,10 +44,24 @@ def loader_factory(images, labels, batch_size=8, seed=0, **kw):
 def fit(tmp_path, *, epochs=3, every=0, seed=0, method_cls=TinyMethod, monitor=None, method_kw=None, **kw):
     images, labels = toy_images()
     method, opt, sched = build(seed, method_cls, **(method_kw or {}))
-    cfg = TrainConfig(epochs=epochs, steps_per_epoch=len(images) // 8, seed=seed, checkpoint_every_steps=every,
-                      progress=False, monitor=monitor or MonitorConfig(), **kw)
-    trainer = Trainer(method, opt, scheduler=sched, config=cfg, make_loader=loader_factory(images, labels, seed=seed),
-                      runtime=CPU, checkpoint_path=tmp_path / "state.pt")
+    cfg = TrainConfig(
+        epochs=epochs,
+        steps_per_epoch=len(images) // 8,
+        seed=seed,
+        checkpoint_every_steps=every,
+        progress=False,
+        monitor=monitor or MonitorConfig(),
+        **kw,
+    )
+    trainer = Trainer(
+        method,
+        opt,
+        scheduler=sched,
+        config=cfg,
+        make_loader=loader_factory(images, labels, seed=seed),
+        runtime=CPU,
+        checkpoint_path=tmp_path / "state.pt",
+    )
     return trainer, method
 
 
@@ -56,8 +80,13 @@ def test_fit_runs_hooks_and_records_history(tmp_path):
     assert not torch.equal(before["teacher.0.weight"], method.teacher[0].weight)
     assert not torch.equal(before["backbone.net.0.weight"], method.backbone.net[0].weight)
     state = load_state(tmp_path / "state.pt")
-    assert state["position"] == {"epoch": 2, "step_in_epoch": 0, "global_step": 12, "steps_per_epoch": 6,
-                                 "world_size": 1}
+    assert state["position"] == {
+        "epoch": 2,
+        "step_in_epoch": 0,
+        "global_step": 12,
+        "steps_per_epoch": 6,
+        "world_size": 1,
+    }
     assert result.summary["epochs"] == 2 and result.summary["steps"] == 12
 
 
@@ -106,6 +135,7 @@ def test_resume_after_crash_equals_uninterrupted(tmp_path, crash_at):
                 if epoch * 6 + i == crash_at:
                     raise _Crash()
                 yield batch
+
         return gen()
 
     trainer.make_loader = crashing
@@ -175,8 +205,15 @@ def test_online_knn_every_k_epochs(tmp_path):
     knn = KnnMonitor(images[:48], labels[:48], images[48:], labels[48:], transform=lambda x: x, every_epochs=2, k=5)
     method, opt, sched = build()
     cfg = TrainConfig(epochs=3, steps_per_epoch=6, progress=False)
-    trainer = Trainer(method, opt, scheduler=sched, config=cfg, make_loader=loader_factory(images[:48], labels[:48]),
-                      runtime=CPU, knn=knn)
+    trainer = Trainer(
+        method,
+        opt,
+        scheduler=sched,
+        config=cfg,
+        make_loader=loader_factory(images[:48], labels[:48]),
+        runtime=CPU,
+        knn=knn,
+    )
     hist = trainer.fit().history
     assert ["knn_top1" in r for r in hist] == [False, True, True]  # every 2 epochs and after the last
     assert hist[1]["knn_top1"] >= 0.75  # two blob positions: trivially separable
@@ -186,8 +223,13 @@ def test_online_knn_every_k_epochs(tmp_path):
 def test_fp16_on_cpu_is_refused():
     method, opt, _ = build()
     with pytest.raises(engine.TrainingError, match="fp16"):
-        Trainer(method, opt, config=TrainConfig(epochs=1, steps_per_epoch=1, precision="fp16"),
-                make_loader=lambda e: [], runtime=CPU)
+        Trainer(
+            method,
+            opt,
+            config=TrainConfig(epochs=1, steps_per_epoch=1, precision="fp16"),
+            make_loader=lambda e: [],
+            runtime=CPU,
+        )
 
 
 def test_grad_clip_bounds_the_update(tmp_path):

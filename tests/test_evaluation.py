@@ -1,5 +1,6 @@
 """kNN, the logistic-regression probe and the bootstrap against references computed independently of the
 implementation (hand computations, scikit-learn fitted directly, binomial coverage)."""
+
 from __future__ import annotations
 
 import json
@@ -9,9 +10,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from ssl_models.evaluation import (EvaluationError, bootstrap_counts, bootstrap_interval, check_label_sets,
-                                   extract_features, knn_evaluate, knn_scores, linear_probe, paired_bootstrap,
-                                   raw_pixel_features, stratified_split, topk_accuracy)
+from ssl_models.evaluation import (
+    EvaluationError,
+    bootstrap_counts,
+    bootstrap_interval,
+    check_label_sets,
+    extract_features,
+    knn_evaluate,
+    knn_scores,
+    linear_probe,
+    paired_bootstrap,
+    raw_pixel_features,
+    stratified_split,
+    topk_accuracy,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,22 +31,32 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TRAIN = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0]])
 TRAIN_LABELS = torch.tensor([0, 1, 1, 2])
 QUERY = torch.tensor([[1.0, 0.2]])
-COS = {0: 1 / math.sqrt(1.04), 1: 0.2 / math.sqrt(1.04), 2: 1.2 / (math.sqrt(1.04) * math.sqrt(2)), 3: -1 / math.sqrt(1.04)}
+COS = {
+    0: 1 / math.sqrt(1.04),
+    1: 0.2 / math.sqrt(1.04),
+    2: 1.2 / (math.sqrt(1.04) * math.sqrt(2)),
+    3: -1 / math.sqrt(1.04),
+}
 
 
 def test_knn_vote_matches_hand_computation():
     # k=3 neighbours are points 0 (class 0), 2 and 1 (class 1); point 3 (class 2) is out
     for temperature in (0.1, 1.0):
         scores = knn_scores(TRAIN, TRAIN_LABELS, QUERY, k=3, temperature=temperature, num_classes=3)
-        expected = [math.exp(COS[0] / temperature), math.exp(COS[1] / temperature) + math.exp(COS[2] / temperature), 0.0]
+        expected = [
+            math.exp(COS[0] / temperature),
+            math.exp(COS[1] / temperature) + math.exp(COS[2] / temperature),
+            0.0,
+        ]
         assert scores[0].tolist() == pytest.approx(expected, rel=1e-5)
     # the temperature decides the vote: sharp (T=0.1) -> the single closest point, flat (T=1) -> the two class-1 points
     sharp = knn_scores(TRAIN, TRAIN_LABELS, QUERY, k=3, temperature=0.1, num_classes=3)
     flat = knn_scores(TRAIN, TRAIN_LABELS, QUERY, k=3, temperature=1.0, num_classes=3)
     assert sharp.argmax().item() == 0 and flat.argmax().item() == 1
     # features are l2-normalised first: scaling a feature does not change the vote
-    scaled = knn_scores(TRAIN * torch.tensor([[5.0], [0.1], [3.0], [2.0]]), TRAIN_LABELS, QUERY * 7, k=3,
-                        temperature=1.0, num_classes=3)
+    scaled = knn_scores(
+        TRAIN * torch.tensor([[5.0], [0.1], [3.0], [2.0]]), TRAIN_LABELS, QUERY * 7, k=3, temperature=1.0, num_classes=3
+    )
     assert torch.allclose(scaled, flat, rtol=1e-5)
 
 
@@ -66,11 +88,12 @@ def test_linear_probe_separates_a_linearly_separable_set():
     x, y = _blobs(60, 0)
     xt, yt = _blobs(30, 1)
     # the blobs are 6 sigma apart along their own axis: a hyperplane separates them all
-    assert torch.all((xt[:, :3].argmax(1) == yt))
+    assert torch.all(xt[:, :3].argmax(1) == yt)
     for backend in ("sklearn", "torch"):
         # separable: the weakly regularised end of the grid would only run L-BFGS to max_iter here
-        result = linear_probe(x, y, xt, yt, num_classes=3, c_grid=[0.01, 0.1], val_fraction=0.2, seed=0,
-                              device="cpu", backend=backend)
+        result = linear_probe(
+            x, y, xt, yt, num_classes=3, c_grid=[0.01, 0.1], val_fraction=0.2, seed=0, device="cpu", backend=backend
+        )
         assert result["top1"] == 1.0 and result["backend"] == backend
         assert result["n_val"] == 36 and result["n_fit"] == 144
 
@@ -91,9 +114,12 @@ def test_linear_probe_is_sklearn_logistic_regression_at_the_c_chosen_on_validati
     # C: an independent fit of each grid value on the fit part, scored on the validation part
     fit_idx, val_idx = stratified_split(y, 0.2, seed=3)
     scaler = StandardScaler().fit(x[fit_idx].double().numpy())
-    val_acc = {c: LogisticRegression(C=c, max_iter=1000).fit(scaler.transform(x[fit_idx].double().numpy()),
-                                                              y[fit_idx].numpy())
-               .score(scaler.transform(x[val_idx].double().numpy()), y[val_idx].numpy()) for c in grid}
+    val_acc = {
+        c: LogisticRegression(C=c, max_iter=1000)
+        .fit(scaler.transform(x[fit_idx].double().numpy()), y[fit_idx].numpy())
+        .score(scaler.transform(x[val_idx].double().numpy()), y[val_idx].numpy())
+        for c in grid
+    }
     assert result["val_top1_by_c"] == pytest.approx(val_acc, abs=1e-9)
     assert val_acc[result["c"]] == max(val_acc.values())
     assert len(set(val_acc.values())) > 1  # the grid makes a difference on these features
@@ -116,8 +142,10 @@ def test_choosing_c_never_looks_at_the_test_split():
     for test_x, test_y in ((xt, permuted), (scrambled, yt), (scrambled, permuted)):
         leaked = linear_probe(x, y, test_x, test_y, val_fraction=0.2, seed=0, device="cpu", backend="sklearn")
         assert leaked["c"] == honest["c"] and leaked["val_top1_by_c"] == honest["val_top1_by_c"]
-    assert linear_probe(x, y, xt, permuted, val_fraction=0.2, seed=0, device="cpu",
-                        backend="sklearn")["top1"] < honest["top1"] - 0.2
+    assert (
+        linear_probe(x, y, xt, permuted, val_fraction=0.2, seed=0, device="cpu", backend="sklearn")["top1"]
+        < honest["top1"] - 0.2
+    )
 
 
 def test_torch_lbfgs_reaches_the_sklearn_optimum():
@@ -140,7 +168,7 @@ def test_probe_backend_auto_and_grid_checks():
     assert resolve_probe_backend("auto", 4000, 512, torch.device("cpu")) == "sklearn"
     assert resolve_probe_backend("auto", AUTO_TORCH_ELEMENTS, 2, torch.device("cpu")) == "torch"
     assert resolve_probe_backend("auto", 10, 10, torch.device("cuda")) == "torch"
-    assert resolve_probe_backend("sklearn", 10 ** 9, 10, torch.device("cuda")) == "sklearn"
+    assert resolve_probe_backend("sklearn", 10**9, 10, torch.device("cuda")) == "sklearn"
     x, y = _blobs(10, 0)
     with pytest.raises(EvaluationError, match="needs a validation split"):
         linear_probe(x, y, x, y, val_fraction=0.0, device="cpu")
@@ -161,8 +189,11 @@ def test_unlabelled_test_rows_are_dropped_and_an_unlabelled_test_split_refused()
     assert probe["top1"] == linear_probe(x, y, xt[kept], yt[kept], device="cpu")["top1"]
     assert len(probe["hits"]) == int(kept.sum())
     nothing = torch.full_like(yt, -1)
-    for fn in (lambda: knn_evaluate(x, y, xt, nothing), lambda: linear_probe(x, y, xt, nothing, device="cpu"),
-               lambda: check_label_sets(y, nothing, split="test")):
+    for fn in (
+        lambda: knn_evaluate(x, y, xt, nothing),
+        lambda: linear_probe(x, y, xt, nothing, device="cpu"),
+        lambda: check_label_sets(y, nothing, split="test"),
+    ):
         with pytest.raises(EvaluationError, match="the test split has no labelled images") as err:
             fn()
         assert "\n" not in str(err.value)
@@ -182,10 +213,12 @@ def test_old_probe_keys_are_refused_with_one_line():
         with pytest.raises(ConfigError) as err:
             parse_params(bad)
         assert str(err.value) == f"params.yaml: evaluate.linear_probe.{key}: unknown key"
-    for probe, fragment in (({"c_grid": []}, "c_grid: Value error, needs at least one value"),
-                            ({"c_grid": [1.0, -1.0]}, "each > 0"),
-                            ({"val_fraction": 0.0}, "give c_grid a single value"),
-                            ({"backend": "jax"}, "evaluate.linear_probe.backend")):
+    for probe, fragment in (
+        ({"c_grid": []}, "c_grid: Value error, needs at least one value"),
+        ({"c_grid": [1.0, -1.0]}, "each > 0"),
+        ({"val_fraction": 0.0}, "give c_grid a single value"),
+        ({"backend": "jax"}, "evaluate.linear_probe.backend"),
+    ):
         bad = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
         bad["evaluate"]["linear_probe"].update(probe)
         with pytest.raises(ConfigError, match=fragment):
@@ -262,16 +295,30 @@ def test_baseline_cache_recomputes_entries_without_fitting_hits(tmp_path):
     metrics, hits = cached(tmp_path, "raw_pixels", key, names, 4, compute)
     assert calls == [1] and hits["knn_top1_k20"].tolist() == [True, False, True, False]
     again = cached(tmp_path, "raw_pixels", key, names, 4, compute)
-    assert calls == [1] and again[0] == metrics and torch.equal(again[1]["linear_probe_top1"], hits["linear_probe_top1"])
+    assert (
+        calls == [1] and again[0] == metrics and torch.equal(again[1]["linear_probe_top1"], hits["linear_probe_top1"])
+    )
     # a test split of another size, or an entry written before hits were cached: recomputed, no crash
-    cached(tmp_path, "raw_pixels", key, names, 5, lambda: (calls.append(2) or ({}, {n: torch.ones(5, dtype=torch.bool)
-                                                                                 for n in names})))
+    cached(
+        tmp_path,
+        "raw_pixels",
+        key,
+        names,
+        5,
+        lambda: calls.append(2) or ({}, {n: torch.ones(5, dtype=torch.bool) for n in names}),
+    )
     assert calls == [1, 2]
     (path,) = [p for p in (tmp_path / BASELINE_CACHE).glob("*.json")]
     doc = json.loads(path.read_text())
     path.write_text(json.dumps({"key": doc["key"], "metrics": doc["metrics"]}))  # the format-1 layout
-    cached(tmp_path, "raw_pixels", key, names, 5, lambda: (calls.append(3) or ({}, {n: torch.ones(5, dtype=torch.bool)
-                                                                                 for n in names})))
+    cached(
+        tmp_path,
+        "raw_pixels",
+        key,
+        names,
+        5,
+        lambda: calls.append(3) or ({}, {n: torch.ones(5, dtype=torch.bool) for n in names}),
+    )
     assert calls == [1, 2, 3]
     # format-1 entries lived under a digest without the format: never even read
     assert not (tmp_path / BASELINE_CACHE / f"raw_pixels-{digest(key)[:20]}.json").exists()
@@ -303,8 +350,9 @@ def test_extract_features_batches_without_grad_and_restores_mode():
     model.feature_dim = 5
     model.train()
     images = torch.randint(0, 256, (7, 3, 2, 2), dtype=torch.uint8)
-    feats = extract_features(model, images, batch_size=3, transform=lambda b: (b.float() / 255 - 0.5) / 0.25,
-                             device="cpu", progress=False)
+    feats = extract_features(
+        model, images, batch_size=3, transform=lambda b: (b.float() / 255 - 0.5) / 0.25, device="cpu", progress=False
+    )
     assert feats.shape == (7, 5) and not feats.requires_grad
     assert model.training
     # eval mode (dropout off) and the same normalisation give the same features as one big batch

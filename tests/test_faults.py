@@ -4,6 +4,7 @@ Each fault is one line naming the path (and the errno text), no traceback, and n
 on the CI machines, where chmod does not stop a write: read-only folders are a read-only bind mount when the
 machine allows one (else chmod when not root, else skipped) besides an injected EROFS.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,9 +25,9 @@ import support.tiny_pipeline as tp
 from stages import common
 from stages import pretrain as stage
 from stages.workspace.common import SslcookError, atomic_path, ensure_writable, run_main, write_json
+from support.tiny_ssl import make_stage_workspace
 from test_hostile_inputs import _image_tree, ingested, one_line_error, snapshot  # noqa: F401  (fixture)
 from test_pretrain_stage import shards  # noqa: F401  (fixture)
-from support.tiny_ssl import make_stage_workspace
 
 ENV = {"PYTHONPATH": str(tp.PROJECT_ROOT)}
 
@@ -57,15 +58,19 @@ def test_full_disk_keeps_the_old_file_and_names_the_path(tmp_path, monkeypatch, 
     with pytest.raises(OSError) as err:
         write_json(target, {"top1": 0.1, "pad": "x" * 1000})
     assert err.value.filename == str(target)
-    assert target.read_bytes() == before and _leftovers(tmp_path) == []   # no partial file, no temporary left
+    assert target.read_bytes() == before and _leftovers(tmp_path) == []  # no partial file, no temporary left
     with pytest.raises(SystemExit) as code:
         run_main(lambda: write_json(target, {"top1": 0.2}))
     assert code.value.code == 1
     assert one_line_error(capsys.readouterr().err, str(target), "No space left on device")
 
 
-def test_full_disk_in_the_pretrain_stage_is_one_line_and_leaves_no_partial_output(tmp_path, shards, monkeypatch,  # noqa: F811
-                                                                                  capsys):
+def test_full_disk_in_the_pretrain_stage_is_one_line_and_leaves_no_partial_output(
+    tmp_path,
+    shards,  # noqa: F811
+    monkeypatch,
+    capsys,
+):
     ws = make_stage_workspace(tmp_path / "ws", shards, methods=["simclr"])
     monkeypatch.setenv("SSLCOOK_WORKSPACE", str(ws))
     _disk_full_after(monkeypatch, "metrics.json")
@@ -106,8 +111,9 @@ def test_read_only_folder_is_named_before_anything_is_written(tmp_path):
     with read_only(folder):
         with pytest.raises(SslcookError) as err:
             ensure_writable(folder)
-        assert str(folder) in str(err.value) and ("Read-only file system" in str(err.value)
-                                                  or "Permission denied" in str(err.value))
+        assert str(folder) in str(err.value) and (
+            "Read-only file system" in str(err.value) or "Permission denied" in str(err.value)
+        )
         with pytest.raises(OSError) as err:
             write_json(folder / "metrics.json", {"a": 1})
         assert err.value.errno in (errno.EROFS, errno.EACCES)
@@ -115,15 +121,20 @@ def test_read_only_folder_is_named_before_anything_is_written(tmp_path):
 
 
 @pytest.mark.parametrize("which", ["runs", "resume"])
-def test_pretraining_checks_its_output_and_checkpoint_folders_before_training(which, tmp_path, shards,  # noqa: F811
-                                                                              monkeypatch, capsys):
+def test_pretraining_checks_its_output_and_checkpoint_folders_before_training(
+    which,
+    tmp_path,
+    shards,  # noqa: F811
+    monkeypatch,
+    capsys,
+):
     from ssl_models import engine
 
     ws = make_stage_workspace(tmp_path / "ws", shards, methods=["simclr"])
     bad = ws / ("runs" if which == "runs" else ".sslcook")
     real_mkstemp = common.tempfile.mkstemp
 
-    def mkstemp(*args, dir=None, **kwargs):   # an EROFS mount under ``bad``, injected: tests run as root
+    def mkstemp(*args, dir=None, **kwargs):  # an EROFS mount under ``bad``, injected: tests run as root
         if dir is not None and Path(dir).is_relative_to(bad):
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(dir))
         return real_mkstemp(*args, dir=dir, **kwargs)
@@ -145,8 +156,12 @@ def test_data_ingest_waits_for_no_one_and_never_replaces_data_under_a_running_pi
     tree = _image_tree(tmp_path / "new", classes=("x", "y"))
     before = snapshot(ingested, "data.dvc", "data/raw/**/*")
     with workspace_lock(ingested, "a pipeline run"):
-        proc = tp.sh([sys.executable, "-m", "flows.cli", "data", "ingest", "folder", "--path", str(tree)], ingested,
-                     check=False, env={**ENV, "SSLCOOK_WORKSPACE": str(ingested)})
+        proc = tp.sh(
+            [sys.executable, "-m", "flows.cli", "data", "ingest", "folder", "--path", str(tree)],
+            ingested,
+            check=False,
+            env={**ENV, "SSLCOOK_WORKSPACE": str(ingested)},
+        )
     assert proc.returncode == 1, proc.stderr[-2000:]
     one_line_error(proc.stderr, "workspace busy", "a pipeline run")
     assert snapshot(ingested, "data.dvc", "data/raw/**/*") == before
@@ -196,16 +211,23 @@ def test_sigkill_of_sslcook_run_stops_the_stage_it_started(tmp_path):
     params["methods"] = ["simclr"]
     tp.write_params(ws, params)
     started = ws / "stage.pid"
-    sleeper = ("import os, time; from stages.workspace.common import run_main; "
-               f"open({str(started)!r}, 'w').write(str(os.getpid())); run_main(lambda: time.sleep(120))")
-    (ws / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"sleeper": {"cmd": f'python -c "{sleeper}"',
-                                                                         "outs": ["out.txt"]}}}))
+    sleeper = (
+        "import os, time; from stages.workspace.common import run_main; "
+        f"open({str(started)!r}, 'w').write(str(os.getpid())); run_main(lambda: time.sleep(120))"
+    )
+    (ws / "dvc.yaml").write_text(
+        yaml.safe_dump({"stages": {"sleeper": {"cmd": f'python -c "{sleeper}"', "outs": ["out.txt"]}}})
+    )
     tp.sh(["git", "init", "-q"], ws)
     tp.dvc(["init", "-q"], ws)
     path = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
-    cli = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--no-prefect", "-q"], cwd=ws,
-                           env={**os.environ, **ENV, "PATH": path, "SSLCOOK_WORKSPACE": str(ws)},
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "run", "--no-prefect", "-q"],
+        cwd=ws,
+        env={**os.environ, **ENV, "PATH": path, "SSLCOOK_WORKSPACE": str(ws)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 180
         while not (started.exists() and started.read_text()) and time.monotonic() < deadline:
@@ -230,7 +252,7 @@ def test_stage_watch_is_keyed_to_the_process_not_just_its_pid():
     me = common.process_identity(os.getpid())
     assert common._alive(me)
     pid, start = me.split(":")
-    assert not common._alive(f"{pid}:{int(start) + 1}")   # the same pid reused by a later process
+    assert not common._alive(f"{pid}:{int(start) + 1}")  # the same pid reused by a later process
 
 
 def test_full_disk_during_ingest_keeps_the_earlier_data(ingested, tmp_path, monkeypatch, capsys):  # noqa: F811

@@ -3,6 +3,7 @@
 The toy pipeline has what the real one has: a params-driven first stage, foreach stages over a method list,
 metrics files, a report directory; the tests add a stage that fails once, one that always fails, a slow one.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,46 +29,93 @@ def py(code: str) -> str:
 
 
 def toy_stages(methods_key: str = "${methods}") -> dict:
-    lineage = (f"import json,sys; sys.path.insert(0,'{PROJECT_ROOT}'); from stages.workspace.lineage import run_provenance; "
-               "json.dump(run_provenance(), open('.lineage_seen.json','w'))")
+    lineage = (
+        f"import json,sys; sys.path.insert(0,'{PROJECT_ROOT}'); from stages.workspace.lineage import run_provenance; "
+        "json.dump(run_provenance(), open('.lineage_seen.json','w'))"
+    )
     return {
-        "make": {"cmd": [py("import yaml,os; p=yaml.safe_load(open('params.yaml')); os.makedirs('data',exist_ok=True); "
-                            "open('data/x.txt','w').write(str(p['seed']))"), py(lineage)],
-                 "params": ["seed"], "outs": ["data/x.txt"]},
-        "train": {"foreach": methods_key, "do": {
-            "cmd": py("import os; os.makedirs('runs',exist_ok=True); "
-                      "open('runs/${item}.txt','w').write(open('data/x.txt').read()+'${item}')"),
-            "deps": ["data/x.txt"], "params": ["method.${item}"], "outs": ["runs/${item}.txt"]}},
-        # finds its workspace as the real stages do (stages.workspace.common.workspace(): $SSLCOOK_WORKSPACE, else the cwd)
-        "evaluate": {"foreach": methods_key, "do": {
-            "cmd": py("import json,os,yaml; w=os.environ.get('SSLCOOK_WORKSPACE','.'); "
-                      "p=yaml.safe_load(open(w+'/params.yaml')); os.makedirs(w+'/metrics',exist_ok=True); "
-                      "json.dump(dict(method='${item}',family='toy',primary_metric='score',"
-                      "score=round(p['method']['${item}']['lr']*10,6)),open(w+'/metrics/${item}.json','w'))"),
-            "deps": ["runs/${item}.txt"], "params": ["method.${item}"],
-            "metrics": [{"metrics/${item}.json": {"cache": False}}]}},
-        "report": {"cmd": py("import glob,json,os; os.makedirs('reports',exist_ok=True); "
-                             "rows=[json.load(open(f)) for f in sorted(glob.glob('metrics/*.json'))]; "
-                             "open('reports/summary.md','w').write('# toy report\\n\\n| method | family | score |\\n|---|---|---|\\n'"
-                             "+''.join('| %s | %s | %g |\\n' % (r['method'],r['family'],r['score']) for r in rows))"),
-                   "deps": ["metrics"], "outs": ["reports"]},
+        "make": {
+            "cmd": [
+                py(
+                    "import yaml,os; p=yaml.safe_load(open('params.yaml')); os.makedirs('data',exist_ok=True); "
+                    "open('data/x.txt','w').write(str(p['seed']))"
+                ),
+                py(lineage),
+            ],
+            "params": ["seed"],
+            "outs": ["data/x.txt"],
+        },
+        "train": {
+            "foreach": methods_key,
+            "do": {
+                "cmd": py(
+                    "import os; os.makedirs('runs',exist_ok=True); "
+                    "open('runs/${item}.txt','w').write(open('data/x.txt').read()+'${item}')"
+                ),
+                "deps": ["data/x.txt"],
+                "params": ["method.${item}"],
+                "outs": ["runs/${item}.txt"],
+            },
+        },
+        # finds its workspace as the real stages do (stages.workspace.common.workspace(): $SSLCOOK_WORKSPACE, else
+        # the cwd)
+        "evaluate": {
+            "foreach": methods_key,
+            "do": {
+                "cmd": py(
+                    "import json,os,yaml; w=os.environ.get('SSLCOOK_WORKSPACE','.'); "
+                    "p=yaml.safe_load(open(w+'/params.yaml')); os.makedirs(w+'/metrics',exist_ok=True); "
+                    "json.dump(dict(method='${item}',family='toy',primary_metric='score',"
+                    "score=round(p['method']['${item}']['lr']*10,6)),open(w+'/metrics/${item}.json','w'))"
+                ),
+                "deps": ["runs/${item}.txt"],
+                "params": ["method.${item}"],
+                "metrics": [{"metrics/${item}.json": {"cache": False}}],
+            },
+        },
+        "report": {
+            "cmd": py(
+                "import glob,json,os; os.makedirs('reports',exist_ok=True); "
+                "rows=[json.load(open(f)) for f in sorted(glob.glob('metrics/*.json'))]; "
+                "open('reports/summary.md','w').write('# toy report\\n\\n| method | family | score |\\n'"
+                "'|---|---|---|\\n'"
+                "+''.join('| %s | %s | %g |\\n' % (r['method'],r['family'],r['score']) for r in rows))"
+            ),
+            "deps": ["metrics"],
+            "outs": ["reports"],
+        },
     }
 
 
-def make_toy(ws: Path, *, methods=("alpha", "beta"), extra_stages: dict | None = None, flow: dict | None = None,
-             params: dict | None = None, commit: bool = True) -> Path:
+def make_toy(
+    ws: Path,
+    *,
+    methods=("alpha", "beta"),
+    extra_stages: dict | None = None,
+    flow: dict | None = None,
+    params: dict | None = None,
+    commit: bool = True,
+) -> Path:
     """A git + DVC workspace with the toy pipeline, committed."""
     ws.mkdir(parents=True, exist_ok=True)
-    doc = {"seed": 3, "methods": list(methods),
-           "method": {m: {"lr": round(0.1 * (i + 1), 6)} for i, m in enumerate(methods)},
-           "flow": {"retries": 1, "retry_delay_seconds": 0, **(flow or {})}}
+    doc = {
+        "seed": 3,
+        "methods": list(methods),
+        "method": {m: {"lr": round(0.1 * (i + 1), 6)} for i, m in enumerate(methods)},
+        "flow": {"retries": 1, "retry_delay_seconds": 0, **(flow or {})},
+    }
     doc.update(params or {})
     (ws / "params.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
-    (ws / "dvc.yaml").write_text(yaml.safe_dump({"stages": {**toy_stages(), **(extra_stages or {})}},
-                                                sort_keys=False, width=1000))
-    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@example.com"],
-                ["git", "config", "user.name", "sslcook tests"], [*DVC, "init", "-q"],
-                [*DVC, "config", "core.analytics", "false"]):
+    (ws / "dvc.yaml").write_text(
+        yaml.safe_dump({"stages": {**toy_stages(), **(extra_stages or {})}}, sort_keys=False, width=1000)
+    )
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "config", "user.email", "t@example.com"],
+        ["git", "config", "user.name", "sslcook tests"],
+        [*DVC, "init", "-q"],
+        [*DVC, "config", "core.analytics", "false"],
+    ):
         run(cmd, ws)
     if commit:
         run(["git", "add", "-A"], ws)
@@ -80,8 +128,9 @@ def flow_artifacts(flow_run_id: str) -> dict[str, object]:
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     with get_client(sync_client=True) as client:
-        found = client.read_artifacts(artifact_filter=ArtifactFilter(
-            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
     return {a.key: a for a in found}
 
 
@@ -95,7 +144,7 @@ def test_pipeline_flow_matches_dvc_repro_and_skips_everything_on_rerun(tmp_path)
     repro_ws = make_toy(tmp_path / "repro")
 
     summary = pipeline_flow(workspace=str(flow_ws))
-    assert [s["stage"] for s in summary["stages"]] == TOY_ORDER   # DVC's own order, foreach expanded
+    assert [s["stage"] for s in summary["stages"]] == TOY_ORDER  # DVC's own order, foreach expanded
     assert {s["outcome"] for s in summary["stages"]} == {"ran"}
     run([*DVC, "repro"], repro_ws)
     lock = (flow_ws / "dvc.lock").read_text()
@@ -125,10 +174,15 @@ def test_pipeline_flow_matches_dvc_repro_and_skips_everything_on_rerun(tmp_path)
 
 
 # fails on its first attempt (leaving a marker outside its outputs), succeeds on the retry
-FLAKY = {"cmd": py("import os,sys; m='.flaky-tried'; first=not os.path.exists(m); open(m,'a').close(); "
-                   "print('flaky attempt, first' if first else 'flaky attempt, again'); "
-                   "sys.exit(1) if first else open('flaky.txt','w').write(open('data/x.txt').read())"),
-         "deps": ["data/x.txt"], "outs": ["flaky.txt"]}
+FLAKY = {
+    "cmd": py(
+        "import os,sys; m='.flaky-tried'; first=not os.path.exists(m); open(m,'a').close(); "
+        "print('flaky attempt, first' if first else 'flaky attempt, again'); "
+        "sys.exit(1) if first else open('flaky.txt','w').write(open('data/x.txt').read())"
+    ),
+    "deps": ["data/x.txt"],
+    "outs": ["flaky.txt"],
+}
 
 
 def test_retry_rescues_a_stage_that_fails_once_and_a_stage_that_keeps_failing_fails_the_flow(tmp_path):
@@ -136,7 +190,7 @@ def test_retry_rescues_a_stage_that_fails_once_and_a_stage_that_keeps_failing_fa
     from flows.pipeline import pipeline_flow
 
     ws = make_toy(tmp_path / "ws", extra_stages={"flaky": FLAKY})
-    run([*DVC, "remote", "add", "-d", "store", str(tmp_path / "store")], ws)   # so the run pulls and pushes
+    run([*DVC, "remote", "add", "-d", "store", str(tmp_path / "store")], ws)  # so the run pulls and pushes
     summary = pipeline_flow(workspace=str(ws))
     by_stage = {s["stage"]: s for s in summary["stages"]}
     assert by_stage["flaky"]["outcome"] == "ran" and by_stage["flaky"]["attempts"] == 2
@@ -144,23 +198,29 @@ def test_retry_rescues_a_stage_that_fails_once_and_a_stage_that_keeps_failing_fa
     assert "flaky attempt, first" in log and "flaky attempt, again" in log
     assert (ws / "flaky.txt").read_text() == "3"
     assert (ws / ".dvc/tmp/sslcook-logs/dvc-pull.log").exists()
-    assert "in sync" in run([*DVC, "status", "--cloud"], ws).stdout        # pushed after the run
+    assert "in sync" in run([*DVC, "status", "--cloud"], ws).stdout  # pushed after the run
 
     # a stage that fails every time: the flow fails naming it and quoting its log; the workspace stays coherent
     dvc_yaml = yaml.safe_load((ws / "dvc.yaml").read_text())
-    dvc_yaml["stages"]["broken"] = {"cmd": py("import sys; print('boom: the broken stage cannot work'); sys.exit(3)"),
-                                    "deps": ["flaky.txt"], "outs": ["broken.txt"]}
-    dvc_yaml["stages"]["after"] = {"cmd": py("open('after.txt','w').write(open('broken.txt').read())"),
-                                   "deps": ["broken.txt"], "outs": ["after.txt"]}
+    dvc_yaml["stages"]["broken"] = {
+        "cmd": py("import sys; print('boom: the broken stage cannot work'); sys.exit(3)"),
+        "deps": ["flaky.txt"],
+        "outs": ["broken.txt"],
+    }
+    dvc_yaml["stages"]["after"] = {
+        "cmd": py("open('after.txt','w').write(open('broken.txt').read())"),
+        "deps": ["broken.txt"],
+        "outs": ["after.txt"],
+    }
     (ws / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False, width=1000))
     lock_before = yaml.safe_load((ws / "dvc.lock").read_text())
     with pytest.raises(StageFailed) as failure:
         pipeline_flow(workspace=str(ws))
     message = str(failure.value)
     assert "stage 'broken' failed after 2 attempts" in message
-    assert "boom: the broken stage cannot work" in message       # the tail of its log
+    assert "boom: the broken stage cannot work" in message  # the tail of its log
     lock_after = yaml.safe_load((ws / "dvc.lock").read_text())
-    assert lock_after == lock_before                              # the good stages stay recorded, nothing else
+    assert lock_after == lock_before  # the good stages stay recorded, nothing else
     status = run([*DVC, "status"], ws).stdout
     assert "broken:" in status and "after:" in status and "flaky:" not in status
     assert not (ws / "after.txt").exists()
@@ -174,12 +234,12 @@ def test_no_prefect_runs_the_same_sequence_and_honours_no_pull_and_no_push(tmp_p
     run([*DVC, "remote", "add", "-d", "store", str(tmp_path / "store")], ws)
     logs = ws / ".dvc/tmp/sslcook-logs"
     assert run_main(["--no-prefect", "-q", "--no-pull", "--no-push", "-w", str(ws)]) == 0
-    table = dict(line.split()[:2] for line in capsys.readouterr().out.splitlines()[:len(TOY_ORDER) + 1])
-    assert table == {name: "ran" for name in TOY_ORDER + ["flaky"]}       # DVC's order, each stage on its own
+    table = dict(line.split()[:2] for line in capsys.readouterr().out.splitlines()[: len(TOY_ORDER) + 1])
+    assert table == {name: "ran" for name in TOY_ORDER + ["flaky"]}  # DVC's order, each stage on its own
     flaky_log = (logs / "flaky.log").read_text()
-    assert "flaky attempt, first" in flaky_log and "flaky attempt, again" in flaky_log   # retried, as in the flow
+    assert "flaky attempt, first" in flaky_log and "flaky attempt, again" in flaky_log  # retried, as in the flow
     assert not (logs / "dvc-pull.log").exists() and not (logs / "dvc-push.log").exists()
-    assert "in sync" not in run([*DVC, "status", "--cloud"], ws).stdout   # nothing pushed
+    assert "in sync" not in run([*DVC, "status", "--cloud"], ws).stdout  # nothing pushed
 
     # what DVC did, from its status and dvc.lock: alpha's branch re-runs for a new lr, then comes back from DVC's
     # run cache when the lr is set back; the rest is skipped
@@ -188,30 +248,36 @@ def test_no_prefect_runs_the_same_sequence_and_honours_no_pull_and_no_push(tmp_p
     for lr, outcome in ((0.5, "ran"), (0.1, "restored")):
         params["method"]["alpha"]["lr"] = lr
         (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        summary = run_plain(str(ws), echo=False)   # params.yaml's flow.dvc_pull / flow.dvc_push: both
-        assert [(s["stage"], s["outcome"], s["lock"]) for s in summary["stages"]] == \
-            [(name, outcome, "updated") if name in alpha_branch else (name, "skipped", "unchanged")
-             for name in TOY_ORDER + ["flaky"]]
+        summary = run_plain(str(ws), echo=False)  # params.yaml's flow.dvc_pull / flow.dvc_push: both
+        assert [(s["stage"], s["outcome"], s["lock"]) for s in summary["stages"]] == [
+            (name, outcome, "updated") if name in alpha_branch else (name, "skipped", "unchanged")
+            for name in TOY_ORDER + ["flaky"]
+        ]
         assert json.loads((ws / "metrics/alpha.json").read_text())["score"] == lr * 10
     assert (logs / "dvc-pull.log").exists() and "in sync" in run([*DVC, "status", "--cloud"], ws).stdout
     assert summary["flow_run_id"] is None and summary["markdown"].endswith((ws / "reports/summary.md").read_text())
 
 
 def _lock_holder(ws: Path) -> str:
-    return (ws / ".dvc" / "tmp" / "sslcook-workspace.lock").read_text() if \
-        (ws / ".dvc" / "tmp" / "sslcook-workspace.lock").exists() else ""
+    return (
+        (ws / ".dvc" / "tmp" / "sslcook-workspace.lock").read_text()
+        if (ws / ".dvc" / "tmp" / "sslcook-workspace.lock").exists()
+        else ""
+    )
 
 
 def test_two_runs_on_one_workspace_do_not_corrupt_it(tmp_path):
     from flows.dvcops import WorkspaceBusy
     from flows.pipeline import pipeline_flow
 
-    release = tmp_path / "release"   # the slow stage holds the first run until the test has seen the lock work
+    release = tmp_path / "release"  # the slow stage holds the first run until the test has seen the lock work
     slow = {"cmd": f"python hold.py {release}", "deps": ["data/x.txt"], "outs": ["slow.txt"]}
     ws = make_toy(tmp_path / "ws", methods=("alpha",), extra_stages={"slow": slow}, commit=False)
-    (ws / "hold.py").write_text("import os, sys, time\nstart = time.time()\n"
-                                "while not os.path.exists(sys.argv[1]) and time.time() - start < 120:\n"
-                                "    time.sleep(0.2)\nopen('slow.txt', 'w').write('done')\n")
+    (ws / "hold.py").write_text(
+        "import os, sys, time\nstart = time.time()\n"
+        "while not os.path.exists(sys.argv[1]) and time.time() - start < 120:\n"
+        "    time.sleep(0.2)\nopen('slow.txt', 'w').write('done')\n"
+    )
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
     cmd = [sys.executable, "-m", "flows.cli", "run", "--no-prefect", "-q", "-w", str(ws)]
     first = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -219,7 +285,7 @@ def test_two_runs_on_one_workspace_do_not_corrupt_it(tmp_path):
         deadline = time.monotonic() + 60
         while not _lock_holder(ws) and first.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert '"pid": %d' % first.pid in _lock_holder(ws)
+        assert f'"pid": {first.pid}' in _lock_holder(ws)
         second = run(cmd, PROJECT_ROOT, check=False, env=env)
         assert second.returncode == 1
         assert "workspace busy" in second.stderr and f"pid {first.pid}" in second.stderr
@@ -229,12 +295,12 @@ def test_two_runs_on_one_workspace_do_not_corrupt_it(tmp_path):
         release.touch()
         out, err = first.communicate(timeout=120)
     finally:
-        release.touch()   # never leave the held stage waiting
+        release.touch()  # never leave the held stage waiting
         if first.poll() is None:
             first.kill()
             first.wait()
     assert first.returncode == 0, err
-    assert _lock_holder(ws) == ""   # released
+    assert _lock_holder(ws) == ""  # released
     assert "up to date" in run([*DVC, "status"], ws).stdout
     assert (ws / "slow.txt").read_text() == "done"
 
@@ -272,8 +338,10 @@ def test_sigterm_stops_the_run_with_its_stage_and_prefects_server(tmp_path):
     # API server stop with it, the workspace lock is released, exit code 143
     hold = {"cmd": "python hold.py", "deps": ["data/x.txt"], "outs": ["slow.txt"]}
     ws = make_toy(tmp_path / "ws", methods=("alpha",), extra_stages={"slow": hold}, commit=False)
-    (ws / "hold.py").write_text("import os, time\nopen('stage.pid', 'w').write(str(os.getpid()))\n"
-                                "time.sleep(300)\nopen('slow.txt', 'w').write('done')\n")
+    (ws / "hold.py").write_text(
+        "import os, time\nopen('stage.pid', 'w').write(str(os.getpid()))\n"
+        "time.sleep(300)\nopen('slow.txt', 'w').write('done')\n"
+    )
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
     cmd = [sys.executable, "-m", "flows.cli", "run", "-q", "-w", str(ws), "--stage", "slow"]
     proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -308,13 +376,18 @@ def test_sweep_runs_experiments_in_dvc_and_ranks_them(tmp_path, monkeypatch):
     # as `sslcook sweep` from elsewhere would be run; the experiments' stages must still use their own copy
     monkeypatch.setenv("SSLCOOK_WORKSPACE", str(ws))
     params_before = (ws / "params.yaml").read_text()
-    summary = sweep_flow(workspace=str(ws), grid={"methods": [["alpha"]], "method.alpha.lr": [0.5, 0.7]},
-                         metric="score", max_parallel=2, name_prefix="toy")
+    summary = sweep_flow(
+        workspace=str(ws),
+        grid={"methods": [["alpha"]], "method.alpha.lr": [0.5, 0.7]},
+        metric="score",
+        max_parallel=2,
+        name_prefix="toy",
+    )
     assert [e["name"] for e in summary["experiments"]] == ["toy-1", "toy-2"]
     assert [e["state"] for e in summary["experiments"]] == ["success", "success"]
     assert summary["experiments"][0]["args"] == ["methods=[alpha]", "method.alpha.lr=0.5"]
     ranking = [(r["rank"], r["experiment"], r["method"], r["score"]) for r in summary["ranking"]]
-    assert ranking == [(1, "toy-2", "alpha", 7.0), (2, "toy-1", "alpha", 5.0)]   # methods=[alpha]: no beta rows
+    assert ranking == [(1, "toy-2", "alpha", 7.0), (2, "toy-1", "alpha", 5.0)]  # methods=[alpha]: no beta rows
     shown = run([*DVC, "exp", "show", "--json"], ws).stdout
     assert "toy-1" in shown and "toy-2" in shown
     # experiments ran in DVC's temporary copies: the workspace is as it was
@@ -338,24 +411,48 @@ def test_new_data_version_flow_and_a_fresh_clone_getting_its_data_back(tmp_path,
     params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
     params["data"].update({"source": "folder", "path": str(first)})
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (ws / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"count": {
-        "cmd": py("import pathlib; open('count.txt','w').write(str(len(list(pathlib.Path('data/raw').rglob('*.*')))))"),
-        "deps": ["data/raw"], "outs": ["count.txt"]}}}))
-    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@example.com"],
-                ["git", "config", "user.name", "sslcook tests"], [*DVC, "init", "-q"], ["git", "add", "-A"],
-                ["git", "commit", "-q", "-m", "workspace"]):
+    (ws / "dvc.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "stages": {
+                    "count": {
+                        "cmd": py(
+                            "import pathlib; open('count.txt','w')"
+                            ".write(str(len(list(pathlib.Path('data/raw').rglob('*.*')))))"
+                        ),
+                        "deps": ["data/raw"],
+                        "outs": ["count.txt"],
+                    }
+                }
+            }
+        )
+    )
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "config", "user.email", "t@example.com"],
+        ["git", "config", "user.name", "sslcook tests"],
+        [*DVC, "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "commit", "-q", "-m", "workspace"],
+    ):
         run(cmd, ws)
 
-    made = new_data_flow(workspace=str(ws), commit=True)          # source and path from params.yaml
+    made = new_data_flow(workspace=str(ws), commit=True)  # source and path from params.yaml
     v1 = made["data_version_after"]
     assert made["data_version_before"] is None and v1 == data_version(ws) and v1.endswith(".dir")
     assert made["commit"] == run(["git", "rev-parse", "HEAD"], ws).stdout.strip()
-    assert run(["git", "show", "--name-only", "--format=", "HEAD"], ws).stdout.split() == ["data.dvc", "data/.gitignore"]
-    assert [(s["stage"], s["outcome"]) for s in made["pipeline"]["stages"]] == [("data.dvc", "skipped"), ("count", "ran")]
-    assert (ws / "count.txt").read_text() == str(10 * 3 + 1)   # 30 images + SOURCE.json
+    assert run(["git", "show", "--name-only", "--format=", "HEAD"], ws).stdout.split() == [
+        "data.dvc",
+        "data/.gitignore",
+    ]
+    assert [(s["stage"], s["outcome"]) for s in made["pipeline"]["stages"]] == [
+        ("data.dvc", "skipped"),
+        ("count", "ran"),
+    ]
+    assert (ws / "count.txt").read_text() == str(10 * 3 + 1)  # 30 images + SOURCE.json
     assert f"data version after: `{v1}` (new)" in made["markdown"]
 
-    newer = new_data_flow(source="folder", path=str(second), workspace=str(ws))   # not committed unless asked
+    newer = new_data_flow(source="folder", path=str(second), workspace=str(ws))  # not committed unless asked
     v2 = newer["data_version_after"]
     assert newer["data_version_before"] == v1 and v2 not in (v1, None) and newer["commit"] is None
     assert run(["git", "status", "--porcelain", "data.dvc"], ws).stdout.strip() == "M data.dvc"
@@ -365,12 +462,12 @@ def test_new_data_version_flow_and_a_fresh_clone_getting_its_data_back(tmp_path,
     run(["git", "checkout", "-q", "--", "data.dvc"], ws)
     shutil.rmtree(ws / "data" / "raw")
     assert ensure_raw_data(ws) == f"restored data version {v1} from the DVC cache"
-    assert ensure_raw_data(ws) is None                              # nothing missing: nothing done
+    assert ensure_raw_data(ws) is None  # nothing missing: nothing done
     shutil.rmtree(ws / "data" / "raw")
-    shutil.rmtree(ws / ".dvc" / "cache")                            # no cache, no remote: ingest params' source
+    shutil.rmtree(ws / ".dvc" / "cache")  # no cache, no remote: ingest params' source
     assert run_main(["--no-prefect", "-q", "-w", str(ws)]) == 0
     assert data_version(ws) == v1 and (ws / "count.txt").read_text() == str(10 * 3 + 1)
-    assert run(["git", "status", "--porcelain", "data.dvc"], ws).stdout == ""   # byte-identical version
+    assert run(["git", "status", "--porcelain", "data.dvc"], ws).stdout == ""  # byte-identical version
 
 
 def test_stage_selection_and_user_errors(tmp_path):

@@ -3,6 +3,7 @@
 Each case asserts the exit code (or the error class a CLI turns into one), a single-line message naming the file
 or key, no traceback, and that the earlier outputs (metrics, models, data.dvc, data/raw) are byte-identical.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -22,12 +23,12 @@ import yaml
 
 import support.tiny_pipeline as tp
 from conftest import run
-from support.data_utils import encode, light_workspace, noise_rgb, set_params
 from stages import pretrain as stage
 from stages.workspace.common import ConfigError, DataError
 from stages.workspace.ingest import ingest
-from test_pretrain_stage import shards  # noqa: F401  (fixture)
+from support.data_utils import encode, light_workspace, noise_rgb, set_params
 from support.tiny_ssl import make_stage_workspace
+from test_pretrain_stage import shards  # noqa: F401  (fixture)
 
 
 def snapshot(root: Path, *patterns: str) -> dict[str, str]:
@@ -110,8 +111,8 @@ def test_bad_params_stop_sslcook_run_before_dvc_deletes_anything(pipeline, monke
             assert code == 2, (dotted, code, err[-2000:])
             one_line_error(err, "params.yaml", named)
             assert snapshot(ws, *OUTPUTS) == before, dotted
-        (ws / "params.yaml").write_text(original.replace("seed: 0", "seed: [0", 1))   # not YAML at all
-        proc = tp.sslcook(["run", "-q"], ws, check=False)   # the Prefect path: refused before a server starts
+        (ws / "params.yaml").write_text(original.replace("seed: 0", "seed: [0", 1))  # not YAML at all
+        proc = tp.sslcook(["run", "-q"], ws, check=False)  # the Prefect path: refused before a server starts
         assert proc.returncode == 2, proc.stderr[-2000:]
         one_line_error(proc.stderr, "params.yaml", "not valid YAML")
         assert snapshot(ws, *OUTPUTS) == before
@@ -121,8 +122,9 @@ def test_bad_params_stop_sslcook_run_before_dvc_deletes_anything(pipeline, monke
 
 
 def test_augment_value_names_the_key_it_came_from(tmp_path, shards):  # noqa: F811
-    ws = make_stage_workspace(tmp_path / "ws", shards, methods=["simclr"],
-                              method_overrides={"simclr": {"augment": {"contrast": -2}}})
+    ws = make_stage_workspace(
+        tmp_path / "ws", shards, methods=["simclr"], method_overrides={"simclr": {"augment": {"contrast": -2}}}
+    )
     with pytest.raises(ConfigError, match=r"method\.simclr\.augment\.contrast: .*non negative"):
         stage.pretrain("simclr", root=ws)
     set_params(ws, method__simclr__augment={"contrast": 0.4}, pretrain__augment={"flip_prob": 1.5})
@@ -165,7 +167,7 @@ def zip_bad_crc(tree: Path, dest: Path) -> tuple[Path, str]:
     with zipfile.ZipFile(dest) as zf:
         info = zf.getinfo("a/1.png")
     data = bytearray(dest.read_bytes())
-    at = info.header_offset + 30 + len(info.filename) + 40   # inside the stored member's bytes
+    at = info.header_offset + 30 + len(info.filename) + 40  # inside the stored member's bytes
     data[at] ^= 0xFF
     dest.write_bytes(bytes(data))
     return dest, "a/1.png"
@@ -179,9 +181,9 @@ def zip_unsupported_method(tree: Path, dest: Path) -> tuple[Path, str]:
     # compression method 99 (AES) in the central directory entry of one member: cannot be read here
     start = 0
     while (cd := data.find(b"PK\x01\x02", start)) != -1:
-        name_len = int.from_bytes(data[cd + 28: cd + 30], "little")
-        if data[cd + 46: cd + 46 + name_len] == b"b/2.png":
-            data[cd + 10: cd + 12] = (99).to_bytes(2, "little")
+        name_len = int.from_bytes(data[cd + 28 : cd + 30], "little")
+        if data[cd + 46 : cd + 46 + name_len] == b"b/2.png":
+            data[cd + 10 : cd + 12] = (99).to_bytes(2, "little")
         start = cd + 4
     assert "b/2.png" in infos
     dest.write_bytes(bytes(data))
@@ -190,7 +192,7 @@ def zip_unsupported_method(tree: Path, dest: Path) -> tuple[Path, str]:
 
 def zip_truncated(tree: Path, dest: Path) -> tuple[Path, str]:
     data = _zip(tree, dest).read_bytes()
-    dest.write_bytes(data[: len(data) // 2])   # no central directory: not recognisable as a zip any more
+    dest.write_bytes(data[: len(data) // 2])  # no central directory: not recognisable as a zip any more
     return dest, "not a tar or zip archive"
 
 
@@ -216,7 +218,7 @@ def test_damaged_archive_is_one_line_and_nothing_is_written(make, ingested, tmp_
     assert code == 1
     one_line_error(err, str(archive), named)
     assert snapshot(ingested, "data.dvc", "data/raw/**/*") == before
-    assert not list((ingested / "data").glob(".raw.*"))   # no staging folder left behind
+    assert not list((ingested / "data").glob(".raw.*"))  # no staging folder left behind
 
 
 @pytest.mark.parametrize("kind", ["file", "folder"])
@@ -238,7 +240,7 @@ def test_folder_symlink_outside_is_refused_unless_followed(kind, ingested, tmp_p
 
 def test_folder_symlink_inside_the_folder_is_read_once(tmp_path):
     tree = _image_tree(tmp_path / "tree")
-    (tree / "a" / "again").symlink_to(tree / "b")   # inside: read where it really is, not twice
+    (tree / "a" / "again").symlink_to(tree / "b")  # inside: read where it really is, not twice
     result = ingest("folder", tree, run_dvc=False, root=light_workspace(tmp_path / "ws"))
     assert result.total == 8
 
@@ -259,7 +261,7 @@ def test_mixed_image_sizes_are_refused_by_the_shard_stage(tmp_path):
     assert "\n" not in message and "split 'train'" in message and "16x16" in message and "24x24" in message
     assert "shard.image_size" in message
     assert snapshot(ws, "data/shards/*") == before
-    set_params(ws, shard__image_size=16)   # the remedy the message names
+    set_params(ws, shard__image_size=16)  # the remedy the message names
     assert shard(root=ws)["image_size"]["uniform"] == [16, 16]
 
 
@@ -298,8 +300,9 @@ def resume_case(tmp_path_factory, shards):  # noqa: F811
     """A real resume state of a 2-epoch SimCLR run (stopped after epoch 1), and the workspace it belongs to."""
     from ssl_models import engine
 
-    ws = make_stage_workspace(tmp_path_factory.mktemp("resume") / "ws", shards, methods=["simclr"],
-                              pretrain={"epochs": 2})
+    ws = make_stage_workspace(
+        tmp_path_factory.mktemp("resume") / "ws", shards, methods=["simclr"], pretrain={"epochs": 2}
+    )
     real_fit = engine.Trainer._fit
 
     def stop_after_first_epoch(self, total):
@@ -320,8 +323,9 @@ def resume_case(tmp_path_factory, shards):  # noqa: F811
 
 
 @pytest.mark.parametrize("damage", [_garbage, _truncated, _pickle_with_code, _other_format, _other_model])
-def test_unusable_resume_state_is_set_aside_and_training_starts_fresh(damage, resume_case, tmp_path, capsys,
-                                                                      monkeypatch):
+def test_unusable_resume_state_is_set_aside_and_training_starts_fresh(
+    damage, resume_case, tmp_path, capsys, monkeypatch
+):
     ws0, name, good = resume_case
     ws = tmp_path / "ws"
     shutil.copytree(ws0, ws)
@@ -337,9 +341,9 @@ def test_unusable_resume_state_is_set_aside_and_training_starts_fresh(damage, re
     warnings = [line for line in err.splitlines() if "resume state" in line]
     assert len(warnings) == 1 and str(state) in warnings[0] and "starting from step 0" in warnings[0], err
     [aside] = list(state.parent.glob(f"{name}.bad-*"))
-    assert aside.read_bytes() == damaged   # moved aside, not deleted
+    assert aside.read_bytes() == damaged  # moved aside, not deleted
     assert not marker.exists() and "Traceback" not in err
-    if damage is _pickle_with_code:   # torch's own warning travels with the reason, whole
+    if damage is _pickle_with_code:  # torch's own warning travels with the reason, whole
         assert "arbitrary code execution" in warnings[0]
 
 
@@ -355,8 +359,8 @@ def test_unusable_resume_state_stops_with_on_bad_resume_fail(resume_case, tmp_pa
     message = str(err.value)
     assert "\n" not in message and str(state) in message and "on_bad_resume: fail" in message
     assert list(state.parent.glob(f"{name}.bad-*")) and not state.exists()
-    assert not [p for p in (ws / "runs").rglob("*") if p.is_file()]   # no outputs
-    summary = stage.pretrain("simclr", root=ws)   # the next run starts fresh: it no longer blocks anything
+    assert not [p for p in (ws / "runs").rglob("*") if p.is_file()]  # no outputs
+    summary = stage.pretrain("simclr", root=ws)  # the next run starts fresh: it no longer blocks anything
     assert summary["resumed_from_step"] is None
 
 
@@ -384,7 +388,7 @@ def _small_tensors() -> dict:
 
 
 CRAFTED = [
-    ({**SMALL, "width": 100_000}, "backbone_config.width"),            # 360 GB were tried once
+    ({**SMALL, "width": 100_000}, "backbone_config.width"),  # 360 GB were tried once
     ({**SMALL, "name": "os.system"}, "not a known backbone"),
     ({**SMALL, "name": ["resnet18"]}, "not a known backbone"),
     ({**SMALL, "in_chans": 0}, "backbone_config.in_chans"),
@@ -395,12 +399,13 @@ CRAFTED = [
     ({"name": "vit_tiny", "embed_dim": 1 << 20}, "backbone_config.embed_dim"),
     ({"name": "vit_tiny", "image_size": 1 << 20, "patch_size": 1}, "backbone_config.image_size"),
     ({"name": "vit_tiny", "image_size": 16, "patch_size": 32}, "cannot be built"),
-    ({**SMALL, "width": 4}, "with another shape"),                      # the config asks for more than the file holds
+    ({**SMALL, "width": 4}, "with another shape"),  # the config asks for more than the file holds
 ]
 
 
-@pytest.mark.parametrize("config,named", CRAFTED, ids=[c[1].split(".")[-1][:24] + str(i) for i, c in
-                                                         enumerate(CRAFTED)])
+@pytest.mark.parametrize(
+    "config,named", CRAFTED, ids=[c[1].split(".")[-1][:24] + str(i) for i, c in enumerate(CRAFTED)]
+)
 def test_crafted_backbone_header_is_a_one_line_error(config, named, tmp_path):
     from ssl_models.io import BackboneFileError, load_backbone
 
@@ -414,7 +419,7 @@ def test_backbone_bytes_must_match_what_the_config_implies(tmp_path):
     from ssl_models.io import BackboneFileError, load_backbone
 
     tensors = _small_tensors()
-    tensors["conv1.weight"] = tensors["conv1.weight"].double()   # same shapes, twice the bytes
+    tensors["conv1.weight"] = tensors["conv1.weight"].double()  # same shapes, twice the bytes
     path = _backbone_file(tmp_path / "b.safetensors", SMALL, tensors=tensors)
     with pytest.raises(BackboneFileError, match="implies .* bytes of parameters, the file holds"):
         load_backbone(path)
@@ -446,8 +451,12 @@ def test_evaluate_reports_a_crafted_backbone_in_one_line(pipeline, tmp_path):
     (ws / "models" / "simclr" / "model_card.json").unlink()
     _backbone_file(weights, {**SMALL, "width": 100_000}, tensors=_small_tensors())
     before = snapshot(ws, "metrics/*")
-    proc = tp.sh([sys.executable, "-m", "stages.evaluate", "--method", "simclr"], ws, check=False,
-                 env={"SSLCOOK_WORKSPACE": str(ws)})
+    proc = tp.sh(
+        [sys.executable, "-m", "stages.evaluate", "--method", "simclr"],
+        ws,
+        check=False,
+        env={"SSLCOOK_WORKSPACE": str(ws)},
+    )
     assert proc.returncode == 1, proc.stderr[-2000:]
     one_line_error(proc.stderr, str(weights), "backbone_config.width")
     assert snapshot(ws, "metrics/*") == before

@@ -1,4 +1,5 @@
 """Bad input: every case of the issue, at the decoder, at ingest (skip / fail) and in the shard stage."""
+
 from __future__ import annotations
 
 import io
@@ -12,11 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from support.data_utils import encode, light_workspace, noise_rgb, read_shards, set_params
 from stages import images
+from stages.shard import shard
 from stages.workspace.common import DataError
 from stages.workspace.ingest import ingest
-from stages.shard import shard
+from support.data_utils import encode, light_workspace, noise_rgb, read_shards, set_params
 
 # torchvision 0.29 (pinned) warns that its image codecs will move to TorchCodec; the loader copes without them
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
@@ -39,10 +40,8 @@ REFUSED = {
     "text with an image extension": (b"name,label\ncat,1\n", "not an image"),
     "html error page saved as .jpg": (b"<html><body>404 Not Found</body></html>", "not an image"),
     "float image (mode F)": (encode(Image.fromarray(np.ones((4, 4), np.float32)), "TIFF"), "mode F"),
-    "decompression bomb (header over the limit)": (encode(Image.new("L", (1500, 1000)), "PNG"),
-                                                   "decompression bomb"),
-    "decompression bomb (over twice the limit)": (encode(Image.new("L", (4000, 1000)), "PNG"),
-                                                  "decompression bomb"),
+    "decompression bomb (header over the limit)": (encode(Image.new("L", (1500, 1000)), "PNG"), "decompression bomb"),
+    "decompression bomb (over twice the limit)": (encode(Image.new("L", (4000, 1000)), "PNG"), "decompression bomb"),
 }
 
 
@@ -126,7 +125,7 @@ def _messy_folder(root: Path) -> dict[str, str]:
     """A labelled folder with good, convertible and unusable files; returns {unusable path: reason}."""
     good = {
         "cat/plain.jpg": JPEG,
-        "cat/with space ü.png": PNG,                                           # spaces + unicode (NFC)
+        "cat/with space ü.png": PNG,  # spaces + unicode (NFC)
         "cat/" + unicodedata.normalize("NFD", "café.png"): encode(noise_rgb(3), "PNG"),  # NFD name
         "cat/cmyk.jpg": encode(noise_rgb(4).convert("CMYK"), "JPEG"),
         "cat/sixteen.png": encode(Image.fromarray((np.arange(256, dtype=np.uint16) * 250).reshape(16, 16)), "PNG"),
@@ -153,8 +152,14 @@ def test_ingest_skips_unusable_files_listing_each_reason_and_shard_converts_the_
     src = tmp_path / "messy"
     bad = _messy_folder(src)
     # the messy folder mixes 16 and 32 px images: one shard size makes a split batchable (else it is refused)
-    ws = light_workspace(tmp_path / "ws", data__on_bad_image="skip", data__image_mode="RGB",
-                         data__max_image_pixels=MAX_PIXELS, shard__image_format="png", shard__image_size=16)
+    ws = light_workspace(
+        tmp_path / "ws",
+        data__on_bad_image="skip",
+        data__image_mode="RGB",
+        data__max_image_pixels=MAX_PIXELS,
+        shard__image_format="png",
+        shard__image_size=16,
+    )
     result = ingest("folder", src, run_dvc=False, root=ws)
     skipped = {entry["path"].split(":", 1)[1]: entry["reason"] for entry in result.skipped}
     assert set(skipped) == set(bad)
@@ -263,7 +268,7 @@ def test_zip_path_tricks_are_always_refused(tmp_path, trick):
         zf.writestr("set/cat/ok.png", PNG)
         if trick == "symlink":
             info = zipfile.ZipInfo("set/cat/link.png")
-            info.external_attr = (0o120777 << 16)
+            info.external_attr = 0o120777 << 16
             zf.writestr(info, "/etc/passwd")
         else:
             zf.writestr(zipfile.ZipInfo(trick), PNG)

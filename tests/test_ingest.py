@@ -1,4 +1,5 @@
 """Ingest: mnist5k reproduces the committed data.dvc; folders and archives land in data/raw the same way."""
+
 from __future__ import annotations
 
 import json
@@ -15,10 +16,10 @@ import yaml
 from PIL import Image
 
 from conftest import PROJECT_ROOT, run
-from support.data_utils import encode, light_workspace, noise_rgb
 from stages import ingest as ingest_mod
 from stages.workspace.common import ConfigError, DataError
 from stages.workspace.ingest import ingest, raw_dir_md5
+from support.data_utils import encode, light_workspace, noise_rgb
 
 
 def _committed_md5() -> str:
@@ -28,8 +29,11 @@ def _committed_md5() -> str:
 def test_mnist5k_reproduces_the_committed_data_dvc(workspace):
     """A fresh clone + `sslcook data ingest mnist5k` leaves `dvc status data.dvc` clean."""
     shutil.copy(PROJECT_ROOT / "data.dvc", workspace / "data.dvc")
-    proc = run([sys.executable, "-m", "flows.cli", "data", "ingest", "mnist5k"], workspace,
-               env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
+    proc = run(
+        [sys.executable, "-m", "flows.cli", "data", "ingest", "mnist5k"],
+        workspace,
+        env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)},
+    )
     assert _committed_md5() in proc.stdout and "git add data.dvc" in proc.stdout
     assert yaml.safe_load((workspace / "data.dvc").read_text())["outs"][0]["md5"] == _committed_md5()
     status = run([sys.executable, "-m", "dvc", "status", "--json", "data.dvc"], workspace)
@@ -95,15 +99,22 @@ def test_tar_gz_and_zip_of_the_tree_give_the_same_data_version_as_the_folder(tmp
         for path in sorted(cifar_tree.rglob("*")):
             zf.write(path, Path(cifar_tree.name) / path.relative_to(cifar_tree))
     versions = {}
-    for name, source, path in [("folder", "folder", cifar_tree), ("tgz", "archive", tgz), ("zip", "archive", archive_zip)]:
+    for name, source, path in [
+        ("folder", "folder", cifar_tree),
+        ("tgz", "archive", tgz),
+        ("zip", "archive", archive_zip),
+    ]:
         ws = light_workspace(tmp_path / name)
         result = ingest(source, path, run_dvc=False, root=ws)
         assert result.total == 400
         source_json = json.loads((ws / "data" / "raw" / "SOURCE.json").read_text())
         raw = ws / "data" / "raw"
         assert source_json["ignored"]["count"] == 1  # README.txt (its path is relative to each source's root)
-        versions[name] = ({k: v for k, v in source_json.items() if k not in ("origin", "name", "ignored")},
-                          raw_dir_md5(raw / "train"), raw_dir_md5(raw / "test"))
+        versions[name] = (
+            {k: v for k, v in source_json.items() if k not in ("origin", "name", "ignored")},
+            raw_dir_md5(raw / "train"),
+            raw_dir_md5(raw / "test"),
+        )
     assert versions["folder"] == versions["tgz"] == versions["zip"]
 
 
@@ -190,12 +201,15 @@ def test_cifar10_without_a_path_uses_torchvision(tmp_path, monkeypatch):
     assert np.array_equal(np.asarray(Image.open(img)), FakeCIFAR10("x/cifar10", True, True).data[1])
 
 
-@pytest.mark.parametrize("args, message", [
-    (("folder", None), "needs a path"),
-    (("archive", "nowhere.tar"), "not an archive file"),
-    (("folder", "nowhere"), "not a folder"),
-    (("imagenet", None), "unknown data source 'imagenet'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("folder", None), "needs a path"),
+        (("archive", "nowhere.tar"), "not an archive file"),
+        (("folder", "nowhere"), "not a folder"),
+        (("imagenet", None), "unknown data source 'imagenet'"),
+    ],
+)
 def test_bad_source_arguments_are_one_line_config_errors(tmp_path, args, message):
     ws = light_workspace(tmp_path / "ws")
     with pytest.raises(ConfigError, match=message):

@@ -1,4 +1,5 @@
 """Backbone files: exact round trip, strict torchvision load, no pickle, one-line errors for bad files."""
+
 from __future__ import annotations
 
 import json
@@ -31,9 +32,10 @@ def _trained_like(model: nn.Module, x: torch.Tensor) -> nn.Module:
 def test_round_trip_resnet_and_vit_give_equal_features(tmp_path):
     x = torch.rand(6, 1, 28, 28)
     lineage = {"stage": "export", "data_version": "abc123", "parents": {"checkpoint": {"path": "runs/m/checkpoint.pt"}}}
-    for name, kwargs in [("resnet18", {"in_chans": 1, "small_image": True, "width": 8}),
-                         ("vit_tiny", {"in_chans": 1, "image_size": 28, "patch_size": 4, "embed_dim": 32, "depth": 2,
-                                       "num_heads": 2})]:
+    for name, kwargs in [
+        ("resnet18", {"in_chans": 1, "small_image": True, "width": 8}),
+        ("vit_tiny", {"in_chans": 1, "image_size": 28, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}),
+    ]:
         model = _trained_like(build_backbone(name, **kwargs), x)
         path = tmp_path / f"{name}.safetensors"
         digest = save_backbone(path, model, {"input": INPUT, "lineage": lineage, "method": "simclr"})
@@ -48,7 +50,7 @@ def test_round_trip_resnet_and_vit_give_equal_features(tmp_path):
     # the file is safetensors (8-byte header length, then JSON): no pickle to execute
     raw = (tmp_path / "resnet18.safetensors").read_bytes()
     header_len = int.from_bytes(raw[:8], "little")
-    assert json.loads(raw[8:8 + header_len])["__metadata__"]["format"] == "sslcook.backbone/1"
+    assert json.loads(raw[8 : 8 + header_len])["__metadata__"]["format"] == "sslcook.backbone/1"
 
 
 def test_exported_resnet_loads_into_torchvision_strict(tmp_path):

@@ -1,6 +1,7 @@
 """The layout stays readable: stages/ holds exactly the DVC stages, imports point one way (flows -> stage scripts ->
 stages.workspace -> ssl_models), no function in stages/ or flows/ runs over MAX_LINES, and the integration tier's
 table in conftest.py names tests that exist."""
+
 from __future__ import annotations
 
 import ast
@@ -40,14 +41,18 @@ def test_no_function_in_stages_or_flows_grows_past_the_limit():
                 key = f"{path.relative_to(PROJECT_ROOT).as_posix()}:{name}"
                 if lines > ALLOWED.get(key, MAX_LINES):
                     too_long[key] = lines
-    assert not too_long, (f"functions over {MAX_LINES} lines (or longer than their ALLOWED entry); split them into "
-                          f"named steps: {too_long}")
+    assert not too_long, (
+        f"functions over {MAX_LINES} lines (or longer than their ALLOWED entry); split them into "
+        f"named steps: {too_long}"
+    )
 
 
 def test_function_lengths_count_every_line_of_nested_functions_and_methods(tmp_path):
     source = tmp_path / "m.py"
-    source.write_text("def a():\n    def b():\n        return 1\n    return b\n\n\n"
-                      "class C:\n    @property\n    def d(self):\n        '''doc'''\n\n        return 2\n")
+    source.write_text(
+        "def a():\n    def b():\n        return 1\n    return b\n\n\n"
+        "class C:\n    @property\n    def d(self):\n        '''doc'''\n\n        return 2\n"
+    )
     assert function_lengths(source) == {"a": 4, "a.b": 2, "C.d": 4}
 
 
@@ -55,8 +60,11 @@ def test_the_integration_table_names_existing_tests():
     for module, names in INTEGRATION.items():
         path = PROJECT_ROOT / "tests" / f"{module}.py"
         assert path.exists(), f"conftest.INTEGRATION names {module}, which is not a test module"
-        defined = {node.name for node in ast.walk(ast.parse(path.read_text()))
-                   if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name.startswith("test_")}
+        defined = {
+            node.name
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name.startswith("test_")
+        }
         assert not set(names or ()) - defined, f"conftest.INTEGRATION names tests {module} does not define"
 
 
@@ -68,7 +76,7 @@ def _imported_modules(path: Path) -> set[str]:
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
-            base = list(package[:len(package) - node.level + 1]) if node.level else []
+            base = list(package[: len(package) - node.level + 1]) if node.level else []
             module = ".".join(base + ([node.module] if node.module else []))
             names.add(module)
             names.update(f"{module}.{alias.name}" for alias in node.names)
@@ -94,10 +102,12 @@ def test_imports_point_one_way():
                 problems.append(f"{here} imports {name}")
             elif name.startswith("flows"):
                 problems.append(f"{here} imports {name}")
-            elif here.startswith("stages.workspace") and any(name == s or name.startswith(s + ".")
-                                                             for s in stage_scripts):
+            elif here.startswith("stages.workspace") and any(
+                name == s or name.startswith(s + ".") for s in stage_scripts
+            ):
                 problems.append(f"{here} imports {name}")
-            elif here in stage_scripts and any((name == s or name.startswith(s + ".")) and s != here
-                                               for s in stage_scripts):
+            elif here in stage_scripts and any(
+                (name == s or name.startswith(s + ".")) and s != here for s in stage_scripts
+            ):
                 problems.append(f"{here} imports {name}")
     assert not problems, problems

@@ -1,4 +1,5 @@
 """The WebDataset loader: exact coverage across ranks and workers, equal batches, determinism, shard checks."""
+
 from __future__ import annotations
 
 import json
@@ -10,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from support.data_utils import light_workspace, pixels, read_shards
 from ssl_models import data as shard_data
-from stages.workspace.ingest import ingest
 from stages.shard import shard
+from stages.workspace.ingest import ingest
+from support.data_utils import light_workspace, pixels, read_shards
 
 # torchvision 0.29 (pinned) warns that its image codecs will move to TorchCodec; the loader copes without them
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
@@ -37,8 +38,10 @@ def source(shards) -> dict[str, tuple[np.ndarray, int]]:
     for split in ("train", "test"):
         for s in read_shards(shards, split):
             meta = json.loads(s["json"])
-            out[s["__key__"].decode()] = (pixels((raw / meta["path"]).read_bytes(), "RGB"),
-                                          classes.index(meta["class"]))
+            out[s["__key__"].decode()] = (
+                pixels((raw / meta["path"]).read_bytes(), "RGB"),
+                classes.index(meta["class"]),
+            )
     return out
 
 
@@ -46,9 +49,17 @@ def source(shards) -> dict[str, tuple[np.ndarray, int]]:
 def test_every_sample_exactly_once_across_2_ranks_x_2_workers(shards, source, split):
     keys: list[str] = []
     for rank in range(2):
-        loader = shard_data.make_loader(shard_data.shard_urls(shards, split), batch_size=32,
-                                        rank=rank, world_size=2, num_workers=2, drop_last=False, return_keys=True,
-                                        seed=3, epoch=1)
+        loader = shard_data.make_loader(
+            shard_data.shard_urls(shards, split),
+            batch_size=32,
+            rank=rank,
+            world_size=2,
+            num_workers=2,
+            drop_last=False,
+            return_keys=True,
+            seed=3,
+            epoch=1,
+        )
         batches = list(loader)
         assert len(batches) == len(loader)
         for images, labels, batch_keys in batches:
@@ -67,8 +78,9 @@ def test_training_mode_gives_equal_full_batches_and_no_repeats(shards):
     urls = shard_data.shard_urls(shards, "train")
     runs = {}
     for rank in range(2):
-        loader = shard_data.make_loader(urls, batch_size=32, rank=rank, world_size=2, num_workers=2,
-                                        seed=3, epoch=0, return_keys=True)
+        loader = shard_data.make_loader(
+            urls, batch_size=32, rank=rank, world_size=2, num_workers=2, seed=3, epoch=0, return_keys=True
+        )
         batches = list(loader)
         runs[rank] = [k for b in batches for k in b[2]]
         # 10 units (5 shards split in 2 parts) of 32 or 22 samples, 5 per rank: at least 140 -> 4 batches of 32
@@ -77,8 +89,9 @@ def test_training_mode_gives_equal_full_batches_and_no_repeats(shards):
     assert not set(runs[0]) & set(runs[1]) and len(set(runs[0])) == 128
 
     # deterministic for (seed, epoch); another epoch is another order
-    again = shard_data.make_loader(urls, batch_size=32, rank=0, world_size=2, num_workers=2, seed=3,
-                                   epoch=0, return_keys=True)
+    again = shard_data.make_loader(
+        urls, batch_size=32, rank=0, world_size=2, num_workers=2, seed=3, epoch=0, return_keys=True
+    )
     assert [k for b in again for k in b[2]] == runs[0]
     again.set_epoch(1)
     assert [k for b in again for k in b[2]] != runs[0]
@@ -93,8 +106,9 @@ def test_batches_are_uint8_images_with_their_labels_and_resize_crops_the_centre(
     images, labels = next(iter(shard_data.make_loader(urls, batch_size=10, shuffle_buffer=0)))
     assert images.shape == (10, 3, 32, 32) and images.dtype == torch.uint8
     assert labels.shape == (10,) and labels.dtype == torch.long
-    resized, _, keys = next(iter(shard_data.make_loader(urls, batch_size=10, shuffle_buffer=0, resize=16,
-                                                        return_keys=True, num_workers=1)))
+    resized, _, keys = next(
+        iter(shard_data.make_loader(urls, batch_size=10, shuffle_buffer=0, resize=16, return_keys=True, num_workers=1))
+    )
     assert resized.shape == (10, 3, 16, 16) and resized.dtype == torch.uint8
     from torchvision.transforms.v2 import functional as tvf
 
@@ -140,8 +154,11 @@ def test_mixed_image_sizes_are_refused_naming_the_split_and_two_sizes(shards, tm
         return (image[:, :20] if key[-1] in "13579" else image), label, key
 
     loader.prepare = odd_keys_cut_to_20_rows
-    with pytest.raises(shard_data.DataError, match=r"split 'test' mixes image sizes \((32x32 and 20x32|20x32 and "
-                                                   r"32x32)"):
+    with pytest.raises(
+        shard_data.DataError,
+        match=r"split 'test' mixes image sizes \((32x32 and 20x32|20x32 and "
+        r"32x32)",
+    ):
         next(iter(loader))
 
 
@@ -159,16 +176,22 @@ def test_shards_of_an_older_format_ask_for_a_re_shard(shards, tmp_path, fmt):
     with pytest.raises(shard_data.DataError, match=message):
         shard_data.load_split(stale, "test")
     with pytest.raises(shard_data.DataError, match=r"re-run the shard stage"):
-        shard_data.make_loader(shard_data.shard_urls(shards, "train"), batch_size=8,
-                               manifest=json.loads((stale / "manifest.json").read_text()))
+        shard_data.make_loader(
+            shard_data.shard_urls(shards, "train"),
+            batch_size=8,
+            manifest=json.loads((stale / "manifest.json").read_text()),
+        )
     # a format-1 sample (label in a separate cls member, no cls in its json) read without a manifest
     import io
     import tarfile
 
     tar = tmp_path / "train-000000.tar"
     with tarfile.open(tar, "w") as tf:
-        for name, data in (("a.png", read_shards(shards, "test")[0]["png"]), ("a.cls", b"3"),
-                           ("a.json", b'{"path": "x", "class": "y"}')):
+        for name, data in (
+            ("a.png", read_shards(shards, "test")[0]["png"]),
+            ("a.cls", b"3"),
+            ("a.json", b'{"path": "x", "class": "y"}'),
+        ):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
@@ -181,7 +204,7 @@ def test_batches_for_a_cuda_consumer_are_pinned(shards):
     urls = shard_data.shard_urls(shards, "train")
     for workers in (0, 2):
         loader = shard_data.make_loader(urls, batch_size=32, num_workers=workers, pin_memory=True, seed=1)
-        for images, labels in loader:
+        for images, _labels in loader:
             assert images.is_pinned() and images.dtype == torch.uint8
             on_gpu = images.to("cuda", non_blocking=True)
             assert torch.equal(on_gpu.cpu(), images)

@@ -1,6 +1,7 @@
 """Barlow Twins (Zbontar et al. 2021): the cross-correlation loss against a loop-based reference and its limit
 cases, the projector's gradient and reported terms, the method's registration and paper defaults, and 20 steps on
 real CIFAR-10 images. Under 2 gloo processes: tests/test_distributed.py."""
+
 from __future__ import annotations
 
 import math
@@ -39,7 +40,7 @@ def ref_barlow(z1: list, z2: list, lam: float, eps: float) -> float:
     for i in range(d):
         for j in range(d):
             c_ij = sum(a[b][i] * b_[b][j] for b in range(n)) / n
-            loss += (1 - c_ij) ** 2 if i == j else lam * c_ij ** 2
+            loss += (1 - c_ij) ** 2 if i == j else lam * c_ij**2
     return loss
 
 

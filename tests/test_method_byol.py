@@ -1,6 +1,7 @@
 """BYOL (Grill et al. 2020): the normalised-MSE loss against eq. 2 and its stop-gradient, the EMA teacher, the
 DirectPred predictor (Tian et al. 2021) set from the running correlation, the method's registration, and 20 steps of
 its own recipe on real CIFAR-10 images."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -41,10 +42,10 @@ def test_byol_loss_equals_reference_and_limits():
     p, z = randn(7, 5, seed=5), randn(7, 5, seed=6)
     loss = BYOLLoss()
     assert float(loss(p, z)) == pytest.approx(byol_reference(p, z), abs=ATOL)
-    assert float(loss(p, 3 * p)) == pytest.approx(0.0, abs=ATOL)           # identical directions
-    assert float(loss(p, -p)) == pytest.approx(4.0, abs=ATOL)              # opposite directions: 2 - 2(-1)
+    assert float(loss(p, 3 * p)) == pytest.approx(0.0, abs=ATOL)  # identical directions
+    assert float(loss(p, -p)) == pytest.approx(4.0, abs=ATOL)  # opposite directions: 2 - 2(-1)
     const = torch.ones(4, 5, dtype=torch.float64)
-    assert float(loss(const, const)) == pytest.approx(0.0, abs=ATOL)       # collapsed: the trivial minimum
+    assert float(loss(const, const)) == pytest.approx(0.0, abs=ATOL)  # collapsed: the trivial minimum
     perm = torch.tensor([3, 0, 6, 1, 5, 2, 4])
     assert float(loss(p[perm], z[perm])) == pytest.approx(float(loss(p, z)), abs=1e-10)
 
@@ -68,8 +69,12 @@ def test_registered_with_family_and_recipe():
 
 def test_byol_teacher_gets_no_gradient_predictor_and_projector_do():
     torch.manual_seed(0)
-    method = BYOL(build_backbone("resnet18", width=8, small_image=True), projection_dim=16,
-                  projector_hidden_dim=32, predictor_hidden_dim=32)
+    method = BYOL(
+        build_backbone("resnet18", width=8, small_image=True),
+        projection_dim=16,
+        projector_hidden_dim=32,
+        predictor_hidden_dim=32,
+    )
     views = [torch.randn(6, 3, 16, 16), torch.randn(6, 3, 16, 16)]
     method(views)["loss"].backward()
     for name, module in method.teacher_modules().items():
@@ -124,8 +129,13 @@ def test_direct_predictor_is_set_from_the_running_correlation():
 
 def test_byol_with_direct_predictor_trains_backbone_and_projector():
     torch.manual_seed(0)
-    method = BYOL(build_backbone("resnet18", width=8, small_image=True), projection_dim=16,
-                  projector_hidden_dim=32, predictor="direct", direct_pred_eps=0.3)
+    method = BYOL(
+        build_backbone("resnet18", width=8, small_image=True),
+        projection_dim=16,
+        projector_hidden_dim=32,
+        predictor="direct",
+        direct_pred_eps=0.3,
+    )
     assert isinstance(method.predictor, DirectPredictor) and method.predictor.eps == 0.3
     views = [torch.randn(6, 3, 16, 16), torch.randn(6, 3, 16, 16)]
     out = method(views)

@@ -1,6 +1,7 @@
 """Colorization: Lab conversion at known colours, the quantised ab space and its soft encoding, the multinomial
 loss against numpy, the refusal of grey data (one line naming data.image_mode), 20 steps on real CIFAR-10 images
 lower the loss, and the backbone (trained on grey inputs, 3 channels) loads in torchvision; the decoder is a head."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -29,7 +30,7 @@ def test_lab_at_known_colours_and_round_trip():
     rgb = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 0.0]]).T.reshape(1, 3, 4, 1)
     lab = rgb_to_lab(rgb)[0, :, :, 0].T
     expected = torch.tensor([[100.0, 0.0, 0.0], [53.24, 80.09, 67.20], [32.30, 79.19, -107.86], [0.0, 0.0, 0.0]])
-    torch.testing.assert_close(lab, expected, atol=0.05, rtol=0)     # CIE Lab (D65) reference values
+    torch.testing.assert_close(lab, expected, atol=0.05, rtol=0)  # CIE Lab (D65) reference values
     x = torch.rand(2, 3, 5, 5)
     torch.testing.assert_close(lab_to_rgb(rgb_to_lab(x)), x, atol=1e-4, rtol=0)
 
@@ -37,15 +38,15 @@ def test_lab_at_known_colours_and_round_trip():
 def test_quantised_ab_space_and_soft_encoding():
     bins = ab_bins(10)
     assert bins.shape == (225, 2) and torch.all(bins.remainder(10) == 0)
-    assert [0.0, 0.0] in bins.tolist() and [100.0, 100.0] not in bins.tolist()   # grey in gamut, far corner not
-    ab = torch.tensor([[[[3.0]], [[-2.0]]]])                                     # one pixel, a=3 b=-2
+    assert [0.0, 0.0] in bins.tolist() and [100.0, 100.0] not in bins.tolist()  # grey in gamut, far corner not
+    ab = torch.tensor([[[[3.0]], [[-2.0]]]])  # one pixel, a=3 b=-2
     z = soft_encode(ab, bins.float())
     assert z.shape == (1, 225, 1, 1) and float(z.sum()) == pytest.approx(1.0) and int((z > 0).sum()) == 5
     d = torch.cdist(torch.tensor([[3.0, -2.0]]), bins.float())[0]
     assert int(z[0, :, 0, 0].argmax()) == int(d.argmin())
     near = d.topk(5, largest=False).indices
-    w = torch.exp(-d[near] ** 2 / 50)
-    torch.testing.assert_close(z[0, near, 0, 0], w / w.sum())                   # Gaussian weights, sigma 5
+    w = torch.exp(-(d[near] ** 2) / 50)
+    torch.testing.assert_close(z[0, near, 0, 0], w / w.sum())  # Gaussian weights, sigma 5
 
 
 def test_loss_is_the_multinomial_cross_entropy():
@@ -60,7 +61,7 @@ def test_loss_is_the_multinomial_cross_entropy():
 
 
 def test_grey_data_is_refused_with_one_line_naming_data_image_mode(tmp_path):
-    shards = write_tiny_shards(tmp_path / "shards", train=16, test=16)   # image_mode L
+    shards = write_tiny_shards(tmp_path / "shards", train=16, test=16)  # image_mode L
     ws = make_stage_workspace(tmp_path / "ws", shards, methods=["colorization"])
     with pytest.raises(ConfigError) as err:
         stage.pretrain("colorization", root=ws)
@@ -73,14 +74,16 @@ def test_grey_data_is_refused_with_one_line_naming_data_image_mode(tmp_path):
 
 def test_the_network_sees_no_colour():
     torch.manual_seed(0)
-    method = Colorization(build_backbone("resnet18", in_chans=3, small_image=True, width=4, stem_stride=2),
-                          decoder_dim=8)
+    method = Colorization(
+        build_backbone("resnet18", in_chans=3, small_image=True, width=4, stem_stride=2), decoder_dim=8
+    )
     rgb = torch.rand(2, 3, 16, 16)
     views = (rgb - torch.tensor(RGB_MEAN)[:, None, None]) / torch.tensor(RGB_STD)[:, None, None]
     grey, ab = method.split(views)
     unnorm = grey * method.pixel_std + method.pixel_mean
-    assert torch.allclose(unnorm[:, 0], unnorm[:, 1], atol=1e-6) and torch.allclose(unnorm[:, 1], unnorm[:, 2],
-                                                                                       atol=1e-6)
+    assert torch.allclose(unnorm[:, 0], unnorm[:, 1], atol=1e-6) and torch.allclose(
+        unnorm[:, 1], unnorm[:, 2], atol=1e-6
+    )
     torch.testing.assert_close(ab, rgb_to_lab(rgb)[:, 1:], atol=1e-3, rtol=0)
 
 
@@ -89,8 +92,9 @@ def test_twenty_steps_on_cifar_lower_the_loss_and_the_backbone_loads_in_torchvis
     rgb = cifar_tensors[0]
     images = (rgb - torch.tensor(RGB_MEAN)[:, None, None]) / torch.tensor(RGB_STD)[:, None, None]
     torch.manual_seed(0)
-    method = Colorization(build_backbone("resnet18", in_chans=3, small_image=True, width=8, stem_stride=2),
-                          decoder_dim=32)
+    method = Colorization(
+        build_backbone("resnet18", in_chans=3, small_image=True, width=8, stem_stride=2), decoder_dim=32
+    )
     before, after = twenty_steps_lower_the_loss(method, images)
     assert after < before - 0.1, (before, after)
     heads = {k.split(".")[0] for k in method.state_dict()} - {"backbone"}

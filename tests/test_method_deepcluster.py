@@ -1,6 +1,7 @@
 """DeepCluster: PCA-whitening and the weighted pseudo-label loss against numpy, k-means finds separated groups
 and leaves no cluster empty, the assignment under 2 gloo processes equals 1 process on the union, the classifier
 is reset every epoch, 20 steps on digits lower the loss, and export keeps the backbone only."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -39,7 +40,8 @@ def test_weighted_pseudo_label_loss_matches_numpy():
     logits, labels = torch.randn(10, 5, generator=g), torch.randint(0, 5, (10,), generator=g)
     weights = torch.rand(5, generator=g) + 0.1
     assert float(PseudoLabelLoss()(logits, labels, weights)) == pytest.approx(
-        numpy_cross_entropy(logits.numpy(), labels.numpy(), weights.numpy()), abs=1e-6)
+        numpy_cross_entropy(logits.numpy(), labels.numpy(), weights.numpy()), abs=1e-6
+    )
 
 
 def test_kmeans_recovers_separated_groups_and_refills_empty_clusters():
@@ -60,7 +62,8 @@ def test_kmeans_recovers_separated_groups_and_refills_empty_clusters():
 def _features_pass(images: torch.Tensor, keys: list[str], batch: int = 8):
     def dataset():
         for i in range(0, len(keys), batch):
-            yield [images[i:i + batch]], torch.zeros(0), keys[i:i + batch]
+            yield [images[i : i + batch]], torch.zeros(0), keys[i : i + batch]
+
     return dataset
 
 
@@ -118,11 +121,13 @@ def test_twenty_steps_lower_the_loss_on_digits():
     images, _ = digits(256)
     keys = [f"d{i:04d}" for i in range(len(images))]
     torch.manual_seed(0)
-    method = DeepCluster(build_backbone("resnet18", in_chans=1, small_image=True, width=8, stem_stride=2),
-                         num_clusters=20, pca_dim=32)
+    method = DeepCluster(
+        build_backbone("resnet18", in_chans=1, small_image=True, width=8, stem_stride=2), num_clusters=20, pca_dim=32
+    )
     method.on_epoch_start(0, _features_pass(images, keys, batch=64))
-    before, after = twenty_steps_lower_the_loss(method, images,
-                                                before_each=lambda index: method.on_batch([keys[i] for i in index]))
+    before, after = twenty_steps_lower_the_loss(
+        method, images, before_each=lambda index: method.on_batch([keys[i] for i in index])
+    )
     assert after < before - 0.05, (before, after)
 
 

@@ -2,6 +2,7 @@
 every crop pair) with its centre update, the teacher-temperature warmup, the teacher (no gradient, global crops
 only) and the frozen last layer, the method's registration and paper defaults, and 20 steps on real CIFAR-10
 images. Under 2 gloo processes: tests/test_distributed.py."""
+
 from __future__ import annotations
 
 import math
@@ -23,8 +24,9 @@ from support.reference import ATOL, randn, rows, softmax
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-def ref_dino(student: list[list[list[float]]], teacher: list[list[list[float]]], center: list[float],
-             tau_s: float, tau_t: float) -> float:
+def ref_dino(
+    student: list[list[list[float]]], teacher: list[list[list[float]]], center: list[float], tau_s: float, tau_t: float
+) -> float:
     total, pairs = 0.0, 0
     for i, t_crop in enumerate(teacher):
         for v, s_crop in enumerate(student):
@@ -93,10 +95,18 @@ def test_dino_teacher_temperature_warms_up_linearly():
 
 # ------------------------------------------------------------------------------------------------ contract
 def test_registered_with_family_recipe_and_paper_defaults():
-    check_registered_with_paper_defaults("dino", "self_distillation",
-                                         {"warmup_teacher_temperature": 0.04, "teacher_temperature": 0.07,
-                                          "center_momentum": 0.9, "student_temperature": 0.1,
-                                          "base_momentum": 0.996, "final_momentum": 1.0})
+    check_registered_with_paper_defaults(
+        "dino",
+        "self_distillation",
+        {
+            "warmup_teacher_temperature": 0.04,
+            "teacher_temperature": 0.07,
+            "center_momentum": 0.9,
+            "student_temperature": 0.1,
+            "base_momentum": 0.996,
+            "final_momentum": 1.0,
+        },
+    )
 
 
 def test_forward_with_paper_defaults_and_grey_28px_inputs():
@@ -152,5 +162,6 @@ def start_centre_at_its_fixed_point(method, batches) -> None:
 
 @pytest.mark.timeout(300)
 def test_twenty_steps_on_cifar_lower_the_loss_without_collapse(cifar_tensors):
-    check_twenty_steps_on_cifar_lower_the_loss_without_collapse("dino", cifar_tensors,
-                                                                before_training=start_centre_at_its_fixed_point)
+    check_twenty_steps_on_cifar_lower_the_loss_without_collapse(
+        "dino", cifar_tensors, before_training=start_centre_at_its_fixed_point
+    )

@@ -2,6 +2,7 @@
 its own centre, the student on masked global crops and the teacher on unmasked ones, the teacher without gradient
 on DINO's EMA, both centres over the global batch on 2 gloo processes equal to 1 process, 20 steps that lower the
 loss, and export + strict reload."""
+
 from __future__ import annotations
 
 import math
@@ -97,7 +98,8 @@ def test_masked_patch_loss_and_its_centre_match_the_reference():
     changed = [torch.where(m.unsqueeze(-1), s, torch.randn_like(s)) for s, m in zip(student, masks)]
     criterion.eval()
     assert criterion(changed, teacher, masks, 0.05).item() == pytest.approx(
-        reference_mim(student, teacher, masks, criterion.center, 0.1, 0.05).item())
+        reference_mim(student, teacher, masks, criterion.center, 0.1, 0.05).item()
+    )
 
 
 def test_student_sees_masked_global_crops_teacher_the_unmasked_ones(monkeypatch):
@@ -114,7 +116,7 @@ def test_student_sees_masked_global_crops_teacher_the_unmasked_ones(monkeypatch)
         monkeypatch.setattr(module, "forward_features", spy)
     method.on_train_start(10)
     out = method(views(batch=3))
-    (t_shape, t_mask), = calls["teacher"]
+    ((t_shape, t_mask),) = calls["teacher"]
     assert t_shape == (6, 3, 32, 32) and t_mask is None  # both global crops, unmasked
     shapes = [c[0] for c in calls["student"]]
     assert shapes == [(6, 3, 32, 32), (6, 3, 16, 16)]  # masked globals, then the local crops
@@ -166,8 +168,12 @@ def _centres(rows: slice) -> dict:
     cls = DINOLoss(6, center_momentum=0.5).double()
     mim = patch([s[rows] for s in student], [t[rows] for t in teacher], [m[rows] for m in masks], 0.05)
     dino = cls([s[rows] for s in cls_s], [t[rows] for t in cls_t], 0.05)
-    return {"patch_center": patch.center.clone(), "center": cls.center.clone(), "mim": mim.detach(),
-            "dino": dino.detach()}
+    return {
+        "patch_center": patch.center.clone(),
+        "center": cls.center.clone(),
+        "mim": mim.detach(),
+        "dino": dino.detach(),
+    }
 
 
 def centre_worker(rank: int, world_size: int) -> dict:

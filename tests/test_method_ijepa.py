@@ -1,6 +1,7 @@
 """I-JEPA: multi-block masks (counts, scales, aspect ratios, context/target disjointness), a predictor that sees
 only the context tokens and the target positions, the loss against a reference, layer-normalised targets, the EMA
 target encoder (no gradient, linear momentum schedule), 20 steps that lower the loss, and export + strict reload."""
+
 from __future__ import annotations
 
 import math
@@ -14,8 +15,15 @@ from ssl_models.io import load_backbone, save_backbone
 from ssl_models.methods import ijepa
 from ssl_models.methods.ijepa import JEPALoss, block_size, linear_momentum, multiblock_masks
 
-VIT = {"name": "vit_tiny", "image_size": 32, "patch_size": 4, "embed_dim": 64, "depth": 2, "num_heads": 2,
-       "global_pool": "mean"}
+VIT = {
+    "name": "vit_tiny",
+    "image_size": 32,
+    "patch_size": 4,
+    "embed_dim": 64,
+    "depth": 2,
+    "num_heads": 2,
+    "global_pool": "mean",
+}
 
 
 # every test single-threaded (the conftest fixture: small CPU ops, shared cores)
@@ -125,8 +133,8 @@ def test_loss_matches_the_reference_formulas():
     pred = torch.randn(3, 5, 4, generator=g, dtype=torch.float64)
     target = torch.randn(3, 5, 4, generator=g, dtype=torch.float64)
     diffs = [float(d) for d in (pred - target).flatten()]
-    l2 = sum(d ** 2 for d in diffs) / len(diffs)
-    smooth = sum(0.5 * d ** 2 if abs(d) < 1 else abs(d) - 0.5 for d in diffs) / len(diffs)
+    l2 = sum(d**2 for d in diffs) / len(diffs)
+    smooth = sum(0.5 * d**2 if abs(d) < 1 else abs(d) - 0.5 for d in diffs) / len(diffs)
     assert JEPALoss("l2")(pred, target).item() == pytest.approx(l2)
     assert JEPALoss("smooth_l1")(pred, target).item() == pytest.approx(smooth)
     with pytest.raises(ValueError, match="loss must be"):

@@ -1,6 +1,7 @@
 """Context encoder: the removed region is where the mask says (centre square, the paper's several random
 blocks), the overlap ring around it weighs 10x, the loss is the weighted L2 on that region only (loop reference;
 pixels outside it get no gradient), 20 steps on digits lower it, export keeps the backbone only."""
+
 from __future__ import annotations
 
 import pytest
@@ -40,11 +41,15 @@ def test_random_blocks_are_smaller_squares_covering_the_centre_squares_area():
         full = torch.nn.functional.avg_pool2d(m[None, None], 7, stride=1)[0, 0] == 1
         covered = torch.zeros_like(m)
         for y, x in full.nonzero().tolist():
-            covered[y:y + 7, x:x + 7] = 1
+            covered[y : y + 7, x : x + 7] = 1
         assert torch.equal(covered, m)
     with pytest.raises(ValueError, match="block_fraction"):
-        Inpainting(build_backbone("resnet18", in_chans=1, small_image=True, width=4), mask="random_block",
-                   mask_fraction=0.25, block_fraction=0.5)
+        Inpainting(
+            build_backbone("resnet18", in_chans=1, small_image=True, width=4),
+            mask="random_block",
+            mask_fraction=0.25,
+            block_fraction=0.5,
+        )
 
 
 def test_overlap_ring_weighs_overlap_weight_against_a_loop():
@@ -88,8 +93,9 @@ def test_loss_is_weighted_l2_over_the_predicted_region_against_a_loop():
 
 def test_the_encoder_never_sees_the_removed_pixels():
     torch.manual_seed(0)
-    method = Inpainting(build_backbone("resnet18", in_chans=1, small_image=True, width=4, stem_stride=2),
-                        decoder_dim=8).eval()
+    method = Inpainting(
+        build_backbone("resnet18", in_chans=1, small_image=True, width=4, stem_stride=2), decoder_dim=8
+    ).eval()
     x = torch.randn(2, 1, 28, 28)
     y = x.clone()
     y[:, :, 7:21, 7:21] = torch.randn(2, 1, 14, 14)  # change only the removed region: same loss inputs
@@ -101,8 +107,9 @@ def test_the_encoder_never_sees_the_removed_pixels():
 def test_twenty_steps_lower_the_loss_on_digits():
     images, _ = digits(256)
     torch.manual_seed(0)
-    method = Inpainting(build_backbone("resnet18", in_chans=1, small_image=True, width=8, stem_stride=2),
-                        decoder_dim=16)
+    method = Inpainting(
+        build_backbone("resnet18", in_chans=1, small_image=True, width=8, stem_stride=2), decoder_dim=16
+    )
     before, after = twenty_steps_lower_the_loss(method, images)
     assert after < 0.95 * before, (before, after)
 

@@ -1,6 +1,7 @@
 """MAE (He et al. 2022): the masked-patch reconstruction loss against a loop-based reference (normalised pixels
 with the unbiased patch variance), the per-sample random masking, which parts receive gradients, the method's
 registration, and 20 steps of its own recipe on real CIFAR-10 images."""
+
 from __future__ import annotations
 
 import math
@@ -91,8 +92,9 @@ def test_random_masking_is_a_per_sample_permutation():
 
 
 def test_mae_loss_runs_in_float32_under_autocast():
-    check_float32_under_autocast(MaskedPatchReconstructionLoss(), [(2, 4, 12), (2, 4, 12)],
-                                 extra=(torch.tensor([[1.0, 0, 1, 1], [0, 1, 1, 0]]),))
+    check_float32_under_autocast(
+        MaskedPatchReconstructionLoss(), [(2, 4, 12), (2, 4, 12)], extra=(torch.tensor([[1.0, 0, 1, 1], [0, 1, 1, 0]]),)
+    )
 
 
 # ------------------------------------------------------------------------------------------------ contract

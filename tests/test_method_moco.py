@@ -1,6 +1,7 @@
 """MoCo v3 (Chen, Xie and He 2021): the symmetric InfoNCE loss against a loop-based reference and its limit cases,
 the momentum encoder (no gradient, follows the EMA), the method's registration and paper defaults, and 20 steps on
 real CIFAR-10 images. Its loss over 2 gloo processes: tests/test_distributed.py."""
+
 from __future__ import annotations
 
 import math
@@ -52,8 +53,9 @@ def test_moco_loss_limit_cases():
 
 # ------------------------------------------------------------------------------------------------ contract
 def test_registered_with_family_recipe_and_paper_defaults():
-    check_registered_with_paper_defaults("moco", "deep_metric_learning",
-                                         {"temperature": 0.2, "base_momentum": 0.99, "final_momentum": 1.0})
+    check_registered_with_paper_defaults(
+        "moco", "deep_metric_learning", {"temperature": 0.2, "base_momentum": 0.99, "final_momentum": 1.0}
+    )
 
 
 def test_forward_with_paper_defaults_and_grey_28px_inputs():

@@ -1,6 +1,7 @@
 """NNCLR (Dwibedi et al. 2021): the support set (a FIFO, nearest neighbour by cosine similarity) and the InfoNCE
 loss against loop-based references, the support set filling after each step, the method's registration and paper
 defaults, and 20 steps on real CIFAR-10 images. Under 2 gloo processes: tests/test_distributed.py."""
+
 from __future__ import annotations
 
 import math

@@ -1,5 +1,6 @@
 """RotNet: the rotation labels are the rotations applied, the loss is cross entropy, 20 steps on real digits
 lower it, and export keeps the backbone only (loadable in torchvision)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -25,15 +26,16 @@ def test_each_image_appears_under_all_four_rotations_with_the_label_it_was_given
     assert rotated.shape == (12, 2, 5, 5) and labels.tolist() == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3
     for i in range(12):
         k, b = int(labels[i]), i % 3
-        expected = np.rot90(images[b].numpy(), k, axes=(1, 2))   # numpy: k quarter turns counter-clockwise
+        expected = np.rot90(images[b].numpy(), k, axes=(1, 2))  # numpy: k quarter turns counter-clockwise
         np.testing.assert_array_equal(rotated[i].numpy(), expected)
 
 
 def test_loss_is_the_cross_entropy_over_the_four_rotations():
     g = torch.Generator().manual_seed(0)
     logits, labels = torch.randn(8, 4, generator=g), torch.randint(0, 4, (8,), generator=g)
-    assert float(RotationLoss()(logits, labels)) == pytest.approx(numpy_cross_entropy(logits.numpy(), labels.numpy()),
-                                                                  abs=1e-6)
+    assert float(RotationLoss()(logits, labels)) == pytest.approx(
+        numpy_cross_entropy(logits.numpy(), labels.numpy()), abs=1e-6
+    )
 
 
 def test_twenty_steps_lower_the_loss_on_digits():

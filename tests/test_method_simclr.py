@@ -1,5 +1,6 @@
 """SimCLR (Chen et al. 2020): the NT-Xent loss against a loop-based reference of eq. 1 and its limit cases, the
 method's registration, and 20 steps of its own recipe on real CIFAR-10 images."""
+
 from __future__ import annotations
 
 import math

@@ -1,6 +1,7 @@
 """SimMIM (Xie et al. 2022): the masked L1 loss against a loop-based reference, block masking at the ratio, the
 mask token and pixel head receiving gradients, the method's registration and paper defaults, and 20 steps on real
 CIFAR-10 images."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,6 +1,7 @@
 """SimSiam (Chen and He 2021): the negative-cosine loss against a loop-based reference and its stop-gradient, the
 target branch as a stop-gradient inside the method, the method's registration and paper defaults, 20 steps on real
 CIFAR-10 images, and the paper's no-predictor ablation heading for collapse."""
+
 from __future__ import annotations
 
 import math

@@ -2,6 +2,7 @@
 loop-based references, codes without gradient, the prototypes (normalised, frozen first) and the queue, the
 method's registration and paper defaults, and 20 steps on real CIFAR-10 images. Under 2 gloo processes:
 tests/test_distributed.py."""
+
 from __future__ import annotations
 
 import math
@@ -98,8 +99,9 @@ def test_swav_loss_limit_cases_and_codes_get_no_gradient():
     codes = [sinkhorn_knopp(c, epsilon=0.05, iterations=3) for c in crops[:2]]
     manual = 0.0
     for s, q in enumerate(codes):
-        manual = manual + sum(-(q * torch.log_softmax(crops[t] / 0.1, dim=1)).sum(1).mean()
-                              for t in range(3) if t != s) / 2
+        manual = (
+            manual + sum(-(q * torch.log_softmax(crops[t] / 0.1, dim=1)).sum(1).mean() for t in range(3) if t != s) / 2
+        )
     manual = manual / 2
     g_loss = torch.autograd.grad(loss, crops)
     g_manual = torch.autograd.grad(manual, crops)
@@ -109,8 +111,11 @@ def test_swav_loss_limit_cases_and_codes_get_no_gradient():
 
 # ------------------------------------------------------------------------------------------------ contract
 def test_registered_with_family_recipe_and_paper_defaults():
-    check_registered_with_paper_defaults("swav", "canonical_correlation_analysis",
-                                         {"temperature": 0.1, "sinkhorn_epsilon": 0.05, "sinkhorn_iterations": 3})
+    check_registered_with_paper_defaults(
+        "swav",
+        "canonical_correlation_analysis",
+        {"temperature": 0.1, "sinkhorn_epsilon": 0.05, "sinkhorn_iterations": 3},
+    )
 
 
 def test_forward_with_paper_defaults_and_grey_28px_inputs():

@@ -1,5 +1,6 @@
 """VICReg (Bardes et al. 2022): the loss against loops over eqs. 1-6, its limit cases and a closed form of the
 variance term, the method's registration, and 20 steps of its own recipe on real CIFAR-10 images."""
+
 from __future__ import annotations
 
 import math
@@ -26,8 +27,10 @@ def vicreg_reference(z1, z2, lam=25.0, mu=25.0, nu=1.0, gamma=1.0, eps=1e-4):
 
     def var_cov(z):
         means = [sum(z[i][j] for i in range(n)) / n for j in range(d)]
-        cov = [[sum((z[k][i] - means[i]) * (z[k][j] - means[j]) for k in range(n)) / (n - 1) for j in range(d)]
-               for i in range(d)]
+        cov = [
+            [sum((z[k][i] - means[i]) * (z[k][j] - means[j]) for k in range(n)) / (n - 1) for j in range(d)]
+            for i in range(d)
+        ]
         v = sum(max(0.0, gamma - math.sqrt(cov[j][j] + eps)) for j in range(d)) / d
         c = sum(cov[i][j] ** 2 for i in range(d) for j in range(d) if i != j) / d
         return v, c
@@ -67,9 +70,9 @@ def test_vicreg_variance_term_averages_the_two_views_closed_form():
     a, eps = 0.5, 1e-4
     z1 = torch.tensor([[a, 0.0], [-a, 0.0]], dtype=torch.float64)
     z2 = 3 * z1
-    v1 = ((1 - math.sqrt(2 * a * a + eps)) + (1 - math.sqrt(eps))) / 2       # std 0.707 < 1: both dims hinge
-    v2 = (0.0 + (1 - math.sqrt(eps))) / 2                                    # std 2.12 > 1: only the constant dim
-    invariance = (2 * a) ** 2 * 2 / 4                                        # (z1 - z2)^2 = (2a)^2 on 2 of 4 cells
+    v1 = ((1 - math.sqrt(2 * a * a + eps)) + (1 - math.sqrt(eps))) / 2  # std 0.707 < 1: both dims hinge
+    v2 = (0.0 + (1 - math.sqrt(eps))) / 2  # std 2.12 > 1: only the constant dim
+    invariance = (2 * a) ** 2 * 2 / 4  # (z1 - z2)^2 = (2a)^2 on 2 of 4 cells
     terms = VICRegLoss().terms(z1, z2)
     assert float(terms["variance"]) == pytest.approx((v1 + v2) / 2, abs=1e-12)
     assert float(terms["covariance"]) == pytest.approx(0.0, abs=1e-12)

@@ -1,4 +1,5 @@
 """params.yaml validation: one line naming the key, exit code 2, no traceback, nothing written."""
+
 from __future__ import annotations
 
 import os
@@ -33,9 +34,17 @@ def test_invalid_params_stop_the_shard_stage_with_one_line(tmp_path):
         else:
             set_params(ws, **override)
         (ws / "data" / "raw" / "train" / "a").mkdir(parents=True)  # something to shard, were params valid
-        procs[name] = (ws, subprocess.Popen([sys.executable, "-m", "stages.shard"], cwd=ws, text=True,
-                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                            env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}))
+        procs[name] = (
+            ws,
+            subprocess.Popen(
+                [sys.executable, "-m", "stages.shard"],
+                cwd=ws,
+                text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)},
+            ),
+        )
     for name, (ws, proc) in procs.items():
         out, err = proc.communicate(timeout=300)
         expected = CASES[name][1]
@@ -55,8 +64,10 @@ def test_the_project_params_are_valid():
     assert params.data.source == "mnist5k" and params.shard.shard_size >= 1
 
 
-@pytest.mark.parametrize("override, expected", [({"data__image_mode": "CMYK"}, "data.image_mode"),
-                                                ({"data__test_fraction": 1.5}, "data.test_fraction")])
+@pytest.mark.parametrize(
+    "override, expected",
+    [({"data__image_mode": "CMYK"}, "data.image_mode"), ({"data__test_fraction": 1.5}, "data.test_fraction")],
+)
 def test_ingest_validates_params_before_touching_data_raw(tmp_path, monkeypatch, capsys, override, expected):
     from flows import cli
 
@@ -100,7 +111,7 @@ def test_the_engine_monitor_is_built_from_the_params_monitor():
     torch.manual_seed(0)
     d = 64
     spread = torch.randn(4096, d)
-    narrow = torch.nn.functional.normalize(torch.randn(1, d), dim=1) + 0.07 * spread / d ** 0.5
+    narrow = torch.nn.functional.normalize(torch.randn(1, d), dim=1) + 0.07 * spread / d**0.5
     report = monitors.collapse_report(narrow)
     assert 0.05 < report["emb_std_ratio"] < 0.1 and report["rankme"] > 1.5, report
     assert not report["collapsed"]
@@ -146,7 +157,7 @@ def test_method_hyperparameters_are_checked_against_the_constructor():
             checked += 1
     assert checked > 100
     bad = copy.deepcopy(raw)
-    bad["method"]["byol"]["base_momentum"] = True   # a bool is not a number, a float accepts an int
+    bad["method"]["byol"]["base_momentum"] = True  # a bool is not a number, a float accepts an int
     with pytest.raises(ConfigError, match=r"method\.byol\.base_momentum: Input should be a valid number"):
         parse_params(bad)
     bad["method"]["byol"]["base_momentum"] = 1
@@ -157,8 +168,8 @@ def test_one_device_rule():
     import torch
 
     from ssl_models.device import DeviceError, select_device
-    from stages.workspace.common import ConfigError
     from stages.evaluate import pick_device
+    from stages.workspace.common import ConfigError
 
     assert select_device("cpu") == torch.device("cpu") == pick_device("cpu")
     assert pick_device("auto") == select_device("auto")

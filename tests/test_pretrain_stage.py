@@ -1,5 +1,6 @@
 """The pretrain stage on a tiny shard set: every registered method, outputs per contract, params validation,
 non-finite loss, collapse detection, resume keying, wandb offline, and `dvc repro` re-running one branch."""
+
 from __future__ import annotations
 
 import json
@@ -40,8 +41,19 @@ def read_tsv(path: Path) -> list[dict[str, str]]:
 
 
 # --------------------------------------------------------------------------------------------- every method
-CONTRACT_METHODS = ("simclr", "moco", "nnclr", "byol", "simsiam", "dino", "vicreg", "barlowtwins", "swav", "mae",
-                    "simmim")
+CONTRACT_METHODS = (
+    "simclr",
+    "moco",
+    "nnclr",
+    "byol",
+    "simsiam",
+    "dino",
+    "vicreg",
+    "barlowtwins",
+    "swav",
+    "mae",
+    "simmim",
+)
 
 
 @pytest.mark.parametrize("name", sorted(set(CONTRACT_METHODS) | set(registry.names())))
@@ -92,15 +104,21 @@ def test_no_method_hyperparameter_is_shadowed_by_a_pretrain_key():
         assert not PRETRAIN_KEYS & set(registry.get(name).defaults()), name
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda p: p["method"]["simclr"].update(temprature=0.1), r"method\.simclr\.temprature: unknown key"),
-    (lambda p: p["method"]["simclr"].update(temperature="hot"), r"method\.simclr\.temperature: Input should be a valid number"),
-    (lambda p: p["method"]["byol"].update(epochs=0), r"method\.byol\.epochs: .*greater than or equal to 1"),
-    (lambda p: p["method"]["mae"].update(monitor={"fatal": "maybe"}), r"method\.mae\.monitor\.fatal"),
-    (lambda p: p["pretrain"].update(precision="fp8"), r"pretrain\.precision"),
-    (lambda p: p["method"].pop("vicreg"), r"method\.vicreg: missing or empty"),
-    (lambda p: p["method"].update(nosuch={"epochs": 1}), r"method\.nosuch: unknown method"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda p: p["method"]["simclr"].update(temprature=0.1), r"method\.simclr\.temprature: unknown key"),
+        (
+            lambda p: p["method"]["simclr"].update(temperature="hot"),
+            r"method\.simclr\.temperature: Input should be a valid number",
+        ),
+        (lambda p: p["method"]["byol"].update(epochs=0), r"method\.byol\.epochs: .*greater than or equal to 1"),
+        (lambda p: p["method"]["mae"].update(monitor={"fatal": "maybe"}), r"method\.mae\.monitor\.fatal"),
+        (lambda p: p["pretrain"].update(precision="fp8"), r"pretrain\.precision"),
+        (lambda p: p["method"].pop("vicreg"), r"method\.vicreg: missing or empty"),
+        (lambda p: p["method"].update(nosuch={"epochs": 1}), r"method\.nosuch: unknown method"),
+    ],
+)
 def test_params_errors_name_the_key(edit, message):
     raw = project_params()
     edit(raw)
@@ -113,8 +131,7 @@ def test_method_block_overrides_common_block_key_by_key():
 
     raw = project_params()
     raw["pretrain"]["monitor"]["fatal"] = True
-    raw["method"]["simclr"].update(epochs=3, monitor={"min_rankme": 2.5}, temperature=0.5,
-                                   backbone={"width": 8})
+    raw["method"]["simclr"].update(epochs=3, monitor={"min_rankme": 2.5}, temperature=0.5, backbone={"width": 8})
     raw["method"]["mae"]["backbone"] = {"name": "vit_tiny", "patch_size": 7}
     params = parse_params(raw)
     cfg, hparams = resolve_method(params, "simclr")
@@ -146,10 +163,14 @@ def test_bad_backbone_and_augment_options_are_config_errors(tmp_path, shards):
     ws = make_stage_workspace(tmp_path / "b", shards, method_overrides={"simclr": {"augment": {"n_local": 2}}})
     with pytest.raises(ConfigError, match=r"method\.simclr\.augment\.n_local: .*unknown option"):
         stage.pretrain("simclr", root=ws)
-    ws = make_stage_workspace(tmp_path / "d", shards, methods=["byol"],
-                              method_overrides={"byol": {"predictor": "linear"}})
-    with pytest.raises(ConfigError, match=r"^params\.yaml: method\.byol: byol: predictor must be one of mlp, direct, "
-                                          r"got 'linear'$"):
+    ws = make_stage_workspace(
+        tmp_path / "d", shards, methods=["byol"], method_overrides={"byol": {"predictor": "linear"}}
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"^params\.yaml: method\.byol: byol: predictor must be one of mlp, direct, "
+        r"got 'linear'$",
+    ):
         stage.pretrain("byol", root=ws)
     assert not (ws / "runs").exists()
     ws = make_stage_workspace(tmp_path / "c", shards, pretrain={"batch_size": 100})
@@ -173,8 +194,11 @@ def test_non_finite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_p
 
     monkeypatch.setattr(cls, "forward", forward)
     ws = make_stage_workspace(tmp_path / "ws", shards, pretrain={"epochs": 2, "checkpoint_every_steps": 5})
-    with pytest.raises(SslcookError, match=r"pretrain simclr: non-finite loss \(nan\) at step 6 \(epoch 2\); "
-                                           r"last good checkpoint kept: .*\.sslcook/resume/simclr/"):
+    with pytest.raises(
+        SslcookError,
+        match=r"pretrain simclr: non-finite loss \(nan\) at step 6 \(epoch 2\); "
+        r"last good checkpoint kept: .*\.sslcook/resume/simclr/",
+    ):
         stage.pretrain("simclr", root=ws)
     assert not (ws / "runs" / "simclr" / "checkpoint.pt").exists()
     states = list((ws / ".sslcook" / "resume" / "simclr").glob("*.pt"))
@@ -203,8 +227,13 @@ def test_collapse_of_simsiam_without_predictor_is_detected(tmp_path, shards, cap
     metrics = json.loads((ws / "runs" / "simsiam" / "metrics.json").read_text())
     assert metrics["collapsed"] is True and metrics["first_collapse_epoch"] == summary["first_collapse_epoch"]
     # monitor.fatal: the run stops with an error naming the collapse, and writes no final outputs
-    ws = make_stage_workspace(tmp_path / "fatal", shards, methods=["simsiam"],
-                              pretrain={**common, "monitor": {"min_rankme": 10.0, "fatal": True}}, method_overrides=over)
+    ws = make_stage_workspace(
+        tmp_path / "fatal",
+        shards,
+        methods=["simsiam"],
+        pretrain={**common, "monitor": {"min_rankme": 10.0, "fatal": True}},
+        method_overrides=over,
+    )
     with pytest.raises(SslcookError, match=r"pretrain simsiam: representation collapse after epoch \d: RankMe"):
         stage.pretrain("simsiam", root=ws)
     assert not (ws / "runs" / "simsiam" / "checkpoint.pt").exists()
@@ -273,10 +302,10 @@ def wandb_records(path: Path):
         if left < 7:
             pos += left
             continue
-        length, kind = struct.unpack("<HB", data[pos + 4:pos + 7])
+        length, kind = struct.unpack("<HB", data[pos + 4 : pos + 7])
         if kind == 0 and length == 0:
             break
-        chunks.append(data[pos + 7:pos + 7 + length])
+        chunks.append(data[pos + 7 : pos + 7 + length])
         pos += 7 + length
         if kind in (1, 4):  # full or last fragment
             rec = pb.Record()

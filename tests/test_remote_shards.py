@@ -3,6 +3,7 @@
 A local HTTP server (127.0.0.1, started here, stopped by shutdown) serves a shard set: `pretrain.shards_url`
 pointing at it trains exactly as the local shards do, with no data/shards in the workspace; a served shard with
 one byte changed is named in a one-line error and none of its samples is used."""
+
 from __future__ import annotations
 
 import functools
@@ -100,8 +101,14 @@ def test_a_tampered_remote_shard_is_named_and_not_used(shards, tmp_path, serve):
 
 def _stage(ws: Path, tmp_path: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(PROJECT), WANDB_DIR=str(tmp_path / "wandb"))
-    return subprocess.run([sys.executable, "-m", "stages.pretrain", "--method", "simclr"], cwd=ws, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "stages.pretrain", "--method", "simclr"],
+        cwd=ws,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.mark.slow

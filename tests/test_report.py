@@ -1,4 +1,5 @@
 """export, evaluate and report on a tiny real pipeline (dvc repro), plus the report's rendering and bad inputs."""
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,15 @@ def test_pipeline_writes_metrics_backbone_and_report(pipeline):
     data_version = tp.yaml.safe_load((ws / "data.dvc").read_text())["outs"][0]["md5"]
 
     metrics = json.loads((ws / "metrics" / "simclr.json").read_text())
-    for key in ("knn_top1_k20", "knn_top5_k20", "knn_top1_k200", "knn_top5_k200", "linear_probe_top1", "rankme",
-                "emb_std"):
+    for key in (
+        "knn_top1_k20",
+        "knn_top5_k20",
+        "knn_top1_k200",
+        "knn_top5_k200",
+        "linear_probe_top1",
+        "rankme",
+        "emb_std",
+    ):
         assert isinstance(metrics[key], float), key
     assert 0.0 <= metrics["knn_top1_k200"] <= metrics["knn_top5_k200"] <= 1.0
     assert metrics["primary_metric"] == "knn_top1_k200" and metrics["family"] == "deep_metric_learning"
@@ -39,8 +47,10 @@ def test_pipeline_writes_metrics_backbone_and_report(pipeline):
         assert "knn_top1_k200" in metrics["baselines"][baseline]
     assert metrics["lineage"]["parents"]["backbone"]["path"] == "models/simclr/backbone.safetensors"
     # the probe's chosen C, bootstrap intervals beside every headline point value, paired comparisons
-    assert metrics["linear_probe"]["c"] in tp.yaml.safe_load((ws / "params.yaml").read_text())["evaluate"][
-        "linear_probe"]["c_grid"]
+    assert (
+        metrics["linear_probe"]["c"]
+        in tp.yaml.safe_load((ws / "params.yaml").read_text())["evaluate"]["linear_probe"]["c_grid"]
+    )
     assert metrics["n_test_unlabelled"] == 0 and metrics["bootstrap"]["resamples"] >= 1000
     for key in ("knn_top1_k20", "knn_top1_k200", "linear_probe_top1"):
         iv = metrics["intervals"][key]
@@ -72,8 +82,10 @@ def test_pipeline_writes_metrics_backbone_and_report(pipeline):
     page = (reports / "summary.html").read_text()
     assert page.count("data:image/png;base64,") == 5
     assert "http://" not in page and "https://" not in page  # opens offline
-    assert json.loads((reports / "model_cards" / "simclr.json").read_text())["metrics"]["downstream"][
-        "linear_probe_top1"] == metrics["linear_probe_top1"]
+    assert (
+        json.loads((reports / "model_cards" / "simclr.json").read_text())["metrics"]["downstream"]["linear_probe_top1"]
+        == metrics["linear_probe_top1"]
+    )
     assert (reports / "curves" / "loss.tsv").read_text().splitlines()[0] == "epoch\tsimclr"
 
     shown = json.loads(tp.dvc(["metrics", "show", "--json"], ws).stdout)
@@ -81,9 +93,12 @@ def test_pipeline_writes_metrics_backbone_and_report(pipeline):
     assert files["metrics/simclr.json"]["data"]["knn_top1_k200"] == metrics["knn_top1_k200"]
     assert files["metrics/simclr.json"]["data"]["intervals"]["knn_top1_k200"] == metrics["intervals"]["knn_top1_k200"]
     summary = json.loads((reports / "summary.json").read_text())
-    assert len(summary["verdicts"]) == 4 and all(" raw pixels " in v or " random init " in v for v in summary["verdicts"])
-    assert files["reports/summary.json"]["data"]["methods"]["simclr"]["linear_probe_top1"] == \
-        metrics["linear_probe_top1"]
+    assert len(summary["verdicts"]) == 4 and all(
+        " raw pixels " in v or " random init " in v for v in summary["verdicts"]
+    )
+    assert (
+        files["reports/summary.json"]["data"]["methods"]["simclr"]["linear_probe_top1"] == metrics["linear_probe_top1"]
+    )
     plots = json.loads(tp.dvc(["plots", "show", "--json"], ws).stdout)
     assert {"training_loss", "rankme", "metrics/simclr_pca.csv"} <= set(plots["data"])
     assert not plots.get("errors")
@@ -107,8 +122,8 @@ def test_exported_backbone_gives_the_checkpoint_features(pipeline):
 def test_export_without_a_recorded_size_takes_the_shards_image_size(pipeline, tmp_path):
     """A checkpoint that records no input size (none in augment, config.json or backbone_config) is exported at
     the size the shard manifest gives its images; without shards that is a one-line error."""
-    from stages.workspace.common import DataError, manifest_image_size
     from stages.export import input_spec, load_checkpoint
+    from stages.workspace.common import DataError, manifest_image_size
 
     ws = pipeline["ws"]
     ckpt_rel = Path("runs") / "simclr" / "checkpoint.pt"
@@ -126,15 +141,32 @@ def test_export_without_a_recorded_size_takes_the_shards_image_size(pipeline, tm
 
 
 def _metrics_doc(method: str, family: str, knn: float, probe: float) -> dict:
-    return {"method": method, "family": family, "architecture": "resnet18", "knn_top1_k20": knn,
-            "knn_top5_k20": 0.9, "knn_top1_k200": knn, "knn_top5_k200": 0.95, "linear_probe_top1": probe,
-            "rankme": 12.5, "emb_std": 0.05, "knn_temperature": 0.1, "data_version": "abc.dir",
-            "primary_metric": "linear_probe_top1" if family == "masked_image_modeling" else "knn_top1_k200",
-            "pretraining": {"train_seconds": 90.0, "images_per_s": 321.0},
-            "baselines": {"raw_pixels": {"knn_top1_k200": 0.8, "knn_top5_k200": 0.9, "linear_probe_top1": 0.85},
-                          "random_init": {"knn_top1_k200": 0.5, "knn_top5_k200": 0.7, "linear_probe_top1": 0.6}},
-            "lineage": {"stage": "evaluate", "data_version": "abc.dir", "git": {"commit": "f" * 40},
-                        "parents": {"backbone": {"path": f"models/{method}/backbone.safetensors"}}}}
+    return {
+        "method": method,
+        "family": family,
+        "architecture": "resnet18",
+        "knn_top1_k20": knn,
+        "knn_top5_k20": 0.9,
+        "knn_top1_k200": knn,
+        "knn_top5_k200": 0.95,
+        "linear_probe_top1": probe,
+        "rankme": 12.5,
+        "emb_std": 0.05,
+        "knn_temperature": 0.1,
+        "data_version": "abc.dir",
+        "primary_metric": "linear_probe_top1" if family == "masked_image_modeling" else "knn_top1_k200",
+        "pretraining": {"train_seconds": 90.0, "images_per_s": 321.0},
+        "baselines": {
+            "raw_pixels": {"knn_top1_k200": 0.8, "knn_top5_k200": 0.9, "linear_probe_top1": 0.85},
+            "random_init": {"knn_top1_k200": 0.5, "knn_top5_k200": 0.7, "linear_probe_top1": 0.6},
+        },
+        "lineage": {
+            "stage": "evaluate",
+            "data_version": "abc.dir",
+            "git": {"commit": "f" * 40},
+            "parents": {"backbone": {"path": f"models/{method}/backbone.safetensors"}},
+        },
+    }
 
 
 def test_report_groups_methods_by_family_and_judges_mim_by_linear_probe(tmp_path, monkeypatch):
@@ -146,16 +178,19 @@ def test_report_groups_methods_by_family_and_judges_mim_by_linear_probe(tmp_path
     params = tp.tiny_params()
     params["methods"] = ["mae", "vicreg", "simclr"]
     tp.write_params(ws, params)
-    for doc in (_metrics_doc("mae", "masked_image_modeling", 0.31, 0.71),
-                _metrics_doc("vicreg", "canonical_correlation_analysis", 0.62, 0.66),
-                _metrics_doc("simclr", "deep_metric_learning", 0.83, 0.88)):
+    for doc in (
+        _metrics_doc("mae", "masked_image_modeling", 0.31, 0.71),
+        _metrics_doc("vicreg", "canonical_correlation_analysis", 0.62, 0.66),
+        _metrics_doc("simclr", "deep_metric_learning", 0.83, 0.88),
+    ):
         (ws / "metrics" / f"{doc['method']}.json").write_text(json.dumps(doc))
     monkeypatch.setenv("SSLCOOK_WORKSPACE", str(ws))
     summary = report(ws)
     md = (ws / "reports" / "summary.md").read_text()
     by_family = md.split("## Results by family")[1].split("## Baselines")[0]
-    rows = [line for line in by_family.splitlines()
-            if line.startswith("| ") and line.split(" | ")[1] in params["methods"]]
+    rows = [
+        line for line in by_family.splitlines() if line.startswith("| ") and line.split(" | ")[1] in params["methods"]
+    ]
     # the Cookbook's family order, whatever the order in params
     assert [r.split(" | ")[1] for r in rows] == ["simclr", "vicreg", "mae"]
     assert rows[2].startswith("| masked image modeling | mae") and rows[2].rstrip(" |").endswith("linear probe")
@@ -178,7 +213,7 @@ def _stage_error(capsys, fn) -> tuple[int, str]:
 
 
 def test_stages_reject_bad_inputs_with_one_line(pipeline, tmp_path, monkeypatch, capsys):
-    from stages import export, evaluate, shard
+    from stages import evaluate, export, shard
 
     ws = copy_workspace(pipeline["ws"], tmp_path / "ws")
     monkeypatch.setenv("SSLCOOK_WORKSPACE", str(ws))
@@ -219,29 +254,35 @@ def test_stages_reject_bad_inputs_with_one_line(pipeline, tmp_path, monkeypatch,
     code, err = _stage_error(capsys, lambda: evaluate.main(["--method", "simclr"]))
     assert code == 1 and "absent from train: 7" in err
     # nothing partial: the metrics file of the good run is still there, unchanged
-    assert json.loads((ws / "metrics" / "simclr.json").read_text()) == \
-        json.loads((pipeline["ws"] / "metrics" / "simclr.json").read_text())
+    assert json.loads((ws / "metrics" / "simclr.json").read_text()) == json.loads(
+        (pipeline["ws"] / "metrics" / "simclr.json").read_text()
+    )
 
 
 def _with_intervals(doc: dict, simclr_beats_pixels: bool) -> dict:
     """A metrics doc as evaluate writes it since the bootstrap: intervals beside the points, paired comparisons."""
     doc = json.loads(json.dumps(doc))
     doc["bootstrap"] = {"resamples": 2000, "level": 0.95, "seed": 0}
-    doc["intervals"] = {k: {"low": doc[k] - 0.02, "high": doc[k] + 0.015}
-                        for k in ("knn_top1_k20", "knn_top1_k200", "linear_probe_top1")}
+    doc["intervals"] = {
+        k: {"low": doc[k] - 0.02, "high": doc[k] + 0.015}
+        for k in ("knn_top1_k20", "knn_top1_k200", "linear_probe_top1")
+    }
     for b in doc["baselines"].values():
         b["intervals"] = {k: {"low": b[k] - 0.01, "high": b[k] + 0.01} for k in ("knn_top1_k200", "linear_probe_top1")}
-    comparison = {"raw_pixels": {"knn_top1_k200": {"difference": 0.004, "low": -0.008, "high": 0.016,
-                                                   "p_value": 0.52, "verdict": "ties"},
-                                 "linear_probe_top1": ({"difference": 0.03, "low": 0.012, "high": 0.047,
-                                                        "p_value": 0.001, "verdict": "beats"}
-                                                       if simclr_beats_pixels else
-                                                       {"difference": -0.03, "low": -0.047, "high": -0.012,
-                                                        "p_value": 0.002, "verdict": "trails"})},
-                  "random_init": {"knn_top1_k200": {"difference": 0.3, "low": 0.27, "high": 0.33, "p_value": 0.0005,
-                                                    "verdict": "beats"},
-                                  "linear_probe_top1": {"difference": 0.25, "low": 0.22, "high": 0.28,
-                                                        "p_value": 0.0005, "verdict": "beats"}}}
+    comparison = {
+        "raw_pixels": {
+            "knn_top1_k200": {"difference": 0.004, "low": -0.008, "high": 0.016, "p_value": 0.52, "verdict": "ties"},
+            "linear_probe_top1": (
+                {"difference": 0.03, "low": 0.012, "high": 0.047, "p_value": 0.001, "verdict": "beats"}
+                if simclr_beats_pixels
+                else {"difference": -0.03, "low": -0.047, "high": -0.012, "p_value": 0.002, "verdict": "trails"}
+            ),
+        },
+        "random_init": {
+            "knn_top1_k200": {"difference": 0.3, "low": 0.27, "high": 0.33, "p_value": 0.0005, "verdict": "beats"},
+            "linear_probe_top1": {"difference": 0.25, "low": 0.22, "high": 0.28, "p_value": 0.0005, "verdict": "beats"},
+        },
+    }
     doc["comparisons"] = comparison
     return doc
 
@@ -254,8 +295,10 @@ def test_report_shows_intervals_and_verdicts_against_baselines(tmp_path, monkeyp
     params = tp.tiny_params()
     params["methods"] = ["simclr", "mae"]
     tp.write_params(ws, params)
-    docs = [_with_intervals(_metrics_doc("simclr", "deep_metric_learning", 0.873, 0.930), True),
-            _with_intervals(_metrics_doc("mae", "masked_image_modeling", 0.701, 0.894), False)]
+    docs = [
+        _with_intervals(_metrics_doc("simclr", "deep_metric_learning", 0.873, 0.930), True),
+        _with_intervals(_metrics_doc("mae", "masked_image_modeling", 0.701, 0.894), False),
+    ]
     for doc in docs:
         (ws / "metrics" / f"{doc['method']}.json").write_text(json.dumps(doc))
     monkeypatch.setenv("SSLCOOK_WORKSPACE", str(ws))
@@ -273,8 +316,9 @@ def test_report_shows_intervals_and_verdicts_against_baselines(tmp_path, monkeyp
     assert "simclr ties raw pixels on kNN top-1 k=200: +0.004 [-0.008, +0.016], p = 0.520" in verdicts
     assert "simclr beats random init (resnet18) on kNN top-1 k=200" in verdicts
     table = [line for line in verdicts.splitlines() if line.startswith("| simclr | raw pixels")]
-    assert table == ["| simclr | raw pixels | ties +0.004 [-0.008, +0.016], p 0.520 | "
-                     "beats +0.030 [+0.012, +0.047], p 0.001 |"]
+    assert table == [
+        "| simclr | raw pixels | ties +0.004 [-0.008, +0.016], p 0.520 | beats +0.030 [+0.012, +0.047], p 0.001 |"
+    ]
     # the same lines in summary.json, and the intervals beside the point values
     assert "mae trails raw pixels on linear probe top-1: -0.030 [-0.047, -0.012], p = 0.002" in summary["verdicts"]
     assert len(summary["verdicts"]) == 8  # 2 methods x 2 baselines x 2 metrics
@@ -326,8 +370,10 @@ def test_summary_html_is_the_markdown_rendered_with_text_kept_as_text(tmp_path, 
     params["methods"] = ["simclr", "rotnet"]
     params["report"]["title"] = "<b>cookbook</b> & co"
     tp.write_params(ws, params)
-    for doc in (_with_intervals(_metrics_doc("simclr", "deep_metric_learning", 0.873, 0.930), True),
-                _with_intervals(_metrics_doc("rotnet", "origins", 0.6, 0.75), False)):
+    for doc in (
+        _with_intervals(_metrics_doc("simclr", "deep_metric_learning", 0.873, 0.930), True),
+        _with_intervals(_metrics_doc("rotnet", "origins", 0.6, 0.75), False),
+    ):
         (ws / "metrics" / f"{doc['method']}.json").write_text(json.dumps(doc))
     monkeypatch.setenv("SSLCOOK_WORKSPACE", str(ws))
     report(ws)
@@ -343,8 +389,9 @@ def test_summary_html_is_the_markdown_rendered_with_text_kept_as_text(tmp_path, 
     md_cells = [cell for line in md.splitlines() if line.startswith("| ") for cell in line[2:-2].split(" | ")]
     assert len(md_cells) > 100
     assert re.findall(r"<t[hd]>(.*?)</t[hd]>", page) == [text(c) for c in md_cells]
-    assert f"<li>{text('simclr beats raw pixels on linear probe top-1: +0.030 [+0.012, +0.047], p = 0.001')}</li>" \
-        in page
+    assert (
+        f"<li>{text('simclr beats raw pixels on linear probe top-1: +0.030 [+0.012, +0.047], p = 0.001')}</li>" in page
+    )
     assert md.startswith("# <b>cookbook</b> & co\n")
     assert "<b>" not in page and page.count("&lt;b&gt;cookbook&lt;/b&gt; &amp; co") == 2  # <title> and <h1>
     assert page.count("data:image/png;base64,") == md.count("](figures/") == 1  # no runs/, no shards: accuracy only

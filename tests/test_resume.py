@@ -1,5 +1,6 @@
 """Kill -9 in the middle of pretraining, then `dvc repro`: it resumes and ends with exactly the weights of an
 uninterrupted run (CPU, same seed), and the wandb run continues under the same id."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,7 @@ from support.tiny_ssl import add_dvc_pipeline, make_stage_workspace, write_tiny_
 PROJECT = Path(__file__).resolve().parents[1]
 # 4 epochs x 8 steps (64 images, batch 8), a resume checkpoint every 3 steps; num_workers=1 puts the decoding and
 # augmentation in a loader worker, whose seeds must also follow the resumed position
-PRETRAIN = {"epochs": 4, "batch_size": 8, "checkpoint_every_steps": 3, "num_workers": 1,
-            "wandb": {"mode": "offline"}}
+PRETRAIN = {"epochs": 4, "batch_size": 8, "checkpoint_every_steps": 3, "num_workers": 1, "wandb": {"mode": "offline"}}
 TOTAL_STEPS = 32
 
 
@@ -64,8 +64,9 @@ def test_sigkill_at_a_random_step_then_rerun_equals_uninterrupted(tmp_path):
 
     # `dvc repro` (which deletes the stage's outputs first, not the resume state): resumes and finishes
     add_dvc_pipeline(ws)
-    rerun = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=ws, env=env, capture_output=True, text=True,
-                           timeout=300)
+    rerun = subprocess.run(
+        [sys.executable, "-m", "dvc", "repro"], cwd=ws, env=env, capture_output=True, text=True, timeout=300
+    )
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-3000:]
     assert f"resuming from step {saved_step}/{TOTAL_STEPS}" in rerun.stdout + rerun.stderr
     metrics = json.loads((ws / "runs" / "byol" / "metrics.json").read_text())

@@ -6,6 +6,7 @@ samples 1 process of 16 reads, so the 2-process run equals 1 process on the doub
 `processes: 2` equals the hand torchrun run bit for bit; 2 "nodes" (two launchers, static rendezvous on
 127.0.0.1) equal 1 node of 2; a rank SIGKILLed mid-run, then `dvc repro`, resumes and ends with the same weights.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,30 +26,55 @@ from support.tiny_ssl import TINY_VIT, add_dvc_pipeline, make_stage_workspace, w
 PROJECT = Path(__file__).resolve().parents[1]
 METHOD = "dino"
 # 3 epochs x 4 steps (64 images, 2 ranks x 8), a resume checkpoint every 2 steps, samples in shard order
-PRETRAIN = {"epochs": 3, "batch_size": 8, "shuffle_buffer": 0, "num_workers": 0, "checkpoint_every_steps": 2,
-            "processes": 2}
+PRETRAIN = {
+    "epochs": 3,
+    "batch_size": 8,
+    "shuffle_buffer": 0,
+    "num_workers": 0,
+    "checkpoint_every_steps": 2,
+    "processes": 2,
+}
 TOTAL_STEPS = 12
-VIEWS = {"n_local": 0, "global_scale": [1.0, 1.0], "crop_ratio": [1.0, 1.0], "affine_degrees": 0,
-         "affine_translate": 0, "flip_prob": 0.0, "jitter_prob": 0.0, "grayscale_prob": 0.0,
-         "blur_probs": [0, 0, 0], "solarize_probs": [0, 0, 0]}
+VIEWS = {
+    "n_local": 0,
+    "global_scale": [1.0, 1.0],
+    "crop_ratio": [1.0, 1.0],
+    "affine_degrees": 0,
+    "affine_translate": 0,
+    "flip_prob": 0.0,
+    "jitter_prob": 0.0,
+    "grayscale_prob": 0.0,
+    "blur_probs": [0, 0, 0],
+    "solarize_probs": [0, 0, 0],
+}
 DINO = {"augment": VIEWS, "backbone": TINY_VIT}
 
 
 def _env(tmp_path: Path, **extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT",
-                        "NODE_RANK")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK")
+    }
     return dict(env, PYTHONPATH=str(PROJECT), OMP_NUM_THREADS="1", WANDB_DIR=str(tmp_path / "wandb"), **extra)
 
 
 def _workspace(dest: Path, shards: Path, **pretrain) -> Path:
-    return make_stage_workspace(dest, shards, methods=[METHOD], pretrain={**PRETRAIN, **pretrain},
-                                method_overrides={METHOD: DINO})
+    return make_stage_workspace(
+        dest, shards, methods=[METHOD], pretrain={**PRETRAIN, **pretrain}, method_overrides={METHOD: DINO}
+    )
 
 
 def _stage(ws: Path, env: dict, timeout: int = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stages.pretrain", "--method", METHOD], cwd=ws, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "stages.pretrain", "--method", METHOD],
+        cwd=ws,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _weights(ws: Path) -> dict:
@@ -71,8 +97,9 @@ def two_process_repro(shards, tmp_path_factory) -> Path:
     """`dvc repro` with pretrain.processes: 2: the stage launches itself through torchrun."""
     tmp = tmp_path_factory.mktemp("repro")
     ws = add_dvc_pipeline(_workspace(tmp / "ws", shards))
-    proc = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=ws, env=_env(tmp), capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dvc", "repro"], cwd=ws, env=_env(tmp), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "2 process(es) x 1 node(s) through torchrun" in proc.stderr + proc.stdout
     return ws
@@ -81,7 +108,8 @@ def two_process_repro(shards, tmp_path_factory) -> Path:
 @pytest.mark.integration
 @pytest.mark.slow
 def test_dvc_repro_with_two_processes_equals_torchrun_and_one_process_on_the_double_batch(
-        two_process_repro, shards, tmp_path):
+    two_process_repro, shards, tmp_path
+):
     ws = two_process_repro
     metrics = json.loads((ws / "runs" / METHOD / "metrics.json").read_text())
     lineage = json.loads((ws / "runs" / METHOD / "lineage.json").read_text())
@@ -92,8 +120,18 @@ def test_dvc_repro_with_two_processes_equals_torchrun_and_one_process_on_the_dou
 
     # the hand-typed torchrun of the same stage (processes: 1 in params: torchrun decides)
     hand = _workspace(tmp_path / "hand", shards, processes=1)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
-           "-m", "stages.pretrain", "--method", METHOD]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes=1",
+        "--nproc_per_node=2",
+        "-m",
+        "stages.pretrain",
+        "--method",
+        METHOD,
+    ]
     proc = subprocess.run(cmd, cwd=hand, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     by_hand = _weights(hand)
@@ -113,7 +151,7 @@ def test_dvc_repro_with_two_processes_equals_torchrun_and_one_process_on_the_dou
             # the key bias shifts every logit of a query's softmax equally: its gradient is 0 in exact arithmetic,
             # so what it holds is rounding noise that AdamW scales up to a full step; the rest must agree
             dim = TINY_VIT["embed_dim"]
-            got, value = torch.cat([got[:dim], got[2 * dim:]]), torch.cat([value[:dim], value[2 * dim:]])
+            got, value = torch.cat([got[:dim], got[2 * dim :]]), torch.cat([value[:dim], value[2 * dim :]])
         torch.testing.assert_close(got, value, rtol=1e-5, atol=1e-6, msg=key)
     first = "backbone.blocks.0.attn.qkv.weight"
     start = _initial_state(single)
@@ -122,8 +160,8 @@ def test_dvc_repro_with_two_processes_equals_torchrun_and_one_process_on_the_dou
 
 def _initial_state(ws: Path) -> dict:
     """The method's weights at step 0 (built as the stage builds them)."""
-    from stages.workspace.config import load_params
     from stages.pretrain import Run
+    from stages.workspace.config import load_params
 
     os.environ.pop("WORLD_SIZE", None)
     method, _ = Run(load_params(ws / "params.yaml"), METHOD, ws, 1).build()
@@ -135,9 +173,17 @@ def _initial_state(ws: Path) -> dict:
 def test_two_nodes_on_one_machine_equal_one_node(two_process_repro, shards, tmp_path):
     port = _free_port()
     ws = _workspace(tmp_path / "nodes", shards, processes=1, nodes=2, rdzv_endpoint=f"127.0.0.1:{port}")
-    procs = [subprocess.Popen([sys.executable, "-m", "stages.pretrain", "--method", METHOD], cwd=ws,
-                              env=_env(tmp_path, NODE_RANK=str(node)), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for node in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "stages.pretrain", "--method", METHOD],
+            cwd=ws,
+            env=_env(tmp_path, NODE_RANK=str(node)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for node in (0, 1)
+    ]
     try:
         outs = [p.communicate(timeout=300) for p in procs]
     finally:
@@ -175,8 +221,14 @@ def test_sigkill_of_one_rank_then_dvc_repro_resumes_with_identical_weights(two_p
     ws = add_dvc_pipeline(_workspace(tmp_path / "killed", shards))
     env = _env(tmp_path)
     state_dir = ws / ".sslcook" / "resume" / METHOD
-    proc = subprocess.Popen([sys.executable, "-m", "stages.pretrain", "--method", METHOD], cwd=ws, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stages.pretrain", "--method", METHOD],
+        cwd=ws,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     killed_at, deadline = None, time.time() + 240
     try:
         while proc.poll() is None and time.time() < deadline and killed_at is None:
@@ -203,8 +255,9 @@ def test_sigkill_of_one_rank_then_dvc_repro_resumes_with_identical_weights(two_p
     saved = torch.load(state, weights_only=True)["position"]["global_step"]
     assert killed_at <= saved < TOTAL_STEPS
 
-    rerun = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=ws, env=env, capture_output=True, text=True,
-                           timeout=300)
+    rerun = subprocess.run(
+        [sys.executable, "-m", "dvc", "repro"], cwd=ws, env=env, capture_output=True, text=True, timeout=300
+    )
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-3000:]
     assert f"resuming from step {saved}/{TOTAL_STEPS}" in rerun.stdout + rerun.stderr
     resumed = _weights(ws)
@@ -223,8 +276,11 @@ def test_more_processes_than_gpus_is_a_one_line_error_naming_the_key(monkeypatch
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert resolve_layout(PretrainConfig(processes="auto"), METHOD).processes == 2
-    with pytest.raises(ConfigError, match=r"^params.yaml: pretrain.processes: 4 processes per node need 4 GPUs, "
-                                          r"2 visible$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^params.yaml: pretrain.processes: 4 processes per node need 4 GPUs, "
+        r"2 visible$",
+    ):
         resolve_layout(PretrainConfig(processes=4), METHOD)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
@@ -238,21 +294,31 @@ def test_more_processes_than_gpus_is_a_one_line_error_naming_the_key(monkeypatch
     monkeypatch.setenv("NODE_RANK", "1")
     layout = resolve_layout(PretrainConfig(nodes=2, processes=4), METHOD)
     assert torchrun_args(layout, ["-m", "x"]) == [
-        "--nnodes=2", "--nproc_per_node=4", "--max_restarts=0", "--rdzv_backend=static",
-        "--rdzv_endpoint=10.0.0.1:29501", "--node_rank=1", f"--rdzv_id=sslcook-{METHOD}", "-m", "x"]
+        "--nnodes=2",
+        "--nproc_per_node=4",
+        "--max_restarts=0",
+        "--rdzv_backend=static",
+        "--rdzv_endpoint=10.0.0.1:29501",
+        "--node_rank=1",
+        f"--rdzv_id=sslcook-{METHOD}",
+        "-m",
+        "x",
+    ]
 
 
 def test_launch_keys_are_validated(tmp_path):
     import yaml
 
+    from stages.workspace.common import ConfigError
     from stages.workspace.config import load_params
     from stages.workspace.config.pretrain import resolve_method
-    from stages.workspace.common import ConfigError
 
     params = yaml.safe_load((PROJECT / "params.yaml").read_text())
-    for key, value, message in (("processes", 0, "pretrain.processes: Value error, expected auto or an integer"),
-                                ("nodes", 0, "pretrain.nodes: Input should be greater than or equal to 1"),
-                                ("rdzv_endpoint", "node0", "pretrain.rdzv_endpoint: String should match")):
+    for key, value, message in (
+        ("processes", 0, "pretrain.processes: Value error, expected auto or an integer"),
+        ("nodes", 0, "pretrain.nodes: Input should be greater than or equal to 1"),
+        ("rdzv_endpoint", "node0", "pretrain.rdzv_endpoint: String should match"),
+    ):
         bad = {**params, "pretrain": {**params["pretrain"], key: value}}
         (tmp_path / "params.yaml").write_text(yaml.safe_dump(bad))
         with pytest.raises(ConfigError, match=message):
@@ -268,8 +334,14 @@ def test_export_and_evaluate_after_a_ddp_pretrain_run_in_one_process(two_process
     shutil.copytree(two_process_repro, ws, ignore=shutil.ignore_patterns(".dvc", ".git", "dvc.yaml", "dvc.lock"))
     env = _env(tmp_path)
     for stage in ("export", "evaluate"):
-        proc = subprocess.run([sys.executable, "-m", f"stages.{stage}", "--method", METHOD], cwd=ws, env=env,
-                              capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-m", f"stages.{stage}", "--method", METHOD],
+            cwd=ws,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "through torchrun" not in proc.stderr and "process group" not in proc.stderr
     metrics = json.loads((ws / "metrics" / f"{METHOD}.json").read_text())
@@ -292,10 +364,12 @@ def test_evaluation_runs_on_cuda_and_agrees_with_cpu():
     on_cpu = extract_features(net, images, device="cpu", progress=False)
     torch.testing.assert_close(on_gpu, on_cpu, rtol=1e-3, atol=1e-3)
     train, test = slice(0, 64), slice(64, 96)
-    gpu_knn = knn_evaluate(on_cpu[train], labels[train], on_cpu[test], labels[test], ks=[5], num_classes=4,
-                           device=device)
+    gpu_knn = knn_evaluate(
+        on_cpu[train], labels[train], on_cpu[test], labels[test], ks=[5], num_classes=4, device=device
+    )
     cpu_knn = knn_evaluate(on_cpu[train], labels[train], on_cpu[test], labels[test], ks=[5], num_classes=4)
     assert gpu_knn == pytest.approx(cpu_knn)
-    probe = linear_probe(on_cpu[train], labels[train], on_cpu[test], labels[test], num_classes=4, epochs=5,
-                         device=device)
+    probe = linear_probe(
+        on_cpu[train], labels[train], on_cpu[test], labels[test], num_classes=4, epochs=5, device=device
+    )
     assert 0.0 <= probe["top1"] <= 1.0

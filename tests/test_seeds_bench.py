@@ -1,4 +1,5 @@
 """bench.seeds on the tiny pipeline: two seeds as DVC experiments in a scratch clone, the workspace untouched."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,24 @@ def test_seeds_bench_runs_each_seed_and_leaves_the_workspace_alone(tmp_path, tmp
     before = {p: (ws / p).read_bytes() for p in ("params.yaml", "dvc.lock", "metrics/simclr.json")}
     head = tp.sh(["git", "rev-parse", "HEAD"], ws).stdout.strip()
     out = tmp_path / "results"
-    assert seeds.main(["--seeds", "0", "1", "--workspace", str(ws), "--scratch", str(tmp_path),
-                       "--results-dir", str(out), "--tag", "tiny"]) == 0
+    assert (
+        seeds.main(
+            [
+                "--seeds",
+                "0",
+                "1",
+                "--workspace",
+                str(ws),
+                "--scratch",
+                str(tmp_path),
+                "--results-dir",
+                str(out),
+                "--tag",
+                "tiny",
+            ]
+        )
+        == 0
+    )
 
     doc = json.loads((out / "seeds-tiny.json").read_text())
     committed = json.loads(before["metrics/simclr.json"])
@@ -26,7 +43,7 @@ def test_seeds_bench_runs_each_seed_and_leaves_the_workspace_alone(tmp_path, tmp
     probe = row["linear_probe_top1"]
     assert len(probe["values"]) == 2 and probe["single_run"] == committed["linear_probe_top1"]
     assert probe["mean"] == pytest.approx(sum(probe["values"]) / 2)
-    assert probe["sd"] == pytest.approx(abs(probe["values"][0] - probe["values"][1]) / 2 ** 0.5)
+    assert probe["sd"] == pytest.approx(abs(probe["values"][0] - probe["values"][1]) / 2**0.5)
     # seed 0 is the committed run's seed, re-measured here (same machine: the same numbers, bit for bit)
     knn = max((k for k in row if k.startswith("knn_top1_k")), key=lambda k: int(k.rsplit("k", 1)[1]))
     assert row[knn]["values"][0] == committed[knn] and probe["values"][0] == committed["linear_probe_top1"]
@@ -55,9 +72,14 @@ def test_isa_probe_repeats_bit_for_bit_and_sees_another_kernel_set(one_thread):
     assert first == again and len(first["losses"]) == 2
     if torch.backends.cpu.get_cpu_capability() == "DEFAULT":
         pytest.skip("this CPU already runs ATen's scalar kernels")
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(tp.PROJECT_ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "bench.isa", "--child", "--steps", "2"], cwd=tp.PROJECT_ROOT,
-                          env=env, capture_output=True, text=True, check=True)
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tp.PROJECT_ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.isa", "--child", "--steps", "2"],
+        cwd=tp.PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     scalar = json.loads(proc.stdout.strip().splitlines()[-1])
     assert scalar["aten_capability"] == "DEFAULT" and scalar["weights"] != first["weights"]

@@ -1,4 +1,5 @@
 """The shard stage: manifest, round trip of every image and label, determinism, atomic output, formats."""
+
 from __future__ import annotations
 
 import hashlib
@@ -12,10 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from support.data_utils import light_workspace, pixels, read_shards, set_params
 from stages import shard as shard_mod
-from stages.workspace.ingest import ingest, raw_dir_md5
 from stages.shard import shard
+from stages.workspace.ingest import ingest, raw_dir_md5
+from support.data_utils import light_workspace, pixels, read_shards, set_params
 
 # torchvision 0.29 (pinned) warns that its image codecs will move to TorchCodec; the loader copes without them
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
@@ -24,8 +25,13 @@ pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory, cifar_small) -> tuple[Path, dict]:
     """cifar_small (300 train, 100 test JPEGs) ingested and sharded as RGB PNGs, 64 samples per shard."""
-    ws = light_workspace(tmp_path_factory.mktemp("shard") / "ws", data__image_mode="RGB", shard__shard_size=64,
-                         shard__image_format="png", seed=5)
+    ws = light_workspace(
+        tmp_path_factory.mktemp("shard") / "ws",
+        data__image_mode="RGB",
+        shard__shard_size=64,
+        shard__image_format="png",
+        seed=5,
+    )
     ingest("folder", cifar_small, run_dvc=False, root=ws)
     return ws, shard(ws)
 
@@ -33,8 +39,9 @@ def sharded(tmp_path_factory, cifar_small) -> tuple[Path, dict]:
 def test_manifest_describes_the_shards(sharded):
     ws, manifest = sharded
     shards = ws / "data" / "shards"
-    assert sorted(p.name for p in shards.iterdir()) == ["manifest.json"] + [f"test-00000{i}.tar" for i in range(2)] \
-        + [f"train-00000{i}.tar" for i in range(5)]
+    assert sorted(p.name for p in shards.iterdir()) == ["manifest.json"] + [f"test-00000{i}.tar" for i in range(2)] + [
+        f"train-00000{i}.tar" for i in range(5)
+    ]
     assert json.loads((shards / "manifest.json").read_text())["splits"] == manifest["splits"]
     train, test = manifest["splits"]["train"], manifest["splits"]["test"]
     assert (train["count"], test["count"]) == (300, 100)
@@ -82,8 +89,9 @@ def test_order_is_shuffled_by_the_seed_and_reproducible(sharded, tmp_path):
     assert len(Counter(json.loads(s["json"])["class"] for s in first_shard)) >= 8  # shards mix classes
 
     again = shard(ws)
-    assert [s["sha256"] for s in again["splits"]["train"]["shards"]] == \
-        [s["sha256"] for s in manifest["splits"]["train"]["shards"]]  # byte-identical shards
+    assert [s["sha256"] for s in again["splits"]["train"]["shards"]] == [
+        s["sha256"] for s in manifest["splits"]["train"]["shards"]
+    ]  # byte-identical shards
 
     other = light_workspace(tmp_path / "ws", **{"data__image_mode": "RGB", "shard__shard_size": 64, "seed": 6})
     shutil.copytree(ws / "data" / "raw", other / "data" / "raw")

@@ -1,4 +1,5 @@
 """`sslcook trace`: from a number back to the data version and the commit; staleness agrees with `dvc status`."""
+
 from __future__ import annotations
 
 import json
@@ -49,8 +50,16 @@ def test_trace_from_metrics_reaches_data_version_and_commit(pipeline, monkeypatc
     code, out, _ = cli(["trace", "metrics/simclr.json"], ws, monkeypatch, capsys)
     assert code == 0
     # the chain, in order, with each step's stage and params
-    order = [out.index(s) for s in ("metrics/simclr.json", "models/simclr/backbone.safetensors",
-                                    "runs/simclr/checkpoint.pt", "data/shards/manifest.json", "data/raw")]
+    order = [
+        out.index(s)
+        for s in (
+            "metrics/simclr.json",
+            "models/simclr/backbone.safetensors",
+            "runs/simclr/checkpoint.pt",
+            "data/shards/manifest.json",
+            "data/raw",
+        )
+    ]
     assert order == sorted(order)
     assert "stage evaluate" in out and "stage export" in out and "stage pretrain" in out and "stage shard" in out
     assert "evaluate.knn_temperature=0.1" in out and "backbone.width=4" in out
@@ -63,13 +72,21 @@ def test_trace_from_metrics_reaches_data_version_and_commit(pipeline, monkeypatc
 
     result = trace_json(ws, "metrics/simclr.json")
     assert [s["kind"] for s in result["steps"]] == ["metrics", "backbone", "checkpoint", "manifest", "raw data"]
-    assert [s.get("dvc_stage") for s in result["steps"][:4]] == ["evaluate@simclr", "export@simclr",
-                                                                   "pretrain@simclr", "shard"]
+    assert [s.get("dvc_stage") for s in result["steps"][:4]] == [
+        "evaluate@simclr",
+        "export@simclr",
+        "pretrain@simclr",
+        "shard",
+    ]
     assert result["data_version"] == md5 and result["commit"] == parent and result["stale"] is False
 
     # every artifact kind is a valid starting point
-    for start, kind in (("models/simclr", "backbone"), ("runs/simclr/checkpoint.pt", "checkpoint"),
-                        ("data/shards", "manifest"), ("models/simclr/model_card.json", "model_card")):
+    for start, kind in (
+        ("models/simclr", "backbone"),
+        ("runs/simclr/checkpoint.pt", "checkpoint"),
+        ("data/shards", "manifest"),
+        ("models/simclr/model_card.json", "model_card"),
+    ):
         r = trace_json(ws, start, use_dvc=False)
         assert r["kind"] == kind and r["data_version"] == md5, start
 
@@ -97,14 +114,18 @@ def test_trace_bad_path_is_one_line_error(pipeline, tmp_path, monkeypatch, capsy
     assert proc.returncode == 1 and proc.stderr.strip() == "error: nope.json: file not found"
     (tmp_path / "x.safetensors").write_bytes(b"not a safetensors file at all")
     (tmp_path / "plain.json").write_text('{"a": 1}')
-    for bad, expected in (("params.yaml", "unknown artifact type"), (tmp_path / "x.safetensors",
-                          "not a readable safetensors file"), (tmp_path / "plain.json", "no lineage record")):
+    for bad, expected in (
+        ("params.yaml", "unknown artifact type"),
+        (tmp_path / "x.safetensors", "not a readable safetensors file"),
+        (tmp_path / "plain.json", "no lineage record"),
+    ):
         code, _, err = cli(["trace", str(bad)], ws, monkeypatch, capsys)
         assert code == 1 and err.strip().count("\n") == 0 and expected in err, err
 
 
-def test_new_data_version_shows_in_trace_and_report_and_old_numbers_stay_in_git(pipeline, tmp_path, monkeypatch,
-                                                                              capsys):
+def test_new_data_version_shows_in_trace_and_report_and_old_numbers_stay_in_git(
+    pipeline, tmp_path, monkeypatch, capsys
+):
     ws = copy_workspace(pipeline["ws"], tmp_path / "ws")
     old_commit, old_md5 = pipeline["commit"], data_dvc_md5(ws)
     old_metrics = json.loads((ws / "metrics" / "simclr.json").read_text())

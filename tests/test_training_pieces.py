@@ -1,4 +1,5 @@
 """Optimizers, schedules, heads and collapse monitors shared by every method."""
+
 from __future__ import annotations
 
 import math
@@ -37,13 +38,18 @@ def test_lars_step_matches_its_equation():
     b = nn.Parameter(torch.randn(5))
     w.grad, b.grad = torch.randn(5, 3), torch.randn(5)
     w0, b0, gw, gb = w.detach().clone(), b.detach().clone(), w.grad.clone(), b.grad.clone()
-    opt = LARS([{"params": [w], "lars_exclude": False}, {"params": [b], "lars_exclude": True, "weight_decay": 0.0}],
-               lr=0.5, momentum=0.9, weight_decay=0.01, eta=0.02)
+    opt = LARS(
+        [{"params": [w], "lars_exclude": False}, {"params": [b], "lars_exclude": True, "weight_decay": 0.0}],
+        lr=0.5,
+        momentum=0.9,
+        weight_decay=0.01,
+        eta=0.02,
+    )
     opt.step()
     g = gw + 0.01 * w0
     trust = 0.02 * w0.norm() / g.norm()
     torch.testing.assert_close(w.detach(), w0 - 0.5 * trust * g)
-    torch.testing.assert_close(b.detach(), b0 - 0.5 * gb)   # excluded: neither decay nor adaptation
+    torch.testing.assert_close(b.detach(), b0 - 0.5 * gb)  # excluded: neither decay nor adaptation
     # second step uses momentum: v = 0.9 v + g'
     w.grad = gw.clone()
     w1 = w.detach().clone()
@@ -84,8 +90,9 @@ def test_warmup_then_cosine_schedule():
         sched.step()
     assert lrs[0] == pytest.approx(0.1) and lrs[3] == pytest.approx(0.4) and lrs[-1] < 0.01
     assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
-    resumed = build_scheduler(build_optimizer(model, {"name": "sgd", "base_lr": 0.4}, 256), total_steps=20,
-                              warmup_steps=4, last_step=9)
+    resumed = build_scheduler(
+        build_optimizer(model, {"name": "sgd", "base_lr": 0.4}, 256), total_steps=20, warmup_steps=4, last_step=9
+    )
     assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(lrs[10])
 
 

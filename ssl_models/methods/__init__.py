@@ -1,4 +1,5 @@
 """Built-in methods, one file each; importing this package registers them with :mod:`ssl_models.registry`."""
+
 # The Cookbook's four families:
 #   deep metric learning            simclr, moco (v3), nnclr
 #   self-distillation               byol, simsiam, dino, ibot
@@ -6,6 +7,7 @@
 #   masked image modeling           mae, simmim, ijepa (predicts representations, not pixels)
 # isort: off
 from . import barlowtwins, byol, dino, mae, moco, nnclr, simclr, simmim, simsiam, swav, vicreg  # noqa: F401
+
 # The origins of SSL (the pretext tasks before them), by the Cookbook's category:
 #   information restoration         colorization, inpainting, denoising_ae
 #   spatial context                 rotnet, jigsaw

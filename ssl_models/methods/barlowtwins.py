@@ -1,6 +1,7 @@
 """Barlow Twins (Zbontar, Jing, Misra, LeCun & Deny 2021, "Barlow Twins: Self-Supervised Learning via Redundancy
 Reduction", arXiv 2103.03230): canonical correlation analysis. The cross-correlation matrix of the two views'
 embeddings is pushed towards the identity: invariant features, decorrelated from one another."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -52,9 +53,11 @@ class BarlowTwinsLoss(nn.Module):
         """The unweighted invariance (on-diagonal) and redundancy-reduction (off-diagonal) terms, and mean C_ii."""
         c = self.cross_correlation(z1, z2)
         diagonal = torch.diagonal(c)
-        return {"on_diagonal": (1 - diagonal).pow(2).sum(),
-                "off_diagonal": c.pow(2).sum() - diagonal.pow(2).sum(),
-                "mean_diagonal_correlation": diagonal.mean()}
+        return {
+            "on_diagonal": (1 - diagonal).pow(2).sum(),
+            "off_diagonal": c.pow(2).sum() - diagonal.pow(2).sum(),
+            "mean_diagonal_correlation": diagonal.mean(),
+        }
 
     def combine(self, terms: dict[str, Tensor]) -> Tensor:
         return terms["on_diagonal"] + self.lambda_offdiag * terms["off_diagonal"]
@@ -74,12 +77,26 @@ class BarlowTwins(SSLMethod):
     """
 
     augment = "byol"
-    optimizer: dict[str, Any] = {"name": "lars", "base_lr": 0.2, "weight_decay": 1.5e-6, "momentum": 0.9,
-                                 "lr_scaling": "linear", "warmup_epochs": 10}
+    optimizer: dict[str, Any] = {
+        "name": "lars",
+        "base_lr": 0.2,
+        "weight_decay": 1.5e-6,
+        "momentum": 0.9,
+        "lr_scaling": "linear",
+        "warmup_epochs": 10,
+    }
     default_backbone: dict[str, Any] = {"name": "resnet18", "small_image": True}
 
-    def __init__(self, backbone: nn.Module, *, projection_dim: int = 2048, projector_hidden_dim: int = 2048,
-                 projector_layers: int = 3, lambda_offdiag: float = 0.0051, gather_distributed: bool = True) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        projection_dim: int = 2048,
+        projector_hidden_dim: int = 2048,
+        projector_layers: int = 3,
+        lambda_offdiag: float = 0.0051,
+        gather_distributed: bool = True,
+    ) -> None:
         super().__init__()
         if projector_layers < 1:
             raise ValueError(f"barlowtwins: projector_layers must be >= 1, got {projector_layers}")

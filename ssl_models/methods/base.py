@@ -1,4 +1,5 @@
 """The interface every SSL method implements (the training engine relies on nothing else)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
@@ -37,8 +38,9 @@ class SSLMethod(nn.Module):
     def on_train_start(self, total_steps: int) -> None:
         """Called once before training with the planned number of optimisation steps."""
 
-    def on_epoch_start(self, epoch: int, dataset: Callable[[], Iterable[tuple[list[torch.Tensor], Any, list[str]]]]
-                       | None) -> None:
+    def on_epoch_start(
+        self, epoch: int, dataset: Callable[[], Iterable[tuple[list[torch.Tensor], Any, list[str]]]] | None
+    ) -> None:
         """Called before an epoch's first batch (not when resuming inside the epoch: the method's state holds
         what it computed then). ``dataset()`` iterates this rank's share of the training set once, in a fixed
         order, with the evaluation transform: ``(views, labels, keys)`` batches (None unless ``uses_dataset``)."""

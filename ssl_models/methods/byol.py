@@ -1,5 +1,6 @@
 """BYOL (Grill et al. 2020, "Bootstrap Your Own Latent", arXiv 2006.07733): self-distillation where an online
 network with a predictor regresses the projection of an exponential-moving-average target network."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -102,13 +103,29 @@ class BYOL(SSLMethod):
     """
 
     augment = "byol"
-    optimizer: dict[str, Any] = {"name": "lars", "base_lr": 0.2, "weight_decay": 1.5e-6, "momentum": 0.9,
-                                 "lr_scaling": "linear", "warmup_epochs": 10}
+    optimizer: dict[str, Any] = {
+        "name": "lars",
+        "base_lr": 0.2,
+        "weight_decay": 1.5e-6,
+        "momentum": 0.9,
+        "lr_scaling": "linear",
+        "warmup_epochs": 10,
+    }
     default_backbone: dict[str, Any] = {"name": "resnet18", "small_image": True}
 
-    def __init__(self, backbone: nn.Module, *, projection_dim: int = 256, projector_hidden_dim: int = 4096,
-                 predictor_hidden_dim: int = 4096, base_momentum: float = 0.99, final_momentum: float = 1.0,
-                 predictor: str = "mlp", direct_pred_eps: float = 0.1, direct_pred_rho: float = 0.3) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        projection_dim: int = 256,
+        projector_hidden_dim: int = 4096,
+        predictor_hidden_dim: int = 4096,
+        base_momentum: float = 0.99,
+        final_momentum: float = 1.0,
+        predictor: str = "mlp",
+        direct_pred_eps: float = 0.1,
+        direct_pred_rho: float = 0.3,
+    ) -> None:
         super().__init__()
         if predictor not in PREDICTORS:
             raise ValueError(f"byol: predictor must be one of {', '.join(PREDICTORS)}, got {predictor!r}")
@@ -119,8 +136,7 @@ class BYOL(SSLMethod):
         else:
             self.predictor = build_mlp([projection_dim, predictor_hidden_dim, projection_dim])
         self.target_backbone = EMATeacher(backbone, base_momentum=base_momentum, final_momentum=final_momentum)
-        self.target_projector = EMATeacher(self.projector, base_momentum=base_momentum,
-                                           final_momentum=final_momentum)
+        self.target_projector = EMATeacher(self.projector, base_momentum=base_momentum, final_momentum=final_momentum)
         self.criterion = BYOLLoss()
 
     def forward(self, views: list[Tensor]) -> dict[str, Tensor]:
@@ -132,8 +148,11 @@ class BYOL(SSLMethod):
         with torch.no_grad():
             t1, t2 = self.target_projector(self.target_backbone(x)).chunk(2)
         loss = self.criterion(p1, t2) + self.criterion(p2, t1)
-        return {"loss": loss, "embedding": z.chunk(2)[0].detach(),
-                "target_momentum": torch.tensor(self.target_backbone.momentum)}
+        return {
+            "loss": loss,
+            "embedding": z.chunk(2)[0].detach(),
+            "target_momentum": torch.tensor(self.target_backbone.momentum),
+        }
 
     @torch.no_grad()
     def after_step(self, step: int, total_steps: int) -> None:

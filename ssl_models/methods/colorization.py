@@ -1,6 +1,7 @@
 """Colorful image colorization (Zhang, Isola & Efros 2016, "Colorful Image Colorization", arXiv 1603.08511):
 information restoration; from the lightness of an image alone the network predicts its colours, as a
 distribution over quantised ab values of the CIE Lab space."""
+
 from __future__ import annotations
 
 import functools
@@ -37,7 +38,7 @@ def lab_to_rgb(lab: Tensor) -> Tensor:
     """The inverse of :func:`rgb_to_lab` (not clamped: out-of-gamut colours fall outside [0, 1])."""
     fy = (lab[:, 0] + 16) / 116
     f = torch.stack([fy + lab[:, 1] / 500, fy, fy - lab[:, 2] / 200], dim=1)
-    xyz = torch.where(f > 6 / 29, f ** 3, 3 * (6 / 29) ** 2 * (f - 4 / 29))
+    xyz = torch.where(f > 6 / 29, f**3, 3 * (6 / 29) ** 2 * (f - 4 / 29))
     xyz = xyz * torch.tensor(_D65, dtype=lab.dtype, device=lab.device)[:, None, None]
     m = torch.linalg.inv(torch.tensor(_RGB_TO_XYZ, dtype=lab.dtype, device=lab.device))
     linear = torch.einsum("ij,bjhw->bihw", m, xyz)
@@ -53,8 +54,14 @@ def ab_bins(grid: int = 10) -> Tensor:
     a, b = torch.meshgrid(values, values, indexing="ij")
     a, b = a.reshape(-1), b.reshape(-1)
     lightness = torch.arange(1, 100, dtype=torch.float64)
-    lab = torch.stack([lightness[:, None].expand(-1, a.numel()), a[None].expand(len(lightness), -1),
-                       b[None].expand(len(lightness), -1)], dim=1)[..., None]          # L x 3 x Q x 1
+    lab = torch.stack(
+        [
+            lightness[:, None].expand(-1, a.numel()),
+            a[None].expand(len(lightness), -1),
+            b[None].expand(len(lightness), -1),
+        ],
+        dim=1,
+    )[..., None]  # L x 3 x Q x 1
     rgb = lab_to_rgb(lab)
     in_gamut = ((rgb >= 0) & (rgb <= 1)).all(dim=1)[..., 0].any(dim=0)
     return torch.stack([a[in_gamut], b[in_gamut]], dim=1)
@@ -67,7 +74,7 @@ def soft_encode(ab: Tensor, bins: Tensor, *, neighbours: int = 5, sigma: float =
     flat = ab.permute(0, 2, 3, 1).reshape(-1, 2).to(bins.dtype)
     dist = torch.cdist(flat, bins)
     near_d, near_i = dist.topk(neighbours, dim=1, largest=False)
-    weights = torch.exp(-near_d.pow(2) / (2 * sigma ** 2))
+    weights = torch.exp(-near_d.pow(2) / (2 * sigma**2))
     weights = weights / weights.sum(dim=1, keepdim=True)
     z = torch.zeros(flat.shape[0], bins.shape[0], dtype=bins.dtype, device=ab.device).scatter_(1, near_i, weights)
     return z.reshape(b, h, w, -1).permute(0, 3, 1, 2)
@@ -107,18 +114,35 @@ class Colorization(SSLMethod):
 
     augment = "mim"
     needs_colour = True
-    optimizer: dict[str, Any] = {"name": "adamw", "base_lr": 1e-3, "weight_decay": 1e-3, "betas": [0.9, 0.99],
-                                 "lr_scaling": "linear", "warmup_epochs": 0}
+    optimizer: dict[str, Any] = {
+        "name": "adamw",
+        "base_lr": 1e-3,
+        "weight_decay": 1e-3,
+        "betas": [0.9, 0.99],
+        "lr_scaling": "linear",
+        "warmup_epochs": 0,
+    }
     default_backbone: dict[str, Any] = {"name": "resnet18", "small_image": True}
 
-    def __init__(self, backbone: nn.Module, *, bin_size: int = 10, neighbours: int = 5, sigma: float = 5.0,
-                 output_stride: int = 4, decoder_dim: int = 128, pixel_mean: Sequence[float] | None = None,
-                 pixel_std: Sequence[float] | None = None) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        bin_size: int = 10,
+        neighbours: int = 5,
+        sigma: float = 5.0,
+        output_stride: int = 4,
+        decoder_dim: int = 128,
+        pixel_mean: Sequence[float] | None = None,
+        pixel_std: Sequence[float] | None = None,
+    ) -> None:
         super().__init__()
         in_chans = backbone.config.get("in_chans", 3)
         if in_chans != 3:
-            raise ValueError(f"colorization needs colour images: the backbone takes {in_chans} channel(s) "
-                             f"(grey data: data.image_mode L); use RGB data (data.image_mode: RGB)")
+            raise ValueError(
+                f"colorization needs colour images: the backbone takes {in_chans} channel(s) "
+                f"(grey data: data.image_mode L); use RGB data (data.image_mode: RGB)"
+            )
         pixel_mean = RGB_MEAN if pixel_mean is None else pixel_mean
         pixel_std = RGB_STD if pixel_std is None else pixel_std
         if len(pixel_mean) != 3 or len(pixel_std) != 3:
@@ -145,8 +169,9 @@ class Colorization(SSLMethod):
         h, w = images.shape[-2:]
         size = (max(1, h // self.output_stride), max(1, w // self.output_stride))
         with torch.no_grad():  # the truth at the output resolution: ab averaged per block, then soft-encoded
-            target = soft_encode(F.adaptive_avg_pool2d(ab, size), self.bins, neighbours=self.neighbours,
-                                 sigma=self.sigma).to(images.dtype)
+            target = soft_encode(
+                F.adaptive_avg_pool2d(ab, size), self.bins, neighbours=self.neighbours, sigma=self.sigma
+            ).to(images.dtype)
         fmap = feature_map(self.backbone, grey)
         logits = self.decoder(fmap, size)
         loss = self.criterion(logits, target)

@@ -1,6 +1,7 @@
 """DeepCluster (Caron, Bojanowski, Joulin & Douze 2018, "Deep Clustering for Unsupervised Learning of Visual
 Features", arXiv 1807.05520): grouping; every epoch k-means clusters the backbone's features of the whole
 training set and the network is trained to predict those cluster assignments as pseudo-labels."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
@@ -27,7 +28,7 @@ def pca_whiten(features: Tensor, dim: int, eps: float = 1e-5) -> Tensor:
     x = features.double()
     x = x - x.mean(dim=0, keepdim=True)
     cov = x.T @ x / max(x.shape[0] - 1, 1)
-    eigvals, eigvecs = torch.linalg.eigh(cov)                     # ascending
+    eigvals, eigvecs = torch.linalg.eigh(cov)  # ascending
     d = min(dim, x.shape[1])
     eigvals, eigvecs = eigvals.flip(0)[:d], eigvecs.flip(1)[:, :d]
     y = (x @ eigvecs) / torch.sqrt(eigvals.clamp_min(0) + eps)
@@ -97,16 +98,32 @@ class DeepCluster(SSLMethod):
 
     augment = "mim"  # the paper's random resized crop + flip
     uses_dataset = True
-    optimizer: dict[str, Any] = {"name": "sgd", "base_lr": 0.05, "weight_decay": 1e-5, "momentum": 0.9,
-                                 "lr_scaling": "linear", "warmup_epochs": 0}
+    optimizer: dict[str, Any] = {
+        "name": "sgd",
+        "base_lr": 0.05,
+        "weight_decay": 1e-5,
+        "momentum": 0.9,
+        "lr_scaling": "linear",
+        "warmup_epochs": 0,
+    }
     default_backbone: dict[str, Any] = {"name": "resnet18", "small_image": True}
 
-    def __init__(self, backbone: nn.Module, *, num_clusters: int = 10000, pca_dim: int = 256,
-                 kmeans_iterations: int = 20, cluster_seed: int = 0, reweight: bool = True) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        num_clusters: int = 10000,
+        pca_dim: int = 256,
+        kmeans_iterations: int = 20,
+        cluster_seed: int = 0,
+        reweight: bool = True,
+    ) -> None:
         super().__init__()
         if num_clusters < 2 or pca_dim < 1 or kmeans_iterations < 1:
-            raise ValueError(f"deepcluster: need num_clusters >= 2, pca_dim >= 1, kmeans_iterations >= 1 "
-                             f"(got {num_clusters}, {pca_dim}, {kmeans_iterations})")
+            raise ValueError(
+                f"deepcluster: need num_clusters >= 2, pca_dim >= 1, kmeans_iterations >= 1 "
+                f"(got {num_clusters}, {pca_dim}, {kmeans_iterations})"
+            )
         self.backbone = backbone
         self.num_clusters, self.pca_dim, self.kmeans_iterations = num_clusters, pca_dim, kmeans_iterations
         self.cluster_seed, self.reweight = cluster_seed, reweight
@@ -153,11 +170,14 @@ class DeepCluster(SSLMethod):
         order = sorted(range(len(keys)), key=keys.__getitem__)
         features, keys = features[order], [keys[i] for i in order]
         if self.num_clusters > len(keys):
-            raise TrainingError(f"deepcluster: num_clusters {self.num_clusters} exceeds the {len(keys)} training "
-                                f"images; lower method.deepcluster.num_clusters")
+            raise TrainingError(
+                f"deepcluster: num_clusters {self.num_clusters} exceeds the {len(keys)} training "
+                f"images; lower method.deepcluster.num_clusters"
+            )
         x = pca_whiten(features, self.pca_dim)
-        assign = kmeans(x, self.num_clusters, iterations=self.kmeans_iterations,
-                        seed=self.cluster_seed * 100_003 + epoch)
+        assign = kmeans(
+            x, self.num_clusters, iterations=self.kmeans_iterations, seed=self.cluster_seed * 100_003 + epoch
+        )
         counts = torch.bincount(assign, minlength=self.num_clusters).double()
         weights = torch.where(counts > 0, counts.sum() / (self.num_clusters * counts.clamp_min(1)), 0.0)
         self.keys, self._index = keys, {k: i for i, k in enumerate(keys)}
@@ -195,5 +215,9 @@ class DeepCluster(SSLMethod):
         loss = self.criterion(logits, labels, self.class_weights)
         with torch.no_grad():
             accuracy = (logits.argmax(dim=1) == labels).float().mean()
-        return {"loss": loss, "embedding": features.detach(), "pseudo_label_accuracy": accuracy,
-                "clusters_used": torch.tensor(float(getattr(self, "nonempty_clusters", 0)))}
+        return {
+            "loss": loss,
+            "embedding": features.detach(),
+            "pseudo_label_accuracy": accuracy,
+            "clusters_used": torch.tensor(float(getattr(self, "nonempty_clusters", 0))),
+        }

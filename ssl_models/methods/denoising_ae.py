@@ -1,6 +1,7 @@
 """Denoising autoencoder (Vincent, Larochelle, Bengio & Manzagol 2008, "Extracting and Composing Robust
 Features with Denoising Autoencoders", ICML): information restoration; the clean image is reconstructed from a
 stochastically corrupted copy, so the code must capture the image's structure rather than copy pixels."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -50,12 +51,18 @@ class DenoisingAutoencoder(SSLMethod):
     """
 
     augment = "mim"
-    optimizer: dict[str, Any] = {"name": "adamw", "base_lr": 1e-3, "weight_decay": 0.0, "lr_scaling": "linear",
-                                 "warmup_epochs": 0}
+    optimizer: dict[str, Any] = {
+        "name": "adamw",
+        "base_lr": 1e-3,
+        "weight_decay": 0.0,
+        "lr_scaling": "linear",
+        "warmup_epochs": 0,
+    }
     default_backbone: dict[str, Any] = {"name": "resnet18", "small_image": True}
 
-    def __init__(self, backbone: nn.Module, *, noise: str = "masking", noise_level: float = 0.25,
-                 decoder_dim: int = 64) -> None:
+    def __init__(
+        self, backbone: nn.Module, *, noise: str = "masking", noise_level: float = 0.25, decoder_dim: int = 64
+    ) -> None:
         super().__init__()
         if noise not in NOISE_KINDS:
             raise ValueError(f"denoising_ae: noise must be one of {', '.join(NOISE_KINDS)}, got {noise!r}")

@@ -1,6 +1,7 @@
 """DINO (Caron, Touvron, Misra, Jegou, Mairal, Bojanowski & Joulin 2021, "Emerging Properties in Self-Supervised
 Vision Transformers", arXiv 2104.14294): self-distillation with no labels. A student matches the centred,
 sharpened output distribution of an EMA teacher across multi-crop views."""
+
 from __future__ import annotations
 
 import math
@@ -59,8 +60,10 @@ class DINOLoss(nn.Module):
     def __init__(self, out_dim: int, student_temperature: float = 0.1, center_momentum: float = 0.9) -> None:
         super().__init__()
         if student_temperature <= 0 or not 0.0 <= center_momentum <= 1.0:
-            raise ValueError(f"DINO: need student_temperature > 0 and 0 <= center_momentum <= 1, got "
-                             f"{student_temperature}, {center_momentum}")
+            raise ValueError(
+                f"DINO: need student_temperature > 0 and 0 <= center_momentum <= 1, got "
+                f"{student_temperature}, {center_momentum}"
+            )
         self.student_temperature = student_temperature
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
@@ -69,12 +72,14 @@ class DINOLoss(nn.Module):
     def teacher_probabilities(self, teacher_out: Tensor, teacher_temperature: float) -> Tensor:
         return F.softmax((at_least_float32(teacher_out.detach()) - self.center) / teacher_temperature, dim=-1)
 
-    def forward(self, student_out: Sequence[Tensor], teacher_out: Sequence[Tensor],
-                teacher_temperature: float) -> Tensor:
+    def forward(
+        self, student_out: Sequence[Tensor], teacher_out: Sequence[Tensor], teacher_temperature: float
+    ) -> Tensor:
         """student_out: logits per crop (all crops, global ones first); teacher_out: logits per global crop."""
         if len(student_out) < 2 or not 1 <= len(teacher_out) <= len(student_out):
-            raise ValueError(f"DINO needs >= 2 student crops and 1..n teacher crops, got {len(student_out)}, "
-                             f"{len(teacher_out)}")
+            raise ValueError(
+                f"DINO needs >= 2 student crops and 1..n teacher crops, got {len(student_out)}, {len(teacher_out)}"
+            )
         teacher_probs = [self.teacher_probabilities(t, teacher_temperature) for t in teacher_out]
         student_log_probs = [F.log_softmax(at_least_float32(s) / self.student_temperature, dim=-1) for s in student_out]
         total, pairs = 0.0, 0
@@ -122,34 +127,61 @@ class DINO(SSLMethod):
     """
 
     augment = "multicrop"
-    optimizer: dict[str, Any] = {"name": "adamw", "base_lr": 5e-4, "weight_decay": 0.04, "lr_scaling": "linear",
-                                 "warmup_epochs": 10}
+    optimizer: dict[str, Any] = {
+        "name": "adamw",
+        "base_lr": 5e-4,
+        "weight_decay": 0.04,
+        "lr_scaling": "linear",
+        "warmup_epochs": 10,
+    }
     default_backbone: dict[str, Any] = {"name": "vit_tiny", "patch_size": 4}
 
-    def __init__(self, backbone: nn.Module, *, out_dim: int = 4096, head_hidden_dim: int = 2048,
-                 bottleneck_dim: int = 256, head_layers: int = 3, norm_last_layer: bool = True,
-                 num_global_crops: int = 2, student_temperature: float = 0.1,
-                 warmup_teacher_temperature: float = 0.04, teacher_temperature: float = 0.07,
-                 warmup_teacher_temperature_frac: float = 0.3, center_momentum: float = 0.9,
-                 base_momentum: float = 0.996, final_momentum: float = 1.0,
-                 freeze_last_layer_frac: float = 0.01) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        out_dim: int = 4096,
+        head_hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        head_layers: int = 3,
+        norm_last_layer: bool = True,
+        num_global_crops: int = 2,
+        student_temperature: float = 0.1,
+        warmup_teacher_temperature: float = 0.04,
+        teacher_temperature: float = 0.07,
+        warmup_teacher_temperature_frac: float = 0.3,
+        center_momentum: float = 0.9,
+        base_momentum: float = 0.996,
+        final_momentum: float = 1.0,
+        freeze_last_layer_frac: float = 0.01,
+    ) -> None:
         super().__init__()
         if num_global_crops < 1:
             raise ValueError(f"dino: num_global_crops must be >= 1, got {num_global_crops}")
         if warmup_teacher_temperature <= 0 or teacher_temperature <= 0:
             raise ValueError("dino: teacher temperatures must be > 0")
         self.backbone = backbone
-        self.head = DINOHead(backbone.feature_dim, out_dim, hidden_dim=head_hidden_dim,
-                             bottleneck_dim=bottleneck_dim, num_layers=head_layers, norm_last_layer=norm_last_layer)
+        self.head = DINOHead(
+            backbone.feature_dim,
+            out_dim,
+            hidden_dim=head_hidden_dim,
+            bottleneck_dim=bottleneck_dim,
+            num_layers=head_layers,
+            norm_last_layer=norm_last_layer,
+        )
         self.teacher_backbone = EMATeacher(backbone, base_momentum=base_momentum, final_momentum=final_momentum)
         self.teacher_head = EMATeacher(self.head, base_momentum=base_momentum, final_momentum=final_momentum)
         self.criterion = DINOLoss(out_dim, student_temperature, center_momentum)
         self.out_dim = out_dim
         self.num_global_crops = num_global_crops
-        self.teacher_temperature_schedule = (warmup_teacher_temperature, teacher_temperature,
-                                             warmup_teacher_temperature_frac)
-        self.current_teacher_temperature = warmup_teacher_temperature if warmup_teacher_temperature_frac > 0 \
-            else teacher_temperature
+        self.teacher_temperature_schedule = (
+            warmup_teacher_temperature,
+            teacher_temperature,
+            warmup_teacher_temperature_frac,
+        )
+        self.current_teacher_temperature = (
+            warmup_teacher_temperature if warmup_teacher_temperature_frac > 0 else teacher_temperature
+        )
         self.freeze_last_layer_frac = freeze_last_layer_frac
         self.last_layer_frozen = False
 
@@ -172,8 +204,9 @@ class DINO(SSLMethod):
 
     def before_step(self, step: int, total_steps: int) -> None:
         start, end, frac = self.teacher_temperature_schedule
-        self.current_teacher_temperature = teacher_temperature_at(step, total_steps, start=start, end=end,
-                                                                  warmup_frac=frac)
+        self.current_teacher_temperature = teacher_temperature_at(
+            step, total_steps, start=start, end=end, warmup_frac=frac
+        )
         self.last_layer_frozen = step < self.freeze_last_layer_frac * total_steps
 
     def forward(self, views: list[Tensor]) -> dict[str, Tensor]:
@@ -183,17 +216,20 @@ class DINO(SSLMethod):
         crop_sizes = [f.shape[0] for f in student_features]
         student_out = self.student_head(torch.cat(student_features)).split(crop_sizes)
         with torch.no_grad():
-            teacher_out = self.teacher_head(self.teacher_backbone(torch.cat(views[:self.num_global_crops])))
+            teacher_out = self.teacher_head(self.teacher_backbone(torch.cat(views[: self.num_global_crops])))
             teacher_out = teacher_out.chunk(self.num_global_crops)
             probs = self.criterion.teacher_probabilities(torch.cat(teacher_out), self.current_teacher_temperature)
             entropy = teacher_entropy(probs)
         loss = self.criterion(student_out, teacher_out, self.current_teacher_temperature)
-        return {"loss": loss, "embedding": student_features[0].detach(),
-                "teacher_entropy": torch.tensor(entropy),
-                "teacher_entropy_ratio": torch.tensor(entropy / math.log(self.out_dim)),
-                "teacher_student_kl": loss.detach() - entropy,
-                "teacher_temperature": torch.tensor(self.current_teacher_temperature),
-                "target_momentum": torch.tensor(self.teacher_backbone.momentum)}
+        return {
+            "loss": loss,
+            "embedding": student_features[0].detach(),
+            "teacher_entropy": torch.tensor(entropy),
+            "teacher_entropy_ratio": torch.tensor(entropy / math.log(self.out_dim)),
+            "teacher_student_kl": loss.detach() - entropy,
+            "teacher_temperature": torch.tensor(self.current_teacher_temperature),
+            "target_momentum": torch.tensor(self.teacher_backbone.momentum),
+        }
 
     @torch.no_grad()
     def after_step(self, step: int, total_steps: int) -> None:

@@ -13,6 +13,7 @@ replaced by a learned token), h one projection head shared by class and patch to
 the patch tokens' own centre, an EMA of the teacher's mean patch output over the global batch, with its own
 teacher temperature tau_t'.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,8 +29,14 @@ from ..registry import register
 from .dino import DINO, DINOLoss, at_least_float32, multicrop_features, teacher_temperature_at
 
 
-def blockwise_mask(grid: tuple[int, int], num_masked: int, *, min_block: int = 16,
-                   aspect: tuple[float, float] = (0.3, 1 / 0.3), max_tries: int = 10) -> Tensor:
+def blockwise_mask(
+    grid: tuple[int, int],
+    num_masked: int,
+    *,
+    min_block: int = 16,
+    aspect: tuple[float, float] = (0.3, 1 / 0.3),
+    max_tries: int = 10,
+) -> Tensor:
     """BEiT's blockwise masking (Bao et al. 2022, Algorithm 1), used by iBOT: a (gh, gw) bool map.
 
     Rectangles of random area (>= ``min_block`` patches, at most what is still to mask) and log-uniform aspect
@@ -50,7 +57,7 @@ def blockwise_mask(grid: tuple[int, int], num_masked: int, *, min_block: int = 1
                 continue
             top = int(torch.randint(0, gh - h + 1, ()).item())
             left = int(torch.randint(0, gw - w + 1, ()).item())
-            region = mask[top:top + h, left:left + w]
+            region = mask[top : top + h, left : left + w]
             new = h * w - int(region.sum())
             if 0 < new <= budget:
                 region.fill_(True)
@@ -61,8 +68,14 @@ def blockwise_mask(grid: tuple[int, int], num_masked: int, *, min_block: int = 1
     return mask
 
 
-def ibot_masks(batch: int, grid: tuple[int, int], *, ratio: tuple[float, float] = (0.1, 0.5),
-               probability: float = 0.5, min_block: int = 16) -> Tensor:
+def ibot_masks(
+    batch: int,
+    grid: tuple[int, int],
+    *,
+    ratio: tuple[float, float] = (0.1, 0.5),
+    probability: float = 0.5,
+    min_block: int = 16,
+) -> Tensor:
     """Per image: with ``probability`` a blockwise mask of a ratio drawn uniformly from ``ratio``, else no mask
     (iBOT's prediction ratio 0.3 +- 0.2 for half the images). Returns (B, gh * gw) bool, True = masked."""
     n = grid[0] * grid[1]
@@ -81,8 +94,13 @@ class MaskedPatchDistillationLoss(DINOLoss):
     view (only masked positions count, averaged per image, then over images and views). The centre c' (DINO's,
     with its own momentum) follows the teacher's mean patch output over every global crop of the global batch."""
 
-    def forward(self, student_patches: list[Tensor], teacher_patches: list[Tensor], masks: list[Tensor],
-                teacher_temperature: float) -> Tensor:
+    def forward(
+        self,
+        student_patches: list[Tensor],
+        teacher_patches: list[Tensor],
+        masks: list[Tensor],
+        teacher_temperature: float,
+    ) -> Tensor:
         """Per global view: student and teacher patch logits (B, N, K), mask (B, N) bool."""
         total = 0.0
         for s, t, m in zip(student_patches, teacher_patches, masks):
@@ -111,47 +129,89 @@ class IBOT(DINO):
     """
 
     augment = "multicrop"
-    optimizer: dict[str, Any] = {"name": "adamw", "base_lr": 5e-4, "weight_decay": 0.04, "lr_scaling": "linear",
-                                 "warmup_epochs": 10}
+    optimizer: dict[str, Any] = {
+        "name": "adamw",
+        "base_lr": 5e-4,
+        "weight_decay": 0.04,
+        "lr_scaling": "linear",
+        "warmup_epochs": 10,
+    }
     default_backbone: dict[str, Any] = {"name": "vit_tiny", "patch_size": 4}
 
-    def __init__(self, backbone: nn.Module, *, out_dim: int = 8192, head_hidden_dim: int = 2048,
-                 bottleneck_dim: int = 256, head_layers: int = 3, norm_last_layer: bool = False,
-                 num_global_crops: int = 2, student_temperature: float = 0.1,
-                 warmup_teacher_temperature: float = 0.04, teacher_temperature: float = 0.07,
-                 warmup_teacher_patch_temperature: float = 0.04, teacher_patch_temperature: float = 0.07,
-                 warmup_teacher_temperature_frac: float = 0.3, center_momentum: float = 0.9,
-                 patch_center_momentum: float = 0.9, lambda_cls: float = 1.0, lambda_mim: float = 1.0,
-                 mask_ratio_min: float = 0.1, mask_ratio_max: float = 0.5, mask_probability: float = 0.5,
-                 mask_min_block: int = 16, base_momentum: float = 0.996, final_momentum: float = 1.0,
-                 freeze_last_layer_frac: float = 0.01) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        out_dim: int = 8192,
+        head_hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        head_layers: int = 3,
+        norm_last_layer: bool = False,
+        num_global_crops: int = 2,
+        student_temperature: float = 0.1,
+        warmup_teacher_temperature: float = 0.04,
+        teacher_temperature: float = 0.07,
+        warmup_teacher_patch_temperature: float = 0.04,
+        teacher_patch_temperature: float = 0.07,
+        warmup_teacher_temperature_frac: float = 0.3,
+        center_momentum: float = 0.9,
+        patch_center_momentum: float = 0.9,
+        lambda_cls: float = 1.0,
+        lambda_mim: float = 1.0,
+        mask_ratio_min: float = 0.1,
+        mask_ratio_max: float = 0.5,
+        mask_probability: float = 0.5,
+        mask_min_block: int = 16,
+        base_momentum: float = 0.996,
+        final_momentum: float = 1.0,
+        freeze_last_layer_frac: float = 0.01,
+    ) -> None:
         if not isinstance(backbone, VisionTransformer):
             raise ValueError(f"ibot needs a ViT backbone (vit_tiny, vit_small), got {type(backbone).__name__}")
         if not 0.0 <= mask_ratio_min <= mask_ratio_max < 1.0 or not 0.0 <= mask_probability <= 1.0:
-            raise ValueError(f"ibot: need 0 <= mask_ratio_min <= mask_ratio_max < 1 and 0 <= mask_probability <= 1, "
-                             f"got {mask_ratio_min}, {mask_ratio_max}, {mask_probability}")
+            raise ValueError(
+                f"ibot: need 0 <= mask_ratio_min <= mask_ratio_max < 1 and 0 <= mask_probability <= 1, "
+                f"got {mask_ratio_min}, {mask_ratio_max}, {mask_probability}"
+            )
         if warmup_teacher_patch_temperature <= 0 or teacher_patch_temperature <= 0:
             raise ValueError("ibot: patch teacher temperatures must be > 0")
         if mask_min_block < 1 or lambda_cls < 0 or lambda_mim < 0:
-            raise ValueError(f"ibot: need mask_min_block >= 1 and loss weights >= 0, got {mask_min_block}, "
-                             f"{lambda_cls}, {lambda_mim}")
-        super().__init__(backbone, out_dim=out_dim, head_hidden_dim=head_hidden_dim, bottleneck_dim=bottleneck_dim,
-                         head_layers=head_layers, norm_last_layer=norm_last_layer, num_global_crops=num_global_crops,
-                         student_temperature=student_temperature,
-                         warmup_teacher_temperature=warmup_teacher_temperature,
-                         teacher_temperature=teacher_temperature,
-                         warmup_teacher_temperature_frac=warmup_teacher_temperature_frac,
-                         center_momentum=center_momentum, base_momentum=base_momentum,
-                         final_momentum=final_momentum, freeze_last_layer_frac=freeze_last_layer_frac)
+            raise ValueError(
+                f"ibot: need mask_min_block >= 1 and loss weights >= 0, got {mask_min_block}, "
+                f"{lambda_cls}, {lambda_mim}"
+            )
+        super().__init__(
+            backbone,
+            out_dim=out_dim,
+            head_hidden_dim=head_hidden_dim,
+            bottleneck_dim=bottleneck_dim,
+            head_layers=head_layers,
+            norm_last_layer=norm_last_layer,
+            num_global_crops=num_global_crops,
+            student_temperature=student_temperature,
+            warmup_teacher_temperature=warmup_teacher_temperature,
+            teacher_temperature=teacher_temperature,
+            warmup_teacher_temperature_frac=warmup_teacher_temperature_frac,
+            center_momentum=center_momentum,
+            base_momentum=base_momentum,
+            final_momentum=final_momentum,
+            freeze_last_layer_frac=freeze_last_layer_frac,
+        )
         self.mask_token = nn.Parameter(torch.zeros(backbone.embed_dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.patch_criterion = MaskedPatchDistillationLoss(out_dim, student_temperature, patch_center_momentum)
-        self.patch_temperature_schedule = (warmup_teacher_patch_temperature, teacher_patch_temperature,
-                                           warmup_teacher_temperature_frac)
+        self.patch_temperature_schedule = (
+            warmup_teacher_patch_temperature,
+            teacher_patch_temperature,
+            warmup_teacher_temperature_frac,
+        )
         self.current_teacher_patch_temperature = teacher_patch_temperature
         self.lambdas = (lambda_cls, lambda_mim)
-        self.mask_config = {"ratio": (mask_ratio_min, mask_ratio_max), "probability": mask_probability,
-                            "min_block": mask_min_block}
+        self.mask_config = {
+            "ratio": (mask_ratio_min, mask_ratio_max),
+            "probability": mask_probability,
+            "min_block": mask_min_block,
+        }
 
     def no_weight_decay(self) -> set[str]:
         return {"mask_token"}
@@ -164,8 +224,9 @@ class IBOT(DINO):
     def before_step(self, step: int, total_steps: int) -> None:
         super().before_step(step, total_steps)
         start, end, frac = self.patch_temperature_schedule
-        self.current_teacher_patch_temperature = teacher_temperature_at(step, total_steps, start=start, end=end,
-                                                                        warmup_frac=frac)
+        self.current_teacher_patch_temperature = teacher_temperature_at(
+            step, total_steps, start=start, end=end, warmup_frac=frac
+        )
 
     def forward(self, views: list[Tensor]) -> dict[str, Tensor]:
         g = self.num_global_crops
@@ -185,20 +246,29 @@ class IBOT(DINO):
         s_cls, s_patch = s_global[:, 0].chunk(g), s_global[:, 1:].chunk(g)
         # the class token is distilled whatever the backbone pools for its exported features
         local_features = multicrop_features(lambda x: self.backbone.forward_features(x)["cls"], views[g:])
-        s_local = list(self.student_head(torch.cat(local_features)).split([f.shape[0] for f in local_features])) \
-            if local_features else []
+        s_local = (
+            list(self.student_head(torch.cat(local_features)).split([f.shape[0] for f in local_features]))
+            if local_features
+            else []
+        )
 
         cls_loss = self.criterion(list(s_cls) + s_local, t_cls, self.current_teacher_temperature)
-        mim_loss = self.patch_criterion(list(s_patch), list(t_patch), list(masks.chunk(g)),
-                                        self.current_teacher_patch_temperature)
+        mim_loss = self.patch_criterion(
+            list(s_patch), list(t_patch), list(masks.chunk(g)), self.current_teacher_patch_temperature
+        )
         loss = self.lambdas[0] * cls_loss + self.lambdas[1] * mim_loss
         with torch.no_grad():
             probs = self.criterion.teacher_probabilities(torch.cat(t_cls), self.current_teacher_temperature)
             entropy = teacher_entropy(probs)
         pooled = s["cls"] if self.backbone.global_pool == "cls" else s["patch_tokens"].mean(dim=1)
-        return {"loss": loss, "embedding": pooled.chunk(g)[0].detach(), "cls_loss": cls_loss.detach(),
-                "mim_loss": mim_loss.detach(), "mask_ratio": masks.float().mean(),
-                "teacher_entropy": torch.tensor(entropy),
-                "teacher_entropy_ratio": torch.tensor(entropy / math.log(self.out_dim)),
-                "teacher_temperature": torch.tensor(self.current_teacher_temperature),
-                "target_momentum": torch.tensor(self.teacher_backbone.momentum)}
+        return {
+            "loss": loss,
+            "embedding": pooled.chunk(g)[0].detach(),
+            "cls_loss": cls_loss.detach(),
+            "mim_loss": mim_loss.detach(),
+            "mask_ratio": masks.float().mean(),
+            "teacher_entropy": torch.tensor(entropy),
+            "teacher_entropy_ratio": torch.tensor(entropy / math.log(self.out_dim)),
+            "teacher_temperature": torch.tensor(self.current_teacher_temperature),
+            "target_momentum": torch.tensor(self.teacher_backbone.momentum),
+        }

@@ -10,6 +10,7 @@ told only the positions of four target blocks, predicts what an EMA target encod
 
 theta_bar <- tau theta_bar + (1 - tau) theta with tau rising linearly from 0.996 to 1 over training.
 """
+
 from __future__ import annotations
 
 import math
@@ -51,14 +52,21 @@ def _place_block(grid: tuple[int, int], size: tuple[int, int]) -> Tensor:
     top = int(torch.randint(0, gh - h + 1, ()).item())
     left = int(torch.randint(0, gw - w + 1, ()).item())
     block = torch.zeros(gh, gw, dtype=torch.bool)
-    block[top:top + h, left:left + w] = True
+    block[top : top + h, left : left + w] = True
     return block
 
 
-def multiblock_masks(batch: int, grid: tuple[int, int], *, num_targets: int = 4,
-                     target_scale: tuple[float, float] = (0.15, 0.2), target_aspect: tuple[float, float] = (0.75, 1.5),
-                     context_scale: tuple[float, float] = (0.85, 1.0), min_context: int = 4,
-                     max_tries: int = 20) -> tuple[Tensor, Tensor]:
+def multiblock_masks(
+    batch: int,
+    grid: tuple[int, int],
+    *,
+    num_targets: int = 4,
+    target_scale: tuple[float, float] = (0.15, 0.2),
+    target_aspect: tuple[float, float] = (0.75, 1.5),
+    context_scale: tuple[float, float] = (0.85, 1.0),
+    min_context: int = 4,
+    max_tries: int = 20,
+) -> tuple[Tensor, Tensor]:
     """I-JEPA's multi-block masking (paper section 3, figure 4) for a batch on a ``grid`` of patches.
 
     Per batch: one target shape (scale ``target_scale``, aspect ``target_aspect``) and one square context shape
@@ -122,8 +130,7 @@ class JEPAPredictor(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"mask_token"}
 
-    def forward(self, context: Tensor, context_index: Tensor, target_index: Tensor,
-                grid: tuple[int, int]) -> Tensor:
+    def forward(self, context: Tensor, context_index: Tensor, target_index: Tensor, grid: tuple[int, int]) -> Tensor:
         """context (B, K, D_enc) at patches context_index (B, K); target_index (B, T) -> (B, T, D_enc)."""
         pos = sincos_position_embedding(*grid, self.dim).to(context)
         x = self.embed(context) + pos[context_index]
@@ -131,7 +138,7 @@ class JEPAPredictor(nn.Module):
         h = torch.cat([x, queries], dim=1)
         for block in self.blocks:
             h = block(h)
-        return self.proj(self.norm(h[:, x.shape[1]:]))
+        return self.proj(self.norm(h[:, x.shape[1] :]))
 
 
 class JEPALoss(nn.Module):
@@ -177,39 +184,67 @@ class IJEPA(SSLMethod):
     """
 
     augment = "mim"
-    optimizer: dict[str, Any] = {"name": "adamw", "base_lr": 1.25e-4, "weight_decay": 0.04, "betas": [0.9, 0.999],
-                                 "lr_scaling": "linear", "warmup_epochs": 40}
+    optimizer: dict[str, Any] = {
+        "name": "adamw",
+        "base_lr": 1.25e-4,
+        "weight_decay": 0.04,
+        "betas": [0.9, 0.999],
+        "lr_scaling": "linear",
+        "warmup_epochs": 40,
+    }
     default_backbone: dict[str, Any] = {"name": "vit_tiny", "patch_size": 4, "global_pool": "mean"}
 
-    def __init__(self, backbone: nn.Module, *, num_targets: int = 4, target_scale_min: float = 0.15,
-                 target_scale_max: float = 0.2, target_aspect_min: float = 0.75, target_aspect_max: float = 1.5,
-                 context_scale_min: float = 0.85, context_scale_max: float = 1.0, min_context_patches: int = 4,
-                 predictor_dim: int = 96, predictor_depth: int = 6, predictor_heads: int = 4, loss: str = "l2",
-                 base_momentum: float = 0.996, final_momentum: float = 1.0) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        num_targets: int = 4,
+        target_scale_min: float = 0.15,
+        target_scale_max: float = 0.2,
+        target_aspect_min: float = 0.75,
+        target_aspect_max: float = 1.5,
+        context_scale_min: float = 0.85,
+        context_scale_max: float = 1.0,
+        min_context_patches: int = 4,
+        predictor_dim: int = 96,
+        predictor_depth: int = 6,
+        predictor_heads: int = 4,
+        loss: str = "l2",
+        base_momentum: float = 0.996,
+        final_momentum: float = 1.0,
+    ) -> None:
         super().__init__()
         if not isinstance(backbone, VisionTransformer):
             raise ValueError(f"ijepa needs a ViT backbone (vit_tiny, vit_small), got {type(backbone).__name__}")
-        for lo, hi, what in ((target_scale_min, target_scale_max, "target_scale"),
-                             (context_scale_min, context_scale_max, "context_scale")):
+        for lo, hi, what in (
+            (target_scale_min, target_scale_max, "target_scale"),
+            (context_scale_min, context_scale_max, "context_scale"),
+        ):
             if not 0.0 < lo <= hi <= 1.0:
                 raise ValueError(f"ijepa: need 0 < {what}_min <= {what}_max <= 1, got {lo}, {hi}")
         if not 0.0 < target_aspect_min <= target_aspect_max:
-            raise ValueError(f"ijepa: need 0 < target_aspect_min <= target_aspect_max, got "
-                             f"{target_aspect_min}, {target_aspect_max}")
+            raise ValueError(
+                f"ijepa: need 0 < target_aspect_min <= target_aspect_max, got {target_aspect_min}, {target_aspect_max}"
+            )
         if num_targets < 1 or min_context_patches < 1:
-            raise ValueError(f"ijepa: num_targets and min_context_patches must be >= 1, got {num_targets}, "
-                             f"{min_context_patches}")
+            raise ValueError(
+                f"ijepa: num_targets and min_context_patches must be >= 1, got {num_targets}, {min_context_patches}"
+            )
         if not 0.0 <= base_momentum <= final_momentum <= 1.0:
-            raise ValueError(f"ijepa: need 0 <= base_momentum <= final_momentum <= 1, got {base_momentum}, "
-                             f"{final_momentum}")
+            raise ValueError(
+                f"ijepa: need 0 <= base_momentum <= final_momentum <= 1, got {base_momentum}, {final_momentum}"
+            )
         self.backbone = backbone
         self.target_encoder = make_teacher(backbone)
         self.predictor = JEPAPredictor(backbone.embed_dim, predictor_dim, predictor_depth, predictor_heads)
         self.criterion = JEPALoss(loss)
-        self.mask_config = {"num_targets": num_targets, "target_scale": (target_scale_min, target_scale_max),
-                            "target_aspect": (target_aspect_min, target_aspect_max),
-                            "context_scale": (context_scale_min, context_scale_max),
-                            "min_context": min_context_patches}
+        self.mask_config = {
+            "num_targets": num_targets,
+            "target_scale": (target_scale_min, target_scale_max),
+            "target_aspect": (target_aspect_min, target_aspect_max),
+            "context_scale": (context_scale_min, context_scale_max),
+            "min_context": min_context_patches,
+        }
         self.base_momentum, self.final_momentum = base_momentum, final_momentum
         self.momentum = base_momentum
 
@@ -229,12 +264,16 @@ class IJEPA(SSLMethod):
         target = self.targets(images, target_index)
         context = self.backbone.forward_features(images, keep_index=context_index)["patch_tokens"]
         m = target_index.shape[0]
-        prediction = self.predictor(context.repeat(m, 1, 1), context_index.repeat(m, 1),
-                                    target_index.flatten(0, 1), grid)
+        prediction = self.predictor(
+            context.repeat(m, 1, 1), context_index.repeat(m, 1), target_index.flatten(0, 1), grid
+        )
         loss = self.criterion(prediction, target)
-        return {"loss": loss, "embedding": context.mean(dim=1).detach(),
-                "context_ratio": torch.tensor(context_index.shape[1] / (grid[0] * grid[1])),
-                "target_momentum": torch.tensor(self.momentum)}
+        return {
+            "loss": loss,
+            "embedding": context.mean(dim=1).detach(),
+            "context_ratio": torch.tensor(context_index.shape[1] / (grid[0] * grid[1])),
+            "target_momentum": torch.tensor(self.momentum),
+        }
 
     @torch.no_grad()
     def after_step(self, step: int, total_steps: int) -> None:

@@ -7,6 +7,7 @@ decoder paints the region back from its context.
     W = 1 on M, w_o on R - M                     the overlap ring weighs w_o = 10x
     L_rec = sum W * (x - F(x_ctx))^2 / (C sum W)     the (weighted) normalised masked L2 of the paper's eq. 1
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -24,8 +25,9 @@ from .base import SSLMethod
 MASK_KINDS = ("center", "random_block")
 
 
-def region_mask(batch: int, height: int, width: int, *, kind: str, fraction: float, block_fraction: float | None = None,
-                device=None) -> Tensor:
+def region_mask(
+    batch: int, height: int, width: int, *, kind: str, fraction: float, block_fraction: float | None = None, device=None
+) -> Tensor:
     """(B, 1, H, W) float mask, 1 = removed (paper sec. 3.3).
 
     ``center``: the central square of side ``fraction`` x the image side (paper: the central 64 x 64 of
@@ -39,7 +41,7 @@ def region_mask(batch: int, height: int, width: int, *, kind: str, fraction: flo
     mask = torch.zeros(batch, 1, height, width, device=device)
     if kind == "center":
         y0, x0 = (height - side_h) // 2, (width - side_w) // 2
-        mask[:, :, y0:y0 + side_h, x0:x0 + side_w] = 1
+        mask[:, :, y0 : y0 + side_h, x0 : x0 + side_w] = 1
     elif kind == "random_block":
         bf = fraction if block_fraction is None else block_fraction
         bh, bw = max(1, round(height * bf)), max(1, round(width * bf))
@@ -48,7 +50,7 @@ def region_mask(batch: int, height: int, width: int, *, kind: str, fraction: flo
             while mask[i].sum() < area:
                 y0 = int(torch.randint(0, height - bh + 1, ()))
                 x0 = int(torch.randint(0, width - bw + 1, ()))
-                mask[i, :, y0:y0 + bh, x0:x0 + bw] = 1
+                mask[i, :, y0 : y0 + bh, x0 : x0 + bw] = 1
     else:
         raise ValueError(f"inpainting: mask must be one of {', '.join(MASK_KINDS)}, got {kind!r}")
     return mask
@@ -96,13 +98,27 @@ class Inpainting(SSLMethod):
     """
 
     augment = "mim"
-    optimizer: dict[str, Any] = {"name": "adamw", "base_lr": 8e-4, "weight_decay": 0.0, "betas": [0.5, 0.999],
-                                 "lr_scaling": "linear", "warmup_epochs": 0}
+    optimizer: dict[str, Any] = {
+        "name": "adamw",
+        "base_lr": 8e-4,
+        "weight_decay": 0.0,
+        "betas": [0.5, 0.999],
+        "lr_scaling": "linear",
+        "warmup_epochs": 0,
+    }
     default_backbone: dict[str, Any] = {"name": "resnet18", "small_image": True}
 
-    def __init__(self, backbone: nn.Module, *, mask: str = "center", mask_fraction: float = 0.5,
-                 block_fraction: float | None = None, overlap: float = 0.03125, overlap_weight: float = 10.0,
-                 decoder_dim: int = 64) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        mask: str = "center",
+        mask_fraction: float = 0.5,
+        block_fraction: float | None = None,
+        overlap: float = 0.03125,
+        overlap_weight: float = 10.0,
+        decoder_dim: int = 64,
+    ) -> None:
         super().__init__()
         if mask not in MASK_KINDS:
             raise ValueError(f"inpainting: mask must be one of {', '.join(MASK_KINDS)}, got {mask!r}")
@@ -111,8 +127,9 @@ class Inpainting(SSLMethod):
         if block_fraction is not None and not 0.0 < block_fraction <= mask_fraction:
             raise ValueError(f"inpainting: block_fraction must be in (0, mask_fraction], got {block_fraction}")
         if not 0.0 <= overlap < 0.5 or overlap_weight < 0:
-            raise ValueError(f"inpainting: need 0 <= overlap < 0.5 and overlap_weight >= 0, got {overlap}, "
-                             f"{overlap_weight}")
+            raise ValueError(
+                f"inpainting: need 0 <= overlap < 0.5 and overlap_weight >= 0, got {overlap}, {overlap_weight}"
+            )
         self.backbone = backbone
         self.mask_kind, self.mask_fraction, self.block_fraction = mask, mask_fraction, block_fraction
         self.overlap, self.overlap_weight = overlap, overlap_weight
@@ -123,8 +140,15 @@ class Inpainting(SSLMethod):
     def forward(self, views: list[Tensor]) -> dict[str, Tensor]:
         images = views[0]
         b, _, h, w = images.shape
-        mask = region_mask(b, h, w, kind=self.mask_kind, fraction=self.mask_fraction,
-                           block_fraction=self.block_fraction, device=images.device)
+        mask = region_mask(
+            b,
+            h,
+            w,
+            kind=self.mask_kind,
+            fraction=self.mask_fraction,
+            block_fraction=self.block_fraction,
+            device=images.device,
+        )
         weights = overlap_weights(mask, round(self.overlap * min(h, w)), self.overlap_weight)
         context = images * (1 - mask)
         fmap = feature_map(self.backbone, context)

@@ -1,6 +1,7 @@
 """Jigsaw puzzles (Noroozi & Favaro 2016, "Unsupervised Learning of Visual Representations by Solving Jigsaw
 Puzzles", arXiv 1603.09246): spatial context; the image is cut into a grid of tiles, shuffled by one permutation
 of a fixed set, and the network names the permutation."""
+
 from __future__ import annotations
 
 import functools
@@ -32,7 +33,8 @@ def hamming_permutations(num_tiles: int, count: int) -> np.ndarray:
     all_perms = np.array(list(itertools.permutations(range(num_tiles))), dtype=np.int8)
     if not 1 <= count <= len(all_perms):
         raise ValueError(
-            f"jigsaw: num_permutations must be in [1, {len(all_perms)}] for {num_tiles} tiles, got {count}")
+            f"jigsaw: num_permutations must be in [1, {len(all_perms)}] for {num_tiles} tiles, got {count}"
+        )
     chosen = [0]  # the identity is the lexicographically first permutation
     min_dist = (all_perms != all_perms[0]).sum(axis=1)
     for _ in range(count - 1):
@@ -48,8 +50,16 @@ def min_hamming_distance(perms: np.ndarray) -> int:
     return int(d.min())
 
 
-def shuffle_tiles(images: Tensor, permutations: Tensor, labels: Tensor, *, grid: int, tile_size: int,
-                  jitter: bool = True, normalize_tiles: bool = True) -> Tensor:
+def shuffle_tiles(
+    images: Tensor,
+    permutations: Tensor,
+    labels: Tensor,
+    *,
+    grid: int,
+    tile_size: int,
+    jitter: bool = True,
+    normalize_tiles: bool = True,
+) -> Tensor:
     """Cut each image into grid x grid cells, crop a ``tile_size`` tile from each cell and shuffle the tiles.
 
     images (B, C, H, W), labels (B,): the permutation index of each image. Returns (B, grid**2, C, t, t): tile
@@ -68,7 +78,7 @@ def shuffle_tiles(images: Tensor, permutations: Tensor, labels: Tensor, *, grid:
     cells = []
     for r in range(grid):
         for col in range(grid):
-            block = images[:, :, r * cell:(r + 1) * cell, col * cell:(col + 1) * cell]
+            block = images[:, :, r * cell : (r + 1) * cell, col * cell : (col + 1) * cell]
             if jitter and slack:
                 dy, dx = torch.randint(0, slack + 1, (2, b, 1), device=images.device)
                 rows = (dy + span).view(b, 1, tile_size, 1).expand(b, c, tile_size, cell)
@@ -77,9 +87,9 @@ def shuffle_tiles(images: Tensor, permutations: Tensor, labels: Tensor, *, grid:
                 cells.append(torch.gather(block, 3, cols))
             else:
                 o = slack // 2
-                cells.append(block[:, :, o:o + tile_size, o:o + tile_size])
-    cells_t = torch.stack(cells, dim=1)                                    # B x T x C x t x t, row-major cells
-    order = permutations[labels]                                           # B x T
+                cells.append(block[:, :, o : o + tile_size, o : o + tile_size])
+    cells_t = torch.stack(cells, dim=1)  # B x T x C x t x t, row-major cells
+    order = permutations[labels]  # B x T
     tiles = torch.gather(cells_t, 1, order[:, :, None, None, None].expand_as(cells_t))
     if normalize_tiles:
         mean = tiles.mean(dim=(2, 3, 4), keepdim=True)
@@ -110,13 +120,28 @@ class Jigsaw(SSLMethod):
     """
 
     augment = "mim"
-    optimizer: dict[str, Any] = {"name": "sgd", "base_lr": 0.01, "weight_decay": 5e-4, "momentum": 0.9,
-                                 "lr_scaling": "linear", "warmup_epochs": 0}
+    optimizer: dict[str, Any] = {
+        "name": "sgd",
+        "base_lr": 0.01,
+        "weight_decay": 5e-4,
+        "momentum": 0.9,
+        "lr_scaling": "linear",
+        "warmup_epochs": 0,
+    }
     default_backbone: dict[str, Any] = {"name": "resnet18", "small_image": True}
 
-    def __init__(self, backbone: nn.Module, *, grid: int = 3, num_permutations: int = 1000, tile_ratio: float = 0.75,
-                 tile_dim: int = 512, hidden_dim: int = 4096, jitter: bool = True,
-                 normalize_tiles: bool = True) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        grid: int = 3,
+        num_permutations: int = 1000,
+        tile_ratio: float = 0.75,
+        tile_dim: int = 512,
+        hidden_dim: int = 4096,
+        jitter: bool = True,
+        normalize_tiles: bool = True,
+    ) -> None:
         super().__init__()
         if grid < 2:
             raise ValueError(f"jigsaw: grid must be >= 2, got {grid}")
@@ -125,8 +150,9 @@ class Jigsaw(SSLMethod):
         self.backbone = backbone
         self.grid, self.tile_ratio = grid, tile_ratio
         self.jitter, self.normalize_tiles = jitter, normalize_tiles
-        self.register_buffer("permutations", torch.from_numpy(hamming_permutations(grid * grid, num_permutations)),
-                             persistent=False)
+        self.register_buffer(
+            "permutations", torch.from_numpy(hamming_permutations(grid * grid, num_permutations)), persistent=False
+        )
         self.tile_embed = build_mlp([backbone.feature_dim, tile_dim], batch_norm=False)
         self.classifier = build_mlp([grid * grid * tile_dim, hidden_dim, num_permutations], batch_norm=True)
         self.criterion = PermutationLoss()
@@ -137,10 +163,17 @@ class Jigsaw(SSLMethod):
         cell = min(images.shape[-2:]) // self.grid
         tile = max(1, int(cell * self.tile_ratio))
         labels = torch.randint(0, self.permutations.shape[0], (b,), device=images.device)
-        tiles = shuffle_tiles(images, self.permutations, labels, grid=self.grid, tile_size=tile, jitter=self.jitter,
-                              normalize_tiles=self.normalize_tiles)
+        tiles = shuffle_tiles(
+            images,
+            self.permutations,
+            labels,
+            grid=self.grid,
+            tile_size=tile,
+            jitter=self.jitter,
+            normalize_tiles=self.normalize_tiles,
+        )
         t = tiles.shape[1]
-        tile_features = self.tile_embed(self.backbone(tiles.flatten(0, 1)))          # (B T) x tile_dim
+        tile_features = self.tile_embed(self.backbone(tiles.flatten(0, 1)))  # (B T) x tile_dim
         logits = self.classifier(torch.relu(tile_features).reshape(b, t * tile_features.shape[-1]))
         loss = self.criterion(logits, labels)
         with torch.no_grad():

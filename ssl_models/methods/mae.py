@@ -1,6 +1,7 @@
 """MAE (He, Chen, Xie, Li, Dollar & Girshick 2022, "Masked Autoencoders Are Scalable Vision Learners",
 arXiv 2111.06377): masked image modeling; a ViT encoder sees only the visible patches, a light decoder
 reconstructs the (per-patch normalised) pixels of the masked ones."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -71,12 +72,26 @@ class MAE(SSLMethod):
     """
 
     augment = "mim"
-    optimizer: dict[str, Any] = {"name": "adamw", "base_lr": 1.5e-4, "weight_decay": 0.05, "betas": [0.9, 0.95],
-                                 "lr_scaling": "linear", "warmup_epochs": 40}
+    optimizer: dict[str, Any] = {
+        "name": "adamw",
+        "base_lr": 1.5e-4,
+        "weight_decay": 0.05,
+        "betas": [0.9, 0.95],
+        "lr_scaling": "linear",
+        "warmup_epochs": 40,
+    }
     default_backbone: dict[str, Any] = {"name": "vit_tiny", "patch_size": 4}
 
-    def __init__(self, backbone: nn.Module, *, mask_ratio: float = 0.75, decoder_dim: int = 128,
-                 decoder_depth: int = 2, decoder_heads: int = 4, norm_pix_loss: bool = True) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        mask_ratio: float = 0.75,
+        decoder_dim: int = 128,
+        decoder_depth: int = 2,
+        decoder_heads: int = 4,
+        norm_pix_loss: bool = True,
+    ) -> None:
         super().__init__()
         if not isinstance(backbone, VisionTransformer):
             raise ValueError(f"mae needs a ViT backbone (vit_tiny, vit_small), got {type(backbone).__name__}")
@@ -84,11 +99,12 @@ class MAE(SSLMethod):
             raise ValueError(f"mae: mask_ratio must be in (0, 1), got {mask_ratio}")
         self.backbone = backbone
         self.mask_ratio = mask_ratio
-        patch_dim = backbone.patch_size ** 2 * backbone.in_chans
+        patch_dim = backbone.patch_size**2 * backbone.in_chans
         self.decoder_embed = nn.Linear(backbone.embed_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         self.decoder_blocks = nn.ModuleList(
-            [TransformerBlock(decoder_dim, decoder_heads) for _ in range(decoder_depth)])
+            [TransformerBlock(decoder_dim, decoder_heads) for _ in range(decoder_depth)]
+        )
         self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_dim, patch_dim)
         self.decoder_dim = decoder_dim
@@ -120,8 +136,9 @@ class MAE(SSLMethod):
         p = self.backbone.patch_size
         grid = (images.shape[-2] // p, images.shape[-1] // p)
         patches = self.backbone.patchify(images)
-        keep_index, restore_index, mask = random_masking(images.shape[0], patches.shape[1], self.mask_ratio,
-                                                         device=images.device)
+        keep_index, restore_index, mask = random_masking(
+            images.shape[0], patches.shape[1], self.mask_ratio, device=images.device
+        )
         features = self.backbone.forward_features(images, keep_index=keep_index)
         latent = torch.cat([features["cls"][:, None], features["patch_tokens"]], dim=1)
         prediction = self.decode(latent, restore_index, grid)

@@ -1,6 +1,7 @@
 """MoCo v3 (Chen, Xie & He 2021, "An Empirical Study of Training Self-Supervised Vision Transformers",
 arXiv 2104.02057): deep metric learning where the keys come from a momentum encoder and the negatives are the
 other keys of the (global) batch, with no memory queue."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -58,21 +59,38 @@ class MoCoV3(SSLMethod):
     """
 
     augment = "byol"
-    optimizer: dict[str, Any] = {"name": "lars", "base_lr": 0.3, "weight_decay": 1.5e-6, "momentum": 0.9,
-                                 "lr_scaling": "linear", "warmup_epochs": 10}
+    optimizer: dict[str, Any] = {
+        "name": "lars",
+        "base_lr": 0.3,
+        "weight_decay": 1.5e-6,
+        "momentum": 0.9,
+        "lr_scaling": "linear",
+        "warmup_epochs": 10,
+    }
     default_backbone: dict[str, Any] = {"name": "resnet18", "small_image": True}
 
-    def __init__(self, backbone: nn.Module, *, projection_dim: int = 256, projector_hidden_dim: int = 4096,
-                 predictor_hidden_dim: int = 4096, temperature: float = 0.2, base_momentum: float = 0.99,
-                 final_momentum: float = 1.0, gather_distributed: bool = True) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        projection_dim: int = 256,
+        projector_hidden_dim: int = 4096,
+        predictor_hidden_dim: int = 4096,
+        temperature: float = 0.2,
+        base_momentum: float = 0.99,
+        final_momentum: float = 1.0,
+        gather_distributed: bool = True,
+    ) -> None:
         super().__init__()
         self.backbone = backbone
-        self.projector = build_mlp([backbone.feature_dim, projector_hidden_dim, projector_hidden_dim, projection_dim],
-                                   last_batch_norm=True, last_batch_norm_affine=False)
+        self.projector = build_mlp(
+            [backbone.feature_dim, projector_hidden_dim, projector_hidden_dim, projection_dim],
+            last_batch_norm=True,
+            last_batch_norm_affine=False,
+        )
         self.predictor = build_mlp([projection_dim, predictor_hidden_dim, projection_dim])
         self.momentum_backbone = EMATeacher(backbone, base_momentum=base_momentum, final_momentum=final_momentum)
-        self.momentum_projector = EMATeacher(self.projector, base_momentum=base_momentum,
-                                             final_momentum=final_momentum)
+        self.momentum_projector = EMATeacher(self.projector, base_momentum=base_momentum, final_momentum=final_momentum)
         self.criterion = MoCoV3Loss(temperature, gather_distributed)
 
     def forward(self, views: list[Tensor]) -> dict[str, Tensor]:
@@ -86,8 +104,12 @@ class MoCoV3(SSLMethod):
         loss = self.criterion(q1, k2) + self.criterion(q2, k1)
         with torch.no_grad():
             positive_similarity = 0.5 * (F.cosine_similarity(q1, k2).mean() + F.cosine_similarity(q2, k1).mean())
-        return {"loss": loss, "embedding": z.chunk(2)[0].detach(), "positive_similarity": positive_similarity,
-                "target_momentum": torch.tensor(self.momentum_backbone.momentum)}
+        return {
+            "loss": loss,
+            "embedding": z.chunk(2)[0].detach(),
+            "positive_similarity": positive_similarity,
+            "target_momentum": torch.tensor(self.momentum_backbone.momentum),
+        }
 
     @torch.no_grad()
     def after_step(self, step: int, total_steps: int) -> None:

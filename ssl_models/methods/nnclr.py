@@ -1,6 +1,7 @@
 """NNCLR (Dwibedi, Aytar, Tompson, Sermanet & Zisserman 2021, "With a Little Help from My Friends: Nearest-Neighbor
 Contrastive Learning of Visual Representations", arXiv 2104.14548): deep metric learning whose positive for a
 view is its nearest neighbour in a support set of past embeddings, not the other view itself."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -78,7 +79,7 @@ class SupportSet(nn.Module):
     @torch.no_grad()
     def push(self, z: Tensor) -> None:
         """Insert rows (newest overwrite oldest); a batch larger than the queue keeps its last ``size`` rows."""
-        z = F.normalize(z.detach(), dim=1)[-self.size:]
+        z = F.normalize(z.detach(), dim=1)[-self.size :]
         n = z.shape[0]
         start = int(self.pointer)
         positions = (torch.arange(n, device=z.device) + start) % self.size
@@ -99,17 +100,32 @@ class NNCLR(SSLMethod):
     """
 
     augment = "byol"
-    optimizer: dict[str, Any] = {"name": "lars", "base_lr": 0.3, "weight_decay": 1e-6, "momentum": 0.9,
-                                 "lr_scaling": "linear", "warmup_epochs": 10}
+    optimizer: dict[str, Any] = {
+        "name": "lars",
+        "base_lr": 0.3,
+        "weight_decay": 1e-6,
+        "momentum": 0.9,
+        "lr_scaling": "linear",
+        "warmup_epochs": 10,
+    }
     default_backbone: dict[str, Any] = {"name": "resnet18", "small_image": True}
 
-    def __init__(self, backbone: nn.Module, *, projection_dim: int = 256, projector_hidden_dim: int = 2048,
-                 predictor_hidden_dim: int = 4096, temperature: float = 0.1, support_set_size: int = 16384,
-                 gather_distributed: bool = True) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        projection_dim: int = 256,
+        projector_hidden_dim: int = 2048,
+        predictor_hidden_dim: int = 4096,
+        temperature: float = 0.1,
+        support_set_size: int = 16384,
+        gather_distributed: bool = True,
+    ) -> None:
         super().__init__()
         self.backbone = backbone
-        self.projector = build_mlp([backbone.feature_dim, projector_hidden_dim, projector_hidden_dim, projection_dim],
-                                   last_batch_norm=True)
+        self.projector = build_mlp(
+            [backbone.feature_dim, projector_hidden_dim, projector_hidden_dim, projection_dim], last_batch_norm=True
+        )
         self.predictor = build_mlp([projection_dim, predictor_hidden_dim, projection_dim])
         self.support_set = SupportSet(support_set_size, projection_dim)
         self.criterion = NNCLRLoss(temperature, gather_distributed)
@@ -131,8 +147,12 @@ class NNCLR(SSLMethod):
             # how far the borrowed positive is from the query itself: 1 would make NNCLR plain SimCLR; lower values
             # are the semantic variation the support set adds beyond augmentations
             neighbour_similarity = F.cosine_similarity(nn1, z1).mean()
-        return {"loss": loss, "embedding": z1.detach(), "neighbour_similarity": neighbour_similarity,
-                "support_set_filled": self.support_set.filled.float() / self.support_set.size}
+        return {
+            "loss": loss,
+            "embedding": z1.detach(),
+            "neighbour_similarity": neighbour_similarity,
+            "support_set_filled": self.support_set.filled.float() / self.support_set.size,
+        }
 
     @torch.no_grad()
     def after_step(self, step: int, total_steps: int) -> None:

@@ -1,5 +1,6 @@
 """RotNet (Gidaris, Singh & Komodakis 2018, "Unsupervised Representation Learning by Predicting Image Rotations",
 arXiv 1803.07728): spatial context; the network is trained to tell by how much each image was rotated."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -51,8 +52,14 @@ class RotNet(SSLMethod):
     """
 
     augment = "mim"  # one view: crop + flip; the rotations are the task, not an augmentation
-    optimizer: dict[str, Any] = {"name": "sgd", "base_lr": 0.2, "weight_decay": 5e-4, "momentum": 0.9,
-                                 "lr_scaling": "linear", "warmup_epochs": 0}
+    optimizer: dict[str, Any] = {
+        "name": "sgd",
+        "base_lr": 0.2,
+        "weight_decay": 5e-4,
+        "momentum": 0.9,
+        "lr_scaling": "linear",
+        "warmup_epochs": 0,
+    }
     default_backbone: dict[str, Any] = {"name": "resnet18", "small_image": True}
 
     def __init__(self, backbone: nn.Module, *, hidden_dim: int = 512) -> None:

@@ -1,5 +1,6 @@
 """SimCLR (Chen, Kornblith, Norouzi & Hinton 2020, "A Simple Framework for Contrastive Learning of Visual
 Representations", arXiv 2002.05709): deep metric learning with the NT-Xent loss over two augmented views."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -42,8 +43,8 @@ class NTXentLoss(nn.Module):
         keys1, keys2 = (distributed.gather(z1), distributed.gather(z2)) if self.gather_distributed else (z1, z2)
         n = keys1.shape[0]
         offset = distributed.local_offset(b) if self.gather_distributed else 0
-        queries = torch.cat([z1, z2])                               # 2B x D
-        keys = torch.cat([keys1, keys2])                            # 2N x D: [view-1 of all, view-2 of all]
+        queries = torch.cat([z1, z2])  # 2B x D
+        keys = torch.cat([keys1, keys2])  # 2N x D: [view-1 of all, view-2 of all]
         logits = queries @ keys.T / self.temperature
         local = torch.arange(b, device=z1.device) + offset
         self_index = torch.cat([local, local + n])
@@ -64,12 +65,26 @@ class SimCLR(SSLMethod):
     """
 
     augment = "simclr"
-    optimizer: dict[str, Any] = {"name": "lars", "base_lr": 1.2, "weight_decay": 1e-6, "momentum": 0.9,
-                                 "lr_scaling": "sqrt", "warmup_epochs": 10}
+    optimizer: dict[str, Any] = {
+        "name": "lars",
+        "base_lr": 1.2,
+        "weight_decay": 1e-6,
+        "momentum": 0.9,
+        "lr_scaling": "sqrt",
+        "warmup_epochs": 10,
+    }
     default_backbone: dict[str, Any] = {"name": "resnet18", "small_image": True}
 
-    def __init__(self, backbone: nn.Module, *, projection_dim: int = 128, projector_hidden_dim: int = 2048,
-                 projector_layers: int = 2, temperature: float = 0.2, gather_distributed: bool = True) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        projection_dim: int = 128,
+        projector_hidden_dim: int = 2048,
+        projector_layers: int = 2,
+        temperature: float = 0.2,
+        gather_distributed: bool = True,
+    ) -> None:
         super().__init__()
         if projector_layers < 1:
             raise ValueError(f"simclr: projector_layers must be >= 1, got {projector_layers}")

@@ -1,6 +1,7 @@
 """SimMIM (Xie, Zhang, Cao, Lin, Bao, Yao, Dai & Hu 2022, "SimMIM: A Simple Framework for Masked Image
 Modeling", arXiv 2111.09886): masked image modeling where masked patches are replaced by a learned mask token,
 the encoder sees every position, and a single linear layer predicts the raw pixels of the masked patches."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -59,8 +60,14 @@ class SimMIM(SSLMethod):
     """
 
     augment = "mim"
-    optimizer: dict[str, Any] = {"name": "adamw", "base_lr": 1e-4, "weight_decay": 0.05, "betas": [0.9, 0.999],
-                                 "lr_scaling": "linear", "warmup_epochs": 10}
+    optimizer: dict[str, Any] = {
+        "name": "adamw",
+        "base_lr": 1e-4,
+        "weight_decay": 0.05,
+        "betas": [0.9, 0.999],
+        "lr_scaling": "linear",
+        "warmup_epochs": 10,
+    }
     default_backbone: dict[str, Any] = {"name": "vit_tiny", "patch_size": 4, "global_pool": "mean"}
 
     def __init__(self, backbone: nn.Module, *, mask_ratio: float = 0.6, mask_block: int = 2) -> None:
@@ -76,7 +83,7 @@ class SimMIM(SSLMethod):
         self.mask_block = mask_block
         self.mask_token = nn.Parameter(torch.zeros(backbone.embed_dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
-        self.pixel_head = nn.Linear(backbone.embed_dim, backbone.patch_size ** 2 * backbone.in_chans)
+        self.pixel_head = nn.Linear(backbone.embed_dim, backbone.patch_size**2 * backbone.in_chans)
         self.criterion = MaskedL1Loss()
 
     def no_weight_decay(self) -> set[str]:

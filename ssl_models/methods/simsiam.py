@@ -1,6 +1,7 @@
 """SimSiam (Chen & He 2021, "Exploring Simple Siamese Representation Learning", arXiv 2011.10566):
 self-distillation with neither negatives nor a momentum teacher; a predictor and a stop-gradient are enough to
 avoid collapse (and without the predictor it collapses, the paper's section 4.2)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -46,18 +47,35 @@ class SimSiam(SSLMethod):
     """
 
     augment = "simclr"
-    optimizer: dict[str, Any] = {"name": "sgd", "base_lr": 0.05, "weight_decay": 5e-4, "momentum": 0.9,
-                                 "lr_scaling": "linear", "warmup_epochs": 0}
+    optimizer: dict[str, Any] = {
+        "name": "sgd",
+        "base_lr": 0.05,
+        "weight_decay": 5e-4,
+        "momentum": 0.9,
+        "lr_scaling": "linear",
+        "warmup_epochs": 0,
+    }
     default_backbone: dict[str, Any] = {"name": "resnet18", "small_image": True}
 
-    def __init__(self, backbone: nn.Module, *, projection_dim: int = 2048, projector_hidden_dim: int = 2048,
-                 predictor_hidden_dim: int = 512, use_predictor: bool = True) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        projection_dim: int = 2048,
+        projector_hidden_dim: int = 2048,
+        predictor_hidden_dim: int = 512,
+        use_predictor: bool = True,
+    ) -> None:
         super().__init__()
         self.backbone = backbone
-        self.projector = build_mlp([backbone.feature_dim, projector_hidden_dim, projector_hidden_dim, projection_dim],
-                                   last_batch_norm=True, last_batch_norm_affine=False)
-        self.predictor = build_mlp([projection_dim, predictor_hidden_dim, projection_dim]) if use_predictor \
-            else nn.Identity()
+        self.projector = build_mlp(
+            [backbone.feature_dim, projector_hidden_dim, projector_hidden_dim, projection_dim],
+            last_batch_norm=True,
+            last_batch_norm_affine=False,
+        )
+        self.predictor = (
+            build_mlp([projection_dim, predictor_hidden_dim, projection_dim]) if use_predictor else nn.Identity()
+        )
         self.use_predictor = use_predictor
         self.criterion = NegativeCosineLoss()
 

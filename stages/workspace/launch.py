@@ -14,6 +14,7 @@ torchrun's static rendezvous is used (node 0 hosts the store, its rank 0 process
 the c10d rendezvous assigns ranks in order of arrival (outputs then need storage every node sees). One node
 uses torchrun's ``--standalone`` (a free port on 127.0.0.1).
 """
+
 from __future__ import annotations
 
 import os
@@ -31,7 +32,7 @@ def inside_worker() -> bool:
 
 @dataclass(frozen=True)
 class Layout:
-    processes: int   # per node
+    processes: int  # per node
     nodes: int
     endpoint: str | None
     run_id: str
@@ -58,8 +59,9 @@ def resolve_layout(cfg: PretrainConfig, method: str, key: str = "pretrain") -> L
         raise ConfigError(f"params.yaml: {key}.device: cuda requested but no CUDA device is visible")
     processes = (gpus or 1) if cfg.processes == "auto" else int(cfg.processes)
     if gpus and processes > gpus:
-        raise ConfigError(f"params.yaml: {key}.processes: {processes} processes per node need {processes} GPUs, "
-                          f"{gpus} visible")
+        raise ConfigError(
+            f"params.yaml: {key}.processes: {processes} processes per node need {processes} GPUs, {gpus} visible"
+        )
     endpoint = cfg.rdzv_endpoint or _env("PET_RDZV_ENDPOINT")
     if not endpoint and os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT"):
         endpoint = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
@@ -69,11 +71,14 @@ def resolve_layout(cfg: PretrainConfig, method: str, key: str = "pretrain") -> L
     except ValueError:
         raise ConfigError(f"NODE_RANK: expected an integer (got {node_rank!r})") from None
     if cfg.nodes > 1 and not endpoint:
-        raise ConfigError(f"params.yaml: {key}.rdzv_endpoint: needed when {key}.nodes is {cfg.nodes} (host:port "
-                          f"of node 0, or MASTER_ADDR and MASTER_PORT in the environment)")
+        raise ConfigError(
+            f"params.yaml: {key}.rdzv_endpoint: needed when {key}.nodes is {cfg.nodes} (host:port "
+            f"of node 0, or MASTER_ADDR and MASTER_PORT in the environment)"
+        )
     if node_rank is not None and not 0 <= node_rank < cfg.nodes:
-        raise ConfigError(f"params.yaml: {key}.node_rank: {node_rank} is outside 0..{cfg.nodes - 1} "
-                          f"({key}.nodes is {cfg.nodes})")
+        raise ConfigError(
+            f"params.yaml: {key}.node_rank: {node_rank} is outside 0..{cfg.nodes - 1} ({key}.nodes is {cfg.nodes})"
+        )
     run_id = cfg.rdzv_id or _env("PET_RDZV_ID", "TORCHELASTIC_RUN_ID") or f"sslcook-{method}"
     return Layout(processes=processes, nodes=cfg.nodes, endpoint=endpoint, run_id=run_id, node_rank=node_rank)
 
@@ -84,8 +89,12 @@ def torchrun_args(layout: Layout, command: list[str]) -> list[str]:
     if layout.nodes == 1 and not layout.endpoint:
         args.append("--standalone")
     elif layout.node_rank is not None:
-        args += ["--rdzv_backend=static", f"--rdzv_endpoint={layout.endpoint}", f"--node_rank={layout.node_rank}",
-                 f"--rdzv_id={layout.run_id}"]
+        args += [
+            "--rdzv_backend=static",
+            f"--rdzv_endpoint={layout.endpoint}",
+            f"--node_rank={layout.node_rank}",
+            f"--rdzv_id={layout.run_id}",
+        ]
     else:
         args += ["--rdzv_backend=c10d", f"--rdzv_endpoint={layout.endpoint}", f"--rdzv_id={layout.run_id}"]
     return args + command
@@ -108,8 +117,11 @@ def launch_if_needed(cfg: PretrainConfig, method: str, command: list[str]) -> bo
     from torch.distributed.run import get_args_parser, run
 
     argv = torchrun_args(layout, command)
-    print(f"pretrain {method}: {layout.processes} process(es) x {layout.nodes} node(s) through torchrun "
-          f"{' '.join(argv)}", file=sys.stderr, flush=True)
+    print(
+        f"pretrain {method}: {layout.processes} process(es) x {layout.nodes} node(s) through torchrun {' '.join(argv)}",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         run(get_args_parser().parse_args(argv))
     except ChildFailedError as exc:
@@ -122,8 +134,10 @@ def launch_if_needed(cfg: PretrainConfig, method: str, command: list[str]) -> bo
         rank, failure = order[0]
         code = failure.exitcode
         others = "".join(f", rank {r} {how(f.exitcode)}" for r, f in order[1:])
-        error = SslcookError(f"pretrain {method}: worker rank {rank} {how(code)}{others}; every worker stopped, "
-                             f"the next run resumes from the last checkpoint")
+        error = SslcookError(
+            f"pretrain {method}: worker rank {rank} {how(code)}{others}; every worker stopped, "
+            f"the next run resumes from the last checkpoint"
+        )
         error.exit_code = code if code > 0 else 1
         raise error from None
     except SignalException as exc:

@@ -13,6 +13,7 @@ Two kinds of facts, kept apart so that outputs are content-stable:
   git keeps like the metrics. It names the sha256 of the artifact it describes, so ``sslcook trace`` prints the
   commit, time and flow run of each step it can match.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -21,8 +22,9 @@ import json
 import os
 import platform
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -54,10 +56,16 @@ def git_info(root: Path | None = None) -> dict[str, Any]:
     """Current commit and whether tracked files differ from it (None outside a git checkout)."""
     cwd = str(root or workspace())
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                                capture_output=True, text=True, check=True).stdout
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         return {"commit": commit, "dirty": bool(status.strip())}
     except (OSError, subprocess.CalledProcessError):
         return {"commit": None, "dirty": None}
@@ -87,9 +95,15 @@ def parent_entry(path: str | os.PathLike, root: Path | None = None) -> dict[str,
     return entry
 
 
-def make_record(stage: str, *, params: Mapping[str, Any], parents: Mapping[str, str | os.PathLike] | None = None,
-                seed: int | None = None, extra: Mapping[str, Any] | None = None,
-                root: Path | None = None) -> dict[str, Any]:
+def make_record(
+    stage: str,
+    *,
+    params: Mapping[str, Any],
+    parents: Mapping[str, str | os.PathLike] | None = None,
+    seed: int | None = None,
+    extra: Mapping[str, Any] | None = None,
+    root: Path | None = None,
+) -> dict[str, Any]:
     """The content lineage record of an artifact made by ``stage`` from ``params`` and ``parents``.
 
     Nothing in it changes when the stage runs again on the same inputs (no time, commit or run id: those are
@@ -155,14 +169,25 @@ def cpu_name() -> str | None:
         return name
 
 
-def write_provenance(stage: str, artifact: str | os.PathLike, *, method: str | None = None,
-                     root: Path | None = None, extra: Mapping[str, Any] | None = None) -> Path:
+def write_provenance(
+    stage: str,
+    artifact: str | os.PathLike,
+    *,
+    method: str | None = None,
+    root: Path | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
     """Write provenance/<stage>[/<method>].json for ``artifact`` (its path and sha256 tie the two together)."""
     from .common import write_json
 
     root = root or workspace()
-    doc = {"format": PROVENANCE_FORMAT, "stage": stage, "method": method,
-           "artifact": parent_entry(artifact, root), **run_provenance(root, extra)}
+    doc = {
+        "format": PROVENANCE_FORMAT,
+        "stage": stage,
+        "method": method,
+        "artifact": parent_entry(artifact, root),
+        **run_provenance(root, extra),
+    }
     path = root / provenance_path(stage, method)
     write_json(path, doc)
     return path

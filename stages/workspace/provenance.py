@@ -6,6 +6,7 @@ whatever the file is; :func:`embed_ancestors` copies the records of an artifact'
 own record under "ancestors", so a file that leaves the workspace (a backbone sent to a colleague) still carries its
 whole chain back to the raw data version and the commit.
 """
+
 from __future__ import annotations
 
 import copy
@@ -23,9 +24,9 @@ MAIN_LINE = ("backbone", "model", "checkpoint", "shards", "manifest", "data")
 
 @dataclass
 class Artifact:
-    kind: str                  # metrics | backbone | model_card | checkpoint | manifest | lineage
+    kind: str  # metrics | backbone | model_card | checkpoint | manifest | lineage
     path: Path
-    record: dict[str, Any]     # the lineage record (may be {} for an artifact that has none)
+    record: dict[str, Any]  # the lineage record (may be {} for an artifact that has none)
     info: dict[str, Any] = field(default_factory=dict)  # a few kind-specific facts worth printing
 
 
@@ -82,12 +83,19 @@ def read_artifact(path: str | os.PathLike) -> Artifact:
         if not isinstance(doc, dict):
             raise DataError(f"{path}: expected a JSON object")
         if "splits" in doc and "classes" in doc:
-            info = {"data_version": doc.get("data_version"), "classes": len(doc.get("classes") or []),
-                    "counts": {s: v.get("count") for s, v in (doc.get("splits") or {}).items() if isinstance(v, dict)}}
+            info = {
+                "data_version": doc.get("data_version"),
+                "classes": len(doc.get("classes") or []),
+                "counts": {s: v.get("count") for s, v in (doc.get("splits") or {}).items() if isinstance(v, dict)},
+            }
             return Artifact("manifest", path, doc.get("lineage") or {}, info)
         if str(doc.get("format", "")).startswith("sslcook.model_card"):
-            return Artifact("model_card", path, doc.get("lineage") or {},
-                            {k: doc.get(k) for k in ("method", "family", "feature_dim")})
+            return Artifact(
+                "model_card",
+                path,
+                doc.get("lineage") or {},
+                {k: doc.get(k) for k in ("method", "family", "feature_dim")},
+            )
         if "lineage" in doc:
             info = {k: doc[k] for k in ("method", "family", "primary_metric") if k in doc}
             if doc.get("primary_metric") in doc:
@@ -96,8 +104,9 @@ def read_artifact(path: str | os.PathLike) -> Artifact:
         if "stage" in doc and "parents" in doc:
             return Artifact("lineage", path, doc)
         raise DataError(f"{path}: no lineage record in this JSON file (not an sslcook artifact)")
-    raise DataError(f"{path}: unknown artifact type (expected metrics .json, .safetensors, checkpoint .pt or "
-                    f"manifest.json)")
+    raise DataError(
+        f"{path}: unknown artifact type (expected metrics .json, .safetensors, checkpoint .pt or manifest.json)"
+    )
 
 
 def parent_order(parents: dict[str, Any]) -> list[str]:

@@ -1,11 +1,12 @@
 """The raw-data layout the ingest writes and the shard stage reads: data/raw/{train,val,test}/<class>/<file>
 (``_unlabelled`` for images without a class), SOURCE.json beside them, and DVC's hash of the folder."""
+
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 RAW_DIR = Path("data") / "raw"
 SOURCE_FILE = "SOURCE.json"

@@ -1,4 +1,5 @@
 """Helpers for the data tests: light workspaces (no git/dvc) with params overrides, image bytes, shard reading."""
+
 from __future__ import annotations
 
 import io

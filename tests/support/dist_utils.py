@@ -14,6 +14,7 @@ the single-process ones, and each rank's input gradient is ``world_size`` times 
 slice (see ssl_models.distributed). Losses are addressed as "module:attribute" so the spawned processes can build
 them; slice tests of other methods reuse this with their own loss classes.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -44,8 +45,9 @@ def run_distributed(worker: Callable, world_size: int = 2, args: tuple = ()) -> 
         return [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
 
 
-def gathered_loss_case(loss: str, kwargs: dict | None = None, *, num_inputs: int = 2, batch: int = 6,
-                       dim: int = 8, seed: int = 0) -> dict:
+def gathered_loss_case(
+    loss: str, kwargs: dict | None = None, *, num_inputs: int = 2, batch: int = 6, dim: int = 8, seed: int = 0
+) -> dict:
     """A check case: ``loss`` is "module:ClassName"; the loss is called as ``loss(*embeddings)`` -> scalar."""
     return {"loss": loss, "kwargs": kwargs or {}, "num_inputs": num_inputs, "batch": batch, "dim": dim, "seed": seed}
 
@@ -57,8 +59,10 @@ def _build_loss(case: dict) -> torch.nn.Module:
 
 def _inputs_and_layer(case: dict, world_size: int):
     g = torch.Generator().manual_seed(case["seed"])
-    inputs = [torch.randn(world_size * case["batch"], case["dim"], generator=g, dtype=torch.float64)
-              for _ in range(case["num_inputs"])]
+    inputs = [
+        torch.randn(world_size * case["batch"], case["dim"], generator=g, dtype=torch.float64)
+        for _ in range(case["num_inputs"])
+    ]
     layer = torch.nn.Linear(case["dim"], case["dim"]).double()
     with torch.no_grad():
         layer.weight.copy_(torch.randn(case["dim"], case["dim"], generator=g, dtype=torch.float64) / case["dim"] ** 0.5)
@@ -70,8 +74,11 @@ def _loss_and_grads(case: dict, inputs: list[torch.Tensor], layer: torch.nn.Modu
     xs = [x.clone().requires_grad_(True) for x in inputs]
     loss = _build_loss(case)(*[layer(x) for x in xs])
     loss.backward()
-    return {"loss": loss.detach(), "input_grads": [x.grad for x in xs],
-            "param_grads": [p.grad.clone() for p in layer.parameters()]}
+    return {
+        "loss": loss.detach(),
+        "input_grads": [x.grad for x in xs],
+        "param_grads": [p.grad.clone() for p in layer.parameters()],
+    }
 
 
 def gathered_loss_worker(rank: int, world_size: int, cases: list[dict]) -> list[dict]:
@@ -79,7 +86,7 @@ def gathered_loss_worker(rank: int, world_size: int, cases: list[dict]) -> list[
     for case in cases:
         inputs, layer = _inputs_and_layer(case, world_size)
         b = case["batch"]
-        local = [x[rank * b:(rank + 1) * b] for x in inputs]
+        local = [x[rank * b : (rank + 1) * b] for x in inputs]
         out = _loss_and_grads(case, local, layer)
         for grad in out["param_grads"]:  # what DDP does to parameter gradients
             dist.all_reduce(grad)
@@ -104,8 +111,9 @@ def check_gathered_losses(cases: list[dict], world_size: int = 2, atol: float = 
     return per_rank
 
 
-def assert_matches_single(cases: list[dict], per_rank: list[list[dict]], world_size: int = 2,
-                          atol: float = 1e-5) -> None:
+def assert_matches_single(
+    cases: list[dict], per_rank: list[list[dict]], world_size: int = 2, atol: float = 1e-5
+) -> None:
     """Assert that gathered_loss_worker's per-rank results equal the single-process reference."""
     for i, case in enumerate(cases):
         ref = single_process(case, world_size)
@@ -117,5 +125,6 @@ def assert_matches_single(cases: list[dict], per_rank: list[list[dict]], world_s
             for g, r in zip(got["param_grads"], ref["param_grads"]):
                 torch.testing.assert_close(g, r, atol=atol, rtol=0, msg=f"{name}: parameter gradient")
             for g, r in zip(got["input_grads"], ref["input_grads"]):
-                torch.testing.assert_close(g / world_size, r[rank * b:(rank + 1) * b], atol=atol, rtol=0,
-                                           msg=f"{name}: input gradient")
+                torch.testing.assert_close(
+                    g / world_size, r[rank * b : (rank + 1) * b], atol=atol, rtol=0, msg=f"{name}: input gradient"
+                )

@@ -1,6 +1,7 @@
 """The checks every method's test module runs on its own method: registration and recipe, a forward pass at the
 paper's sizes, and 20 optimisation steps on real CIFAR-10 images that lower the loss without collapsing the
 embedding; plus the CPU-sized heads, fake views and the short training loop they share."""
+
 from __future__ import annotations
 
 import math
@@ -69,7 +70,7 @@ def check_registered_with_family_and_recipe(name: str, family: str) -> None:
     assert cls.augment in RECIPES
     assert cls.optimizer["name"] in ("lars", "adamw", "sgd") and cls.optimizer["base_lr"] > 0
     backbone = build_backbone(**{**cls.default_backbone, "image_size": 32})
-    method = cls(backbone, **spec.defaults())          # the defaults are the constructor's own
+    method = cls(backbone, **spec.defaults())  # the defaults are the constructor's own
     assert method.backbone is backbone
     assert isinstance(build_optimizer(method, cls.optimizer, 256), torch.optim.Optimizer)
 
@@ -186,15 +187,18 @@ def view_batches(images: torch.Tensor, recipe: str) -> list[list[torch.Tensor]]:
         uint8 = (images[order] * 255).round().to(torch.uint8)
         batches = []
         for s in range(N_BATCHES):
-            per_image = [make_views(img) for img in uint8[s * BATCH:(s + 1) * BATCH]]
+            per_image = [make_views(img) for img in uint8[s * BATCH : (s + 1) * BATCH]]
             batches.append([torch.stack([views[v] for views in per_image]) for v in range(len(per_image[0]))])
         _VIEW_CACHE[recipe] = batches
     return _VIEW_CACHE[recipe]
 
 
 def train(method, batches: list[list[torch.Tensor]], steps: int = 20) -> tuple[list[float], list[torch.Tensor]]:
-    optimizer = build_optimizer(method, {"name": "adamw", "base_lr": 2e-3, "weight_decay": 1e-4,
-                                         "lr_scaling": "none"}, effective_batch=batches[0][0].shape[0])
+    optimizer = build_optimizer(
+        method,
+        {"name": "adamw", "base_lr": 2e-3, "weight_decay": 1e-4, "lr_scaling": "none"},
+        effective_batch=batches[0][0].shape[0],
+    )
     method.train()
     method.on_train_start(steps)
     losses, embeddings = [], []

@@ -1,5 +1,6 @@
 """Shared pieces of the origins-family method tests: real digits as tensors, the 20-step training check and the
 export check (the pretrain + export stages on tiny shards, the backbone loaded into torchvision strictly)."""
+
 from __future__ import annotations
 
 import gzip
@@ -26,8 +27,9 @@ def digits(n: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     return (x - GREY_MEAN[0]) / GREY_STD[0], picked[:, 784].long()
 
 
-def twenty_steps_lower_the_loss(method: nn.Module, images: torch.Tensor, *, steps: int = 20, batch: int = 32,
-                                before_each=None) -> tuple[float, float]:
+def twenty_steps_lower_the_loss(
+    method: nn.Module, images: torch.Tensor, *, steps: int = 20, batch: int = 32, before_each=None
+) -> tuple[float, float]:
     """Train ``steps`` steps with the method's own optimizer recipe on random batches of ``images``; return the loss
     on a fixed batch (same random draws: seeded) before and after. ``before_each(index)`` runs before a forward."""
     optimizer = build_optimizer(method, method.optimizer, batch)
@@ -69,10 +71,13 @@ def export_loads_in_torchvision(name: str, tmp_path: Path, shards: Path, **overr
     from stages import pretrain as stage
     from support.tiny_ssl import make_stage_workspace
 
-    ws = make_stage_workspace(tmp_path / "ws", shards, methods=[name],
-                              pretrain={"backbone": {"name": "resnet18", "small_image": True, "width": 64,
-                                                     "stem_stride": 2}},
-                              method_overrides={name: overrides} if overrides else None)
+    ws = make_stage_workspace(
+        tmp_path / "ws",
+        shards,
+        methods=[name],
+        pretrain={"backbone": {"name": "resnet18", "small_image": True, "width": 64, "stem_stride": 2}},
+        method_overrides={name: overrides} if overrides else None,
+    )
     stage.pretrain(name, root=ws)
     export_stage.export(name, root=ws)
     weights = load_file(ws / "models" / name / "backbone.safetensors")

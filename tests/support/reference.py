@@ -1,6 +1,7 @@
 """Plain-Python building blocks for the loss references in the method tests: each reference transcribes its
 paper's equation with loops over samples and dimensions (floats and ``math``, no tensor algebra), evaluated on fixed
 small float64 tensors; the library's vectorised losses must agree to ``ATOL``."""
+
 from __future__ import annotations
 
 import math

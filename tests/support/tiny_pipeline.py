@@ -4,6 +4,7 @@ Everything runs through the real stages (``sslcook data ingest``, then ``dvc rep
 evaluate, report) with params shrunk to a CPU-seconds budget: 10 train / 3 test digits per class, SimCLR for one
 epoch on a width-4 ResNet-18, no affine augmentation (the slowest view op on CPU).
 """
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,14 @@ METHODS = ["simclr"]
 def sh(cmd, cwd, check=True, timeout=600, env=None) -> subprocess.CompletedProcess:
     # dvc.yaml says `python -m stages.X`: this interpreter must be the first python on PATH
     path = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PATH": path, "DVC_NO_ANALYTICS": "1", **(env or {})})
+    proc = subprocess.run(
+        cmd,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PATH": path, "DVC_NO_ANALYTICS": "1", **(env or {})},
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc

@@ -1,6 +1,7 @@
 """Tiny SSL pieces for the engine tests: a GroupNorm conv backbone, a BYOL-like method with an EMA teacher,
 a method forced to collapse, and a synthetic loader whose augmentations draw from the global torch RNG
 (as torchvision transforms do) so that the engine's separation of data and model randomness is exercised."""
+
 from __future__ import annotations
 
 import copy
@@ -20,8 +21,13 @@ class TinyBackbone(nn.Module):
         super().__init__()
         self.feature_dim = width
         self.config = {"name": "tiny", "in_chans": in_chans, "width": width}
-        self.net = nn.Sequential(nn.Conv2d(in_chans, width, 3, stride=2, padding=1), nn.GroupNorm(2, width),
-                                 nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.net = nn.Sequential(
+            nn.Conv2d(in_chans, width, 3, stride=2, padding=1),
+            nn.GroupNorm(2, width),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -34,8 +40,16 @@ class TinyMethod(SSLMethod):
     ``contrastive`` adds a global-batch loss.
     """
 
-    def __init__(self, backbone: nn.Module, *, dim: int = 8, dropout: float = 0.1, momentum: float = 0.9,
-                 nan_at_step: int | None = None, contrastive: bool = False):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        dim: int = 8,
+        dropout: float = 0.1,
+        momentum: float = 0.9,
+        nan_at_step: int | None = None,
+        contrastive: bool = False,
+    ):
         super().__init__()
         self.contrastive = contrastive
         self.backbone = backbone
@@ -97,8 +111,19 @@ class SyntheticLoader:
     generator seeded per (epoch, sample), so any rank layout sees identical views.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int, seed: int, epoch: int,
-                 rank: int = 0, world_size: int = 1, noise: float = 0.1, global_noise: bool = True):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        batch_size: int,
+        seed: int,
+        epoch: int,
+        rank: int = 0,
+        world_size: int = 1,
+        noise: float = 0.1,
+        global_noise: bool = True,
+    ):
         self.images, self.labels = images, labels
         self.batch_size, self.seed, self.epoch = batch_size, seed, epoch
         self.rank, self.world_size = rank, world_size
@@ -122,7 +147,9 @@ class SyntheticLoader:
         order = torch.randperm(self.images.shape[0], generator=g)
         per_step = self.batch_size * self.world_size
         for s in range(self.steps):
-            idx = order[s * per_step:(s + 1) * per_step][self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+            idx = order[s * per_step : (s + 1) * per_step][
+                self.rank * self.batch_size : (self.rank + 1) * self.batch_size
+            ]
             x = self.images[idx]
             views = [x + self.noise * self._noise(idx, x, v) for v in range(2)]
             yield views, self.labels[idx]
@@ -159,11 +186,11 @@ def write_tiny_shards(dest, *, train: int = 64, test: int = 32, shard_size: int 
     by_class: dict[int, list[list[int]]] = {c: [] for c in range(10)}
     with gzip.open(csv, "rt") as fh:  # rows: 784 pixels then the label, sorted by digit
         for line in fh:
-            label = int(line[line.rindex(",") + 1:])
+            label = int(line[line.rindex(",") + 1 :])
             if len(by_class[label]) < per_class:
                 values = [int(v) for v in line.split(",")]
                 by_class[label].append([label] + values[:784])
-    rows = [by_class[c][i] for i in range(per_class) for c in range(10)][:train + test]  # classes interleaved
+    rows = [by_class[c][i] for i in range(per_class) for c in range(10)][: train + test]  # classes interleaved
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     splits = {}
@@ -172,22 +199,42 @@ def write_tiny_shards(dest, *, train: int = 64, test: int = 32, shard_size: int 
         for s in range(0, len(chunk), shard_size):
             name = f"{split}-{s // shard_size:06d}.tar"
             with wds.TarWriter(str(dest / name)) as sink:
-                for i, row in enumerate(chunk[s:s + shard_size]):
+                for i, row in enumerate(chunk[s : s + shard_size]):
                     buf = io.BytesIO()
                     digit = Image.fromarray(np.array(row[1:], dtype=np.uint8).reshape(28, 28), mode="L")
                     digit.convert(image_mode).save(buf, "PNG")
                     key = f"{split}_{s + i:06d}"
-                    sink.write({"__key__": key, "png": buf.getvalue(),
-                                "json": {"cls": row[0], "path": f"{split}/{row[0]}/{key}.png", "class": str(row[0])}})
+                    sink.write(
+                        {
+                            "__key__": key,
+                            "png": buf.getvalue(),
+                            "json": {"cls": row[0], "path": f"{split}/{row[0]}/{key}.png", "class": str(row[0])},
+                        }
+                    )
             data = (dest / name).read_bytes()
-            shards.append({"name": name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
-                           "count": len(chunk[s:s + shard_size])})
+            shards.append(
+                {
+                    "name": name,
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                    "bytes": len(data),
+                    "count": len(chunk[s : s + shard_size]),
+                }
+            )
         per_class = {str(c): sum(1 for r in chunk if r[0] == c) for c in range(10)}
         splits[split] = {"count": len(chunk), "per_class": per_class, "image_sizes": [[28, 28]], "shards": shards}
-    manifest = {"format": "sslcook-shards/2", "splits": splits, "classes": [str(c) for c in range(10)], "image_mode": image_mode,
-                "image_size": {"stored": {"min": [28, 28], "max": [28, 28], "most_common": [[28, 28, train + test]]},
-                               "uniform": [28, 28]}, "skipped": [], "data_version": "test-data",
-                "lineage": {"stage": "shard", "parents": {}}}
+    manifest = {
+        "format": "sslcook-shards/2",
+        "splits": splits,
+        "classes": [str(c) for c in range(10)],
+        "image_mode": image_mode,
+        "image_size": {
+            "stored": {"min": [28, 28], "max": [28, 28], "most_common": [[28, 28, train + test]]},
+            "uniform": [28, 28],
+        },
+        "skipped": [],
+        "data_version": "test-data",
+        "lineage": {"stage": "shard", "parents": {}},
+    }
     (dest / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return dest
 
@@ -218,8 +265,9 @@ def tiny_method_block(name: str, project_block: dict | None = None) -> dict:
     return block
 
 
-def make_stage_workspace(dest, shards, *, methods=("simclr",), pretrain: dict | None = None,
-                         method_overrides: dict | None = None):
+def make_stage_workspace(
+    dest, shards, *, methods=("simclr",), pretrain: dict | None = None, method_overrides: dict | None = None
+):
     """dest/ with data/shards (copied from ``shards``) and the project's params.yaml made tiny: 1 epoch,
     batch 16, a width-4 ResNet-18 or a 1-block ViT, wandb disabled; ``pretrain`` and ``method_overrides``
     ({name: {key: value}}) are applied on top."""
@@ -237,8 +285,16 @@ def make_stage_workspace(dest, shards, *, methods=("simclr",), pretrain: dict | 
     params["methods"] = list(methods)
     common = params["pretrain"]
     # threads=1: with the cores shared, several OpenMP threads per process spin-wait each other to a crawl
-    common.update(epochs=1, batch_size=16, shuffle_buffer=64, checkpoint_every_steps=0, log_every_steps=1, threads=1,
-                  warmup_epochs=0, backbone={"name": "resnet18", "small_image": True, "width": 4})
+    common.update(
+        epochs=1,
+        batch_size=16,
+        shuffle_buffer=64,
+        checkpoint_every_steps=0,
+        log_every_steps=1,
+        threads=1,
+        warmup_epochs=0,
+        backbone={"name": "resnet18", "small_image": True, "width": 4},
+    )
     common["wandb"] = {**common["wandb"], "mode": "disabled"}
     for key, value in (pretrain or {}).items():
         if isinstance(value, dict) and isinstance(common.get(key), dict):
@@ -268,7 +324,10 @@ def add_dvc_pipeline(ws):
         shutil.copytree(root / package, ws / package, ignore=shutil.ignore_patterns("__pycache__"))
     dvc = yaml.safe_load((root / "dvc.yaml").read_text())
     (ws / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"pretrain": dvc["stages"]["pretrain"]}}, sort_keys=False))
-    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"],
-                [sys.executable, "-m", "dvc", "config", "core.analytics", "false"]):
+    for cmd in (
+        ["git", "init", "-q"],
+        [sys.executable, "-m", "dvc", "init", "-q"],
+        [sys.executable, "-m", "dvc", "config", "core.analytics", "false"],
+    ):
         subprocess.run(cmd, cwd=ws, check=True, capture_output=True)
     return ws

@@ -8,6 +8,7 @@ The schema holds types, bounds and the rules between keys; its defaults are the 
 (tests/test_params.py keeps them equal), and params.yaml is where each key's meaning and the reason for its
 value are written.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

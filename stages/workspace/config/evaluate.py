@@ -1,4 +1,5 @@
 """Schemas of the evaluate and report sections of params.yaml."""
+
 from __future__ import annotations
 
 from typing import Literal
@@ -27,7 +28,7 @@ class LinearProbeConfig(Section):
         return v
 
     @model_validator(mode="after")
-    def _validation_to_choose(self) -> "LinearProbeConfig":
+    def _validation_to_choose(self) -> LinearProbeConfig:
         if len(self.c_grid) > 1 and self.val_fraction == 0:
             raise ValueError("val_fraction 0 leaves nothing to choose C on: give c_grid a single value")
         return self

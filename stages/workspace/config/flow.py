@@ -3,6 +3,7 @@
 The flows read their settings from this section only (``FlowConfig.from_workspace``); ``sslcook run`` validates
 the whole file first (``stages.pretrain.check_params``), since DVC deletes a stage's outputs before the stage runs.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -69,7 +70,7 @@ class FlowConfig(Section):
     sweep: SweepConfig = SweepConfig()
 
     @classmethod
-    def from_workspace(cls, root: Path) -> "FlowConfig":
+    def from_workspace(cls, root: Path) -> FlowConfig:
         """Validate only the ``flow`` section of ``root/params.yaml`` (defaults when absent)."""
         path = Path(root) / "params.yaml"
         raw: Any = (read_yaml(path) or {}) if path.exists() else {}

@@ -10,12 +10,13 @@ A method's run is configured in three layers, later ones winning key by key:
 Nested blocks (augment, monitor, wandb) merge key by key; ``backbone`` is replaced whole when the override names
 another architecture. :func:`resolve_method` returns the merged result.
 """
+
 from __future__ import annotations
 
 import copy
 import functools
 import typing
-from typing import TYPE_CHECKING, Any, Literal, Optional, Union
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
@@ -52,7 +53,7 @@ class MonitorConfig(Section):
 class WandbConfig(Section):
     mode: Literal["offline", "online", "disabled"] = "offline"
     project: str = "sslcook"
-    entity: Optional[str] = None
+    entity: str | None = None
     tags: list[str] = []
 
 
@@ -61,30 +62,30 @@ class PretrainConfig(Section):
 
     epochs: int = Field(15, ge=1)
     batch_size: int = Field(256, ge=1)
-    optimizer: Optional[Literal["lars", "adamw", "sgd"]] = None
-    base_lr: Optional[float] = Field(None, gt=0)
-    weight_decay: Optional[float] = Field(None, ge=0)
-    momentum: Optional[float] = Field(None, ge=0, lt=1)
-    warmup_epochs: Optional[float] = Field(1.0, ge=0)
+    optimizer: Literal["lars", "adamw", "sgd"] | None = None
+    base_lr: float | None = Field(None, gt=0)
+    weight_decay: float | None = Field(None, ge=0)
+    momentum: float | None = Field(None, ge=0, lt=1)
+    warmup_epochs: float | None = Field(1.0, ge=0)
     final_lr_ratio: float = Field(0.0, ge=0, le=1)
-    lr_scaling: Optional[Literal["linear", "sqrt", "none"]] = None
-    grad_clip: Optional[float] = Field(None, gt=0)
+    lr_scaling: Literal["linear", "sqrt", "none"] | None = None
+    grad_clip: float | None = Field(None, gt=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: Optional[int] = Field(1, ge=1)
+    threads: int | None = Field(1, ge=1)
     num_workers: int = Field(0, ge=0)
-    loader_image_size: Optional[int] = Field(None, ge=1)
+    loader_image_size: int | None = Field(None, ge=1)
     shuffle_buffer: int = Field(1000, ge=0)
     checkpoint_every_steps: int = Field(50, ge=0)
     on_bad_resume: Literal["fresh", "fail"] = "fresh"
     deterministic: bool = True
     log_every_steps: int = Field(10, ge=1)
-    processes: Union[Literal["auto"], int] = 1
+    processes: Literal["auto"] | int = 1
     nodes: int = Field(1, ge=1)
-    rdzv_endpoint: Optional[str] = Field(None, pattern=r"^\[?[A-Za-z0-9_.:-]+\]?:[0-9]{1,5}$")
-    rdzv_id: Optional[str] = Field(None, min_length=1)
-    node_rank: Optional[int] = Field(None, ge=0)
-    shards_url: Optional[str] = Field(None, min_length=1)
+    rdzv_endpoint: str | None = Field(None, pattern=r"^\[?[A-Za-z0-9_.:-]+\]?:[0-9]{1,5}$")
+    rdzv_id: str | None = Field(None, min_length=1)
+    node_rank: int | None = Field(None, ge=0)
+    shards_url: str | None = Field(None, min_length=1)
 
     @field_validator("processes", mode="before")
     @classmethod
@@ -92,7 +93,8 @@ class PretrainConfig(Section):
         if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
             return value
         raise ValueError("expected auto or an integer >= 1")
-    backbone: Optional[dict[str, Any]] = {"name": "resnet18", "small_image": True, "width": 16, "stem_stride": 2}
+
+    backbone: dict[str, Any] | None = {"name": "resnet18", "small_image": True, "width": 16, "stem_stride": 2}
     augment: dict[str, Any] = {"flip_prob": 0.0, "affine_degrees": 10, "affine_translate": 0.1}
     monitor: MonitorConfig = MonitorConfig()
     wandb: WandbConfig = WandbConfig()
@@ -118,8 +120,12 @@ def merge_overrides(common: dict[str, Any], override: dict[str, Any]) -> dict[st
     for k, v in override.items():
         if k in _MERGED_BLOCKS and isinstance(v, dict) and isinstance(merged.get(k), dict):
             merged[k] = _deep_merge(merged[k], v)
-        elif k == "backbone" and isinstance(v, dict) and isinstance(merged.get(k), dict) \
-                and v.get("name", merged[k].get("name")) == merged[k].get("name"):
+        elif (
+            k == "backbone"
+            and isinstance(v, dict)
+            and isinstance(merged.get(k), dict)
+            and v.get("name", merged[k].get("name")) == merged[k].get("name")
+        ):
             merged[k] = _deep_merge(merged[k], v)
         else:
             merged[k] = copy.deepcopy(v)
@@ -127,16 +133,17 @@ def merge_overrides(common: dict[str, Any], override: dict[str, Any]) -> dict[st
 
 
 @functools.cache
-def hyperparameter_model(spec: "MethodSpec") -> type[BaseModel]:
+def hyperparameter_model(spec: MethodSpec) -> type[BaseModel]:
     """A strict pydantic model of a method's constructor hyperparameters (``spec.defaults()``), typed by the
     constructor's annotations: ``method.<name>`` values are checked against the signature itself."""
     hints = typing.get_type_hints(spec.cls.__init__)
     fields = {key: (hints.get(key, Any), default) for key, default in spec.defaults().items()}
-    return create_model(f"{spec.cls.__name__}Hyperparameters", __config__=ConfigDict(strict=True, extra="forbid"),
-                        **fields)
+    return create_model(
+        f"{spec.cls.__name__}Hyperparameters", __config__=ConfigDict(strict=True, extra="forbid"), **fields
+    )
 
 
-def resolve_method(params: "Params", name: str, filename: str = "params.yaml") -> tuple[PretrainConfig, dict[str, Any]]:
+def resolve_method(params: Params, name: str, filename: str = "params.yaml") -> tuple[PretrainConfig, dict[str, Any]]:
     """(merged pretrain config, constructor hyperparameters) of method ``name``; ConfigError naming the key."""
     from ssl_models import registry
 
@@ -150,11 +157,13 @@ def resolve_method(params: "Params", name: str, filename: str = "params.yaml") -
         if key in PRETRAIN_KEYS:
             common_over[key] = value
         elif key in defaults:
-            hparams[key] = value   # as written: config.json and the resume key record the user's values
+            hparams[key] = value  # as written: config.json and the resume key record the user's values
         else:
             known = sorted(defaults)
-            raise ConfigError(f"{filename}: method.{name}.{key}: unknown key (neither a pretrain key nor a "
-                              f"{name} hyperparameter: {', '.join(known) or 'none'})")
+            raise ConfigError(
+                f"{filename}: method.{name}.{key}: unknown key (neither a pretrain key nor a "
+                f"{name} hyperparameter: {', '.join(known) or 'none'})"
+            )
     try:
         hyperparameter_model(spec).model_validate({k: v for k, v in block.items() if k not in PRETRAIN_KEYS})
     except ValidationError as err:
@@ -170,7 +179,7 @@ def resolve_method(params: "Params", name: str, filename: str = "params.yaml") -
     return config, hparams
 
 
-def validate_methods(params: "Params", filename: str) -> None:
+def validate_methods(params: Params, filename: str) -> None:
     """Every listed method is registered and has its block; every ``method.<name>`` key is known and typed."""
     from ssl_models import registry
 
@@ -185,7 +194,9 @@ def validate_methods(params: "Params", filename: str) -> None:
             raise ConfigError(f"{filename}: method.{name}: unknown method (known: {', '.join(known)})")
     for name in params.methods:
         if not params.method.get(name):
-            raise ConfigError(f"{filename}: method.{name}: missing or empty (each method in `methods` needs a "
-                              f"method.{name} block with at least one key: dvc.yaml depends on it)")
+            raise ConfigError(
+                f"{filename}: method.{name}: missing or empty (each method in `methods` needs a "
+                f"method.{name} block with at least one key: dvc.yaml depends on it)"
+            )
     for name in params.method:
         resolve_method(params, name, filename)
