@@ -228,6 +228,18 @@ class Run:
             self.name, self.block, self.recipe, self.image_size, self.channels, self.grey, aug
         )
 
+    def eval_transform(self):
+        """The deterministic transform of evaluation (resize, normalise with the views' statistics)."""
+        from ssl_models.augment import build_eval_transform
+
+        return build_eval_transform(
+            image_size=self.image_size,
+            channels=self.channels,
+            grey=self.grey,
+            mean=self.strengths.get("mean"),
+            std=self.strengths.get("std"),
+        )
+
     def _resolve_backbone(self) -> None:
         bb = dict(self.cfg.backbone or self.spec.cls.default_backbone)
         if "name" not in bb:
@@ -373,7 +385,6 @@ def _knn_monitor(run: Run, cfg: PretrainConfig):
     knn = cfg.monitor.online_knn
     if knn.every_epochs <= 0:
         return None
-    from ssl_models.augment import build_eval_transform
     from ssl_models.data import DataError as LoaderError
     from ssl_models.data import load_split
     from ssl_models.engine import KnnMonitor
@@ -384,13 +395,7 @@ def _knn_monitor(run: Run, cfg: PretrainConfig):
     except LoaderError as exc:
         print(f"pretrain {run.name}: online kNN off ({exc})", file=sys.stderr)
         return None
-    transform = build_eval_transform(
-        image_size=run.image_size,
-        channels=run.channels,
-        grey=run.grey,
-        mean=run.strengths.get("mean"),
-        std=run.strengths.get("std"),
-    )
+    transform = run.eval_transform()
     return KnnMonitor(
         bank_x[: knn.bank_size],
         bank_y[: knn.bank_size],
@@ -561,17 +566,10 @@ class Batches:
 
     def dataset_pass(self):
         """This rank's share of the train split, each image once, unshuffled, as ``([x], labels, keys)``."""
-        from ssl_models.augment import build_eval_transform
         from ssl_models.data import make_loader
 
         run, rt = self.run, self.runtime
-        transform = build_eval_transform(
-            image_size=run.image_size,
-            channels=run.channels,
-            grey=run.grey,
-            mean=run.strengths.get("mean"),
-            std=run.strengths.get("std"),
-        )
+        transform = run.eval_transform()
         batches = make_loader(
             self.urls,
             batch_size=run.cfg.batch_size,

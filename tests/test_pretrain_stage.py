@@ -303,8 +303,9 @@ def wandb_records(path: Path):
             pos += left
             continue
         length, kind = struct.unpack("<HB", data[pos + 4 : pos + 7])
-        if kind == 0 and length == 0:
-            break
+        if kind == 0 and length == 0:  # zero padding to the end of a block: the next record starts a new block
+            pos += left
+            continue
         chunks.append(data[pos + 7 : pos + 7 + length])
         pos += 7 + length
         if kind in (1, 4):  # full or last fragment
