@@ -209,7 +209,10 @@ def _in_run_cache(repo, stage) -> bool:
     """Whether DVC's run cache holds a run of ``stage`` with its deps' and params' current values (then
     ``dvc repro`` restores its outputs instead of running it)."""
     from dvc.exceptions import DvcException
+    from dvc.stage.cache import _can_hash
 
+    if not _can_hash(stage):  # no deps or outs, or always changed: DVC's repro never restores it from the cache
+        return False
     try:
         stage.save_deps()  # the deps' current hashes (in memory): the run cache is keyed by them
         entry = repo.stage_cache._load(stage)  # DVC's own lookup (the one `repro` does), not re-implemented
