@@ -73,7 +73,7 @@ class PretrainConfig(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(1, ge=1)
-    num_workers: int = Field(0, ge=0)
+    num_workers: int = Field(1, ge=0)
     loader_image_size: int | None = Field(None, ge=1)
     shuffle_buffer: int = Field(1000, ge=0)
     checkpoint_every_steps: int = Field(50, ge=0)
