@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 import support.tiny_pipeline as tp
-from stages import common
+from stages.workspace import common
 from stages import pretrain as stage
 from stages.workspace.common import SslcookError, atomic_path, ensure_writable, run_main, write_json
 from support.tiny_ssl import make_stage_workspace

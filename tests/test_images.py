@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages import images
+from stages.workspace import images
 from stages.shard import shard
 from stages.workspace.common import DataError
 from stages.workspace.ingest import ingest

@@ -16,7 +16,7 @@ import yaml
 from PIL import Image
 
 from conftest import PROJECT_ROOT, run
-from stages import ingest as ingest_mod
+from stages.workspace import ingest as ingest_mod
 from stages.workspace.common import ConfigError, DataError
 from stages.workspace.ingest import ingest, raw_dir_md5
 from support.data_utils import encode, light_workspace, noise_rgb
