@@ -22,8 +22,8 @@ import pytest
 import yaml
 
 import support.tiny_pipeline as tp
-from stages.workspace import common
 from stages import pretrain as stage
+from stages.workspace import common
 from stages.workspace.common import SslcookError, atomic_path, ensure_writable, run_main, write_json
 from support.tiny_ssl import make_stage_workspace
 from test_hostile_inputs import _image_tree, ingested, one_line_error, snapshot  # noqa: F401  (fixture)

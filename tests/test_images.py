@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.workspace import images
 from stages.shard import shard
+from stages.workspace import images
 from stages.workspace.common import DataError
 from stages.workspace.ingest import ingest
 from support.data_utils import encode, light_workspace, noise_rgb, read_shards, set_params
