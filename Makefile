@@ -39,8 +39,10 @@ run: setup
 	$(VENV)/bin/sslcook run $(RUN_ARGS)
 
 # everything; .ci/run runs the same tests as two tiers: test-unit, then test-integration
+# the unit tier first, for fast feedback, then the integration tier (CI runs exactly this)
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not integration"
+	$(PY) -m pytest -q -m integration
 
 test-unit: setup
 	$(PY) -m pytest -q -m "not integration"
