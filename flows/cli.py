@@ -41,9 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     from stages.workspace.common import OUTPUT_FAULTS, SslcookError, Terminated, os_error_line, stop_on_sigterm
 
-    stop_on_sigterm()
     try:
-        return int(module.main(rest) or 0)
+        with stop_on_sigterm():
+            return int(module.main(rest) or 0)
     except SslcookError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

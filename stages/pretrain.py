@@ -661,9 +661,9 @@ def fit(trainer, name: str):
     from ssl_models import engine
     from ssl_models.data import DataError as LoaderError
 
-    stop_on_sigterm()
     try:
-        return trainer.fit()
+        with stop_on_sigterm():
+            return trainer.fit()
     except engine.TrainingError as exc:  # non-finite losses and collapses included
         raise SslcookError(f"pretrain {name}: {exc}") from None
     except LoaderError as exc:

@@ -151,13 +151,15 @@ def workspace(tmp_path) -> Path:
     return ws
 
 
-@pytest.fixture(autouse=True)
-def _no_process_pool_in_the_test_runner(monkeypatch):
+@pytest.fixture(scope="session", autouse=True)
+def _no_process_pool_in_the_test_runner():
     """In-process calls of the shard stage decode in the test runner itself, without a worker pool.
 
     The stage's pool is for its own process (``python -m stages.shard``, as `dvc repro` runs it, which the
-    pipeline tests exercise). Inside the test runner, which holds threads of earlier tests (Prefect's client,
-    wandb), pools were seen to hang at shutdown (fork and forkserver alike), so in-process calls map inline.
+    pipeline tests exercise). The test runner holds threads of earlier tests (Prefect's client, wandb, torch's
+    pools), and pools forked from it were seen to hang at shutdown, so in-process calls map inline. Session
+    scope: the module-scoped fixtures that shard are set up before any function-scoped patch would apply (CI
+    hung in one). The pool's own test runs the stage in a fresh process.
     """
     import contextlib
 
@@ -167,4 +169,6 @@ def _no_process_pool_in_the_test_runner(monkeypatch):
     def inline(workers):
         yield map
 
-    monkeypatch.setattr(stages.shard, "_mapper", inline)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(stages.shard, "_mapper", inline)
+        yield

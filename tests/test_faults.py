@@ -255,6 +255,22 @@ def test_stage_watch_is_keyed_to_the_process_not_just_its_pid():
     assert not common._alive(f"{pid}:{int(start) + 1}")  # the same pid reused by a later process
 
 
+def test_sigterm_stops_a_stage_only_while_it_runs_and_the_callers_handler_comes_back():
+    """An in-process caller keeps its own SIGTERM handler after a stage, so processes it forks later do not
+    inherit the stage's (which raises in whatever they are doing)."""
+    calls = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: calls.append(signum))
+    try:
+        with pytest.raises(common.Terminated), common.stop_on_sigterm():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises in the main thread before this ends
+        assert calls == []
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert calls == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_full_disk_during_ingest_keeps_the_earlier_data(ingested, tmp_path, monkeypatch, capsys):  # noqa: F811
     from test_hostile_inputs import cli
 

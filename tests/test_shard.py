@@ -5,7 +5,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -16,6 +19,7 @@ from PIL import Image
 from stages import shard as shard_mod
 from stages.shard import shard
 from stages.workspace.ingest import ingest, raw_dir_md5
+from support import PROJECT_ROOT
 from support.data_utils import light_workspace, pixels, read_shards, set_params
 
 # torchvision 0.29 (pinned) warns that its image codecs will move to TorchCodec; the loader copes without them
@@ -119,6 +123,43 @@ def test_a_crash_mid_way_leaves_no_partial_shard(sharded, tmp_path, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         shard(other)
     assert sorted(p.name for p in (other / "data").iterdir()) == ["raw"]  # no data/shards, no temp folder
+
+
+# A caller holding a lock while the stage starts its workers, and a library hook that needs it in a forked child
+_HELD_LOCK_AT_FORK = """
+import os, sys, threading
+from pathlib import Path
+from stages.shard import shard
+
+held = threading.Lock()
+os.register_at_fork(after_in_child=lambda: held.acquire(timeout=150))
+with held:
+    shard(Path(sys.argv[1]))
+"""
+
+
+def test_decoding_workers_start_clean_whatever_locks_the_caller_holds(sharded, tmp_path):
+    """A worker forked straight from a threaded caller (a notebook, Prefect, torch's pools) gets the caller's locks
+    as they were at that instant; one held then is never released in the worker, which never starts, and the
+    stage waits for it forever. The workers come from a clean process instead."""
+    ws, manifest = sharded
+    other = light_workspace(
+        tmp_path / "ws",
+        data__image_mode="RGB",
+        shard__shard_size=64,
+        shard__image_format="png",
+        shard__workers=2,
+        seed=5,
+    )
+    shutil.copytree(ws / "data" / "raw", other / "data" / "raw")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")]))
+    subprocess.run(
+        [sys.executable, "-c", _HELD_LOCK_AT_FORK, str(other)], env=env, check=True, timeout=120, capture_output=True
+    )
+    again = json.loads((other / "data" / "shards" / "manifest.json").read_text())
+    assert [s["sha256"] for s in again["splits"]["train"]["shards"]] == [
+        s["sha256"] for s in manifest["splits"]["train"]["shards"]
+    ]
 
 
 def test_jpeg_shards_keep_the_original_bytes(sharded, tmp_path):

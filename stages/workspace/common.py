@@ -130,17 +130,25 @@ class Terminated(KeyboardInterrupt):
     Prefect's temporary API server shuts down with the process."""
 
 
-def stop_on_sigterm() -> None:
-    """Turn SIGTERM into :class:`Terminated` (in the main thread; another thread's caller keeps its handlers)."""
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Terminated` in the main thread. The caller's handler comes back
+    after it, so an in-process caller (a notebook, a test, a scheduler) does not keep ours, nor hand it to the
+    processes it forks later. From another thread the caller's handlers stay as they are."""
     import signal
 
     def handler(signum, frame):  # noqa: ARG001
         raise Terminated
 
     try:
-        signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread (an in-process caller)
-        pass
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def run_main(main: Callable[[], Any]) -> None:

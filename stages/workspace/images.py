@@ -22,12 +22,14 @@ one with a one-line :class:`~stages.workspace.common.DataError` and nothing is w
 
 from __future__ import annotations
 
+import hashlib
 import io
 import struct
 import unicodedata
 import warnings
 import zlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -210,6 +212,50 @@ def encode_png_stored(pixels: np.ndarray) -> bytes:
 
     header = struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def _loader_reads(data: bytes, channels: int, size: tuple[int, int]) -> bool:
+    """Whether the training loader's decoder reads these bytes as the expected image (else we re-encode)."""
+    from ssl_models.data import decode_image_bytes
+
+    try:
+        tensor = decode_image_bytes(data, None)
+    except RuntimeError:
+        return False
+    return tuple(tensor.shape) == (channels, size[1], size[0])
+
+
+@dataclass(frozen=True)
+class PrepareForShard:
+    """Read, check and encode one raw image (runs in the worker processes); picklable settings only."""
+
+    raw: str
+    mode: str
+    channels: int
+    max_pixels: int
+    resize: int | None
+    fmt: str
+    jpeg_quality: int
+
+    def __call__(self, rel: str) -> dict[str, Any]:
+        data = (Path(self.raw) / rel).read_bytes()
+        out: dict[str, Any] = {"md5": hashlib.md5(data).hexdigest()}
+        try:
+            decoded = decode(data, mode=self.mode, max_pixels=self.max_pixels, resize=self.resize)
+        except BadImage as bad:
+            out["bad"] = str(bad)
+            return out
+        image = decoded.image
+        out.update(source_size=decoded.source_size, size=image.size, conversion=decoded.conversion)
+        if (
+            decoded.conversion is None
+            and decoded.source_format == SHARD_FORMATS[self.fmt]
+            and _loader_reads(data, self.channels, image.size)
+        ):
+            out["payload"], out["kept"] = data, True  # already what the loader reads: no JPEG re-encoding loss
+        else:
+            out["payload"], out["kept"] = encode(image, self.fmt, self.jpeg_quality), False
+        return out
 
 
 @dataclass
