@@ -665,7 +665,7 @@ class Trainer:
         record = self._epoch_metrics(epoch, acc)
         if self.knn is not None and ((epoch + 1) % self.knn.every_epochs == 0 or epoch + 1 == cfg.epochs):
             if rt.is_main:
-                record.update(self.knn(self.method.backbone, self.device))
+                record.update(self.knn(self.method.exported_backbone(), self.device))
         reasons = detect_collapse(
             record,
             cfg.monitor,

@@ -1,6 +1,7 @@
 """Colorization: Lab conversion at known colours, the quantised ab space and its soft encoding, the multinomial
 loss against numpy, the refusal of grey data (one line naming data.image_mode), 20 steps on real CIFAR-10 images
-lower the loss, and the backbone (trained on grey inputs, 3 channels) loads in torchvision; the decoder is a head."""
+lower the loss, and the backbone (trained on grey inputs, 3 channels) loads in torchvision; the decoder is a head;
+the exported backbone reads the luma of RGB inputs as the trained one reads the grey view."""
 
 from __future__ import annotations
 
@@ -12,7 +13,15 @@ from torch import nn
 
 from ssl_models import build_backbone, registry
 from ssl_models.augment import RGB_MEAN, RGB_STD
-from ssl_models.methods.colorization import Colorization, ColorizationLoss, ab_bins, lab_to_rgb, rgb_to_lab, soft_encode
+from ssl_models.methods.colorization import (
+    Colorization,
+    ColorizationLoss,
+    ab_bins,
+    grey_input_backbone,
+    lab_to_rgb,
+    rgb_to_lab,
+    soft_encode,
+)
 from stages import pretrain as stage
 from stages.workspace.common import ConfigError
 from support.origins_utils import twenty_steps_lower_the_loss
@@ -104,3 +113,53 @@ def test_twenty_steps_on_cifar_lower_the_loss_and_the_backbone_loads_in_torchvis
     reference.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=2, padding=1, bias=False)
     reference.maxpool, reference.fc = nn.Identity(), nn.Identity()
     reference.load_state_dict(full.backbone.state_dict(), strict=True)
+
+
+def _trained_a_little(backbone: nn.Module) -> Colorization:
+    """A method whose backbone has moved from init and has non-trivial BatchNorm statistics."""
+    torch.manual_seed(0)
+    method = Colorization(backbone, decoder_dim=8)
+    optimizer = torch.optim.SGD(method.parameters(), lr=0.1)
+    views = (torch.rand(8, 3, 16, 16) - torch.tensor(RGB_MEAN)[:, None, None]) / torch.tensor(RGB_STD)[:, None, None]
+    for _ in range(3):
+        optimizer.zero_grad()
+        method([views])["loss"].backward()
+        optimizer.step()
+    return method.eval()
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"name": "resnet18", "in_chans": 3, "small_image": True, "width": 8},
+        {"name": "vit_tiny", "image_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2},
+    ],
+)
+def test_export_reads_the_luma_of_rgb_as_training_read_the_grey_view(config):
+    method = _trained_a_little(build_backbone(**config))
+    exported = method.exported_backbone().eval()
+    assert exported is not method.backbone and exported.config == method.backbone.config
+    rgb = torch.rand(4, 3, 16, 16)
+    views = (rgb - torch.tensor(RGB_MEAN)[:, None, None]) / torch.tensor(RGB_STD)[:, None, None]
+    grey, _ = method.split(views)
+    with torch.no_grad():
+        trained_on_grey, exported_on_rgb = method.backbone(grey), exported(views)
+        # colour-blind: another RGB image with the same luma gives the same features
+        shuffled = rgb[:, [0, 1, 2]] + torch.tensor([0.05, -0.05 * 0.299 / 0.587, 0.0])[:, None, None]
+        views2 = (shuffled - torch.tensor(RGB_MEAN)[:, None, None]) / torch.tensor(RGB_STD)[:, None, None]
+        same_luma = exported(views2)
+    torch.testing.assert_close(same_luma, exported_on_rgb, atol=1e-4, rtol=1e-4)
+    if config["name"].startswith("vit"):  # the patch embedding folds exactly
+        torch.testing.assert_close(exported_on_rgb, trained_on_grey, atol=1e-4, rtol=1e-4)
+    else:  # the stem's zero padding is the one place the fold is not exact
+        error = (exported_on_rgb - trained_on_grey).norm() / trained_on_grey.norm()
+        assert error < 0.1, float(error)
+        assert not torch.allclose(method.backbone(views), trained_on_grey, atol=1e-3)  # colour did matter before
+
+
+def test_grey_input_backbone_leaves_the_trained_backbone_untouched():
+    backbone = build_backbone("resnet18", in_chans=3, small_image=True, width=4)
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    grey_input_backbone(backbone, torch.tensor(RGB_MEAN), torch.tensor(RGB_STD))
+    for k, v in backbone.state_dict().items():
+        torch.testing.assert_close(v, before[k], atol=0, rtol=0)

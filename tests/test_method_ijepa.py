@@ -192,18 +192,32 @@ def test_twenty_steps_on_cifar_lower_the_loss(cifar_tensors):
     assert last < first
 
 
+def test_the_target_encoder_is_what_export_takes():
+    """Paper appendix A.1: the target encoder is evaluated; every other method exports its trained backbone."""
+    method = make()
+    assert method.exported_backbone() is method.target_encoder
+    simclr = registry.get("simclr").cls(build_backbone("resnet18", width=8))
+    assert simclr.exported_backbone() is simclr.backbone
+
+
 def test_export_is_a_plain_vit_that_reloads_strictly(tmp_path):
     torch.manual_seed(0)
-    method = make()
+    method = make(base_momentum=0.5, final_momentum=0.5)
+    optimizer = torch.optim.SGD(method.parameters(), lr=0.1)
     method([torch.randn(2, 3, 32, 32)])["loss"].backward()
+    optimizer.step()
+    method.after_step(0, 10)  # the target encoder moves halfway to the trained context encoder
+    exported = method.exported_backbone()
     path = tmp_path / "backbone.safetensors"
-    save_backbone(path, method.backbone, {"method": "ijepa"})
+    save_backbone(path, exported, {"method": "ijepa"})
     loaded = load_backbone(path, card=False)
     assert type(loaded).__name__ == "VisionTransformer"
-    assert set(loaded.state_dict()) == set(method.backbone.state_dict())  # no predictor, no target encoder
+    assert set(loaded.state_dict()) == set(method.backbone.state_dict())  # no predictor, one encoder
     x = torch.randn(3, 3, 32, 32)
+    exported.eval()
     method.backbone.eval()
-    torch.testing.assert_close(loaded(x), method.backbone(x))
+    torch.testing.assert_close(loaded(x), exported(x))
+    assert not torch.allclose(loaded(x), method.backbone(x))  # the target encoder, not the context encoder
 
 
 def test_bad_hyperparameters_are_rejected():

@@ -55,6 +55,11 @@ class SSLMethod(nn.Module):
     def after_step(self, step: int, total_steps: int) -> None:
         """Per-step updates after optimizer.step(): EMA teachers, queues, ..."""
 
+    def exported_backbone(self) -> nn.Module:
+        """The encoder that export writes and evaluation measures: the trained backbone, unless the paper
+        evaluates another one (I-JEPA evaluates its EMA target encoder)."""
+        return self.backbone
+
     def teacher_modules(self) -> dict[str, nn.Module]:
         """Modules trained without gradients (EMA teachers): saved in checkpoints, dropped at export."""
         return {}

@@ -4,6 +4,7 @@ distribution over quantised ab values of the CIE Lab space."""
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Sequence
 from typing import Any
@@ -20,6 +21,7 @@ from ..registry import register
 from .base import SSLMethod
 
 _D65 = (0.95047, 1.0, 1.08883)
+_LUMA = (0.299, 0.587, 0.114)  # ITU-R 601 luma: the grey the network is shown
 _RGB_TO_XYZ = ((0.412453, 0.357580, 0.180423), (0.212671, 0.715160, 0.072169), (0.019334, 0.119193, 0.950227))
 
 
@@ -93,6 +95,32 @@ class ColorizationLoss(nn.Module):
         return -(target * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
 
 
+@torch.no_grad()
+def grey_input_backbone(backbone: nn.Module, pixel_mean: Tensor, pixel_std: Tensor) -> nn.Module:
+    """A copy of ``backbone`` that reads only the luma of its normalised RGB input: the grey conversion and the
+    views' normalisation are folded into its first layer, so on an RGB view it computes what ``backbone``
+    computes on that view's grey version (the paper reads its features from the lightness channel).
+
+    With W the first layer's weights, s and m the views' std and mean, w the luma weights, the layer on the grey
+    input sum_c W_c * (g - m_c) / s_c, g = sum_k w_k (x_k s_k + m_k), equals sum_k W'_k * x_k + d with
+    W'_k = w_k s_k sum_c W_c / s_c and d = sum(w . m) sum(sum_c W_c / s_c) - sum_c (m_c / s_c) sum(W_c) (sums over
+    the kernel). A ViT's patch embedding adds d to its bias (exact); a ResNet stem has no bias, so its first
+    BatchNorm's running mean takes -d (exact except in the zero-padded one-pixel border)."""
+    folded = copy.deepcopy(backbone)
+    layer = folded.patch_embed if hasattr(folded, "patch_embed") else folded.conv1
+    w = layer.weight.double()
+    mean, std = pixel_mean.double().view(1, 3, 1, 1), pixel_std.double().view(1, 3, 1, 1)
+    luma = torch.tensor(_LUMA, dtype=torch.float64, device=w.device).view(1, 3, 1, 1)
+    grey_response = (w / std).sum(dim=1, keepdim=True)
+    d = (luma * mean).sum() * grey_response.sum(dim=(1, 2, 3)) - (w * mean / std).sum(dim=(1, 2, 3))
+    layer.weight.copy_(grey_response * luma * std)
+    if layer.bias is not None:
+        layer.bias.add_(d.to(layer.bias.dtype))
+    else:
+        folded.bn1.running_mean.sub_(d.to(folded.bn1.running_mean.dtype))
+    return folded
+
+
 @register("colorization", family="origins", category="information_restoration")
 class Colorization(SSLMethod):
     """Backbone on the grey image -> feature map -> :class:`ConvDecoder` -> logits over the Q ab bins at a quarter
@@ -106,7 +134,10 @@ class Colorization(SSLMethod):
     variant without rebalancing, which its representation-learning table also reports).
 
     The input is the view with its colour removed: the luminance, replicated to the backbone's 3 channels and
-    normalised like every view (so the exported backbone takes ordinary RGB inputs; the paper feeds L only).
+    normalised like every view. Export (and the online kNN) take :func:`grey_input_backbone`: the same network
+    with the grey conversion folded into its first layer, so it takes ordinary RGB inputs and sees only their
+    luminance, as in training (the paper evaluates on the lightness channel; fed colour, the trained stem would
+    pass the colour differences through weights that training never moved from their random init).
     ``pixel_mean``/``pixel_std`` must be the views' normalisation (null: the augment recipes' default, ImageNet's).
     Grey data has no colour to predict: 1-channel inputs are refused (the pretrain stage names data.image_mode).
     Optimiser: Adam lr 3e-5 x B/40 in the paper (betas 0.9, 0.99, weight decay 1e-3); here AdamW at base 1e-3.
@@ -158,7 +189,8 @@ class Colorization(SSLMethod):
     def split(self, views: Tensor) -> tuple[Tensor, Tensor]:
         """Normalised RGB views -> (grey network input, normalised like the views; ab of every pixel)."""
         rgb = (views * self.pixel_std + self.pixel_mean).clamp(0, 1)
-        grey = (0.299 * rgb[:, :1] + 0.587 * rgb[:, 1:2] + 0.114 * rgb[:, 2:]).expand(-1, 3, -1, -1)
+        luma = torch.tensor(_LUMA, dtype=rgb.dtype, device=rgb.device).view(1, 3, 1, 1)
+        grey = (rgb * luma).sum(dim=1, keepdim=True).expand(-1, 3, -1, -1)
         return (grey - self.pixel_mean) / self.pixel_std, rgb_to_lab(rgb.float())[:, 1:]
 
     def forward(self, views: list[Tensor]) -> dict[str, Tensor]:
@@ -176,3 +208,6 @@ class Colorization(SSLMethod):
         logits = self.decoder(fmap, size)
         loss = self.criterion(logits, target)
         return {"loss": loss, "embedding": fmap.mean(dim=(2, 3)).detach()}
+
+    def exported_backbone(self) -> nn.Module:
+        return grey_input_backbone(self.backbone, self.pixel_mean, self.pixel_std)

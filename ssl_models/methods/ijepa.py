@@ -8,7 +8,8 @@ told only the positions of four target blocks, predicts what an EMA target encod
     s_hat_y(i) = g_phi(s_x, {m + p_j : j in B_i})   mask token m plus the position embedding p_j of each target
     L = 1/M sum_{i=1..M} 1/|B_i| sum_{j in B_i} ||s_hat_y(i)_j - s_y_j||^2          (paper eq. 1, M = 4)
 
-theta_bar <- tau theta_bar + (1 - tau) theta with tau rising linearly from 0.996 to 1 over training.
+theta_bar <- tau theta_bar + (1 - tau) theta with tau rising linearly from 0.996 to 1 over training. The encoder
+that is evaluated (and exported) is the target encoder f_theta_bar, average-pooled (paper appendix A.1).
 """
 
 from __future__ import annotations
@@ -170,7 +171,7 @@ def linear_momentum(step: int, total_steps: int, base: float, final: float = 1.0
 
 @register("ijepa", family="masked_image_modeling")
 class IJEPA(SSLMethod):
-    """Context encoder (the exported ViT) + EMA target encoder + narrow predictor, multi-block masking.
+    """Context encoder + EMA target encoder (the exported ViT) + narrow predictor, multi-block masking.
 
     Family: masked image modeling (the masked regions are predicted, in representation space rather than pixels).
 
@@ -179,8 +180,9 @@ class IJEPA(SSLMethod):
     0.996 -> 1; AdamW lr 1e-3 at batch 2048 (1.25e-4 x B/256), weight decay 0.04 (the paper ramps it to 0.4),
     40 warmup epochs; L2 loss. The paper's predictor is 12 blocks of 384 channels behind a ViT-H (1280); for the
     ViT-Tiny default (192) it is 6 blocks of 96 channels, 4 heads: narrower than the encoder, as in the paper.
-    Features are the mean of the patch tokens (the paper evaluates average-pooled patch tokens; I-JEPA trains no
-    objective on a class token).
+    Export and evaluation take the target encoder, as the paper does ("we use the target-encoder for
+    evaluation", appendix A.1); features are the mean of its patch tokens (I-JEPA trains no objective on a class
+    token).
     """
 
     augment = "mim"
@@ -279,6 +281,9 @@ class IJEPA(SSLMethod):
     def after_step(self, step: int, total_steps: int) -> None:
         self.momentum = linear_momentum(step, total_steps, self.base_momentum, self.final_momentum)
         ema_update(self.target_encoder, self.backbone, self.momentum)
+
+    def exported_backbone(self) -> nn.Module:
+        return self.target_encoder
 
     def teacher_modules(self) -> dict[str, nn.Module]:
         return {"target_encoder": self.target_encoder}
