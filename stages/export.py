@@ -1,11 +1,13 @@
 """export@<method>: runs/<method>/checkpoint.pt -> models/<method>/backbone.safetensors + model_card.json.
 
-Only the backbone leaves: projector, predictor, teacher and decoder stay in the checkpoint. The weights go to
-safetensors (no pickle); the header carries the rebuild recipe (backbone_config), the input the backbone expects
-(size, channels, normalisation) and the lineage record with its ancestors embedded, so the file alone is enough to
-load it (``ssl_models.io.load_backbone``) and to trace it (``sslcook trace``). The model card repeats all that for
-humans, with the training summary and where the downstream metrics will be. Both hold content only (exporting
-one checkpoint twice gives byte-identical files); the export's time and commit go to provenance/export/<method>.json.
+Only the backbone leaves (the one the pretrain stage saved as backbone_state: the method's ``exported_backbone()``,
+the trained backbone except where the paper evaluates another, e.g. I-JEPA's target encoder): projector,
+predictor, teacher and decoder stay in the checkpoint. The weights go to safetensors (no pickle); the header
+carries the rebuild recipe (backbone_config), the input the backbone expects (size, channels, normalisation)
+and the lineage record with its ancestors embedded, so the file alone is enough to load it
+(``ssl_models.io.load_backbone``) and to trace it (``sslcook trace``). The model card repeats all that for humans,
+with the training summary and where the downstream metrics will be. Both hold content only (exporting one
+checkpoint twice gives byte-identical files); the export's time and commit go to provenance/export/<method>.json.
 
     python -m stages.export --method simclr
 """
