@@ -82,6 +82,27 @@ def test_multiblock_masks_give_four_targets_and_a_disjoint_context(grid):
             assert not set(ctx) & set(targets[:, b].flatten().tolist()), "context holds a target patch"
 
 
+def test_a_small_grid_never_gives_a_context_below_the_minimum():
+    # a 4 x 4 grid (28 px at patch 7): four blocks of up to 2 x 2 sometimes cover 13+ of the 16 patches; those
+    # targets are redrawn instead of handing the encoder a context of 0-3 patches
+    torch.manual_seed(3)
+    for _ in range(40):
+        context, targets = multiblock_masks(32, (4, 4), min_context=4)
+        assert context.shape[1] >= 4
+        for b in range(32):
+            assert not set(context[b].tolist()) & set(targets[:, b].flatten().tolist())
+
+
+def test_a_grid_too_small_for_the_blocks_is_rejected():
+    with pytest.raises(ValueError, match=r"2 x 2 patch grid leaves fewer than 4 context patches"):
+        multiblock_masks(2, (2, 2), target_scale=(1.0, 1.0), min_context=4)
+    # at construction: one largest target block (a 4 x 4 grid at target_scale_max 0.8) leaves under 4 patches
+    with pytest.raises(ValueError, match=r"4 x 4 patch grid \(image_size 32, patch_size 8\).*min_context_patches=4"):
+        registry.get("ijepa").cls(
+            build_backbone(**{**VIT, "patch_size": 8}), target_scale_min=0.7, target_scale_max=0.8
+        )
+
+
 def test_context_is_one_block_minus_the_targets():
     torch.manual_seed(2)
     grid = (14, 14)

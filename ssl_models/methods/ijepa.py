@@ -38,9 +38,13 @@ def block_size(grid: tuple[int, int], scale: tuple[float, float], aspect: tuple[
     As in the paper's mask collator, the shape is drawn once per batch (every image gets same-sized blocks,
     so the target sequences stack), rounded, and clipped to the grid.
     """
+    return block_shape(grid, _uniform(*scale), _uniform(*aspect))
+
+
+def block_shape(grid: tuple[int, int], scale: float, ratio: float) -> tuple[int, int]:
+    """The block (h, w) in patches of area ``scale`` x N and aspect ``ratio`` = h / w, rounded, clipped to the grid."""
     gh, gw = grid
-    area = _uniform(*scale) * gh * gw
-    ratio = _uniform(*aspect)
+    area = scale * gh * gw
     h = int(round(math.sqrt(area * ratio)))
     w = int(round(math.sqrt(area / ratio)))
     return min(max(h, 1), gh), min(max(w, 1), gw)
@@ -73,9 +77,11 @@ def multiblock_masks(
     Per batch: one target shape (scale ``target_scale``, aspect ``target_aspect``) and one square context shape
     (scale ``context_scale``, aspect 1). Per image: ``num_targets`` target blocks at random positions (they may
     overlap one another) and one context block with every target patch removed, so the context never contains
-    a patch it is asked to predict. A context left with fewer than ``min_context`` patches is redrawn (up to
-    ``max_tries``, then it is every non-target patch). Contexts are cut to the batch's smallest one by keeping a
-    random subset of each (the paper's code keeps the first indices, which favours the top rows).
+    a patch it is asked to predict. Targets that leave fewer than ``min_context`` patches outside them are redrawn
+    (up to ``max_tries``, then a ValueError: the grid is too small for the blocks); a context block left with fewer
+    than ``min_context`` patches is redrawn (up to ``max_tries``, then it is every non-target patch). Contexts are
+    cut to the batch's smallest one by keeping a random subset of each (the paper's code keeps the first indices,
+    which favours the top rows).
 
     Returns ``context_index`` (B, K) and ``target_index`` (num_targets, B, T), patch indices in row-major order.
     """
@@ -84,8 +90,17 @@ def multiblock_masks(
     context_shape = block_size(grid, context_scale, (1.0, 1.0))
     targets, contexts = [], []
     for _ in range(batch):
-        blocks = [_place_block(grid, target_shape) for _ in range(num_targets)]
-        covered = torch.stack(blocks).any(dim=0)
+        for _ in range(max_tries):
+            blocks = [_place_block(grid, target_shape) for _ in range(num_targets)]
+            covered = torch.stack(blocks).any(dim=0)
+            if (~covered).sum() >= min_context:
+                break
+        else:  # an empty context would reach the encoder as a sequence of no patches (a NaN mean)
+            raise ValueError(
+                f"ijepa: a {gh} x {gw} patch grid leaves fewer than {min_context} context patches beside "
+                f"{num_targets} target blocks of {target_shape[0]} x {target_shape[1]} patches ({max_tries} draws); "
+                "use a smaller patch_size, target_scale_max or num_targets"
+            )
         for _ in range(max_tries):
             context = _place_block(grid, context_shape) & ~covered
             if context.sum() >= min_context:
@@ -235,6 +250,16 @@ class IJEPA(SSLMethod):
         if not 0.0 <= base_momentum <= final_momentum <= 1.0:
             raise ValueError(
                 f"ijepa: need 0 <= base_momentum <= final_momentum <= 1, got {base_momentum}, {final_momentum}"
+            )
+        gh, gw = backbone.grid_size
+        largest = max(
+            math.prod(block_shape((gh, gw), target_scale_max, a)) for a in (target_aspect_min, 1.0, target_aspect_max)
+        )
+        if gh * gw - largest < min_context_patches:
+            raise ValueError(
+                f"ijepa: the {gh} x {gw} patch grid (image_size {backbone.config['image_size']}, patch_size "
+                f"{backbone.patch_size}) leaves fewer than min_context_patches={min_context_patches} patches beside "
+                f"one target block of {largest} patches; use a smaller patch_size or target_scale_max"
             )
         self.backbone = backbone
         self.target_encoder = make_teacher(backbone)
