@@ -16,6 +16,7 @@ the two hooks masked image modeling needs: ``keep_index`` (MAE: the encoder runs
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -165,12 +166,33 @@ class TransformerBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def jepa_init_(module: nn.Module, blocks: nn.ModuleList, std: float = 0.02) -> None:
+    """I-JEPA's initialisation (the official code, facebookresearch/ijepa src/models/vision_transformer.py): every
+    linear and convolution weight truncated normal with ``std`` (cut at +-2, as there: in effect a normal), zero
+    biases, unit LayerNorms, then each block's two output projections (attention, the MLP's second layer) divided
+    by sqrt(2 x block number), so that the residual stream grows slowly with depth."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.trunc_normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    with torch.no_grad():
+        for number, block in enumerate(blocks, start=1):
+            block.attn.proj.weight.div_(math.sqrt(2.0 * number))
+            block.mlp[2].weight.div_(math.sqrt(2.0 * number))
+
+
 class VisionTransformer(nn.Module):
     """ViT (Dosovitskiy et al. 2021) with a class token and fixed sine-cosine positions (as in MAE).
 
     ``forward(x)`` returns the final-normed class token (``global_pool="cls"``) or the mean of the patch tokens
     (``global_pool="mean"``). Inputs whose size is not ``image_size`` work too (the position embedding is computed
-    for their grid), which DINO's local crops need.
+    for their grid), which DINO's local crops need. ``init``: ``"mae"`` (xavier-uniform linears, MAE's) or
+    ``"jepa"`` (:func:`jepa_init_`); it is part of the config, so a random-init baseline rebuilt from an exported
+    header starts where the method started.
     """
 
     def __init__(
@@ -185,8 +207,11 @@ class VisionTransformer(nn.Module):
         num_heads: int | None = None,
         mlp_ratio: float = 4.0,
         global_pool: str = "cls",
+        init: str = "mae",
     ) -> None:
         super().__init__()
+        if init not in ("mae", "jepa"):
+            raise ValueError(f"{name}: init must be 'mae' or 'jepa', got {init!r}")
         if name not in VIT_PRESETS:
             raise ValueError(f"unknown ViT {name!r}; one of {sorted(VIT_PRESETS)}")
         if patch_size < 1 or image_size < patch_size:
@@ -221,8 +246,13 @@ class VisionTransformer(nn.Module):
             "num_heads": num_heads,
             "mlp_ratio": mlp_ratio,
             "global_pool": global_pool,
+            "init": init,
         }
-        self._init_weights()
+        if init == "mae":
+            self._init_weights()
+        else:
+            jepa_init_(self, self.blocks)
+            nn.init.normal_(self.cls_token, std=0.02)
 
     def _init_weights(self) -> None:
         # MAE's init: patch projection like a linear layer, xavier for linears, small normal for the class token
@@ -298,18 +328,26 @@ def build_backbone(name: str, **kwargs: Any) -> nn.Module:
     """Build a backbone by name (resnet18, resnet50, vit_tiny, vit_small).
 
     ResNet kwargs: in_chans, small_image, width, stem_stride, zero_init_residual.
-    ViT kwargs: in_chans, image_size, patch_size, embed_dim, depth, num_heads, mlp_ratio, global_pool.
+    ViT kwargs: in_chans, image_size, patch_size, embed_dim, depth, num_heads, mlp_ratio, global_pool, init.
     Keys meant for the other family (e.g. ``patch_size`` for a ResNet, ``small_image`` for a ViT) are ignored, so
     one params block can describe either; any other unknown key is an error.
     """
+    resnet = {"in_chans", "small_image", "width", "stem_stride", "zero_init_residual"}
+    vit = {
+        "in_chans",
+        "image_size",
+        "patch_size",
+        "embed_dim",
+        "depth",
+        "num_heads",
+        "mlp_ratio",
+        "global_pool",
+        "init",
+    }
     if name in RESNET_LAYERS:
-        own = {"in_chans", "small_image", "width", "stem_stride", "zero_init_residual"}
-        other = {"image_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "global_pool"}
-        cls = ResNetBackbone
+        own, other, cls = resnet, vit - resnet, ResNetBackbone
     elif name in VIT_PRESETS:
-        own = {"in_chans", "image_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "global_pool"}
-        other = {"small_image", "width", "stem_stride", "zero_init_residual"}
-        cls = VisionTransformer
+        own, other, cls = vit, resnet - vit, VisionTransformer
     else:
         raise ValueError(f"unknown backbone {name!r}; one of {', '.join(BACKBONE_NAMES)}")
     unknown = sorted(set(kwargs) - own - other)

@@ -137,7 +137,7 @@ INT_LIMITS = {
 }
 FLOAT_LIMITS = {"mlp_ratio": (0.25, 16.0)}
 BOOL_KEYS = ("small_image", "zero_init_residual")
-CHOICES = {"global_pool": ("cls", "mean")}
+CHOICES = {"global_pool": ("cls", "mean"), "init": ("mae", "jepa")}
 # bytes per element of the safetensors dtypes a state dict can hold
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 

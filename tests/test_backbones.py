@@ -113,6 +113,25 @@ def test_config_rebuilds_the_same_architecture(kwargs):
         torch.testing.assert_close(again(x), net(x))
 
 
+def test_vit_jepa_init_is_the_official_codes_and_travels_in_the_config():
+    torch.manual_seed(0)
+    net = build_backbone("vit_tiny", image_size=32, patch_size=4, depth=3, init="jepa")
+    assert net.config["init"] == "jepa" and build_backbone("vit_tiny", depth=1).config["init"] == "mae"
+    qkv = net.blocks[0].attn.qkv.weight
+    assert abs(qkv.std().item() - 0.02) < 0.002 and abs(net.patch_embed.weight.std().item() - 0.02) < 0.004
+    assert not net.blocks[1].mlp[0].bias.any()
+    for number, block in enumerate(net.blocks, start=1):  # output projections shrink with depth
+        for w in (block.attn.proj.weight, block.mlp[2].weight):
+            assert abs(w.std().item() * (2 * number) ** 0.5 - 0.02) < 0.002
+    # a baseline rebuilt from the config starts from the same distribution, not from MAE's xavier init
+    again = build_backbone(**net.config)
+    assert abs(again.blocks[2].mlp[2].weight.std().item() - 0.02 / 6**0.5) < 0.001
+    mae = build_backbone("vit_tiny", image_size=32, patch_size=4, depth=3)
+    assert mae.blocks[0].attn.qkv.weight.std().item() > 0.04
+    with pytest.raises(ValueError, match="init must be 'mae' or 'jepa', got 'xavier'"):
+        build_backbone("vit_tiny", init="xavier")
+
+
 def test_unknown_backbone_or_option_is_an_error():
     with pytest.raises(ValueError, match="unknown backbone"):
         build_backbone("resnet34")

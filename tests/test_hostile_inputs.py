@@ -399,6 +399,7 @@ CRAFTED = [
     ({"name": "vit_tiny", "embed_dim": 1 << 20}, "backbone_config.embed_dim"),
     ({"name": "vit_tiny", "image_size": 1 << 20, "patch_size": 1}, "backbone_config.image_size"),
     ({"name": "vit_tiny", "image_size": 16, "patch_size": 32}, "cannot be built"),
+    ({"name": "vit_tiny", "image_size": 16, "patch_size": 4, "init": "__import__"}, "backbone_config.init"),
     ({**SMALL, "width": 4}, "with another shape"),  # the config asks for more than the file holds
 ]
 

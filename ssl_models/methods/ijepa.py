@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..backbones import TransformerBlock, VisionTransformer, sincos_position_embedding
+from ..backbones import TransformerBlock, VisionTransformer, jepa_init_, sincos_position_embedding
 from ..heads import ema_update, make_teacher
 from ..precision import float32_loss
 from ..registry import register
@@ -138,10 +138,7 @@ class JEPAPredictor(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.proj = nn.Linear(dim, embed_dim)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+        jepa_init_(self, self.blocks)
 
     def no_weight_decay(self) -> set[str]:
         return {"mask_token"}
@@ -195,6 +192,8 @@ class IJEPA(SSLMethod):
     0.996 -> 1; AdamW lr 1e-3 at batch 2048 (1.25e-4 x B/256), weight decay 0.04 (the paper ramps it to 0.4),
     40 warmup epochs; L2 loss. The paper's predictor is 12 blocks of 384 channels behind a ViT-H (1280); for the
     ViT-Tiny default (192) it is 6 blocks of 96 channels, 4 heads: narrower than the encoder, as in the paper.
+    Both networks start from the official code's initialisation (the backbone's ``init: jepa``, the predictor
+    likewise: :func:`~ssl_models.backbones.jepa_init_`), so the random-init baseline starts there too.
     Export and evaluation take the target encoder, as the paper does ("we use the target-encoder for
     evaluation", appendix A.1); features are the mean of its patch tokens (I-JEPA trains no objective on a class
     token).
@@ -209,7 +208,7 @@ class IJEPA(SSLMethod):
         "lr_scaling": "linear",
         "warmup_epochs": 40,
     }
-    default_backbone: dict[str, Any] = {"name": "vit_tiny", "patch_size": 4, "global_pool": "mean"}
+    default_backbone: dict[str, Any] = {"name": "vit_tiny", "patch_size": 4, "global_pool": "mean", "init": "jepa"}
 
     def __init__(
         self,
