@@ -67,6 +67,47 @@ def batches(
         yield views, labels[idx]
 
 
+class _PilViews:
+    """lightly's own data path on the in-memory workload: each uint8 image as a PIL image through lightly's
+    transform for the method, in torch DataLoader workers (``bench.viewpath.lightly_views``)."""
+
+    def __init__(self, images, labels, transform, mode: str) -> None:
+        self.images, self.labels, self.transform, self.mode = images, labels, transform, mode
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        array = self.images[i].permute(1, 2, 0).numpy()
+        image = Image.fromarray(array[..., 0] if self.mode == "L" else array, self.mode)
+        return self.transform(image), int(self.labels[i])
+
+
+def own_batches(images, labels, transform, *, batch_size: int, epochs: int, seed: int, workers: int, channels: int):
+    """``epochs`` epochs of (views, labels) from lightly's own data path, in the order :func:`batches` uses (the
+    same seeded permutation per epoch, full batches only), from one DataLoader so its workers start once."""
+    import torch
+
+    from bench.viewpath import _collate
+
+    order: list[int] = []
+    for epoch in range(epochs):
+        perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+        order += perm[: len(perm) // batch_size * batch_size].tolist()
+    return torch.utils.data.DataLoader(
+        _PilViews(images, labels, transform, "L" if channels == 1 else "RGB"),
+        batch_size=batch_size,
+        sampler=order,
+        num_workers=workers,
+        collate_fn=_collate,
+        drop_last=True,
+        persistent_workers=False,
+        prefetch_factor=4 if workers else None,
+    )
+
+
 def pipeline_settings(method: str) -> dict[str, Any]:
     """The default pipeline's backbone, method overrides, augment strengths and schedule (params.yaml)."""
     import yaml
@@ -101,11 +142,16 @@ def train_side(
     backbone_cfg: dict[str, Any] | None,
     device: str,
     precision: str,
+    own_data_path: bool = False,
+    workers: int = 1,
+    calibrate_steps: int = 0,
 ) -> dict[str, Any]:
+    """Train one side ``epochs`` epochs; with ``calibrate_steps``, instead time that many steps (after one
+    untimed) on the side's data path and return their images/s alone (the model is then thrown away)."""
     import torch
 
     from bench import steps
-    from bench.viewpath import view_maker
+    from bench.viewpath import lightly_views, view_maker
 
     steps_per_epoch = len(wl.train_images) // batch_size
     total = epochs * steps_per_epoch
@@ -126,6 +172,12 @@ def train_side(
         recipe_overrides=recipe,
     )
     torch.manual_seed(seed)
+    if calibrate_steps:
+        return {
+            "images_per_s": _calibrate(
+                side, method, wl, transform, common, backbone_cfg, own_data_path, workers, calibrate_steps, seed
+            )
+        }
     start = time.perf_counter()
     losses: list[float] = []
     if side == "project":
@@ -140,11 +192,28 @@ def train_side(
         backbone = sided.backbone
     else:
         sided = steps.lightly_side(method, backbone_cfg=backbone_cfg, **common)
+        if own_data_path:
+            own = lightly_views(method, image_size=wl.image_size, channels=wl.channels)
+            stream = iter(
+                own_batches(
+                    wl.train_images,
+                    wl.train_labels,
+                    own,
+                    batch_size=batch_size,
+                    epochs=epochs,
+                    seed=seed,
+                    workers=workers,
+                    channels=wl.channels,
+                )
+            )
         for epoch in range(epochs):
             epoch_losses = []
-            for i, (views, _) in enumerate(
-                batches(wl.train_images, wl.train_labels, transform, batch_size=batch_size, epoch=epoch, seed=seed)
-            ):
+            epoch_batches = (
+                (next(stream) for _ in range(steps_per_epoch))
+                if own_data_path
+                else batches(wl.train_images, wl.train_labels, transform, batch_size=batch_size, epoch=epoch, seed=seed)
+            )
+            for i, (views, _) in enumerate(epoch_batches):
                 value = sided.step(views, epoch * steps_per_epoch + i)
                 if not math.isfinite(value):
                     raise FloatingPointError(f"lightly {method}: non-finite loss at epoch {epoch + 1}")
@@ -160,6 +229,49 @@ def train_side(
         "epoch_losses": losses,
         "steps": total,
     }
+
+
+def _calibrate(side, method, wl, transform, common, backbone_cfg, own_data_path, workers, count, seed) -> float:
+    """images/s of ``count`` steps (after one untimed) of a side's step on its own data path, each step waiting
+    for its batch: what sets that side's epochs under a time budget."""
+    from bench import steps
+    from bench.viewpath import lightly_views
+
+    bs = common["batch_size"]
+    if side == "project":
+        sided, _ = steps.project_side(method, backbone_cfg=backbone_cfg, **common)
+        data = batches(wl.train_images, wl.train_labels, transform, batch_size=bs, epoch=0, seed=seed)
+    else:
+        sided = steps.lightly_side(method, backbone_cfg=backbone_cfg, **common)
+        source = (
+            own_batches(
+                wl.train_images,
+                wl.train_labels,
+                lightly_views(method, image_size=wl.image_size, channels=wl.channels),
+                batch_size=bs,
+                epochs=max(1, math.ceil((count + 1) * bs / len(wl.train_images))),
+                seed=seed,
+                workers=workers,
+                channels=wl.channels,
+            )
+            if own_data_path
+            else batches(wl.train_images, wl.train_labels, transform, batch_size=bs, epoch=0, seed=seed)
+        )
+        data = iter(source)
+    views, _ = next(data)
+    sided.step(views, 0)
+    start = time.perf_counter()
+    for i in range(1, count + 1):
+        views, _ = next(data)
+        sided.step(views, i)
+    rate = count * bs / (time.perf_counter() - start)
+    del data
+    return rate
+
+
+def budget_epochs(seconds: float, images_per_s: float, images_per_epoch: int) -> int:
+    """The whole epochs that fill ``seconds`` at ``images_per_s`` (at least one)."""
+    return max(1, round(seconds * images_per_s / images_per_epoch))
 
 
 def evaluate(backbone, wl, *, probe: bool, device: str) -> dict[str, float]:
@@ -261,8 +373,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     recipe={},
                     backbone_cfg=None,
                 )
-            print(f"== {method} / {side}: {cfg['epochs']} epochs", file=sys.stderr, flush=True)
+            own = args.own_data_path and side == "lightly"
+            extra = {"own_data_path": own, "workers": args.workers}
+            calibrated = None
             try:
+                if args.seconds:
+                    calibrated = train_side(
+                        side,
+                        method,
+                        wl,
+                        stem=args.stem,
+                        seed=args.seed,
+                        device=args.device,
+                        precision=args.precision,
+                        calibrate_steps=args.calibrate_steps,
+                        **extra,
+                        **cfg,
+                    )["images_per_s"]
+                    per_epoch = len(wl.train_images) // cfg["batch_size"] * cfg["batch_size"]
+                    cfg["epochs"] = budget_epochs(args.seconds, calibrated, per_epoch)
+                print(
+                    f"== {method} / {side}: {cfg['epochs']} epochs"
+                    + (f" ({args.seconds:.0f} s at a calibrated {calibrated:.1f} images/s)" if calibrated else ""),
+                    file=sys.stderr,
+                    flush=True,
+                )
                 trained = train_side(
                     side,
                     method,
@@ -271,10 +406,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     seed=args.seed,
                     device=args.device,
                     precision=args.precision,
+                    **extra,
                     **cfg,
                 )
                 metrics = evaluate(trained.pop("backbone"), wl, probe=method == "mae", device=args.device)
-                row = {**metrics, **trained, "epochs": cfg["epochs"]}
+                row = {**metrics, **trained, "epochs": cfg["epochs"], "data_path": _data_path(side, own)}
+                if calibrated is not None:
+                    row["calibrated_images_per_s"] = calibrated
             except (FloatingPointError, RuntimeError) as exc:
                 row = {"error": str(exc).splitlines()[0], "epochs": cfg["epochs"]}
             results["methods"][method][side] = row
@@ -282,6 +420,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             write_results(_name(args), results, args.results_dir)  # partial results survive an interruption
     results["machine"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     return results
+
+
+def _data_path(side: str, own: bool) -> str:
+    if side == "project":
+        return "project: batched ViewMaker per batch in the training process"
+    if own:
+        return "lightly: its own transform per PIL image in DataLoader workers"
+    return "lightly: the project's batched views (the same batches as the project side)"
 
 
 def vars_clean(args: argparse.Namespace) -> dict[str, Any]:
@@ -300,7 +446,7 @@ def report(results: dict[str, Any]) -> str:
         rows.append(
             [
                 method,
-                p.get("epochs"),
+                f"{p.get('epochs', '-')} / {l_.get('epochs', '-')}",
                 p.get("knn_top1", p.get("error", "-")),
                 l_.get("knn_top1", l_.get("error", "-")),
                 round(diff * 100, 1) if diff == diff else "-",
@@ -314,7 +460,7 @@ def report(results: dict[str, Any]) -> str:
     text = table(
         [
             "method",
-            "epochs",
+            "epochs (project / lightly)",
             "project kNN top-1",
             "lightly kNN top-1",
             "difference (points)",
@@ -343,6 +489,21 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="cifar10k default 20 (about 10 min a run on 2 cores); mnist5k default: params.yaml pretrain.epochs",
     )
+    p.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        help="a time budget per side instead of equal epochs: each side's epochs = seconds x its calibrated "
+        "images/s / images per epoch (whole epochs, at least 1)",
+    )
+    p.add_argument("--calibrate-steps", type=int, default=5, help="timed steps (after one untimed) of the calibration")
+    p.add_argument(
+        "--own-data-path",
+        action="store_true",
+        help="lightly's side makes its views with lightly's own transforms per PIL image in DataLoader workers "
+        "(default: both sides train on the project's batched views)",
+    )
+    p.add_argument("--workers", type=int, default=1, help="DataLoader workers of lightly's own data path")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--warmup-epochs", type=float, default=1.0)
     p.add_argument("--stem", choices=("standard", "small"), default="standard")

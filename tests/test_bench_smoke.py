@@ -139,10 +139,62 @@ def test_quality_runs_split_over_processes_combine_into_one_table(tmp_path, caps
         "lightly": {"knn_top1": 0.58, "epochs": 3},
     }
     assert merged["baselines"] == {"raw_pixels": {"knn_top1": 0.3}} and len(merged["parts"]) == 2
-    assert "| simclr | 3 | 0.610 | 0.580 | 3.000 |" in capsys.readouterr().out
+    assert "| simclr | 3 / 3 | 0.610 | 0.580 | 3.000 |" in capsys.readouterr().out
     other = part("o", "byol", "lightly", 0.5, workload="mnist5k")
     with pytest.raises(SystemExit, match="different workloads"):
         quality.main(["--combine", a, other, "--results-dir", str(tmp_path)])
+
+
+def test_lightly_own_data_path_keeps_the_batch_order_and_makes_lightly_views():
+    """Equal wall time compares each side on its own data path: lightly's transforms per PIL image in DataLoader
+    workers, over the same seeded permutation (so the same images per batch) as the project's batches."""
+    import torch
+
+    from bench import quality
+    from bench.viewpath import lightly_views
+
+    images = torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.arange(20)
+    own = quality.own_batches(
+        images,
+        labels,
+        lightly_views("simclr", image_size=32, channels=3),
+        batch_size=8,
+        epochs=2,
+        seed=3,
+        workers=0,
+        channels=3,
+    )
+    got = list(own)
+    ours = [
+        b
+        for e in range(2)
+        for b in quality.batches(images, labels, lambda x, g: [x.float()], batch_size=8, epoch=e, seed=3)
+    ]
+    assert len(got) == len(ours) == 4  # 2 full batches of 8 per epoch of 20
+    for (views, lab), (_, ref) in zip(got, ours):
+        assert torch.equal(lab, ref)
+        assert len(views) == 2 and views[0].shape == (8, 3, 32, 32) and views[0].dtype == torch.float32
+        assert not torch.equal(views[0], views[1])  # two random views of each image
+    assert quality.budget_epochs(600, 107.9, 9984) == 6
+    assert quality.budget_epochs(1, 1.0, 9984) == 1  # at least one epoch
+
+
+@pytest.mark.slow  # imports torch + lightly, trains a few steps
+def test_quality_time_budget_sets_each_sides_epochs_from_its_calibrated_rate(bench_cache, tmp_path):
+    from bench import quality
+
+    args = ["--tiny", "--methods", "simclr", "--train-per-class", "4", "--test-per-class", "2", "--batch-size", "8"]
+    args += ["--seconds", "2", "--calibrate-steps", "2", "--own-data-path", "--workers", "1", "--skip-baselines"]
+    assert quality.main(args + ["--results-dir", str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "quality-cifar10k-tiny.json").read_text())["methods"]["simclr"]
+    assert r["lightly"]["data_path"].startswith("lightly: its own transform")
+    assert r["project"]["data_path"].startswith("project: batched ViewMaker")
+    for side in ("project", "lightly"):
+        row = r[side]
+        assert row["calibrated_images_per_s"] > 0 and 0.0 <= row["knn_top1"] <= 1.0
+        assert row["epochs"] == quality.budget_epochs(2, row["calibrated_images_per_s"], 40)
+        assert row["steps"] == row["epochs"] * 5
 
 
 def test_lightly_side_on_the_pipeline_backbones():
