@@ -22,6 +22,10 @@ strengths and epochs); lightly's side there puts lightly's heads and losses on t
 architecture) and builds lightly's MAE on a torchvision ViT of the same depth, patch size and pooling.
 Writes bench/results/quality-<workload>.json and prints a markdown table.
 
+Equal wall time instead of equal epochs: ``--seconds S`` times each side's first steps on its own data path and
+gives it the whole epochs that fill S at that rate; ``--own-data-path`` puts lightly's side on lightly's own
+transform per PIL image in ``--workers`` DataLoader workers (same images per batch, in the same order).
+
 Side by side on one machine: the two sides can run at the same time, one process and one thread each, so both
 see the same machine conditions (the kNN depends on the epochs, not on the threads), then be merged:
 

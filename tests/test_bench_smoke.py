@@ -328,3 +328,14 @@ def test_e2e_tiny_project_vs_lightly_and_project_only_methods(bench_cache, tmp_p
     assert "not timed" in m["deepcluster"]["note"]
     with pytest.raises(SystemExit):
         e2e.main(["--tiny", "--methods", "nosuchmethod"])
+
+
+def test_views_share_tiny_reports_the_views_share_of_a_step(tmp_path):
+    from bench import views_share
+
+    assert views_share.main(["--tiny", "--methods", "simclr", "--results-dir", str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "views_share-tiny.json").read_text())["methods"]["simclr"]
+    assert set(r["images_per_s"]) == {"serial", "overlap", "views_only"} and all(
+        v > 0 for v in r["images_per_s"].values()
+    )
+    assert 0.0 < r["views_share_of_serial_step"] < 1.0 and r["overlap_over_serial"] > 0
