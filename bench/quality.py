@@ -378,22 +378,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     backbone_cfg=None,
                 )
             own = args.own_data_path and side == "lightly"
-            extra = {"own_data_path": own, "workers": args.workers}
+            extra = dict(
+                own_data_path=own,
+                workers=args.workers,
+                stem=args.stem,
+                seed=args.seed,
+                device=args.device,
+                precision=args.precision,
+            )
             calibrated = None
             try:
                 if args.seconds:
-                    calibrated = train_side(
-                        side,
-                        method,
-                        wl,
-                        stem=args.stem,
-                        seed=args.seed,
-                        device=args.device,
-                        precision=args.precision,
-                        calibrate_steps=args.calibrate_steps,
-                        **extra,
-                        **cfg,
-                    )["images_per_s"]
+                    calibrated = train_side(side, method, wl, calibrate_steps=args.calibrate_steps, **extra, **cfg)[
+                        "images_per_s"
+                    ]
                     per_epoch = len(wl.train_images) // cfg["batch_size"] * cfg["batch_size"]
                     cfg["epochs"] = budget_epochs(args.seconds, calibrated, per_epoch)
                 print(
@@ -402,17 +400,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     file=sys.stderr,
                     flush=True,
                 )
-                trained = train_side(
-                    side,
-                    method,
-                    wl,
-                    stem=args.stem,
-                    seed=args.seed,
-                    device=args.device,
-                    precision=args.precision,
-                    **extra,
-                    **cfg,
-                )
+                trained = train_side(side, method, wl, **extra, **cfg)
                 metrics = evaluate(trained.pop("backbone"), wl, probe=method == "mae", device=args.device)
                 row = {**metrics, **trained, "epochs": cfg["epochs"], "data_path": _data_path(side, own)}
                 if calibrated is not None:
